@@ -1,0 +1,86 @@
+"""``diffquant bench``: methods × bit widths and peer baselines, all scored on the same pairs.
+
+Each row also carries its costs: calibration wall time, peak memory during calibration (RSS above
+the level before it), and the denoiser's size on disk as saved.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .harness import EvalOptions, Evaluation
+from .paired import GenSettings, get_denoiser
+from .peers import PEERS, PeakMemory, PeerUnavailable, apply_peer, saved_size_bytes
+from .prompts import PromptItem
+
+
+def parse_bits(spec: str) -> list[tuple[int, int]]:
+    """'w8a8,w4a8' -> [(8, 8), (4, 8)]."""
+    out = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*w(\d+)a(\d+)\s*", part.lower())
+        if not m:
+            raise ValueError(f"bad bit width {part!r}: write each as wXaY, e.g. --bits w8a8,w4a8")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def _folder_bytes(folder: Path, denoiser_names: tuple[str, ...] = ("unet", "transformer")) -> int:
+    """Bytes of the denoiser's weight files inside a saved pipeline folder (all weight files if none is named so)."""
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")]
+    denoiser_files = [p for p in files if any(part in denoiser_names for part in p.relative_to(folder).parts)]
+    return sum(p.stat().st_size for p in (denoiser_files or files))
+
+
+def _sampler(pipe, settings: GenSettings, batch_size: int):
+    @torch.no_grad()
+    def run(prompts: list[str]) -> None:
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            pipe(prompt=chunk, num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=settings.height,
+                 width=settings.width, generator=torch.Generator("cpu").manual_seed(i), output_type="latent")
+    return run
+
+
+def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: GenSettings, options: EvalOptions,
+              methods: list[str], bits: list[tuple[int, int]], peers: list[str], calibration: list[str],
+              prompts_spec: str = "") -> Evaluation:
+    """Quantize copies of ``fp_pipe`` with every (method, bits) and peer, score each on the pairs, return the evaluation."""
+    import diffquant
+    from diffquant import QuantConfig
+
+    ev = Evaluation(fp_pipe, model_spec, items, settings, options, prompts_spec=prompts_spec)
+    ev.reference["summary"]["denoiser_mib"] = saved_size_bytes(get_denoiser(fp_pipe)) / 2**20
+    for method in methods:
+        for wbits, abits in bits:
+            cfg = QuantConfig(method=method, wbits=wbits, abits=abits)
+            pipe = copy.deepcopy(fp_pipe)
+            start = time.perf_counter()
+            with PeakMemory() as mem:
+                diffquant.quantize(pipe, cfg, calibration=calibration)
+            seconds = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as folder:
+                diffquant.save(pipe, folder)
+                size = _folder_bytes(Path(folder))
+            ev.add(cfg.label, pipe, spec=f"diffquant {cfg.label}",
+                   extra={"calibration_s": seconds, "peak_memory_mib": mem.mib, "denoiser_mib": size / 2**20})
+            del pipe
+    for name in peers:
+        pipe = copy.deepcopy(fp_pipe)
+        try:
+            with PeakMemory() as mem:
+                seconds = apply_peer(name, pipe, _sampler(pipe, settings, options.batch_size), calibration)
+        except PeerUnavailable as e:
+            ev.add_unavailable(name, str(e))
+            continue
+        ev.add(name, pipe, spec=PEERS[name],
+               extra={"calibration_s": seconds, "peak_memory_mib": mem.mib,
+                      "denoiser_mib": saved_size_bytes(get_denoiser(pipe)) / 2**20})
+        del pipe
+    return ev

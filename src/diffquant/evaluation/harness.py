@@ -1,0 +1,233 @@
+"""The paired evaluation: one FP reference, any number of models judged against it on the same pairs.
+
+``Evaluation`` generates (or reads from cache) the reference images once, prepares every metric
+whose weights are available, records why the others are skipped, and then scores each model
+added to it. ``eval`` adds one model; ``bench`` adds one per method, bit width and peer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import metrics as M
+from .curves import layer_sensitivity, timestep_error
+from .paired import GenSettings, generate, get_denoiser, model_fingerprint
+from .prompts import PromptItem
+from .report import markdown_table, render_html, write_json
+
+METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "fd_fp", "fd_ref", "clip", "attributes", "timestep", "sensitivity")
+
+
+def parse_metrics(spec: str | None) -> list[str]:
+    """'all' (default) or a comma list of METRICS."""
+    if not spec or spec.strip() == "all":
+        return list(METRICS)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric {unknown[0]!r}: choose from {', '.join(METRICS)} (or 'all')")
+    return names
+
+
+@dataclass
+class EvalOptions:
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    cache_dir: Path = Path("runs/cache")
+    batch_size: int = 4
+    inception_weights: str | None = None
+    clip_model: str | None = None
+    lpips_weights: str | None = None
+    reference_images: str | None = None
+    curve_items: int = 4  # images whose trajectories give the per-timestep curve
+    sensitivity_items: int = 2  # images (one batch) whose denoiser calls give per-layer sensitivity
+    sensitivity_steps: int = 3
+    sensitivity_max_layers: int | None = None
+
+
+def _mean(t: torch.Tensor) -> float:
+    return float(t.double().mean())
+
+
+class Evaluation:
+    """Reference images and metric state shared by every model scored against one FP pipeline."""
+
+    def __init__(self, reference_pipe, reference_spec: str, items: list[PromptItem], settings: GenSettings,
+                 options: EvalOptions, prompts_spec: str = "", reference_label: str = "FP") -> None:
+        self.pipe, self.items, self.settings, self.options = reference_pipe, items, settings, options
+        self.prompts = [it.prompt for it in items]
+        self.skipped: dict[str, str] = {}
+        self.models: list[dict] = []
+        wanted = set(options.metrics)
+        for name in METRICS:
+            if name not in wanted:
+                self.skipped[name] = "not requested (--metrics)"
+        self.images: dict[str, torch.Tensor] = {}
+        fp_images, stats = generate(reference_pipe, items, settings, options.cache_dir, options.batch_size, reference_label)
+        self.images[reference_label] = fp_images
+        self.reference = {"label": reference_label, "spec": reference_spec, "fingerprint": model_fingerprint(reference_pipe),
+                          "generation": vars(stats), "summary": {}}
+        self.settings_record = {"prompts": prompts_spec, "n_images": len(items), **vars(settings), "batch_size": options.batch_size}
+
+        self.lpips = self._try("lpips", self._make_lpips)
+        self.clip = self._try("clip", self._make_clip)
+        self.feature_space = "none (Fréchet distances skipped)"
+        self.features = None
+        if wanted & {"fd_fp", "fd_ref"}:
+            self.features = self._feature_extractor()
+        self.evaluator = self._try("attributes", M.zoo_evaluator) if "attributes" in wanted else None
+        self.fp_feats = self.features(fp_images) if self.features else None
+        self.ref_feats = None
+        if self.features and "fd_ref" in wanted:
+            ref_images = self._try("fd_ref", self._reference_set)
+            if ref_images is not None:
+                self.ref_feats = self.features(ref_images)
+        self._prompt_scores(self.reference, fp_images)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _try(self, name: str, make):
+        if name not in self.options.metrics:
+            return None
+        try:
+            return make()
+        except M.MetricUnavailable as e:
+            self.skipped[name] = str(e)
+            return None
+
+    def _make_lpips(self) -> M.LPIPS:
+        if not self.options.lpips_weights:
+            raise M.MetricUnavailable("no backbone weights: pass --lpips-weights PATH (torchvision alexnet .pth/.safetensors)")
+        return M.LPIPS(self.options.lpips_weights)
+
+    def _make_clip(self) -> M.ClipScorer:
+        if not self.options.clip_model:
+            raise M.MetricUnavailable("no CLIP model: pass --clip-model PATH (a local transformers CLIPModel folder)")
+        return M.ClipScorer(self.options.clip_model)
+
+    def _feature_extractor(self):
+        if self.options.inception_weights:
+            try:
+                inception = M.InceptionFeatures(self.options.inception_weights)
+                self.feature_space = f"Inception-v3 features from {self.options.inception_weights} (these are FID values)"
+                return inception
+            except M.MetricUnavailable as e:
+                self.skipped["fid"] = f"{e}; falling back to the mini-zoo evaluator's features"
+        try:
+            evaluator = M.zoo_evaluator()
+        except M.MetricUnavailable as e:
+            reason = f"no feature extractor: no --inception-weights given and {e}"
+            for name in ("fd_fp", "fd_ref"):
+                self.skipped.setdefault(name, reason)
+            return None
+        self.feature_space = ("mini-zoo evaluator features (no --inception-weights given, so these Fréchet distances "
+                              "are not FID and compare only within this report)")
+        return evaluator.features
+
+    def _reference_set(self) -> torch.Tensor:
+        if self.options.reference_images:
+            return M.load_image_folder(self.options.reference_images, (self.settings.height, self.settings.width))
+        images = M.zoo_reference_images(self.prompts)
+        if images.shape[-2:] != (self.settings.height, self.settings.width):
+            images = torch.nn.functional.interpolate(images, size=(self.settings.height, self.settings.width), mode="area")
+        return images
+
+    def _frechet(self, name: str, a: torch.Tensor, b: torch.Tensor) -> float | None:
+        try:
+            return M.frechet_distance(a, b)
+        except M.MetricUnavailable as e:
+            self.skipped[name] = str(e)
+            return None
+
+    def _prompt_scores(self, entry: dict, images: torch.Tensor) -> None:
+        """Metrics against the prompt or the reference set, which the FP row gets too."""
+        summary = entry["summary"]
+        if self.ref_feats is not None:
+            summary["fd_ref"] = self._frechet("fd_ref", self.features(images), self.ref_feats)
+        if self.clip is not None:
+            scores = self.clip(images, self.prompts)
+            summary["clip_score"] = _mean(scores)
+            entry["clip_per_image"] = scores.tolist()
+        if self.evaluator is not None:
+            try:
+                acc = self.evaluator.attribute_accuracy(images, self.prompts)
+            except ValueError as e:
+                self.skipped["attributes"] = f"prompts are not mini-zoo captions ({e})"
+                self.evaluator = None
+                return
+            entry["attributes"] = acc
+            summary["attr_all"] = acc["all"]
+            others = [v for k, v in acc.items() if k != "all"]
+            summary["attr_mean"] = sum(others) / len(others)
+
+    # ------------------------------------------------------------------ scoring
+    def add(self, label: str, pipe, spec: str, extra: dict | None = None) -> dict:
+        """Generate ``pipe``'s images on the pairs and score them; returns (and records) the model's entry."""
+        opts = self.options
+        images, stats = generate(pipe, self.items, self.settings, opts.cache_dir, opts.batch_size, label)
+        self.images[label] = images
+        fp = self.images[self.reference["label"]]
+        entry: dict = {"label": label, "spec": spec, "fingerprint": model_fingerprint(pipe), "generation": vars(stats),
+                       "summary": dict(extra or {})}
+        summary = entry["summary"]
+        per_psnr, per_ssim = M.psnr(images, fp), M.ssim(images, fp)
+        summary["psnr"], summary["ssim"] = _mean(per_psnr), _mean(per_ssim)
+        per_lpips = self.lpips(images, fp) if self.lpips is not None else None
+        if per_lpips is not None:
+            summary["lpips"] = _mean(per_lpips)
+        entry["per_image"] = [
+            {"prompt": it.prompt, "seed": it.seed, "psnr": float(per_psnr[i]), "ssim": float(per_ssim[i]),
+             **({"lpips": float(per_lpips[i])} if per_lpips is not None else {})}
+            for i, it in enumerate(self.items)
+        ]
+        if self.fp_feats is not None and "fd_fp" in opts.metrics:
+            summary["fd_fp"] = self._frechet("fd_fp", self.features(images), self.fp_feats)
+        self._prompt_scores(entry, images)
+        denoiser = get_denoiser(pipe)
+        if "timestep" in opts.metrics:
+            curve = timestep_error(self.pipe, denoiser, self.items[:opts.curve_items], self.settings, opts.batch_size)
+            entry["timestep_error"] = curve
+            summary["timestep_rel_mse"] = sum(curve["rel_mse"]) / len(curve["rel_mse"])
+        if "sensitivity" in opts.metrics:
+            self._sensitivity(entry, denoiser)
+        self.models.append(entry)
+        return entry
+
+    def _sensitivity(self, entry: dict, denoiser: torch.nn.Module) -> None:
+        import diffquant
+
+        if not diffquant.quantized_layers(denoiser):
+            self.skipped[f"sensitivity ({entry['label']})"] = "not a diffquant-quantized model, so its layers cannot be toggled one at a time"
+            return
+        entry["sensitivity"] = layer_sensitivity(self.pipe, denoiser, self.items[:self.options.sensitivity_items], self.settings,
+                                                 self.options.sensitivity_steps, self.options.sensitivity_max_layers)
+
+    def add_unavailable(self, label: str, reason: str, extra: dict | None = None) -> None:
+        """A model that could not be built here (e.g. a peer kernel missing on this CPU): a row with the reason."""
+        self.models.append({"label": label, "unavailable": reason, "summary": dict(extra or {})})
+
+    # ------------------------------------------------------------------ output
+    def results(self) -> dict:
+        return {
+            "version": 1,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "settings": self.settings_record,
+            "feature_space": self.feature_space,
+            "reference": self.reference,
+            "models": self.models,
+            "skipped": self.skipped,
+        }
+
+    def write(self, out_dir: str | Path, title: str) -> dict[str, Path]:
+        """Write results.json, report.html and results.md into ``out_dir``; returns their paths."""
+        from .report import atomic_write
+
+        out = Path(out_dir)
+        results = self.results()
+        paths = {"json": out / "results.json", "html": out / "report.html", "markdown": out / "results.md"}
+        write_json(paths["json"], results)
+        atomic_write(paths["markdown"], markdown_table(results))
+        atomic_write(paths["html"], render_html(results, self.items, self.images, title))
+        return paths

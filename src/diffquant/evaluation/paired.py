@@ -1,0 +1,135 @@
+"""Paired generation: every model renders the same (prompt, seed) from the same initial noise, cached on disk.
+
+Images are cached as PNG under ``cache_dir/<model fingerprint>/<key>.png``, the key hashing prompt,
+seed, steps, guidance and size, so re-running an evaluation (or a bench that shares the FP model)
+generates nothing it already has. The fingerprint hashes every weight, buffer and the module
+structure of the pipeline, so a quantized model never hits the FP model's cache entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
+
+from .prompts import PromptItem
+
+
+@dataclass(frozen=True)
+class GenSettings:
+    """Sampling settings shared by both sides of a pair; part of every cache key."""
+
+    steps: int
+    guidance: float
+    height: int
+    width: int
+
+
+@dataclass
+class GenStats:
+    generated: int = 0
+    cached: int = 0
+
+
+def get_denoiser(pipe) -> torch.nn.Module:
+    """The pipeline's denoiser: ``unet`` for SD/SDXL, ``transformer`` for SD3-style pipelines."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer; pass a text-to-image diffusers pipeline")
+
+
+def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    """Hash a tensor's exact bytes; tensor subclasses (torchao, quanto) hash their inner tensors."""
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and hasattr(t, "__tensor_flatten__"):
+        names, ctx = t.__tensor_flatten__()
+        h.update(f"{type(t).__name__}{ctx!r}".encode())
+        for name in names:
+            _hash_tensor(h, getattr(t, name))
+        return
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h.update(f"{t.dtype}{t.numel()}".encode())
+    if t.numel():
+        h.update(t.view(torch.uint8).numpy())
+
+
+def model_fingerprint(pipe) -> str:
+    """Hex digest over the structure, weights and buffers of every module in the pipeline plus its scheduler config.
+
+    Quantizer parameters live in buffers or in the wrapper modules' reprs, so a quantized model's fingerprint
+    differs from its FP source even when the stored float weights are equal.
+    """
+    h = hashlib.sha256()
+    for name, component in sorted(pipe.components.items()):
+        if isinstance(component, torch.nn.Module):
+            h.update(f"{name}:{component!r}".encode())
+            for key, value in component.state_dict(keep_vars=False).items():
+                h.update(key.encode())
+                _hash_tensor(h, value)
+        elif name == "scheduler" and component is not None:
+            h.update(json.dumps(dict(component.config), sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def cache_key(item: PromptItem, settings: GenSettings) -> str:
+    payload = json.dumps({"prompt": item.prompt, "seed": item.seed, **asdict(settings)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def initial_noise(pipe, item_seeds: list[int], settings: GenSettings) -> torch.Tensor:
+    """Initial latents [B, C, h, w], each row drawn from its own seed so batching never changes an image."""
+    denoiser = get_denoiser(pipe)
+    channels = denoiser.config.in_channels
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    shape = (1, channels, settings.height // scale, settings.width // scale)
+    dtype = next(p.dtype for p in pipe.vae.parameters() if p.is_floating_point())
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in item_seeds]).to(dtype)
+
+
+def _write_png(path: Path, image: np.ndarray, item: PromptItem) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", item.prompt)
+    info.add_text("seed", str(item.seed))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(fd)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _device(pipe) -> torch.device:
+    return next(get_denoiser(pipe).parameters()).device
+
+
+@torch.no_grad()
+def generate(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: str | Path, batch_size: int = 4,
+             label: str = "model", fingerprint: str | None = None) -> tuple[torch.Tensor, GenStats]:
+    """Images for ``items`` as float [N, 3, H, W] in [0, 1] (from the 8-bit PNGs, cached or fresh) and hit counts."""
+    fingerprint = fingerprint or model_fingerprint(pipe)
+    folder = Path(cache_dir) / fingerprint
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{cache_key(item, settings)}.png" for item in items]
+    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    stats = GenStats(generated=len(todo), cached=len(items) - len(todo))
+    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    for batch in tqdm(batches, desc=f"generate {label}", unit="batch", disable=not batches):
+        latents = initial_noise(pipe, [items[i].seed for i in batch], settings).to(_device(pipe))
+        out = pipe(prompt=[items[i].prompt for i in batch], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                   height=settings.height, width=settings.width, latents=latents, output_type="np")
+        images = np.clip(np.round(np.asarray(out.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+        for i, image in zip(batch, images):
+            _write_png(paths[i], image, items[i])
+    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0, stats
