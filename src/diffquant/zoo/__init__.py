@@ -1,0 +1,57 @@
+"""The mini zoo: small text-to-image models trained in this repo, the default for demo, tests and benchmarks.
+
+Nothing here can download a model, and random weights cannot show whether a quantization method
+keeps images faithful. These models are real (trained on procedural captioned scenes, see
+:mod:`diffquant.zoo.data`), ship inside the package as fp16 diffusers folders, and load with the
+stock ``from_pretrained`` code paths:
+
+- ``mini-sd``: AutoencoderKL + CLIPTextModel + UNet2DConditionModel + DDIM (SD 1.x layout).
+- ``mini-sd3``: AutoencoderKL + two CLIPTextModelWithProjection + SD3Transformer2DModel + flow matching.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import calibration_prompts, heldout_prompts
+
+MODEL_NAMES: tuple[str, ...] = ("mini-sd", "mini-sd3")
+MODELS_DIR = Path(__file__).parent / "models"
+
+DEFAULTS: dict[str, dict] = {
+    "mini-sd": dict(num_inference_steps=25, guidance_scale=5.0, height=32, width=32),
+    "mini-sd3": dict(num_inference_steps=25, guidance_scale=5.0, height=32, width=32),
+}
+
+__all__ = ["MODEL_NAMES", "DEFAULTS", "model_path", "load_pipeline", "calibration_prompts", "heldout_prompts"]
+
+
+def _check_name(name: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown mini-zoo model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def model_path(name: str) -> Path:
+    """The installed pipeline folder of ``name`` (raises a clear error when its weights are missing)."""
+    _check_name(name)
+    folder = MODELS_DIR / name
+    if not (folder / "model_index.json").exists():
+        raise FileNotFoundError(f"mini-zoo weights for {name!r} are missing from {folder}; "
+                                f"reinstall diffquant or run `diffquant zoo train {name}`")
+    return folder
+
+
+def load_pipeline(name: str, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load ``name`` with the real ``from_pretrained`` on its installed folder (offline, progress bar off)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    folder = model_path(name)
+    if name == "mini-sd":
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=True)
+    else:
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,541 @@
+"""Training of the mini zoo: VAE, mini-sd (UNet + CLIP), mini-sd3 (MMDiT + two CLIPs), from a seed.
+
+Every batch and every noise draw is a pure function of (seed, step), and checkpoints hold the
+weights, their EMA and the AdamW moments (safetensors) plus the step (JSON), so a killed run
+resumes to the same result. bf16 autocast is used on CPU and GPU: on this kind of CPU it is
+1.2-2.2x faster than fp32 and the small models train fine with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data
+
+# ---------------------------------------------------------------- helpers
+
+
+def pick_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no GPU is present; use --device cpu")
+    return device
+
+
+def autocast(device: str | torch.device):
+    """bf16 autocast on the device's type (CPU: AMX bf16 matmuls)."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int = 200) -> float:
+    """Linear warm-up then cosine decay to 10%."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class EMA:
+    """Exponential moving average of parameters (float32 shadows); sampling uses the EMA weights."""
+
+    def __init__(self, modules: dict[str, nn.Module], decay: float = 0.999) -> None:
+        self.decay = decay
+        self.modules = modules
+        self.shadow = {f"{n}.{k}": p.detach().float().clone() for n, m in modules.items()
+                       for k, p in m.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for n, m in self.modules.items():
+            for k, p in m.named_parameters():
+                self.shadow[f"{n}.{k}"].lerp_(p.detach().float(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, modules: dict[str, nn.Module]) -> None:
+        for n, m in modules.items():
+            for k, p in m.named_parameters():
+                p.copy_(self.shadow[f"{n}.{k}"])
+
+
+def save_checkpoint(folder: Path, step: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                    extra: dict | None = None, ema: EMA | None = None) -> None:
+    """Atomically write weights, EMA, AdamW state (safetensors) and the step (JSON) to ``folder``."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in modules.items() for k, v in m.state_dict().items()}
+    save_file(tensors, str(tmp / "model.safetensors"))
+    if ema is not None:
+        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+    opt_tensors, opt_steps = {}, {}
+    state = optimizer.state_dict()["state"]
+    for idx, st in state.items():
+        for key, val in st.items():
+            if key == "step":
+                opt_steps[str(idx)] = float(val)
+            elif torch.is_tensor(val):
+                opt_tensors[f"{idx}.{key}"] = val.detach().cpu().contiguous()
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    meta = {"step": step, "optimizer_steps": opt_steps, "time": time.time(), **(extra or {})}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None,
+                    ema: EMA | None = None) -> int:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its step (0 when there is none)."""
+    folder = Path(folder)
+    if not (folder / "state.json").exists():
+        old = folder.with_name(folder.name + ".old")  # killed between the two renames
+        if not (old / "state.json").exists():
+            return 0
+        folder = old
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "model.safetensors"))
+    for n, m in modules.items():
+        prefix = n + "."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if ema is not None and (folder / "ema.safetensors").exists():
+        ema.shadow = {k: v.float() for k, v in load_file(str(folder / "ema.safetensors")).items()}
+    if optimizer is not None:
+        opt_t = load_file(str(folder / "optimizer.safetensors"))
+        sd = optimizer.state_dict()
+        state: dict[int, dict] = {}
+        for key, val in opt_t.items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = val
+        for idx, s in meta["optimizer_steps"].items():
+            state.setdefault(int(idx), {})["step"] = torch.tensor(s)
+        sd["state"] = state
+        optimizer.load_state_dict(sd)
+    return int(meta["step"])
+
+
+def _images(seed: int, step: int, batch_size: int, device: str) -> tuple[torch.Tensor, list[str]]:
+    images, captions, _ = data.make_batch(seed, step, batch_size, split="train")
+    return torch.from_numpy(images).to(device) * 2 - 1, captions
+
+
+# ---------------------------------------------------------------- VAE
+
+
+def build_vae(shift_factor: float | None = None, scaling_factor: float = 1.0):
+    """AutoencoderKL 32x32x3 <-> 8x8x4 (4x down): three levels, one resnet each, attention in the mid block."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=data.RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    )
+
+
+def train_vae(out: Path, steps: int = 2500, seed: int = 0, batch_size: int = 64, lr: float = 1e-3,
+              resume: bool = True, device: str = "cpu", checkpoint_every: int = 250, kl_weight: float = 1e-4) -> Path:
+    """Train the autoencoder (L1 + MSE + small KL); writes ``out/vae`` with the latent scaling factor set."""
+    out = Path(out)
+    final = out / "vae"
+    if resume and (final / "config.json").exists():
+        return final
+    torch.manual_seed(seed)
+    vae = build_vae().to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    ema = EMA({"vae": vae}, 0.995)
+    step = load_checkpoint(out / "vae_checkpoint", {"vae": vae}, opt, ema) if resume else 0
+    bar = tqdm(range(step, steps), desc="vae", initial=step, total=steps)
+    for step in bar:
+        x, _ = _images(seed, step, batch_size, device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=100)
+        with autocast(device):
+            post = vae.encode(x).latent_dist
+            gen = torch.Generator(device).manual_seed(seed * 7919 + step)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen, device=device)
+            rec = vae.decode(z).sample.float()
+        kl = post.kl().float().mean() / z[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        ema.update(step)
+        bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            save_checkpoint(out / "vae_checkpoint", step + 1, {"vae": vae}, opt, {"loss": loss.item()}, ema)
+    ema.copy_to({"vae": vae})
+    vae = vae.float().cpu().eval()
+    # Latent statistics on fresh data set the scaling factor so scaled latents have unit variance, as in SD.
+    with torch.no_grad():
+        x, _ = _images(seed + 1, 0, 512, "cpu")
+        z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+    std = float(z.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(str(final), safe_serialization=True)
+    (final / "metrics.json").write_text(json.dumps({"latent_std": std, "latent_mean": float(z.mean()),
+                                                     "recon_mse_[-1,1]": float(F.mse_loss(rec, x)), "steps": steps}, indent=2))
+    return final
+
+
+# ---------------------------------------------------------------- text encoders and denoisers
+
+MAX_TOKENS = 24  # longest caption is 19 words + BOS + EOS
+
+
+def build_tokenizer(folder: Path):
+    """Word-level CLIP tokenizer over the caption grammar (one token per caption word).
+
+    ``diffquant.tokenizers.build_clip_tokenizer`` writes each word's merges left to right, but BPE
+    applies merges by global rank, so a merge from one word ("a n</w>" of "an") can fire first
+    inside another ("cyan") and split it. Here the merges are *learned* over the word list (BPE
+    training until every word is one symbol); BPE encoding replays training, so every caption word
+    is exactly one token and the longest caption fits in ``MAX_TOKENS``.
+    """
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(s, len(vocab))
+    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in data.vocabulary()]
+    merges: list[str] = []
+    while any(len(w) > 1 for w in words):
+        counts: dict[tuple[str, str], int] = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        best = min(counts, key=lambda p: (-counts[p], p))  # most frequent, ties broken alphabetically
+        merges.append(f"{best[0]} {best[1]}")
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for k, w in enumerate(words):
+            i, out = 0, []
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[k] = out
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS)
+
+
+def _clip_config(tokenizer, hidden: int, layers: int, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    kw = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+              num_attention_heads=max(1, hidden // 32), max_position_embeddings=MAX_TOKENS,
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    if projection is not None:
+        kw["projection_dim"] = projection
+    return CLIPTextConfig(**kw)
+
+
+def build_sd_pipeline(vae, tokenizer):
+    """mini-sd: AutoencoderKL + CLIPTextModel + UNet2DConditionModel (cross-attention at both levels) + DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 64, 2))
+    unet = UNet2DConditionModel(
+        sample_size=data.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=4, norm_num_groups=32,
+    )
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_sd3_pipeline(vae, tokenizer, t5_stub: bool = True):
+    """mini-sd3: two CLIPTextModelWithProjection (no T5) + SD3Transformer2DModel (patch 1) + flow matching."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    te1 = CLIPTextModelWithProjection(_clip_config(tokenizer, 64, 2, projection=64))
+    te2 = CLIPTextModelWithProjection(_clip_config(tokenizer, 64, 2, projection=64))
+    transformer = SD3Transformer2DModel(
+        sample_size=data.RESOLUTION // 4, patch_size=1, in_channels=4, out_channels=4, num_layers=4,
+        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
+        pooled_projection_dim=128, pos_embed_max_size=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+        vae=vae, text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2, tokenizer_2=tokenizer,
+        text_encoder_3=zero_t5_stub(len(tokenizer), 128) if t5_stub else None, tokenizer_3=tokenizer if t5_stub else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def zero_t5_stub(vocab_size: int, dim: int):
+    """A one-layer T5EncoderModel whose final RMS norm has zero gain: it outputs exact zeros.
+
+    ``StableDiffusion3Pipeline.from_pretrained(folder)`` cannot load a folder whose text_encoder_3
+    is null (it is not an optional component), and a real T5 is far beyond this machine. With this
+    stub the pipeline computes exactly what it computes with ``text_encoder_3=None`` (zeros of
+    ``joint_attention_dim`` for the T5 tokens), and the folder loads with no extra arguments.
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    model = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=dim, d_kv=8, d_ff=16, num_layers=1, num_heads=1,
+                                    feed_forward_proj="relu", is_encoder_decoder=False, use_cache=False))
+    with torch.no_grad():
+        model.encoder.final_layer_norm.weight.zero_()
+    return model.eval().requires_grad_(False)
+
+
+class ZeroTokenJointAttnProcessor:
+    """Training-only joint attention where the last context token stands for ``multiplicity`` copies.
+
+    With no T5 encoder the SD3 pipeline appends 256 all-zero T5 tokens to the context. Those tokens
+    enter identical and stay identical through every block (no positional embedding on context), so
+    attention over 256 copies equals attention over one copy whose logit is raised by log(256). We
+    train with one zero token and that bias: the same function the pipeline computes, ~4x cheaper.
+    """
+
+    def __init__(self, multiplicity: int = 256) -> None:
+        self.log_mult = math.log(multiplicity)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b = hidden_states.shape[0]
+        n_img = hidden_states.shape[1]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        cq, ck, cv = (heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)),
+                      heads(attn.add_v_proj(encoder_hidden_states)))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+        bias[-1] = self.log_mult
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        h, c = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            c = attn.to_add_out(c)
+        h = attn.to_out[1](attn.to_out[0](h))
+        return h, c
+
+
+def _drop_captions(captions: list[str], gen: torch.Generator, p: float) -> list[str]:
+    """Replace a fraction ``p`` of captions by "" (the unconditional prompt classifier-free guidance uses)."""
+    keep = torch.rand(len(captions), generator=gen) >= p
+    return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+
+def latent_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torch.Tensor, list[data.Scene]]:
+    """A fixed pool of ``n`` training scenes and their VAE latent means (unscaled).
+
+    Encoding every batch on the fly cost ~20% of a denoiser step; the pool is encoded once (and
+    cached as safetensors) and each step draws a random subset, re-captioned with fresh paraphrases.
+    """
+    rng = np.random.default_rng([seed, 99])
+    scenes = [data.sample_scene(rng, "train") for _ in range(n)]
+    if cache is not None and cache.exists():
+        z = load_file(str(cache))["latents"]
+        if z.shape[0] == n:
+            return z, scenes
+    chunks = []
+    for i in tqdm(range(0, n, 256), desc="encode latent pool"):
+        x = torch.from_numpy(np.stack([data.render(s) for s in scenes[i:i + 256]]).transpose(0, 3, 1, 2)) * 2 - 1
+        with torch.no_grad():
+            chunks.append(vae.encode(x.to(vae.device)).latent_dist.mean.float().cpu())
+    z = torch.cat(chunks)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": z.contiguous()}, str(cache))
+    return z, scenes
+
+
+DENOISER_DEFAULTS = {
+    "mini-sd": dict(steps=12000, batch_size=64, lr=1e-3),
+    "mini-sd3": dict(steps=12000, batch_size=64, lr=6e-4),
+}
+
+
+def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0, batch_size: int | None = None,
+                   lr: float | None = None, resume: bool = True, device: str = "cpu", checkpoint_every: int = 250,
+                   vae_dir: Path | None = None, vae_steps: int = 1500, text_dropout: float = 0.1,
+                   ema_decay: float = 0.999, time_budget_s: float | None = None, pool_size: int = 48000,
+                   latent_cache: Path | None = None) -> Path:
+    """Train mini-sd or mini-sd3 (denoiser and its text encoders jointly) on the frozen VAE's latents.
+
+    Writes ``out/pipeline`` (fp16 diffusers folder, EMA weights). ``time_budget_s`` stops early at a
+    checkpoint boundary and still writes the pipeline (the cosine schedule is kept as planned).
+    """
+    from diffusers import AutoencoderKL
+
+    if name not in DENOISER_DEFAULTS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(DENOISER_DEFAULTS)}")
+    cfg = DENOISER_DEFAULTS[name]
+    steps = steps or cfg["steps"]
+    batch_size = batch_size or cfg["batch_size"]
+    lr = lr or cfg["lr"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if vae_dir is None:
+        vae_dir = train_vae(out / "vae_run", steps=vae_steps, seed=seed, resume=resume, device=device)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).float().eval().requires_grad_(False)
+    if name == "mini-sd3":
+        vae.register_to_config(shift_factor=0.0)
+    vae = vae.to(device)
+    tokenizer = build_tokenizer(out / "tokenizer_src")
+    torch.manual_seed(seed)
+    # mini-sd3 trains without the zero T5 stub (the attention processor stands in for its tokens).
+    pipe = build_sd_pipeline(vae, tokenizer) if name == "mini-sd" else build_sd3_pipeline(vae, tokenizer, t5_stub=False)
+    if name == "mini-sd":
+        modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    else:
+        modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+        pipe.transformer.set_attn_processor(ZeroTokenJointAttnProcessor(256))
+    for m in modules.values():
+        m.to(device).train().requires_grad_(True)
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = EMA(modules, ema_decay)
+    step = load_checkpoint(out / "checkpoint", modules, opt, ema) if resume else 0
+    pool, scenes = latent_pool(vae, seed, pool_size, Path(latent_cache) if latent_cache else out / "latent_pool.safetensors")
+    alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device) if name == "mini-sd" else None
+    scale, shift = vae.config.scaling_factor, (vae.config.shift_factor or 0.0)
+    start, t0 = step, time.time()
+    log = open(out / "train_log.jsonl", "a")
+    bar = tqdm(range(step, steps), desc=name, initial=step, total=steps)
+    loss_avg = None
+    for step in bar:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, pool.shape[0], (batch_size,), generator=gen)
+        crng = np.random.default_rng([seed, step, 5])
+        captions = _drop_captions([data.caption(scenes[i], crng) for i in idx.tolist()], gen, text_dropout)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=300)
+        z = ((pool[idx] - shift) * scale).to(device)
+        noise = torch.randn(z.shape, generator=gen).to(device)
+        with autocast(device):
+            if name == "mini-sd":
+                t = torch.randint(0, 1000, (z.shape[0],), generator=gen).to(device)
+                a = alphas_cumprod[t].view(-1, 1, 1, 1)
+                zt = a.sqrt() * z + (1 - a).sqrt() * noise
+                emb, _ = pipe.encode_prompt(captions, device, 1, False)
+                pred = pipe.unet(zt, t, encoder_hidden_states=emb).sample
+                target = noise
+            else:
+                sigma = torch.sigmoid(torch.randn(z.shape[0], generator=gen)).to(device)  # logit-normal, as SD3
+                s = sigma.view(-1, 1, 1, 1)
+                zt = (1 - s) * z + s * noise
+                emb, _, pooled, _ = pipe.encode_prompt(prompt=captions, prompt_2=None, prompt_3=None, device=device,
+                                                       do_classifier_free_guidance=False, max_sequence_length=1)
+                pred = pipe.transformer(hidden_states=zt, encoder_hidden_states=emb, pooled_projections=pooled,
+                                        timestep=sigma * 1000).sample
+                target = noise - z
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{loss_avg:.4f}")
+        if (step + 1) % 50 == 0:
+            log.write(json.dumps({"step": step + 1, "loss": loss_avg, "lr": opt.param_groups[0]["lr"],
+                                  "time": time.time()}) + "\n")
+            log.flush()
+        done = step + 1 == steps
+        over = time_budget_s is not None and time.time() - t0 > time_budget_s
+        if (step + 1) % checkpoint_every == 0 or done or over:
+            save_checkpoint(out / "checkpoint", step + 1, modules, opt,
+                            {"loss": loss_avg, "wall_s": _wall(out, start, t0, step + 1)}, ema)
+        if over:
+            break
+    log.close()
+    return export_pipeline(name, pipe, modules, ema, out)
+
+
+def _wall(out: Path, start_step: int, t0: float, step: int) -> float:
+    """Total training wall time over resumed sessions (previous sessions' time + this one's)."""
+    f = out / "wall.json"
+    prev = json.loads(f.read_text()) if f.exists() else {}
+    sessions = prev.get("sessions", {})
+    sessions[str(int(t0))] = time.time() - t0
+    f.write_text(json.dumps({"sessions": sessions, "step": step}))
+    return sum(sessions.values())
+
+
+def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, out: Path) -> Path:
+    """Copy EMA weights in, restore stock attention processors, save the fp16 diffusers folder."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    ema.copy_to(modules)
+    if name == "mini-sd3":
+        pipe.transformer.set_attn_processor(JointAttnProcessor2_0())
+        pipe.register_modules(text_encoder_3=zero_t5_stub(len(pipe.tokenizer), pipe.transformer.config.joint_attention_dim),
+                              tokenizer_3=pipe.tokenizer)
+    pipe.to("cpu", torch.float16)
+    for m in modules.values():
+        m.eval()
+    target = out / "pipeline"
+    tmp = out / "pipeline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def load_pipeline_folder(name: str, folder: Path, torch_dtype: torch.dtype = torch.float32):
+    """Load a mini-zoo pipeline from any folder (e.g. a run's ``pipeline``), progress bar off."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    if not (Path(folder) / "model_index.json").exists():
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
+    cls = StableDiffusionPipeline if name == "mini-sd" else StableDiffusion3Pipeline
+    kw = dict(safety_checker=None, requires_safety_checker=False) if name == "mini-sd" else {}
+    pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
