@@ -1,0 +1,206 @@
+"""Record the denoiser's inputs while the float pipeline samples, and replay them.
+
+Recording hooks the denoiser's forward, so the pipeline's own scheduler, guidance and
+conditioning (SDXL added conditions, SD3 pooled projections) produce the inputs: calibration data
+has inference-time statistics. Records are flat dicts of tensors (nested kwargs become
+``"added_cond_kwargs.text_embeds"``), stored as safetensors shards.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import CalibrationConfig
+from ..io import atomic_save_tensors, atomic_write_json
+
+_META_KEYS = ("__step__", "__num_steps__")
+
+
+@dataclass
+class DenoiserCall:
+    """One recorded denoiser call: its tensor kwargs, the step index, and optionally the output."""
+
+    inputs: dict[str, torch.Tensor]
+    step: int
+    num_steps: int
+    output: torch.Tensor | None = None
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.inputs["timestep"]
+
+    def kwargs(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict:
+        """The call's keyword arguments, nested again, ready for ``denoiser(**kwargs)``."""
+        out: dict = {"return_dict": False}
+        for key, value in self.inputs.items():
+            if device is not None or dtype is not None:
+                value = value.to(device=device, dtype=dtype if value.is_floating_point() and key != "timestep" else None)
+            if "." in key:
+                head, sub = key.split(".", 1)
+                out.setdefault(head, {})[sub] = value
+            else:
+                out[key] = value
+        return out
+
+    @property
+    def batch_size(self) -> int:
+        first = next(v for k, v in self.inputs.items() if k != "timestep")
+        return first.shape[0]
+
+
+@dataclass
+class CalibrationSet:
+    """An ordered list of recorded denoiser calls, savable as safetensors shards."""
+
+    calls: list[DenoiserCall] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def __iter__(self) -> Iterator[DenoiserCall]:
+        return iter(self.calls)
+
+    def timesteps(self) -> list[float]:
+        return sorted({float(c.timestep.flatten()[0]) for c in self.calls}, reverse=True)
+
+    def num_samples(self) -> int:
+        return sum(c.batch_size for c in self.calls)
+
+    def save(self, folder: str | Path, shard_size: int = 64) -> None:
+        """Write shards ``calib-00000.safetensors`` and an index, each atomically."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        shards = []
+        for start in range(0, len(self.calls), shard_size):
+            tensors: dict[str, torch.Tensor] = {}
+            for i, call in enumerate(self.calls[start : start + shard_size]):
+                for key, value in call.inputs.items():
+                    tensors[f"{i}/{key}"] = value.contiguous().cpu()
+                if call.output is not None:
+                    tensors[f"{i}/__output__"] = call.output.contiguous().cpu()
+                tensors[f"{i}/__step__"] = torch.tensor([call.step, call.num_steps])
+            name = f"calib-{start // shard_size:05d}.safetensors"
+            atomic_save_tensors(tensors, folder / name)
+            shards.append(name)
+        atomic_write_json(folder / "calibration.json", {"shards": shards, "calls": len(self.calls)})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> CalibrationSet:
+        folder = Path(folder)
+        index = folder / "calibration.json"
+        if not index.exists():
+            raise FileNotFoundError(f"{folder} holds no calibration set (calibration.json missing); record one first")
+        calls = []
+        for name in json.loads(index.read_text())["shards"]:
+            tensors = load_file(str(folder / name))
+            by_call: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                i, sub = key.split("/", 1)
+                by_call.setdefault(int(i), {})[sub] = value
+            for i in sorted(by_call):
+                entry = by_call[i]
+                step, num_steps = entry.pop("__step__").tolist()
+                output = entry.pop("__output__", None)
+                calls.append(DenoiserCall(entry, int(step), int(num_steps), output))
+        return cls(calls)
+
+
+def _flatten_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    bound = signature.bind_partial(*args, **kwargs)
+    flat: dict[str, torch.Tensor] = {}
+    for name, value in bound.arguments.items():
+        if torch.is_tensor(value):
+            flat[name] = value.detach().clone()
+        elif isinstance(value, (int, float)) and name == "timestep":
+            flat[name] = torch.tensor(value)
+        elif isinstance(value, dict):
+            for sub, v in value.items():
+                if torch.is_tensor(v):
+                    flat[f"{name}.{sub}"] = v.detach().clone()
+    return flat
+
+
+def _select_rows(flat: dict[str, torch.Tensor], rows: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    return {k: (v[rows] if v.dim() > 0 and v.shape[0] == batch and k != "timestep" else v) for k, v in flat.items()}
+
+
+def record_denoiser_calls(
+    pipe,
+    prompts: list[str],
+    config: CalibrationConfig,
+    *,
+    keep_outputs: bool = False,
+    progress: bool = True,
+    defaults: dict | None = None,
+) -> CalibrationSet:
+    """Sample ``prompts`` with the float pipeline and keep the denoiser inputs of every k-th step."""
+    if not prompts:
+        raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
+    denoiser: nn.Module = pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
+    signature = inspect.signature(denoiser.forward)
+    defaults = dict(defaults or {})
+    steps = config.num_inference_steps or defaults.get("num_inference_steps", 50)
+    guidance = config.guidance_scale if config.guidance_scale is not None else defaults.get("guidance_scale", 7.5)
+    size = {k: v for k, v in (("height", config.height or defaults.get("height")), ("width", config.width or defaults.get("width"))) if v}
+    calls: list[DenoiserCall] = []
+    state = {"step": 0}
+    sampler = torch.Generator().manual_seed(config.seed)
+
+    def pre_hook(module, args, kwargs):
+        step = state["step"]
+        state["step"] += 1
+        if step % config.every_k != 0:
+            return
+        flat = _flatten_call(signature, args, kwargs)
+        batch = next(v.shape[0] for k, v in flat.items() if k != "timestep" and v.dim() > 0)
+        if config.samples_per_step is not None and config.samples_per_step < batch:
+            rows = torch.randperm(batch, generator=sampler)[: config.samples_per_step].sort().values
+            flat = _select_rows(flat, rows, batch)
+            state["rows"] = rows
+        else:
+            state["rows"] = None
+        calls.append(DenoiserCall(flat, step, steps))
+        state["pending"] = calls[-1]
+
+    def post_hook(module, args, kwargs, output):
+        call = state.pop("pending", None)
+        if call is None or not keep_outputs:
+            return
+        out = output[0] if isinstance(output, (tuple, list)) else output.sample
+        rows = state.get("rows")
+        call.output = (out if rows is None else out[rows]).detach().clone()
+
+    handles = [
+        denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True),
+        denoiser.register_forward_hook(post_hook, with_kwargs=True),
+    ]
+    try:
+        batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
+        for b, batch in enumerate(tqdm(batches, desc="recording calibration trajectories", disable=not progress)):
+            state["step"] = 0
+            generator = torch.Generator(device="cpu").manual_seed(config.seed + b)
+            with torch.no_grad():
+                pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="latent", **size)
+    finally:
+        for h in handles:
+            h.remove()
+    return CalibrationSet(calls)
+
+
+def replay(
+    denoiser: nn.Module, calibration: CalibrationSet, *, progress: bool = True, desc: str = "calibrating"
+) -> None:
+    """Run every recorded call through ``denoiser`` (observers see them), without gradients."""
+    param = next(denoiser.parameters())
+    with torch.no_grad():
+        for call in tqdm(calibration.calls, desc=desc, disable=not progress):
+            denoiser(**call.kwargs(device=param.device, dtype=param.dtype))

@@ -1,0 +1,231 @@
+"""The ``diffquant`` command line: quantize, generate, info, demo (and zoo, eval, bench when present)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Quantize text-to-image diffusion models (Stable Diffusion via diffusers) and run them.",
+)
+
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, FloatingPointError, NotADirectoryError)
+
+
+def _quiet() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _run(fn):
+    """Run a command body; user errors become one line naming the fix, OOM suggests smaller batches."""
+    import torch
+
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        _fail("out of memory; lower --batch-size or --num-prompts, or use a smaller --height/--width")
+    except MemoryError:
+        _fail("out of memory; lower --batch-size or --num-prompts, or use a smaller --height/--width")
+    except _USER_ERRORS as e:
+        _fail(str(e).strip("'\""))
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            _fail(f"--option expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option(..., "--model", "-m", help="Diffusers pipeline folder or bundled model name (mini-sd, mini-sd3)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write the quantized pipeline to."),
+    method: str = typer.Option("rtn", help="Quantization method: rtn, qdiffusion, pcr, emf (those installed)."),
+    wbits: int = typer.Option(8, help="Weight bits (2-16)."),
+    abits: Optional[int] = typer.Option(8, help="Activation bits (2-16); 0 for weight-only."),
+    prompts: Optional[str] = typer.Option(None, help="Calibration prompts: .txt (one per line) or .json; zoo:calibration for the bundled set."),
+    num_prompts: int = typer.Option(8, help="How many calibration prompts to sample."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps while recording calibration data (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, help="Guidance scale while recording (default: the model's)."),
+    batch_size: int = typer.Option(8, help="Prompts per calibration sampling batch."),
+    timestep_groups: int = typer.Option(1, help="Activation parameter sets over the timestep range."),
+    granularity: str = typer.Option("per_channel", help="Weight granularity: per_tensor, per_channel, per_group."),
+    group_size: int = typer.Option(128, help="Input elements per group with --granularity per_group."),
+    weight_observer: str = typer.Option("minmax", help="Weight range: minmax, percentile, mse."),
+    act_observer: str = typer.Option("minmax", help="Activation range: minmax, percentile, mse."),
+    keep_float: list[str] = typer.Option([], help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
+    option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),
+    config: Optional[Path] = typer.Option(None, help="A QuantConfig JSON file; other flags are ignored when given."),
+    device: str = typer.Option("cpu", help="Device to run on (cpu, cuda)."),
+    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists (otherwise refuse)."),
+):
+    """Quantize a pipeline's denoiser and save the quantized pipeline."""
+
+    def body():
+        import diffquant
+        from diffquant import CalibrationConfig, QuantConfig
+        from diffquant.pipelines import load_pipeline
+        from diffquant.prompts import prompt_list
+
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{out} already exists and is not empty; choose a new --out or pass --overwrite")
+        if config is not None:
+            if not config.is_file():
+                raise FileNotFoundError(f"config file {config} not found")
+            cfg = QuantConfig.from_json(config.read_text())
+        else:
+            cfg = QuantConfig(
+                method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
+                weight_observer=weight_observer, act_observer=act_observer, timestep_groups=timestep_groups,
+                keep_float=keep_float, options=_parse_options(option), seed=seed,
+                calibration=CalibrationConfig(num_prompts=num_prompts, num_inference_steps=steps, guidance_scale=guidance,
+                                              batch_size=batch_size, seed=seed),
+            )
+        calib = prompt_list(prompts) if prompts else None
+        _quiet()
+        typer.echo(f"loading {model}")
+        pipe = load_pipeline(model, device=device)
+        if calib is None and not diffquant.api.sampling_defaults(pipe):
+            raise ValueError("calibration prompts needed: pass --prompts FILE (one prompt per line)")
+        typer.echo(f"quantizing with {cfg.label}")
+        diffquant.quantize(pipe, cfg, calibration=calib, workdir=out.parent / f".{out.name}.work")
+        diffquant.save(pipe, out, overwrite=overwrite)
+        report = diffquant.quant_record(diffquant.get_denoiser(pipe)).report
+        typer.echo(f"saved {out} ({cfg.label}, calibration {report.get('calibration_seconds', 0):.1f} s)")
+
+    _run(body)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", "-m", help="Quantized folder, diffusers pipeline folder, or bundled model name."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text prompt."),
+    out: Path = typer.Option(Path("image.png"), "--out", "-o", help="Image file to write (PNG)."),
+    seed: int = typer.Option(0, help="Seed of the initial noise."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
+    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the model's)."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels."),
+    device: str = typer.Option("cpu", help="Device (cpu, cuda)."),
+):
+    """Generate one image."""
+
+    def body():
+        import torch
+
+        from diffquant.pipelines import load_pipeline
+
+        if not prompt.strip():
+            raise ValueError("the prompt is empty; pass --prompt \"a red circle on the left\"")
+        _quiet()
+        pipe = load_pipeline(model, device=device)
+        defaults = _sampling_defaults(pipe)
+        kwargs = {k: v for k, v in dict(
+            num_inference_steps=steps or defaults.get("num_inference_steps"),
+            guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale"),
+            height=height or defaults.get("height"), width=width or defaults.get("width"),
+        ).items() if v is not None}
+        pipe.set_progress_bar_config(disable=False, desc="sampling")
+        image = pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs).images[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+        typer.echo(f"wrote {out}")
+
+    _run(body)
+
+
+def _sampling_defaults(pipe) -> dict:
+    import diffquant
+
+    denoiser = diffquant.get_denoiser(pipe)
+    record = getattr(denoiser, "diffquant", None)
+    if record is not None and record.report.get("sampling_defaults"):
+        return record.report["sampling_defaults"]
+    return diffquant.api.sampling_defaults(pipe)
+
+
+@app.command()
+def info(
+    model: Path = typer.Option(..., "--model", "-m", help="A folder written by `diffquant quantize`."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+):
+    """What is quantized, at which bits, what stays float and why, and the sizes on disk."""
+
+    def body():
+        from diffquant.inspect import describe
+
+        _quiet()
+        summary = describe(model)
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+            return
+        typer.echo(summary["text"])
+
+    _run(body)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its models and images."),
+    wbits: int = typer.Option(8, help="Weight bits."),
+    abits: int = typer.Option(8, help="Activation bits."),
+):
+    """Quantize the bundled mini model, save, reload, generate, and compare with float: no download."""
+
+    def body():
+        from diffquant.demo import run_demo
+
+        _quiet()
+        run_demo(out, wbits=wbits, abits=abits, echo=typer.echo)
+
+    _run(body)
+
+
+def _register_optional() -> None:
+    """Sub-commands that live with their subsystems (mini zoo, evaluation) join when installed."""
+    try:
+        from diffquant.zoo.cli import app as zoo_app
+    except ImportError:
+        zoo_app = None
+    if zoo_app is not None:
+        app.add_typer(zoo_app, name="zoo", help="The bundled mini models: list, train, eval.")
+    try:
+        from diffquant.evaluation.cli import bench_command, eval_command
+    except ImportError:
+        return
+    app.command("eval")(eval_command)
+    app.command("bench")(bench_command)
+
+
+_register_optional()
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

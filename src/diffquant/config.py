@@ -1,0 +1,142 @@
+"""Versioned, JSON-serializable configuration handed to ``diffquant.quantize``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .quant import QuantSpec
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class CalibrationConfig:
+    """How calibration inputs are recorded from the float model's own sampling trajectories.
+
+    Every ``every_k``-th denoising step of ``num_prompts`` prompts is kept (conditional and
+    unconditional halves when guidance is on), at most ``samples_per_step`` rows per step.
+    ``None`` for steps/guidance/size means the pipeline's (or mini zoo model's) defaults.
+    """
+
+    num_prompts: int = 8
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    every_k: int = 1
+    samples_per_step: int | None = None
+    batch_size: int = 8
+    height: int | None = None
+    width: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "every_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how. ``method`` picks the recipe; ``options`` holds the method's own knobs.
+
+    ``abits=None`` means weight-only. ``split_shortcut=None`` takes the method's default (on for
+    Q-Diffusion). ``timestep_groups`` > 1 gives activation quantizers one parameter set per range
+    of the training timestep. ``keep_float`` holds fnmatch patterns of layer names left in float.
+    """
+
+    method: str = "rtn"
+    wbits: int = 8
+    abits: int | None = 8
+    weight_granularity: str = "per_channel"
+    group_size: int = 128
+    weight_symmetric: bool = True
+    weight_observer: str = "minmax"
+    act_symmetric: bool = False
+    act_observer: str = "minmax"
+    act_percentile: float = 99.99
+    quantize_attention: bool = True
+    softmax_bits: int = 8
+    timestep_groups: int = 1
+    split_shortcut: bool | None = None
+    float_time_layers: bool = False
+    float_io_layers: bool = False
+    keep_float: list[str] = field(default_factory=list)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        from .methods import METHODS
+
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationConfig(**self.calibration)
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is newer than this diffquant ({CONFIG_VERSION}); upgrade diffquant")
+        self.keep_float = list(self.keep_float)
+        if self.timestep_groups < 1:
+            raise ValueError(f"timestep_groups must be >= 1, got {self.timestep_groups}")
+        # Building the specs validates bits, granularity and observers with one-line messages.
+        self.weight_spec()
+        self.act_spec()
+        self.softmax_spec()
+        METHODS[self.method].options(self)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}"
+
+    @property
+    def use_split_shortcut(self) -> bool:
+        from .methods import METHODS
+
+        return METHODS[self.method].split_shortcut_default if self.split_shortcut is None else self.split_shortcut
+
+    def weight_spec(self) -> QuantSpec:
+        try:
+            return QuantSpec(
+                bits=self.wbits, symmetric=self.weight_symmetric, granularity=self.weight_granularity,
+                group_size=self.group_size, observer=self.weight_observer,
+            )
+        except ValueError as e:
+            raise ValueError(f"weights: {e}") from None
+
+    def act_spec(self) -> QuantSpec | None:
+        if self.abits is None:
+            return None
+        try:
+            return QuantSpec(
+                bits=self.abits, symmetric=self.act_symmetric, granularity="per_tensor", observer=self.act_observer,
+                percentile=self.act_percentile,
+            )
+        except ValueError as e:
+            raise ValueError(f"activations: {e}") from None
+
+    def softmax_spec(self) -> QuantSpec | None:
+        if self.abits is None:
+            return None
+        try:
+            return QuantSpec(bits=self.softmax_bits, symmetric=False, unsigned=True, observer="minmax")
+        except ValueError as e:
+            raise ValueError(f"softmax: {e}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown QuantConfig fields {sorted(unknown)}; this file was written by another diffquant version")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,81 @@
+"""``diffquant info``: what a saved quantized model holds, read from its files without building it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .serialization import MANIFEST, QUANT_CONFIG, QUANT_WEIGHTS, verify
+
+
+def _denoiser_dir(folder: Path) -> Path:
+    for sub in ("unet", "transformer", "."):
+        if (folder / sub / QUANT_CONFIG).is_file():
+            return folder / sub
+    raise ValueError(f"{folder} holds no quantized denoiser ({QUANT_CONFIG} missing)")
+
+
+def describe(folder: str | Path) -> dict:
+    """A summary dict (and its text rendering under ``"text"``) of a saved quantized model."""
+    folder = Path(folder)
+    manifest = verify(folder)
+    den = _denoiser_dir(folder)
+    meta = json.loads((den / QUANT_CONFIG).read_text())
+    cfg = meta["quant_config"]
+    layers: dict[str, dict] = {}
+    float_params = code_params = 0
+    act_bits: list[int] = []
+    with safe_open(str(den / QUANT_WEIGHTS), framework="pt") as f:
+        for key in f.keys():
+            shape = f.get_slice(key).get_shape()
+            numel = math.prod(shape) if shape else 1
+            if key.endswith(".weight_codes"):
+                name = key[: -len(".weight_codes")]
+                layers[name] = {"weight_bits": cfg["wbits"], "params": numel}
+                code_params += numel
+            elif key.endswith(".bits"):
+                act_bits.extend(f.get_tensor(key).tolist())
+            elif not key.endswith((".scale", ".zero_point")):
+                float_params += numel
+    weight_file = (den / QUANT_WEIGHTS).stat().st_size
+    fp16_bytes = 2 * (float_params + code_params)
+    plan = meta["plan"]
+    summary = {
+        "folder": str(folder),
+        "class": meta["class"],
+        "family": plan["family"],
+        "method": cfg["method"],
+        "label": f"{cfg['method']}-w{cfg['wbits']}a{cfg['abits'] if cfg['abits'] is not None else 'f'}",
+        "timestep_groups": len(plan["groups"]["centers"]),
+        "quantized_layers": len(layers),
+        "float_layers": plan["float_layers"],
+        "skip_splits": plan["skip_splits"],
+        "average_weight_bits": (cfg["wbits"] * code_params + 16 * float_params) / max(code_params + float_params, 1),
+        "average_activation_bits": sum(act_bits) / len(act_bits) if act_bits else None,
+        "denoiser_file_bytes": weight_file,
+        "fp16_denoiser_bytes": fp16_bytes,
+        "size_ratio_vs_fp16": weight_file / max(fp16_bytes, 1),
+        "report": meta.get("report", {}),
+        "versions": manifest.get("versions", {}),
+    }
+    lines = [
+        f"{folder}: {summary['class']} ({summary['family']}), {summary['label']}",
+        f"  quantized layers: {len(layers)}; kept float: {len(plan['float_layers'])}; timestep groups: {summary['timestep_groups']}",
+        f"  average bits: weights {summary['average_weight_bits']:.2f}"
+        + (f", activations {summary['average_activation_bits']:.2f}" if act_bits else ", activations float"),
+        f"  denoiser file: {weight_file / 1e6:.2f} MB ({summary['size_ratio_vs_fp16']:.2f}x of fp16 {fp16_bytes / 1e6:.2f} MB)",
+    ]
+    if plan["skip_splits"]:
+        lines.append(f"  split-input layers: {len(plan['skip_splits'])}")
+    for name, reason in sorted(plan["float_layers"].items()):
+        lines.append(f"  float: {name} ({reason})")
+    if "calibration_seconds" in summary["report"]:
+        lines.append(f"  calibration: {summary['report']['calibration_seconds']:.1f} s")
+    summary["text"] = "\n".join(lines)
+    return summary
+
+
+__all__ = ["MANIFEST", "describe"]

@@ -1,0 +1,74 @@
+"""Atomic writes and integrity manifests. Only safetensors and JSON are ever read back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_table(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """relative path -> {sha256, bytes} for every file under ``folder``."""
+    folder = Path(folder)
+    table = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel not in exclude:
+            table[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+    return table
+
+
+def refuse_pickles(folder: str | Path) -> None:
+    """Raise if any pickle-format file sits in ``folder``: diffquant never unpickles."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"refusing to load {path}: pickle files can run arbitrary code and are never loaded; "
+                "remove it (diffquant reads only safetensors and JSON)"
+            )
+
+
+def verify_files(folder: str | Path, table: dict[str, dict]) -> None:
+    """Check every listed file exists with its size and hash; the message names the bad file."""
+    folder = Path(folder)
+    for rel, info in table.items():
+        path = folder / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; the saved model is incomplete, save it again")
+        size = path.stat().st_size
+        if size != info["bytes"]:
+            raise ValueError(f"{path} is truncated or altered ({size} bytes, manifest says {info['bytes']}); save the model again")
+        if sha256(path) != info["sha256"]:
+            raise ValueError(f"{path} is corrupted (hash differs from the manifest); save the model again")

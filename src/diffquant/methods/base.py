@@ -1,0 +1,71 @@
+"""What a method is: a name, its options dataclass, its defaults, and a ``run`` over a ``QuantJob``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from ..calibration import CalibrationSet
+    from ..config import QuantConfig
+
+
+@dataclass
+class NoOptions:
+    """The method takes no options."""
+
+
+@dataclass
+class QuantJob:
+    """Everything a method run needs: the denoiser, its pipeline (if any), config and data sources."""
+
+    denoiser: nn.Module
+    config: QuantConfig
+    pipeline: Any | None = None
+    prompts: list[str] | None = None
+    calibration: CalibrationSet | None = None
+    sampling_defaults: dict = field(default_factory=dict)
+    workdir: Path | None = None
+    progress: bool = True
+
+    def calibration_set(self, keep_outputs: bool = False) -> CalibrationSet:
+        """The recorded calibration calls: given, or recorded now from the float pipeline."""
+        from ..calibration import record_denoiser_calls
+
+        if self.calibration is not None and (not keep_outputs or all(c.output is not None for c in self.calibration)):
+            return self.calibration
+        if self.pipeline is None or not self.prompts:
+            raise ValueError(
+                "calibration data needed: pass calibration=<list of prompts> with a pipeline, "
+                "or calibration=<CalibrationSet> for a bare denoiser"
+            )
+        cfg = self.config.calibration
+        self.calibration = record_denoiser_calls(
+            self.pipeline, self.prompts[: cfg.num_prompts], cfg, keep_outputs=keep_outputs, progress=self.progress,
+            defaults=self.sampling_defaults,
+        )
+        return self.calibration
+
+
+class Method:
+    """A quantization recipe. Subclasses set ``name``, ``Options`` and implement ``run``."""
+
+    name = ""
+    Options: type = NoOptions
+    split_shortcut_default = False
+
+    def options(self, config: QuantConfig) -> Any:
+        known = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = set(config.options) - known
+        if unknown:
+            raise ValueError(
+                f"unknown {self.name} options {sorted(unknown)}; valid: {', '.join(sorted(known)) or 'none'}"
+            )
+        return self.Options(**config.options)
+
+    def run(self, job: QuantJob) -> None:
+        raise NotImplementedError

@@ -1,0 +1,20 @@
+"""Quantized module wrappers and model-level lifecycle helpers."""
+
+from .attention import QuantAttnProcessor, QuantJointAttnProcessor
+from .base import QuantModule
+from .layers import QuantConv2d, QuantLinear
+from .lifecycle import quantized_layers, set_quant_enabled, set_state, states
+from .state import QuantState
+
+__all__ = [
+    "QuantAttnProcessor",
+    "QuantConv2d",
+    "QuantJointAttnProcessor",
+    "QuantLinear",
+    "QuantModule",
+    "QuantState",
+    "quantized_layers",
+    "set_quant_enabled",
+    "set_state",
+    "states",
+]

@@ -1,0 +1,132 @@
+"""Quantized attention matmuls through diffusers attention processors.
+
+The processors mirror diffusers' ``AttnProcessor2_0`` (UNet self/cross attention) and
+``JointAttnProcessor2_0`` (SD3 MMDiT joint attention) and quantize the inputs of the two matmuls:
+q, k, v, and the softmax output (unsigned grid). With quantization off they call
+``scaled_dot_product_attention`` exactly like the originals, so a wrapped model is bit-identical
+to the float one. The q/k/v/out projections are ordinary Linear layers, wrapped separately.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import ActivationQuantizer, QuantSpec, TimestepContext
+from .base import QuantModule
+from .state import QuantState
+
+
+class _QuantAttentionCore(QuantModule):
+    def __init__(self, act_spec: QuantSpec, softmax_spec: QuantSpec, context: TimestepContext | None, num_groups: int):
+        super().__init__()
+        self._init_quant()
+        self.weight_quantizer = None
+        self.q_quantizer = ActivationQuantizer(act_spec, context, num_groups)
+        self.k_quantizer = ActivationQuantizer(act_spec, context, num_groups)
+        self.v_quantizer = ActivationQuantizer(act_spec, context, num_groups)
+        self.softmax_quantizer = ActivationQuantizer(softmax_spec, context, num_groups)
+
+    def _active(self) -> bool:
+        modes = {q.mode for q in self.activation_quantizers()}
+        return "observe" in modes or ("quantize" in modes and self.act_quant_enabled)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v on [B, heads, L, d] with quantized matmul inputs."""
+        if not self._active():
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        q = self._quantize_activation(self.q_quantizer, query)
+        k = self._quantize_activation(self.k_quantizer, key)
+        v = self._quantize_activation(self.v_quantizer, value)
+        scores = (q @ k.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
+        if mask is not None:
+            scores = scores + mask if mask.dtype != torch.bool else scores.masked_fill(~mask, float("-inf"))
+        probs = self._quantize_activation(self.softmax_quantizer, scores.softmax(dim=-1))
+        return probs @ v
+
+
+class QuantAttnProcessor(_QuantAttentionCore):
+    """Quantized counterpart of diffusers ``AttnProcessor2_0``."""
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = self.attend(query, key, value, attention_mask)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class QuantJointAttnProcessor(_QuantAttentionCore):
+    """Quantized counterpart of diffusers ``JointAttnProcessor2_0`` (SD3 joint attention)."""
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            c_query = heads(attn.add_q_proj(encoder_hidden_states))
+            c_key = heads(attn.add_k_proj(encoder_hidden_states))
+            c_value = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                c_query = attn.norm_added_q(c_query)
+            if attn.norm_added_k is not None:
+                c_key = attn.norm_added_k(c_key)
+            query = torch.cat([query, c_query], dim=2)
+            key = torch.cat([key, c_key], dim=2)
+            value = torch.cat([value, c_value], dim=2)
+        hidden_states = self.attend(query, key, value, None)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1] :]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+__all__ = ["QuantAttnProcessor", "QuantJointAttnProcessor", "QuantState"]

@@ -1,0 +1,75 @@
+"""Fake-quantized Linear and Conv2d that keep the original parameter names (``weight``, ``bias``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import ActivationQuantizer, QuantSpec, TimestepContext, WeightQuantizer
+from .base import QuantModule
+
+
+class QuantLinear(nn.Linear, QuantModule):
+    """``nn.Linear`` with a weight quantizer and a static, timestep-indexed input quantizer."""
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Linear,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec | None,
+        context: TimestepContext | None,
+        num_groups: int = 1,
+        calibrate_weights: bool = True,
+    ) -> QuantLinear:
+        q = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        q.weight, q.bias = module.weight, module.bias
+        q._init_quant()
+        q.weight_quantizer = WeightQuantizer(weight_spec, module.weight.shape).to(module.weight.device)
+        q.input_quantizer = (
+            ActivationQuantizer(act_spec, context, num_groups, channel_axis=-1).to(module.weight.device) if act_spec else None
+        )
+        if calibrate_weights:
+            q.weight_quantizer.calibrate(module.weight)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._quantize_activation(self.input_quantizer, x), self._weight(), self.bias)
+
+
+class QuantConv2d(nn.Conv2d, QuantModule):
+    """``nn.Conv2d`` with quantized weight and input; ``input_splits`` quantizes a concatenated
+    input in parts (activation scales and the matching input-channel slices of the weight)."""
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Conv2d,
+        weight_spec: QuantSpec,
+        act_spec: QuantSpec | None,
+        context: TimestepContext | None,
+        num_groups: int = 1,
+        input_splits: list[int] | None = None,
+        calibrate_weights: bool = True,
+    ) -> QuantConv2d:
+        q = cls(
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=module.groups, bias=module.bias is not None, padding_mode=module.padding_mode,
+            device="meta",
+        )
+        q.weight, q.bias = module.weight, module.bias
+        q._init_quant()
+        if input_splits and module.groups != 1:
+            raise ValueError("split-input quantization needs an ungrouped convolution")
+        q.weight_quantizer = WeightQuantizer(weight_spec, module.weight.shape, input_splits=input_splits).to(module.weight.device)
+        q.input_quantizer = (
+            ActivationQuantizer(act_spec, context, num_groups, channel_splits=input_splits, channel_axis=1).to(module.weight.device)
+            if act_spec else None
+        )
+        if calibrate_weights:
+            q.weight_quantizer.calibrate(module.weight)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._quantize_activation(self.input_quantizer, x), self._weight(), self.bias)

@@ -1,0 +1,49 @@
+"""Resolve what a user names as a model: a mini zoo name, a diffquant folder, or a diffusers folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.dtype = torch.float32) -> Any:
+    """A pipeline from a zoo name (``mini-sd``), a ``diffquant.save`` folder, or a diffusers pipeline folder.
+
+    Float pipelines load with ``use_safetensors=True``: pickled ``.bin`` weights are never unpickled.
+    """
+    from diffusers import DiffusionPipeline
+
+    from .serialization import is_quantized_folder, load
+
+    name = str(spec)
+    zoo_names = _zoo_names()
+    if name in zoo_names:
+        from . import zoo
+
+        return zoo.load_pipeline(name, torch_dtype=torch_dtype, device=device)
+    path = Path(spec)
+    if not path.exists():
+        hint = f" or a bundled model ({', '.join(zoo_names)})" if zoo_names else ""
+        raise FileNotFoundError(f"model folder {path} not found; pass a diffusers pipeline folder{hint}")
+    if is_quantized_folder(path):
+        pipe = load(path, device=device)
+    elif (path / "model_index.json").is_file():
+        try:
+            pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
+        except (OSError, EnvironmentError) as e:
+            raise ValueError(f"cannot load {path} as a diffusers pipeline with safetensors weights ({str(e).splitlines()[0]})") from None
+        pipe = pipe.to(device)
+    else:
+        raise ValueError(f"{path} is not a diffusers pipeline (no model_index.json); save it with pipe.save_pretrained(folder)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _zoo_names() -> tuple[str, ...]:
+    try:
+        from . import zoo
+    except ImportError:
+        return ()
+    return tuple(getattr(zoo, "MODEL_NAMES", ()))

@@ -1,0 +1,250 @@
+"""Weight and activation quantizers as modules whose parameters live in the model's state dict."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .affine import fake_quantize, qrange, quantize_to_int, round_ste
+from .observers import ActivationObserver, estimate_qparams
+from .spec import QuantSpec
+from .timestep import TimestepContext
+
+
+def code_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The smallest integer dtype holding the grid ``[qmin, qmax]``."""
+    if qmin >= 0 and qmax <= 255:
+        return torch.uint8
+    if qmin >= -128 and qmax <= 127:
+        return torch.int8
+    return torch.int16 if qmin >= -(2**15) and qmax < 2**15 else torch.int32
+
+
+def _segment_bounds(total: int, splits: list[int] | None, group_size: int | None, unit: int = 1) -> list[tuple[int, int]]:
+    """[start, end) segments along an axis of ``total`` elements: input splits, each cut into groups."""
+    sizes = [s * unit for s in splits] if splits else [total]
+    if sum(sizes) != total:
+        raise ValueError(f"split sizes {splits} (x{unit}) do not add up to {total} elements")
+    bounds, start = [], 0
+    for size in sizes:
+        step = group_size or size
+        for a in range(start, start + size, step):
+            bounds.append((a, min(a + step, start + size)))
+        start += size
+    return bounds
+
+
+def _segment_index(bounds: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.cat([torch.full((b - a,), i, dtype=torch.long) for i, (a, b) in enumerate(bounds)])
+
+
+class WeightQuantizer(nn.Module):
+    """Per-tensor, per-output-channel or per-group weight quantizer.
+
+    The weight is viewed as [out, in_flat]. Scales are held per (row, segment) where rows are output
+    channels (one row for per-tensor) and segments cut ``in_flat`` into input-channel splits (shortcut
+    splitting) and groups (per-group). ``rounding`` may replace round-to-nearest (AdaRound).
+    """
+
+    def __init__(self, spec: QuantSpec, weight_shape: torch.Size | tuple[int, ...], input_splits: list[int] | None = None):
+        super().__init__()
+        self.spec = spec
+        self.weight_shape = tuple(weight_shape)
+        out_channels = self.weight_shape[0]
+        kernel = math.prod(self.weight_shape[2:]) if len(self.weight_shape) > 2 else 1
+        in_flat = math.prod(self.weight_shape[1:])
+        group = spec.group_size if spec.granularity == "per_group" else None
+        self.input_splits = list(input_splits) if input_splits else None
+        self.bounds = _segment_bounds(in_flat, self.input_splits, group * kernel if group else None, unit=kernel)
+        rows = 1 if spec.granularity == "per_tensor" else out_channels
+        self.scale = nn.Parameter(torch.ones(rows, len(self.bounds)), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(rows, len(self.bounds)))
+        self.register_buffer("seg_index", _segment_index(self.bounds), persistent=False)
+        self.qmin, self.qmax = qrange(spec.bits, spec.symmetric)
+        self.rounding: nn.Module | None = None
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @torch.no_grad()
+    def calibrate(self, weight: torch.Tensor) -> None:
+        """Set scales from the weight with the spec's observer (min/max, percentile or MSE)."""
+        w2 = weight.detach().float().reshape(self.weight_shape[0], -1)
+        for s, (a, b) in enumerate(self.bounds):
+            rows = w2[:, a:b]
+            if self.spec.granularity == "per_tensor":
+                rows = rows.reshape(1, -1)
+            scale, zero_point = estimate_qparams(rows, self.spec)
+            self.scale[:, s] = scale.to(self.scale.device)
+            self.zero_point[:, s] = zero_point.to(self.zero_point.device)
+
+    def _expanded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale[:, self.seg_index], self.zero_point[:, self.seg_index]
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self._expanded()
+        w2 = weight.reshape(self.weight_shape[0], -1)
+        rounded = self.rounding(w2, scale) if self.rounding is not None else None
+        out = fake_quantize(w2.float(), scale, zero_point, self.qmin, self.qmax, rounded=rounded)
+        return out.reshape(self.weight_shape).to(weight.dtype)
+
+    @torch.no_grad()
+    def integer_codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``weight`` (honouring a learned rounding) in the smallest dtype holding the grid."""
+        scale, zero_point = self._expanded()
+        w2 = weight.reshape(self.weight_shape[0], -1).float()
+        if self.rounding is not None:
+            q = torch.clamp(self.rounding(w2, scale) + zero_point, self.qmin, self.qmax)
+        else:
+            q = quantize_to_int(w2, scale, zero_point, self.qmin, self.qmax)
+        dtype = code_dtype(self.qmin, self.qmax)
+        return q.to(dtype).reshape(self.weight_shape)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self._expanded()
+        q = codes.reshape(self.weight_shape[0], -1).float()
+        return ((q - zero_point) * scale).reshape(self.weight_shape)
+
+    def extra_repr(self) -> str:
+        split = f", splits={self.input_splits}" if self.input_splits else ""
+        return f"w{self.spec.bits} {self.spec.granularity} {'sym' if self.spec.symmetric else 'asym'}{split}"
+
+
+class ActivationQuantizer(nn.Module):
+    """Static activation quantizer with one parameter set per timestep group (and channel segment).
+
+    ``mode``: ``off`` passes through; ``observe`` records statistics (calibration) and passes
+    through; ``quantize`` fake-quantizes with the parameters of the context's current group.
+    ``bits`` may differ per group (PCR's relaxed steps). ``channel_splits`` quantizes a concatenated
+    input in parts with separate parameters (Q-Diffusion's shortcut splitting).
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        context: TimestepContext | None = None,
+        num_groups: int = 1,
+        channel_splits: list[int] | None = None,
+        channel_axis: int = -1,
+    ):
+        super().__init__()
+        self.spec = spec
+        self.context = context
+        self.channel_splits = list(channel_splits) if channel_splits else None
+        self.channel_axis = channel_axis
+        num_segments = len(self.channel_splits) if self.channel_splits else 1
+        self.scale = nn.Parameter(torch.ones(num_groups, num_segments), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(num_groups, num_segments))
+        self.register_buffer("bits", torch.full((num_groups,), spec.bits, dtype=torch.long))
+        if self.channel_splits:
+            self.register_buffer("seg_index", _segment_index(_segment_bounds(sum(self.channel_splits), self.channel_splits, None)), persistent=False)
+        else:
+            self.seg_index = None
+        self.mode = "off"
+        self.observer: ActivationObserver | None = None
+        self.name = ""
+
+    @property
+    def num_groups(self) -> int:
+        return self.scale.shape[0]
+
+    def _group(self) -> int | torch.Tensor:
+        return 0 if self.context is None or self.num_groups == 1 else self.context.group
+
+    def start_observing(self, seed: int = 0) -> None:
+        self.observer = ActivationObserver(self.num_groups, self.scale.shape[1], seed=seed)
+        self.mode = "observe"
+
+    def _observe(self, x: torch.Tensor) -> None:
+        assert self.observer is not None
+        group = self._group()
+        groups = [(group, x)] if isinstance(group, int) else [
+            (int(g), x[group.to(x.device) == g]) for g in torch.unique(group).tolist()
+        ]
+        for g, xg in groups:
+            parts = torch.split(xg, self.channel_splits, dim=self.channel_axis) if self.channel_splits else [xg]
+            for s, part in enumerate(parts):
+                try:
+                    self.observer.observe(g, s, part)
+                except FloatingPointError:
+                    t = None if self.context is None or self.context.timestep is None else self.context.timestep.flatten()[0].item()
+                    raise FloatingPointError(
+                        f"NaN/Inf in the input of {self.name or 'a quantized layer'} at timestep {t}: the float model "
+                        "overflows here; run calibration in float32 (torch_dtype=torch.float32) or lower the guidance scale"
+                    ) from None
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        """Turn the statistics into scales; groups never observed borrow the nearest observed group's."""
+        if self.observer is None:
+            raise RuntimeError(f"{self.name}: finish_observing() called without start_observing()")
+        observed = self.observer.observed_groups()
+        if not observed:
+            raise RuntimeError(f"{self.name}: no calibration data reached this layer; check the calibration prompts and steps")
+        for g in observed:
+            for s in range(self.scale.shape[1]):
+                samples = self.observer.samples[(g, s)][None]
+                scale, zero_point = estimate_qparams(
+                    samples, self.spec, bits=int(self.bits[g]), lo=self.observer.lo[g, s : s + 1], hi=self.observer.hi[g, s : s + 1]
+                )
+                self.scale[g, s] = scale[0]
+                self.zero_point[g, s] = zero_point[0]
+        centers = self.context.groups.centers if self.context is not None and len(self.context.groups) == self.num_groups else list(range(self.num_groups))
+        for g in range(self.num_groups):
+            if g not in observed:
+                nearest = min(observed, key=lambda o: abs(centers[o] - centers[g]))
+                self.scale[g] = self.scale[nearest]
+                self.zero_point[g] = self.zero_point[nearest]
+        self.observer = None
+        self.mode = "quantize"
+
+    def _shape_for(self, param: torch.Tensor, x: torch.Tensor, per_sample: bool) -> torch.Tensor:
+        """Broadcast a per-(group,segment) parameter picked for this call over ``x``."""
+        shape = [1] * x.dim()
+        if self.seg_index is not None:
+            param = param[..., self.seg_index.to(param.device)]
+            shape[self.channel_axis] = param.shape[-1]
+        else:
+            param = param[..., 0]
+        if per_sample:
+            shape[0] = param.shape[0]
+        return param.reshape(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self._observe(x)
+            return x
+        group = self._group()
+        per_sample = not isinstance(group, int)
+        if per_sample:
+            group = group.to(self.scale.device)
+        scale = self._shape_for(self.scale[group], x, per_sample)
+        zero_point = self._shape_for(self.zero_point[group], x, per_sample)
+        bits = self.bits[group]
+        qmin, qmax = qrange(bits, self.spec.symmetric, self.spec.unsigned)
+        if per_sample:
+            qmin = qmin.reshape([-1] + [1] * (x.dim() - 1))
+            qmax = qmax.reshape([-1] + [1] * (x.dim() - 1))
+        else:
+            qmin, qmax = int(qmin), int(qmax)
+        return fake_quantize(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
+
+    def average_bits(self, weights: torch.Tensor | None = None) -> float:
+        """Mean bit width over groups (optionally weighted, e.g. by how many steps map to each)."""
+        bits = self.bits.float()
+        if weights is None:
+            return float(bits.mean())
+        return float((bits * weights).sum() / weights.sum())
+
+    def extra_repr(self) -> str:
+        bits = sorted(set(self.bits.tolist()))
+        split = f", splits={self.channel_splits}" if self.channel_splits else ""
+        return f"a{'/'.join(map(str, bits))} groups={self.num_groups}{' unsigned' if self.spec.unsigned else ''}{split} mode={self.mode}"
+
+
+__all__ = ["ActivationQuantizer", "WeightQuantizer", "round_ste"]

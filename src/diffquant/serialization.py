@@ -1,0 +1,192 @@
+"""``diffquant.save`` / ``diffquant.load``: diffusers-style folders, safetensors + JSON, verified on load.
+
+Layout of a saved pipeline (a bare denoiser saves the ``unet/`` part alone)::
+
+    model_index.json, scheduler/, text_encoder/, tokenizer/, vae/   untouched components
+    unet/config.json                     the architecture (diffusers config)
+    unet/diffquant_config.json           QuantConfig, layer plan, lifecycle states, method report
+    unet/diffquant_model.safetensors     integer weight codes + scales, float parameters as they were
+    diffquant_manifest.json              sha256 and size of every file, library versions
+
+Quantized weights are stored as their integer codes; loading dequantizes them, and re-quantizing
+those values gives the same codes, so a loaded model reproduces the saved one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from . import __version__
+from .config import QuantConfig
+from .io import atomic_save_tensors, atomic_write_json, file_table, refuse_pickles, verify_files
+from .nn import QuantModule, QuantState, quantized_layers
+from .quant import TimestepGroups
+from .wrap import get_denoiser, quant_record, wrap_denoiser
+
+FORMAT_VERSION = 1
+MANIFEST = "diffquant_manifest.json"
+QUANT_CONFIG = "diffquant_config.json"
+QUANT_WEIGHTS = "diffquant_model.safetensors"
+_DENOISER_ATTRS = ("unet", "transformer")
+
+
+def _denoiser_attr(pipe: Any, denoiser: nn.Module) -> str:
+    for attr in _DENOISER_ATTRS:
+        if getattr(pipe, attr, None) is denoiser:
+            return attr
+    raise TypeError("the pipeline's denoiser is neither `unet` nor `transformer`")
+
+
+def denoiser_tensors(denoiser: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each quantized weight replaced by its integer codes (``<layer>.weight_codes``)."""
+    tensors = dict(denoiser.state_dict())
+    for name, module in quantized_layers(denoiser).items():
+        if module.weight_quantizer is not None:
+            tensors.pop(f"{name}.weight")
+            tensors[f"{name}.weight_codes"] = module.weight_quantizer.integer_codes(module.weight)
+    return tensors
+
+
+def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
+    record = quant_record(denoiser)
+    layers = quantized_layers(denoiser)
+    not_frozen = sorted({m.state.value for m in layers.values()} - {QuantState.FROZEN.value})
+    if not_frozen:
+        raise ValueError(f"only frozen models can be saved (found states {not_frozen}); finish diffquant.quantize first")
+    folder.mkdir(parents=True, exist_ok=True)
+    denoiser.save_config(folder)
+    dtype = next(denoiser.parameters()).dtype
+    atomic_write_json(folder / QUANT_CONFIG, {
+        "format_version": FORMAT_VERSION,
+        "class": type(denoiser).__name__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "quant_config": record.config.to_dict(),
+        "plan": record.plan(),
+        "report": record.report,
+    })
+    atomic_save_tensors(denoiser_tensors(denoiser), folder / QUANT_WEIGHTS, metadata={"format": "diffquant", "version": __version__})
+
+
+def save(pipe_or_denoiser: Any, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a quantized pipeline (or denoiser) to ``folder``; the folder appears only when complete."""
+    folder = Path(folder)
+    denoiser = get_denoiser(pipe_or_denoiser)
+    quant_record(denoiser)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise FileExistsError(f"{folder} already exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)")
+    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        if isinstance(pipe_or_denoiser, nn.Module):
+            _save_denoiser(denoiser, tmp)
+        else:
+            pipe = pipe_or_denoiser
+            attr = _denoiser_attr(pipe, denoiser)
+            for name, component in pipe.components.items():
+                if component is None or component is denoiser:
+                    continue
+                if hasattr(component, "save_pretrained"):
+                    component.save_pretrained(tmp / name)
+            pipe.save_config(tmp)
+            _save_denoiser(denoiser, tmp / attr)
+        table = file_table(tmp)
+        import transformers
+
+        atomic_write_json(tmp / MANIFEST, {
+            "format_version": FORMAT_VERSION,
+            "files": table,
+            "versions": {"diffquant": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+        })
+        if folder.exists():
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def verify(folder: str | Path) -> dict:
+    """Check a saved folder against its manifest; returns the manifest. Raises naming the bad file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} not found; pass a folder written by diffquant.save or `diffquant quantize --out`")
+    refuse_pickles(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} missing: {folder} was not written by diffquant.save (or the save did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{manifest_path} is corrupted (not JSON); save the model again") from None
+    verify_files(folder, manifest["files"])
+    return manifest
+
+
+def is_quantized_folder(folder: str | Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module:
+    meta = json.loads((folder / QUANT_CONFIG).read_text())
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{folder} was saved by a newer diffquant (format {meta['format_version']}); upgrade diffquant")
+    cls = getattr(diffusers, meta["class"], None)
+    if cls is None or not issubclass(cls, diffusers.ModelMixin):
+        raise ValueError(f"{folder}: unsupported denoiser class {meta['class']!r}")
+    denoiser = cls.from_config(cls.load_config(folder)).to(getattr(torch, meta["dtype"]))
+    config = QuantConfig.from_dict(meta["quant_config"])
+    plan = meta["plan"]
+    record = wrap_denoiser(
+        denoiser, config, TimestepGroups.from_dict(plan["groups"]), float_layers=plan["float_layers"],
+        skip_splits=plan["skip_splits"], calibrate_weights=False,
+    )
+    record.report = meta.get("report", {})
+    tensors = load_file(str(folder / QUANT_WEIGHTS))
+    layers = quantized_layers(denoiser)
+    codes = {name: tensors.pop(f"{name}.weight_codes") for name, m in layers.items() if m.weight_quantizer is not None}
+    result = denoiser.load_state_dict(tensors, strict=False)
+    expected_missing = {f"{name}.weight" for name in codes}
+    if set(result.missing_keys) != expected_missing or result.unexpected_keys:
+        extra = sorted(set(result.missing_keys) ^ expected_missing)[:3] + sorted(result.unexpected_keys)[:3]
+        raise ValueError(f"{folder / QUANT_WEIGHTS} does not match its config (keys {extra}); save the model again")
+    with torch.no_grad():
+        for name, code in codes.items():
+            module: QuantModule = layers[name]
+            module.weight.copy_(module.weight_quantizer.dequantize(code).to(module.weight.dtype))
+    for module in layers.values():
+        module.set_state(QuantState.FROZEN)
+    return denoiser.to(device) if device is not None else denoiser
+
+
+def load(folder: str | Path, *, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None) -> Any:
+    """Load what ``save`` wrote: a pipeline that generates (or the bare denoiser), after verifying hashes."""
+    folder = Path(folder)
+    verify(folder)
+    if not (folder / "model_index.json").is_file():
+        return _load_denoiser(folder, device)
+    attr = next((a for a in _DENOISER_ATTRS if (folder / a / QUANT_CONFIG).is_file()), None)
+    if attr is None:
+        raise ValueError(f"{folder} has a model_index.json but no quantized unet/ or transformer/ folder")
+    denoiser = _load_denoiser(folder / attr, device)
+    index = json.loads((folder / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    kwargs: dict = {**absent, attr: denoiser, "use_safetensors": True}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **kwargs)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe

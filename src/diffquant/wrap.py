@@ -1,0 +1,151 @@
+"""Turn a float denoiser into a wrapped one: quantized layers, attention processors, timestep hook.
+
+The same function rebuilds the structure when a saved model loads, so a saved folder needs only
+the config, the layer plan and the tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .models.adapters import DenoiserAdapter, get_adapter, matches_any
+from .nn import QuantAttnProcessor, QuantConv2d, QuantJointAttnProcessor, QuantLinear
+from .quant import TimestepContext, TimestepGroups
+
+
+@dataclass
+class QuantRecord:
+    """What diffquant did to a denoiser, kept on it as ``denoiser.diffquant``."""
+
+    config: QuantConfig
+    family: str
+    groups: TimestepGroups
+    context: TimestepContext
+    float_layers: dict[str, str] = field(default_factory=dict)  # name -> reason kept float
+    skip_splits: dict[str, list[int]] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)  # method results (timings, sensitivities, bits)
+
+    def plan(self) -> dict:
+        return {
+            "family": self.family,
+            "groups": self.groups.to_dict(),
+            "float_layers": self.float_layers,
+            "skip_splits": self.skip_splits,
+        }
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def float_layer_reasons(adapter: DenoiserAdapter, config: QuantConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Which quantizable layers stay float, and why (config patterns, time or io layers, method choices)."""
+    reasons = dict(extra or {})
+    time_layers = set(adapter.time_layers()) if config.float_time_layers else set()
+    io_layers = set(adapter.io_layers()) if config.float_io_layers else set()
+    for name in adapter.layers():
+        if name in reasons:
+            continue
+        if matches_any(name, config.keep_float):
+            reasons[name] = "keep_float pattern"
+        elif name in time_layers:
+            reasons[name] = "time-dependent layer (float_time_layers)"
+        elif name in io_layers:
+            reasons[name] = "first/last layer (float_io_layers)"
+    return reasons
+
+
+def wrap_denoiser(
+    denoiser: nn.Module,
+    config: QuantConfig,
+    groups: TimestepGroups | None = None,
+    float_layers: dict[str, str] | None = None,
+    skip_splits: dict[str, list[int]] | None = None,
+    calibrate_weights: bool = True,
+) -> QuantRecord:
+    """Replace every quantizable layer not kept float by its quantized wrapper (state: wrapped).
+
+    Weight quantizers are calibrated from the weights at once; activation quantizers wait for
+    calibration data. ``float_layers``/``skip_splits`` restore a saved plan exactly (loading passes
+    ``calibrate_weights=False``: the saved scales replace whatever the weights would give).
+    """
+    if getattr(denoiser, "diffquant", None) is not None:
+        raise ValueError("this denoiser is already quantized; start again from the float model")
+    adapter = get_adapter(denoiser)
+    groups = groups or TimestepGroups.uniform(config.timestep_groups)
+    context = TimestepContext(groups)
+    reasons = float_layer_reasons(adapter, config, float_layers) if float_layers is None else dict(float_layers)
+    splits = (adapter.skip_splits() if config.use_split_shortcut else {}) if skip_splits is None else skip_splits
+    weight_spec, act_spec = config.weight_spec(), config.act_spec()
+    num_groups = len(groups)
+    for name, module in adapter.layers().items():
+        if name in reasons:
+            continue
+        if isinstance(module, nn.Linear):
+            q = QuantLinear.from_float(module, weight_spec, act_spec, context, num_groups, calibrate_weights)
+        else:
+            q = QuantConv2d.from_float(
+                module, weight_spec, act_spec, context, num_groups, splits.get(name), calibrate_weights
+            )
+        if q.input_quantizer is not None:
+            q.input_quantizer.name = name
+        _set_submodule(denoiser, name, q)
+    if config.quantize_attention and act_spec is not None:
+        for name, kind in adapter.attention_modules().items():
+            cls = QuantJointAttnProcessor if kind == "joint" else QuantAttnProcessor
+            attention = denoiser.get_submodule(name)
+            processor = cls(act_spec, config.softmax_spec(), context, num_groups).to(next(attention.parameters()).device)
+            for q in processor.activation_quantizers():
+                q.name = f"{name}.processor"
+            attention.set_processor(processor)
+
+    def timestep_hook(module, args, kwargs):
+        t = adapter.timestep(args, kwargs)
+        if t is not None:
+            context.set_timestep(t)
+
+    denoiser.register_forward_pre_hook(timestep_hook, with_kwargs=True)
+    record = QuantRecord(config, adapter.family, groups, context, reasons, splits)
+    denoiser.diffquant = record
+    return record
+
+
+def get_denoiser(pipe_or_denoiser) -> nn.Module:
+    """The denoiser of a diffusers pipeline (``unet`` or ``transformer``), or the module itself."""
+    if isinstance(pipe_or_denoiser, nn.Module):
+        return pipe_or_denoiser
+    for attr in ("unet", "transformer"):
+        module = getattr(pipe_or_denoiser, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise TypeError(f"{type(pipe_or_denoiser).__name__} has no `unet` or `transformer` component to quantize")
+
+
+def quant_record(denoiser: nn.Module) -> QuantRecord:
+    record = getattr(denoiser, "diffquant", None)
+    if record is None:
+        raise ValueError("this model is not quantized; run diffquant.quantize first")
+    return record
+
+
+def average_bits(denoiser: nn.Module) -> dict[str, float]:
+    """Parameter-weighted mean weight bits (float layers count as 16) and step-mean activation bits."""
+    from .nn import QuantModule, quantized_layers
+
+    total = quantized = 0.0
+    for name, module in denoiser.named_modules():
+        if type(module) in (nn.Linear, nn.Conv2d) or (isinstance(module, QuantModule) and module.weight_quantizer is not None):
+            n = module.weight.numel()
+            bits = module.weight_quantizer.bits if isinstance(module, QuantModule) else 16
+            total += n
+            quantized += n * bits
+    act = [q.average_bits() for m in quantized_layers(denoiser).values() for q in m.activation_quantizers()]
+    return {
+        "weight_bits": quantized / max(total, 1.0),
+        "activation_bits": sum(act) / len(act) if act else float("nan"),
+    }
