@@ -77,6 +77,7 @@ def quantize(
     act_observer: str = typer.Option("minmax", help="Activation range: minmax, percentile, mse."),
     keep_float: list[str] = typer.Option([], help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),
+    preset: Optional[str] = typer.Option(None, help="Method preset, e.g. 'paper' (Q-Diffusion's paper-sized calibration)."),
     config: Optional[Path] = typer.Option(None, help="A QuantConfig JSON file; other flags are ignored when given."),
     device: str = typer.Option("cpu", help="Device to run on (cpu, cuda)."),
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
@@ -100,7 +101,7 @@ def quantize(
             cfg = QuantConfig(
                 method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
                 weight_observer=weight_observer, act_observer=act_observer, timestep_groups=timestep_groups,
-                keep_float=keep_float, options=_parse_options(option), seed=seed,
+                keep_float=keep_float, options={**({"preset": preset} if preset else {}), **_parse_options(option)}, seed=seed,
                 calibration=CalibrationConfig(num_prompts=num_prompts, num_inference_steps=steps, guidance_scale=guidance,
                                               batch_size=batch_size, seed=seed),
             )
