@@ -53,13 +53,16 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: GenSe
               prompts_spec: str = "") -> Evaluation:
     """Quantize copies of ``fp_pipe`` with every (method, bits) and peer, score each on the pairs, return the evaluation."""
     import diffquant
-    from diffquant import QuantConfig
+    from diffquant import CalibrationConfig, QuantConfig
 
     ev = Evaluation(fp_pipe, model_spec, items, settings, options, prompts_spec=prompts_spec)
     ev.reference["summary"]["denoiser_mib"] = saved_size_bytes(get_denoiser(fp_pipe)) / 2**20
     for method in methods:
         for wbits, abits in bits:
-            cfg = QuantConfig(method=method, wbits=wbits, abits=abits)
+            # Calibrate with the bench's own sampling settings, as the peers do.
+            calib_cfg = CalibrationConfig(num_prompts=len(calibration), num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                                          height=settings.height, width=settings.width, batch_size=options.batch_size)
+            cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib_cfg)
             pipe = copy.deepcopy(fp_pipe)
             start = time.perf_counter()
             with PeakMemory() as mem:

@@ -90,9 +90,12 @@ def layer_sensitivity(fp_pipe, q_denoiser: torch.nn.Module, items: list[PromptIt
                       n_steps: int = 3, max_layers: int | None = None) -> dict:
     """Relative output error of the denoiser when only one layer is quantized, per quantized layer.
 
-    Inputs are the FP denoiser's at ``n_steps`` evenly spaced sampling steps for ``items`` (one batch);
-    the reference is the FP denoiser's output. Needs a diffquant-quantized denoiser (its layers toggle).
-    Quantization is left fully enabled afterwards.
+    "Only layer L quantized" means: every weight is the FP model's except L's own weight and bias (as stored
+    in the quantized model, which after ``diffquant.load`` are the dequantized values), and only L's fake
+    quantization is on. So the numbers mean the same for in-memory and reloaded models, and
+    ``none_quantized`` is 0 when the swap restores the FP model exactly. Inputs are the FP denoiser's at
+    ``n_steps`` evenly spaced sampling steps for ``items`` (one batch); the reference is the FP output.
+    The quantized model is restored (its weights, all quantization on) afterwards.
     """
     import diffquant
 
@@ -110,23 +113,31 @@ def layer_sensitivity(fp_pipe, q_denoiser: torch.nn.Module, items: list[PromptIt
             captured.append((_clone(args), _clone(kwargs), _out(output).clone()))
         calls[0] += 1
 
-    with _hook(get_denoiser(fp_pipe), hook):
+    fp_denoiser = get_denoiser(fp_pipe)
+    with _hook(fp_denoiser, hook):
         _run_fp(fp_pipe, items, settings)
 
     def error() -> float:
         return sum(_rel_mse(_out(q_denoiser(*a, **k)), ref) for a, k, ref in captured) / len(captured)
 
+    q_state = q_denoiser.state_dict()
+    fp_weights = {k: v for k, v in fp_denoiser.state_dict().items()
+                  if k in q_state and q_state[k].shape == v.shape and q_state[k].dtype == v.dtype}
+    q_weights = {k: q_state[k].detach().clone() for k in fp_weights}
     errors: dict[str, float] = {}
     try:
+        q_denoiser.load_state_dict(fp_weights, strict=False)
         diffquant.set_quant_enabled(q_denoiser, False)
         baseline = error()
         for name in tqdm(layers, desc="per-layer sensitivity", unit="layer"):
+            own = [k for k in (f"{name}.weight", f"{name}.bias") if k in q_weights]
+            q_denoiser.load_state_dict({k: q_weights[k] for k in own}, strict=False)
             diffquant.set_quant_enabled(q_denoiser, True, names=[name])
             errors[name] = error()
             diffquant.set_quant_enabled(q_denoiser, False, names=[name])
-        diffquant.set_quant_enabled(q_denoiser, True)
-        full = error()
+            q_denoiser.load_state_dict({k: fp_weights[k] for k in own}, strict=False)
     finally:
+        q_denoiser.load_state_dict(q_weights, strict=False)
         diffquant.set_quant_enabled(q_denoiser, True)
-    return {"layers": errors, "all_quantized": full, "none_quantized": baseline, "n_inputs": len(captured),
+    return {"layers": errors, "all_quantized": error(), "none_quantized": baseline, "n_inputs": len(captured),
             "steps": sorted(keep)}

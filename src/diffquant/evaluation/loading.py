@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .paired import GenSettings, get_denoiser
+from ..wrap import get_denoiser
+from .paired import GenSettings
 
 
 def _zoo():
@@ -46,7 +47,9 @@ def load_model(spec: str):
 
 
 def is_diffquant_folder(path: Path) -> bool:
-    return (path / "diffquant.json").is_file()
+    from diffquant.serialization import MANIFEST
+
+    return (path / MANIFEST).is_file()
 
 
 def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None, height: int | None, width: int | None) -> GenSettings:

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
-from scipy import linalg
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -36,7 +33,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def frechet_distance(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to feature sets x [N, D] and y [M, D] (the FID formula).
 
-    Computed in float64 with scipy's sqrtm; a singular product (N < D) gets the usual small diagonal offset.
+    Computed in float64, with the trace of the matrix square root from eigenvalues (as torchmetrics does).
     """
     x = np.asarray(x.double() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
     y = np.asarray(y.double() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
@@ -44,12 +41,10 @@ def frechet_distance(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray)
         raise MetricUnavailable("Fréchet distance needs at least 2 images per set; add prompts or seeds")
     mu1, mu2 = x.mean(0), y.mean(0)
     s1, s2 = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
-    covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    # Tr sqrt(S1 S2) = Σ sqrt(eigenvalues of S1 S2): they are real and >= 0 in exact arithmetic (both PSD),
+    # and this stays finite for singular covariances (fewer samples than dimensions), unlike sqrtm.
+    tr_covmean = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(np.complex128)).real.sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 # ---------------------------------------------------------------- LPIPS (AlexNet backbone from a local file)
@@ -188,25 +183,30 @@ def load_image_folder(folder: str | Path, size: tuple[int, int]) -> torch.Tensor
 
 
 class ClipScorer:
-    """CLIP score (torchmetrics: 100·max(cos, 0)) with a CLIP model loaded from a local diffusers/transformers folder."""
+    """CLIP score 100·max(cos(image, text), 0) (Hessel et al. 2021, torchmetrics' definition) with a local CLIP model.
 
-    def __init__(self, path: str | Path) -> None:
+    torchmetrics' CLIPScore expects transformers 4's ``get_image_features`` returning a tensor; transformers 5
+    returns an output object, so the embeddings come from ``CLIPModel.forward`` here, which works on both.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = 32) -> None:
         path = Path(path)
         if not (path / "config.json").is_file():
             raise MetricUnavailable(f"--clip-model {path} is not a CLIP model folder (no config.json); pass a local transformers CLIPModel folder")
-        from torchmetrics.multimodal.clip_score import CLIPScore
         from transformers import CLIPModel, CLIPProcessor
 
-        loader: Callable = lambda: (CLIPModel.from_pretrained(str(path)).eval(), CLIPProcessor.from_pretrained(str(path)))  # noqa: E731
-        self.metric = CLIPScore(model_name_or_path=loader)
+        self.model = CLIPModel.from_pretrained(str(path)).eval()
+        self.processor = CLIPProcessor.from_pretrained(str(path))
+        self.batch_size = batch_size
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Per-image scores."""
+        """Per-image scores of ``images`` [N, 3, H, W] in [0, 1] against their own prompts."""
         scores = []
-        for image, prompt in zip(images, prompts):
-            self.metric.reset()
-            self.metric.update((image * 255).round().to(torch.uint8), prompt)
-            scores.append(float(self.metric.compute()))
-        return torch.tensor(scores)
-
+        for i in range(0, len(images), self.batch_size):
+            batch = [(im * 255).round().to(torch.uint8) for im in images[i:i + self.batch_size]]
+            inputs = self.processor(text=prompts[i:i + self.batch_size], images=batch, return_tensors="pt", padding=True, truncation=True)
+            out = self.model(**inputs)
+            cos = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1)
+            scores.append(100 * cos.clamp_min(0))
+        return torch.cat(scores).float()

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from ..wrap import get_denoiser
 from .prompts import PromptItem
 
 
@@ -37,15 +38,6 @@ class GenSettings:
 class GenStats:
     generated: int = 0
     cached: int = 0
-
-
-def get_denoiser(pipe) -> torch.nn.Module:
-    """The pipeline's denoiser: ``unet`` for SD/SDXL, ``transformer`` for SD3-style pipelines."""
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return module
-    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer; pass a text-to-image diffusers pipeline")
 
 
 def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
