@@ -1,0 +1,89 @@
+"""The command line as a new user meets it: quantize -> info -> generate on a pipeline folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from diffquant.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fp_folder(tmp_path_factory, tiny_pipes):
+    folder = tmp_path_factory.mktemp("fp") / "tiny-sd"
+    tiny_pipes["sd"].save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "calib.txt"
+    path.write_text("# calibration prompts\na red circle on the left\n\na blue square at the top\n")
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_quantize_info_generate(fp_folder, prompt_file, tmp_path):
+    out = tmp_path / "q"
+    result = invoke("quantize", "--model", fp_folder, "--prompts", prompt_file, "--out", out, "--wbits", 4, "--abits", 8,
+                    "--num-prompts", 2, "--steps", 3, "--guidance", 5.0)
+    assert result.exit_code == 0, result.output
+    assert (out / "diffquant_manifest.json").is_file()
+
+    result = invoke("info", "--model", out, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["label"] == "rtn-w4a8" and summary["quantized_layers"] > 10
+    assert summary["size_ratio_vs_fp16"] < 0.7  # int8-stored 4-bit codes vs fp16
+
+    image = tmp_path / "img.png"
+    result = invoke("generate", "--model", out, "--prompt", "a red circle", "--seed", 1, "--steps", 3, "--out", image)
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(image).size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "not found"),
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--wbits", "1"], "bits must be an integer from 2 to 16"),
+        (["--abits", "20"], "bits must be an integer from 2 to 16"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_fix(fp_folder, prompt_file, tmp_path, args, message):
+    base = {"--model": str(fp_folder), "--prompts": str(prompt_file), "--out": str(tmp_path / "q")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    result = invoke("quantize", *[x for pair in base.items() for x in pair])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_empty_prompt_file_and_existing_output_refused(fp_folder, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# only a comment\n")
+    result = invoke("quantize", "--model", fp_folder, "--prompts", empty, "--out", tmp_path / "q")
+    assert result.exit_code == 2 and "holds no prompts" in result.output
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    result = invoke("quantize", "--model", fp_folder, "--prompts", empty, "--out", taken)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (taken / "keep.txt").read_text() == "mine"
+
+
+def test_not_a_pipeline_folder(tmp_path):
+    (tmp_path / "junk").mkdir()
+    result = invoke("generate", "--model", tmp_path / "junk", "--prompt", "x")
+    assert result.exit_code == 2 and "model_index.json" in result.output
