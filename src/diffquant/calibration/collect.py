@@ -8,10 +8,11 @@ has inference-time statistics. Records are flat dicts of tensors (nested kwargs 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -81,37 +82,49 @@ class CalibrationSet:
         folder.mkdir(parents=True, exist_ok=True)
         shards = []
         for start in range(0, len(self.calls), shard_size):
-            tensors: dict[str, torch.Tensor] = {}
-            for i, call in enumerate(self.calls[start : start + shard_size]):
-                for key, value in call.inputs.items():
-                    tensors[f"{i}/{key}"] = value.contiguous().cpu()
-                if call.output is not None:
-                    tensors[f"{i}/__output__"] = call.output.contiguous().cpu()
-                tensors[f"{i}/__step__"] = torch.tensor([call.step, call.num_steps])
             name = f"calib-{start // shard_size:05d}.safetensors"
-            atomic_save_tensors(tensors, folder / name)
+            _write_shard(self.calls[start : start + shard_size], folder / name)
             shards.append(name)
-        atomic_write_json(folder / "calibration.json", {"shards": shards, "calls": len(self.calls)})
+        atomic_write_json(folder / INDEX, {"shards": shards, "calls": len(self.calls)})
 
     @classmethod
     def load(cls, folder: str | Path) -> CalibrationSet:
         folder = Path(folder)
-        index = folder / "calibration.json"
+        index = folder / INDEX
         if not index.exists():
-            raise FileNotFoundError(f"{folder} holds no calibration set (calibration.json missing); record one first")
+            raise FileNotFoundError(f"{folder} holds no calibration set ({INDEX} missing); record one first")
         calls = []
         for name in json.loads(index.read_text())["shards"]:
-            tensors = load_file(str(folder / name))
-            by_call: dict[int, dict[str, torch.Tensor]] = {}
-            for key, value in tensors.items():
-                i, sub = key.split("/", 1)
-                by_call.setdefault(int(i), {})[sub] = value
-            for i in sorted(by_call):
-                entry = by_call[i]
-                step, num_steps = entry.pop("__step__").tolist()
-                output = entry.pop("__output__", None)
-                calls.append(DenoiserCall(entry, int(step), int(num_steps), output))
+            calls.extend(_read_shard(folder / name))
         return cls(calls)
+
+
+INDEX = "calibration.json"
+
+
+def _write_shard(calls: list[DenoiserCall], path: Path) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for i, call in enumerate(calls):
+        for key, value in call.inputs.items():
+            tensors[f"{i}/{key}"] = value
+        if call.output is not None:
+            tensors[f"{i}/__output__"] = call.output
+        tensors[f"{i}/__step__"] = torch.tensor([call.step, call.num_steps])
+    atomic_save_tensors(tensors, path)
+
+
+def _read_shard(path: Path) -> list[DenoiserCall]:
+    by_call: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        i, sub = key.split("/", 1)
+        by_call.setdefault(int(i), {})[sub] = value
+    calls = []
+    for i in sorted(by_call):
+        entry = by_call[i]
+        step, num_steps = entry.pop("__step__").tolist()
+        output = entry.pop("__output__", None)
+        calls.append(DenoiserCall(entry, int(step), int(num_steps), output))
+    return calls
 
 
 def _flatten_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -141,8 +154,14 @@ def record_denoiser_calls(
     keep_outputs: bool = False,
     progress: bool = True,
     defaults: dict | None = None,
+    cache_dir: str | Path | None = None,
 ) -> CalibrationSet:
-    """Sample ``prompts`` with the float pipeline and keep the denoiser inputs of every k-th step."""
+    """Sample ``prompts`` with the float pipeline and keep the denoiser inputs of every k-th step.
+
+    With ``cache_dir`` every prompt batch is written as a shard when done, and a rerun with the same
+    settings loads finished batches instead of sampling them again: an interrupted recording
+    resumes and ends with the same data (each batch has its own seeded generator).
+    """
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
     denoiser: nn.Module = pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
@@ -183,17 +202,50 @@ def record_denoiser_calls(
         denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True),
         denoiser.register_forward_hook(post_hook, with_kwargs=True),
     ]
+    batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
+    cache = _prepare_cache(cache_dir, prompts, config, steps, guidance, size, keep_outputs)
     try:
-        batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
         for b, batch in enumerate(tqdm(batches, desc="recording calibration trajectories", disable=not progress)):
+            shard = None if cache is None else cache / f"batch-{b:05d}.safetensors"
+            if shard is not None and shard.is_file():
+                calls.extend(_read_shard(shard))
+                continue
+            first = len(calls)
             state["step"] = 0
+            sampler.manual_seed(config.seed + 7919 * (b + 1))
             generator = torch.Generator(device="cpu").manual_seed(config.seed + b)
             with torch.no_grad():
                 pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="latent", **size)
+            if shard is not None:
+                _write_shard(calls[first:], shard)
     finally:
         for h in handles:
             h.remove()
+    if cache is not None:
+        atomic_write_json(cache / INDEX, {
+            "shards": [f"batch-{b:05d}.safetensors" for b in range(len(batches))], "calls": len(calls),
+            "fingerprint": json.loads((cache / "recording.json").read_text()),
+        })
     return CalibrationSet(calls)
+
+
+def _prepare_cache(cache_dir, prompts, config: CalibrationConfig, steps, guidance, size, keep_outputs) -> Path | None:
+    """Create or check a recording cache: its settings must match, or resuming would mix data."""
+    if cache_dir is None:
+        return None
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    fingerprint = {
+        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "config": asdict(config),
+        "steps": steps, "guidance": guidance, "size": size, "keep_outputs": keep_outputs,
+    }
+    marker = cache / "recording.json"
+    if marker.is_file():
+        if json.loads(marker.read_text()) != json.loads(json.dumps(fingerprint)):
+            raise ValueError(f"{cache} holds calibration data recorded with other settings; use another folder or delete it")
+    else:
+        atomic_write_json(marker, fingerprint)
+    return cache
 
 
 def replay(

@@ -46,7 +46,7 @@ class QuantJob:
         cfg = self.config.calibration
         self.calibration = record_denoiser_calls(
             self.pipeline, self.prompts[: cfg.num_prompts], cfg, keep_outputs=keep_outputs, progress=self.progress,
-            defaults=self.sampling_defaults,
+            defaults=self.sampling_defaults, cache_dir=None if self.workdir is None else self.workdir / "calibration",
         )
         return self.calibration
 

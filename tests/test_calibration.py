@@ -1,0 +1,71 @@
+"""Calibration recording: resumable shards, settings check, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffquant
+from diffquant import CalibrationSet
+from tinyutil import PROMPTS, calibration_config
+
+
+def _same(a: CalibrationSet, b: CalibrationSet) -> bool:
+    return len(a) == len(b) and all(
+        x.step == y.step and x.inputs.keys() == y.inputs.keys() and all(torch.equal(x.inputs[k], y.inputs[k]) for k in x.inputs)
+        for x, y in zip(a, b)
+    )
+
+
+def test_interrupted_recording_resumes_to_the_same_data(tiny_pipes, tmp_path):
+    pipe = tiny_pipes["sd"]
+    cfg = calibration_config(num_inference_steps=3, batch_size=2, samples_per_step=3)
+    full = diffquant.record_denoiser_calls(pipe, PROMPTS, cfg, progress=False)
+
+    calls = {"n": 0}
+
+    def crash_in_second_batch(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # first call of the second batch (3 steps per batch)
+            raise KeyboardInterrupt
+
+    handle = pipe.unet.register_forward_pre_hook(crash_in_second_batch, with_kwargs=True)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            diffquant.record_denoiser_calls(pipe, PROMPTS, cfg, progress=False, cache_dir=tmp_path / "c")
+    finally:
+        handle.remove()
+    assert sorted(p.name for p in (tmp_path / "c").glob("batch-*")) == ["batch-00000.safetensors"]
+
+    sampled = {"n": 0}
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: sampled.__setitem__("n", sampled["n"] + 1), with_kwargs=True)
+    try:
+        resumed = diffquant.record_denoiser_calls(pipe, PROMPTS, cfg, progress=False, cache_dir=tmp_path / "c")
+    finally:
+        handle.remove()
+    assert sampled["n"] == 3  # only the unfinished batch was sampled again
+    assert _same(full, resumed)
+    assert _same(full, CalibrationSet.load(tmp_path / "c"))
+
+
+def test_cache_with_other_settings_is_refused(tiny_pipes, tmp_path):
+    pipe = tiny_pipes["sd"]
+    diffquant.record_denoiser_calls(pipe, PROMPTS[:2], calibration_config(num_inference_steps=2), progress=False, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="other settings"):
+        diffquant.record_denoiser_calls(pipe, PROMPTS[:2], calibration_config(num_inference_steps=3), progress=False, cache_dir=tmp_path)
+
+
+def test_same_config_and_seed_give_identical_quantized_weights(tiny_pipes):
+    import copy
+
+    from diffquant import QuantConfig
+    from diffquant.serialization import denoiser_tensors
+
+    results = []
+    for _ in range(2):
+        pipe = copy.deepcopy(tiny_pipes["sd"])
+        cfg = QuantConfig(wbits=4, abits=8, act_observer="mse", calibration=calibration_config(num_inference_steps=2))
+        diffquant.quantize(pipe, cfg, calibration=PROMPTS[:2], progress=False)
+        results.append(denoiser_tensors(pipe.unet))
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
