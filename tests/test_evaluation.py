@@ -184,27 +184,30 @@ def test_cache_reused_and_keyed(tmp_path, fp_pipe, q_pipe):
     assert stats.generated == 4
 
 
+def _cli(command, args: list[str]):
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    app.command()(command)
+    return CliRunner().invoke(app, args)
+
+
 # ---------------------------------------------------------------- eval end to end + Chromium
 
 @pytest.fixture(scope="module")
 def eval_run(tmp_path_factory, fp_pipe, q_pipe):
-    from typer.testing import CliRunner
-
-    import typer
-
     from diffquant.evaluation.cli import eval_command
 
     root = tmp_path_factory.mktemp("eval")
     fp_pipe.save_pretrained(root / "fp")
     diffquant.save(q_pipe, root / "q")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    app = typer.Typer()
-    app.command()(eval_command)
     args = ["--reference", str(root / "fp"), "--model", str(root / "q"), "--prompts", str(root / "prompts.txt"),
             "--seeds", "0,1", "--steps", "2", "--height", "32", "--width", "32", "--out", str(root / "out"),
             "--cache-dir", str(root / "cache"), "--inception-weights", str(_stub_inception(root / "inc.pt")),
             "--metrics", "psnr,ssim,lpips,fd_fp,timestep,sensitivity", "--sensitivity-max-layers", "8"]
-    result = CliRunner().invoke(app, args)
+    result = _cli(eval_command, args)
     assert result.exit_code == 0, result.output
     return root, result
 
@@ -225,15 +228,9 @@ def test_eval_writes_results(eval_run):
 
 
 def test_eval_bad_input_is_one_line(tmp_path):
-    from typer.testing import CliRunner
-
-    import typer
-
     from diffquant.evaluation.cli import eval_command
 
-    app = typer.Typer()
-    app.command()(eval_command)
-    result = CliRunner().invoke(app, ["--reference", str(tmp_path / "nope"), "--model", str(tmp_path), "--prompts", "zoo:heldout:2",
+    result = _cli(eval_command, ["--reference", str(tmp_path / "nope"), "--model", str(tmp_path), "--prompts", "zoo:heldout:2",
                                       "--metrics", "psnr,fid"])
     assert result.exit_code == 2 and "unknown metric 'fid'" in result.output
 
@@ -267,16 +264,19 @@ def test_report_renders_in_chromium(eval_run, tmp_path):
 
 # ---------------------------------------------------------------- bench
 
-def test_bench_methods_and_peer(tmp_path, fp_pipe):
-    from diffquant.evaluation import EvalOptions
-    from diffquant.evaluation.bench import run_bench
+def test_bench_methods_and_peers(eval_run):
+    from diffquant.evaluation.cli import bench_command
 
-    items = [PromptItem(p, 0) for p in PROMPTS]
-    options = EvalOptions(metrics=["psnr", "ssim", "timestep"], cache_dir=tmp_path / "cache", batch_size=3)
-    ev = run_bench(fp_pipe, "tiny-sd", items, SETTINGS, options, methods=["rtn"], bits=[(8, 8), (4, 8)],
-                   peers=["torchao-w8a8", "torchao-w4"], calibration=["a cyan star", "a yellow circle"])
-    paths = ev.write(tmp_path / "out", "bench")
-    results = json.loads(paths["json"].read_text())
+    root, _ = eval_run
+    (root / "calib.txt").write_text("a cyan star\na yellow circle\n")
+    result = _cli(bench_command, [
+        "--model", str(root / "fp"), "--methods", "rtn", "--bits", "w8a8,w4a8", "--peers", "torchao-w8a8,torchao-w4",
+        "--prompts", str(root / "prompts.txt"), "--calib-prompts", str(root / "calib.txt"), "--steps", "2", "--height", "32",
+        "--width", "32", "--batch-size", "3", "--metrics", "psnr,ssim,timestep", "--out", str(root / "bench"),
+        "--cache-dir", str(root / "cache")])
+    assert result.exit_code == 0, result.output
+    results = json.loads((root / "bench" / "results.json").read_text())
+    assert results["reference"]["generation"]["generated"] == 0  # FP images come from eval's cache
     rows = {m["label"]: m for m in results["models"]}
     assert list(rows) == ["rtn-w8a8", "rtn-w4a8", "torchao-w8a8", "torchao-w4"]
     fp_mib = results["reference"]["summary"]["denoiser_mib"]
@@ -286,8 +286,18 @@ def test_bench_methods_and_peer(tmp_path, fp_pipe):
         assert s["psnr"] > 10 and len(rows[label]["timestep_error"]["rel_mse"]) == 2
     # 4-bit weights lose more than 8-bit on the same pairs.
     assert rows["rtn-w4a8"]["summary"]["timestep_rel_mse"] > rows["rtn-w8a8"]["summary"]["timestep_rel_mse"]
-    # torchao's int4 kernels need a GPU or the mslk package; the row must say so rather than vanish.
+    # torchao's int4 kernels need a GPU or the mslk package; the row must then say so rather than vanish.
     w4 = rows["torchao-w4"]
     assert ("unavailable" in w4) or w4["summary"]["psnr"] > 10
-    table = paths["markdown"].read_text()
-    assert all(label in table for label in rows) and "calibration wall time" in table and "denoiser on disk" in table
+    table = (root / "bench" / "results.md").read_text()
+    assert table in result.output and all(label in table for label in rows)
+    assert "calibration wall time" in table and "denoiser on disk" in table
+
+
+def test_bench_bad_input_is_one_line(tmp_path):
+    from diffquant.evaluation.cli import bench_command
+
+    result = _cli(bench_command, ["--model", str(tmp_path), "--bits", "8/8"])
+    assert result.exit_code == 2 and "wXaY" in result.output
+    result = _cli(bench_command, ["--model", str(tmp_path), "--peers", "tensorrt"])
+    assert result.exit_code == 2 and "unknown peer 'tensorrt'" in result.output

@@ -7,6 +7,8 @@ bench shows it as a row marked unavailable instead of dropping it silently.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import tempfile
 import threading
@@ -95,6 +97,14 @@ def saved_size_bytes(module: torch.nn.Module) -> int:
         return path.stat().st_size
 
 
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc), so memory freed by an earlier row does not hide this row's growth."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak resident memory above the starting level, sampled from /proc/self/statm in a thread.
 
@@ -118,6 +128,8 @@ class PeakMemory:
             time.sleep(self.interval_s)
 
     def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        _trim_heap()
         self._base = self._rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
