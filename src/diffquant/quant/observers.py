@@ -7,7 +7,7 @@ import torch
 from .affine import fake_quantize, qparams_from_range, qrange
 from .spec import QuantSpec
 
-_MSE_STEPS = 80  # candidate ranges alpha * [lo, hi] for alpha from 1.0 down to 0.2
+_MSE_STEPS = 50  # candidate ranges alpha * [lo, hi] for alpha from 1.0 down to 0.2
 
 
 def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
