@@ -163,6 +163,31 @@ def test_inception_features_from_torchscript(tmp_path):
         InceptionFeatures(tmp_path / "junk.pt")
 
 
+def test_zoo_evaluator_metrics(tmp_path, monkeypatch, fp_pipe, q_pipe):
+    """Without --inception-weights, Fréchet distances use the zoo evaluator's features and the report says so.
+
+    The evaluator here has random weights (the trained one ships with the zoo); the wiring is what is tested.
+    """
+    from diffquant.evaluation import EvalOptions, Evaluation
+    from diffquant.evaluation import metrics as M
+    from diffquant.zoo.evaluator import Evaluator, EvaluatorNet
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(M, "zoo_evaluator", lambda: Evaluator(EvaluatorNet()))
+    items = load_prompts("zoo:heldout:2", [0, 1])
+    assert len(items) == 4 and items[0].prompt == items[1].prompt
+    options = EvalOptions(metrics=["psnr", "fd_fp", "fd_ref", "attributes"], cache_dir=tmp_path)
+    ev = Evaluation(fp_pipe, "tiny", items, SETTINGS, options)
+    ev.add("rtn", q_pipe, "q")
+    results = ev.results()
+    assert "evaluator" in results["feature_space"] and "not FID" in results["feature_space"]
+    ref, (model,) = results["reference"], results["models"]
+    assert ref["summary"]["fd_ref"] > 0 and model["summary"]["fd_ref"] > 0 and model["summary"]["fd_fp"] >= 0
+    assert set(model["attributes"]) == {"shape", "colour", "size", "position", "background", "count", "all"}
+    assert 0 <= model["summary"]["attr_mean"] <= 1 and "attr_all" in ref["summary"]
+    assert not {"fd_fp", "fd_ref", "attributes"} & set(results["skipped"])
+
+
 # ---------------------------------------------------------------- paired generation and cache
 
 def test_cache_reused_and_keyed(tmp_path, fp_pipe, q_pipe):
