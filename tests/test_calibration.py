@@ -69,3 +69,28 @@ def test_same_config_and_seed_give_identical_quantized_weights(tiny_pipes):
         results.append(denoiser_tensors(pipe.unet))
     assert results[0].keys() == results[1].keys()
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_two_process_recording_equals_one_process(tiny_pipes, tmp_path):
+    """Two CPU processes (gloo, launched by accelerate) shard the prompt batches; the merge is identical."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = tmp_path / "fp"
+    tiny_pipes["sd"].save_pretrained(folder)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    args = ["--model", str(folder), "--prompts", str(prompts), "--num-prompts", "4", "--steps", "2", "--guidance", "5",
+            "--batch-size", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    two = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "-m", "diffquant.calibration.record",
+                          *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one = subprocess.run([sys.executable, "-m", "diffquant.calibration.record", *args, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a, b = CalibrationSet.load(tmp_path / "one"), CalibrationSet.load(tmp_path / "two")
+    assert len(a) == 8 and _same(a, b)

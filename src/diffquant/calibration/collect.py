@@ -155,13 +155,19 @@ def record_denoiser_calls(
     progress: bool = True,
     defaults: dict | None = None,
     cache_dir: str | Path | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> CalibrationSet:
     """Sample ``prompts`` with the float pipeline and keep the denoiser inputs of every k-th step.
 
     With ``cache_dir`` every prompt batch is written as a shard when done, and a rerun with the same
     settings loads finished batches instead of sampling them again: an interrupted recording
     resumes and ends with the same data (each batch has its own seeded generator).
+    ``shard=(i, n)`` samples only batches ``b % n == i`` into ``cache_dir`` (one process of ``n``);
+    a final call with the default shard then merges every batch in order, deterministically.
     """
+    index, num_shards = shard
+    if num_shards > 1 and cache_dir is None:
+        raise ValueError("sharded recording needs a cache_dir shared by all processes")
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
     denoiser: nn.Module = pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
@@ -206,9 +212,11 @@ def record_denoiser_calls(
     cache = _prepare_cache(cache_dir, prompts, config, steps, guidance, size, keep_outputs)
     try:
         for b, batch in enumerate(tqdm(batches, desc="recording calibration trajectories", disable=not progress)):
-            shard = None if cache is None else cache / f"batch-{b:05d}.safetensors"
-            if shard is not None and shard.is_file():
-                calls.extend(_read_shard(shard))
+            if b % num_shards != index:
+                continue
+            path = None if cache is None else cache / f"batch-{b:05d}.safetensors"
+            if path is not None and path.is_file():
+                calls.extend(_read_shard(path))
                 continue
             first = len(calls)
             state["step"] = 0
@@ -216,12 +224,12 @@ def record_denoiser_calls(
             generator = torch.Generator(device="cpu").manual_seed(config.seed + b)
             with torch.no_grad():
                 pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="latent", **size)
-            if shard is not None:
-                _write_shard(calls[first:], shard)
+            if path is not None:
+                _write_shard(calls[first:], path)
     finally:
         for h in handles:
             h.remove()
-    if cache is not None:
+    if cache is not None and num_shards == 1:
         atomic_write_json(cache / INDEX, {
             "shards": [f"batch-{b:05d}.safetensors" for b in range(len(batches))], "calls": len(calls),
             "fingerprint": json.loads((cache / "recording.json").read_text()),
