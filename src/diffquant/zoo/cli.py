@@ -45,6 +45,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="batch size (default: the recipe's)"),
     vae: Optional[Path] = typer.Option(None, help="a trained AutoencoderKL folder to reuse (default: train one)"),
     vae_steps: int = typer.Option(1500, help="VAE steps when it is trained here"),
+    decoder_steps: int = typer.Option(1500, help="VAE decoder-only steps after that (encoder frozen)"),
     threads: int = typer.Option(0, help="torch CPU threads (0: leave torch's default)"),
     time_budget: Optional[float] = typer.Option(None, help="stop after this many seconds (at a checkpoint) and export"),
     latent_cache: Optional[Path] = typer.Option(None, help="safetensors cache of the encoded latent pool"),
@@ -55,7 +56,7 @@ def train(
     import torch
 
     from . import MODELS_DIR
-    from .train import pick_device, train_denoiser, train_vae
+    from .train import finetune_decoder, pick_device, train_denoiser, train_vae
 
     if name not in TRAINABLE:
         _fail(f"unknown model {name!r}; choose one of {', '.join(TRAINABLE)}")
@@ -80,11 +81,14 @@ def train(
         result = out / "evaluator"
         typer.echo(json.dumps(metrics, indent=2))
     elif name == "vae":
-        result = train_vae(out, steps=steps or vae_steps, seed=seed, resume=resume, device=device,
+        stage1 = train_vae(out, steps=steps or vae_steps, seed=seed, resume=resume, device=device,
                            batch_size=batch_size or 32, checkpoint_every=checkpoint_every)
+        result = finetune_decoder(stage1, out, steps=decoder_steps, seed=seed, resume=resume, device=device,
+                                  checkpoint_every=checkpoint_every) if decoder_steps > 0 else stage1
     else:
         result = train_denoiser(name, out, steps=steps, seed=seed, batch_size=batch_size, resume=resume, device=device,
                                 checkpoint_every=checkpoint_every, vae_dir=vae, vae_steps=vae_steps,
+                                decoder_steps=decoder_steps,
                                 time_budget_s=time_budget, latent_cache=latent_cache)
     typer.echo(f"{name}: wrote {result} ({time.time() - t0:.0f} s this session)")
     if install:

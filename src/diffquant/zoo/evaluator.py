@@ -248,5 +248,9 @@ def train_evaluator(out: str | Path, steps: int = 2000, seed: int = 0, batch_siz
 def evaluate_evaluator(ev: Evaluator, n: int = 256, seed: int = 12345) -> dict[str, float]:
     """Accuracy of the evaluator itself on real rendered images of the held-out captions."""
     prompts = data.heldout_prompts(n)
-    images = np.stack([data.render(data.parse_caption(p)) for p in prompts]).transpose(0, 3, 1, 2)
+    rng = np.random.default_rng(seed)
+    scenes = [data.parse_caption(p) for p in prompts]
+    scenes = [data.Scene(s.objects, s.background, tuple((float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
+                                                        for _ in s.objects)) for s in scenes]
+    images = np.stack([data.render(s) for s in scenes]).transpose(0, 3, 1, 2)
     return ev.attribute_accuracy(torch.from_numpy(images), prompts)

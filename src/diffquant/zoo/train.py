@@ -196,7 +196,61 @@ def train_vae(out: Path, steps: int = 2500, seed: int = 0, batch_size: int = 64,
     vae.register_to_config(scaling_factor=1.0 / std)
     vae.save_pretrained(str(final), safe_serialization=True)
     (final / "metrics.json").write_text(json.dumps({"latent_std": std, "latent_mean": float(z.mean()),
-                                                     "recon_mse_[-1,1]": float(F.mse_loss(rec, x)), "steps": steps}, indent=2))
+                                                     "recon_mse_[-1,1]": float(F.mse_loss(rec, x)), "steps": steps,
+                                                     "batch_size": batch_size, "seed": seed}, indent=2))
+    return final
+
+
+def finetune_decoder(vae_dir: Path, out: Path, steps: int = 1500, seed: int = 0, batch_size: int = 32,
+                     lr: float = 5e-4, resume: bool = True, device: str = "cpu", checkpoint_every: int = 250) -> Path:
+    """Second VAE phase: train only the decoder (encoder frozen) for sharper small shapes.
+
+    The encoder, hence every latent a denoiser is trained on, is unchanged, so this phase can run
+    while the denoisers train and its decoder replaces theirs at export. Decodes noisy posterior
+    samples (mean + std * eps) so it stays robust to imperfect generated latents.
+    """
+    from diffusers import AutoencoderKL
+
+    out = Path(out)
+    final = out / "vae_decoder"
+    if resume and (final / "config.json").exists():
+        return final
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).float().to(device)
+    vae.requires_grad_(False)
+    decoder = nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
+    decoder.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=lr, weight_decay=0.0)
+    ema = EMA({"dec": decoder}, 0.995)
+    step = load_checkpoint(out / "decoder_checkpoint", {"dec": decoder}, opt, ema) if resume else 0
+    bar = tqdm(range(step, steps), desc="vae decoder", initial=step, total=steps)
+    for step in bar:
+        x, _ = _images(seed + 17, step, batch_size, device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=50)
+        with torch.no_grad(), autocast(device):
+            post = vae.encode(x).latent_dist
+        gen = torch.Generator(device).manual_seed(seed * 7919 + 13 + step)
+        z = post.mean.float() + post.std.float() * torch.randn(post.mean.shape, generator=gen, device=device)
+        with autocast(device):
+            rec = vae.decode(z).sample.float()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        opt.step()
+        ema.update(step)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            save_checkpoint(out / "decoder_checkpoint", step + 1, {"dec": decoder}, opt, {"loss": loss.item()}, ema)
+    ema.copy_to({"dec": decoder})
+    vae = vae.cpu().eval()
+    with torch.no_grad():
+        x, _ = _images(seed + 1, 0, 512, "cpu")
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    vae.save_pretrained(str(final), safe_serialization=True)
+    prev = json.loads((Path(vae_dir) / "metrics.json").read_text()) if (Path(vae_dir) / "metrics.json").exists() else {}
+    prev.update({"decoder_steps": steps, "decoder_batch_size": batch_size, "recon_mse_[-1,1]": float(F.mse_loss(rec, x))})
+    (final / "metrics.json").write_text(json.dumps(prev, indent=2))
     return final
 
 
@@ -395,15 +449,16 @@ def latent_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torc
 
 
 DENOISER_DEFAULTS = {
-    "mini-sd": dict(steps=12000, batch_size=64, lr=1e-3),
-    "mini-sd3": dict(steps=12000, batch_size=64, lr=6e-4),
+    "mini-sd": dict(steps=2000, batch_size=32, lr=1e-3),
+    "mini-sd3": dict(steps=2400, batch_size=32, lr=6e-4),
 }
 
 
 def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0, batch_size: int | None = None,
                    lr: float | None = None, resume: bool = True, device: str = "cpu", checkpoint_every: int = 250,
-                   vae_dir: Path | None = None, vae_steps: int = 1500, text_dropout: float = 0.1,
-                   ema_decay: float = 0.999, time_budget_s: float | None = None, pool_size: int = 48000,
+                   vae_dir: Path | None = None, vae_steps: int = 1500, decoder_steps: int = 1500,
+                   text_dropout: float = 0.1,
+                   ema_decay: float = 0.995, time_budget_s: float | None = None, pool_size: int = 48000,
                    latent_cache: Path | None = None) -> Path:
     """Train mini-sd or mini-sd3 (denoiser and its text encoders jointly) on the frozen VAE's latents.
 
@@ -421,7 +476,8 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if vae_dir is None:
-        vae_dir = train_vae(out / "vae_run", steps=vae_steps, seed=seed, resume=resume, device=device)
+        stage1 = train_vae(out / "vae_run", steps=vae_steps, seed=seed, resume=resume, device=device, batch_size=32)
+        vae_dir = finetune_decoder(stage1, out / "vae_run", steps=decoder_steps, seed=seed, resume=resume, device=device)
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).float().eval().requires_grad_(False)
     if name == "mini-sd3":
         vae.register_to_config(shift_factor=0.0)
@@ -494,7 +550,18 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
         if over:
             break
     log.close()
-    return export_pipeline(name, pipe, modules, ema, out)
+    wall = json.loads((out / "wall.json").read_text()) if (out / "wall.json").exists() else {}
+    vae_metrics = Path(vae_dir) / "metrics.json"
+    record = {
+        "model": name, "seed": seed, "steps_done": int(json.loads((out / "checkpoint" / "state.json").read_text())["step"]),
+        "steps_planned": steps, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW(betas=(0.9, 0.99), wd=0.01)",
+        "schedule": "linear warm-up 300 steps, cosine to 10%", "ema_decay": ema_decay, "text_dropout": text_dropout,
+        "latent_pool": pool_size, "autocast": "bfloat16", "device": device, "torch_threads": torch.get_num_threads(),
+        "final_loss_ema": loss_avg, "train_wall_s": round(sum(wall.get("sessions", {}).values()), 1),
+        "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()},
+        "vae": json.loads(vae_metrics.read_text()) if vae_metrics.exists() else None,
+    }
+    return export_pipeline(name, pipe, modules, ema, out, record)
 
 
 def _wall(out: Path, start_step: int, t0: float, step: int) -> float:
@@ -507,7 +574,7 @@ def _wall(out: Path, start_step: int, t0: float, step: int) -> float:
     return sum(sessions.values())
 
 
-def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, out: Path) -> Path:
+def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, out: Path, record: dict | None = None) -> Path:
     """Copy EMA weights in, restore stock attention processors, save the fp16 diffusers folder."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
@@ -523,6 +590,8 @@ def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, ou
     tmp = out / "pipeline.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    if record is not None:
+        (tmp / "training.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
@@ -539,3 +608,16 @@ def load_pipeline_folder(name: str, folder: Path, torch_dtype: torch.dtype = tor
     pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def replace_vae_weights(pipeline_dir: Path, vae_dir: Path) -> None:
+    """Put ``vae_dir``'s weights (fp16) into a pipeline folder, keeping the pipeline's VAE config.
+
+    Used after :func:`finetune_decoder` ran alongside denoiser training: the encoder and scaling
+    are unchanged, only the decoder is better.
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir))
+    target = Path(pipeline_dir) / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.to(torch.float16).contiguous() for k, v in vae.state_dict().items()}, str(target))
