@@ -42,7 +42,7 @@ def _run(fn):
     except MemoryError:
         _fail("out of memory; lower --batch-size or --num-prompts, or use a smaller --height/--width")
     except _USER_ERRORS as e:
-        _fail(str(e).strip("'\""))
+        _fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
 
 
 def _parse_options(pairs: list[str]) -> dict:
