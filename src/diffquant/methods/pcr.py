@@ -1,0 +1,175 @@
+"""PCR (seed 002): progressive calibration and activation relaxing, one activation group per step.
+
+Recipe (our reading of the paper, choices marked):
+
+1. One timestep group per calibration step (``TimestepGroups.per_step``); weights min/max per channel,
+   optionally refined by Q-Diffusion's block reconstruction (``reconstruct_weights``).
+2. Progressive calibration (``calibration.progressive``): step t is fitted on latents produced by
+   the already-quantized steps T…t+1 (all calibration prompts in one batch, every step).
+3. Per-step sensitivity (``calibration.sensitivity``): error of the final image and of the step's
+   own output when only that step is quantized, on ``sensitivity_prompts`` prompts.
+4. Activation relaxing: the ``relax_fraction`` most sensitive steps (by ``sensitivity_metric``), or
+   the explicit ``relax_steps``, quantize every activation at ``relax_bits`` (never lowering a width
+   that is already higher, e.g. 16-bit softmax). Those steps and all later ones are then calibrated
+   progressively again, since their inputs changed; earlier steps keep their parameters.
+   Choice: sensitivity is measured on the progressively calibrated base-bit model, before relaxing.
+5. Inference with another step count: each timestep uses the group of the nearest calibrated
+   timestep (``TimestepGroups.index``), so its step's parameters and bit width.
+
+Needs a pipeline (it samples the quantized trajectory) whose scheduler calls the denoiser once per
+step (DDIM, Euler, flow-matching Euler, DPM-Solver multistep). ``calibration.every_k`` and
+``samples_per_step`` do not apply: every step is calibrated on every prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..calibration.progressive import SamplingRun, activation_quantizers, per_step_hook, progressive_calibrate
+from ..calibration.sensitivity import SENSITIVITY_METRICS, most_sensitive_steps, step_sensitivity
+from ..quant import TimestepGroups
+from ..wrap import average_bits, wrap_denoiser
+from .base import Method, QuantJob
+
+
+@dataclass
+class PCROptions:
+    """PCR knobs. ``relax_steps`` (sampling-step indices, 0 = first/noisiest) overrides ``relax_fraction``;
+    ``sensitivity_prompts=0`` skips the sensitivity analysis (allowed only with explicit ``relax_steps``
+    or ``relax_fraction=0``)."""
+
+    relax_fraction: float = 0.2
+    relax_steps: list[int] | None = None
+    relax_bits: int = 10
+    sensitivity_metric: str = "final"
+    sensitivity_prompts: int = 2
+    reconstruct_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.relax_fraction) <= 1.0:
+            raise ValueError(f"pcr relax_fraction must be within [0, 1], got {self.relax_fraction}; the paper uses 0.2")
+        if not isinstance(self.relax_bits, int) or not 2 <= self.relax_bits <= 16:
+            raise ValueError(f"pcr relax_bits must be an integer from 2 to 16, got {self.relax_bits!r}; the paper uses 10")
+        if self.sensitivity_metric not in SENSITIVITY_METRICS:
+            raise ValueError(f"pcr sensitivity_metric must be one of {', '.join(SENSITIVITY_METRICS)}, got {self.sensitivity_metric!r}")
+        if self.relax_steps is not None:
+            if not isinstance(self.relax_steps, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in self.relax_steps):
+                raise ValueError(f"pcr relax_steps must be a list of step indices >= 0, e.g. relax_steps=[0,1,24]; got {self.relax_steps!r}")
+            self.relax_steps = sorted(set(self.relax_steps))
+        if self.sensitivity_prompts < 0:
+            raise ValueError(f"pcr sensitivity_prompts must be >= 0, got {self.sensitivity_prompts}")
+        if self.sensitivity_prompts == 0 and self.relax_steps is None and self.relax_fraction > 0:
+            raise ValueError("pcr needs the sensitivity analysis to pick relaxed steps: set sensitivity_prompts >= 1, "
+                             "or give relax_steps=[...] or relax_fraction=0")
+
+
+def sampling_run(job: QuantJob, prompts: list[str]) -> SamplingRun:
+    """The calibration sampling settings: the config's, else the pipeline's (mini zoo) defaults."""
+    cfg, defaults = job.config.calibration, job.sampling_defaults
+    return SamplingRun(
+        prompts=tuple(prompts),
+        num_inference_steps=cfg.num_inference_steps or defaults.get("num_inference_steps", 50),
+        guidance_scale=cfg.guidance_scale if cfg.guidance_scale is not None else defaults.get("guidance_scale", 7.5),
+        height=cfg.height or defaults.get("height"),
+        width=cfg.width or defaults.get("width"),
+        seed=cfg.seed,
+    )
+
+
+def schedule_timesteps(pipe, run: SamplingRun) -> list[float]:
+    """The timestep of every denoiser call of ``run``, read from one float sampling of its first prompt."""
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    seen: list[float] = []
+
+    def record(step: int, args: tuple, kwargs: dict) -> None:
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        seen.append(float(torch.as_tensor(t).flatten()[0]))
+
+    with per_step_hook(denoiser, record):
+        SamplingRun(run.prompts[:1], run.num_inference_steps, run.guidance_scale, run.height, run.width, run.seed)(pipe)
+    return seen
+
+
+def _reconstruct_weights(job: QuantJob) -> dict:
+    """Q-Diffusion's block reconstruction (AdaRound weights) on FP calibration data, reused, not copied."""
+    try:
+        from .. import reconstruction
+    except ModuleNotFoundError as e:
+        if e.name != "diffquant.reconstruction":
+            raise
+        raise ValueError("pcr reconstruct_weights=true needs diffquant.reconstruction (the Q-Diffusion recipe), "
+                         "which is not installed here; drop the option") from None
+    return reconstruction.reconstruct_weights(job.denoiser, job.calibration_set(keep_outputs=True), job.config, progress=job.progress)
+
+
+class PCR(Method):
+    """Progressive calibration + activation relaxing (seed 002); see the module docstring."""
+
+    name = "pcr"
+    Options = PCROptions
+
+    def run(self, job: QuantJob) -> None:
+        options: PCROptions = self.options(job.config)
+        if job.pipeline is None:
+            raise ValueError("pcr samples the quantized trajectory, so it needs the pipeline: pass the pipeline "
+                             "(not a bare denoiser) and calibration prompts")
+        if job.config.abits is None:
+            raise ValueError("pcr calibrates activations per step; set abits (e.g. --abits 8) or use --method rtn for weight-only")
+        if not job.prompts:
+            raise ValueError("pcr needs calibration prompts: pass calibration=<list of prompts> or --prompts FILE")
+        run = sampling_run(job, job.prompts[: job.config.calibration.num_prompts])
+        timesteps = schedule_timesteps(job.pipeline, run)
+        steps = len(timesteps)
+        if options.relax_steps is not None and options.relax_steps and options.relax_steps[-1] >= steps:
+            raise ValueError(f"pcr relax_steps {options.relax_steps} out of range: calibration has {steps} steps (0..{steps - 1})")
+        record = wrap_denoiser(job.denoiser, job.config, groups=TimestepGroups.per_step(timesteps))
+        group_of_step = [int(record.groups.index(t)) for t in timesteps]
+        report: dict = {"calibration_timesteps": timesteps, "group_of_step": group_of_step}
+        start = time.perf_counter()
+        if options.reconstruct_weights:
+            report["reconstruction"] = _reconstruct_weights(job)
+        relaxed = options.relax_steps
+        if relaxed is not None:
+            self._relax(job, group_of_step, relaxed, options.relax_bits)
+        progressive_calibrate(job.pipeline, run, seed=job.config.seed, progress=job.progress)
+        report["progressive_passes"] = 1
+        sensitivity = None
+        if options.sensitivity_prompts > 0:
+            sens_run = sampling_run(job, job.prompts[: options.sensitivity_prompts])
+            sensitivity = step_sensitivity(job.pipeline, sens_run, progress=job.progress)
+            sensitivity["measured_on"] = "relaxed model" if relaxed is not None else f"a{job.config.abits} model before relaxing"
+        if relaxed is None:
+            relaxed = most_sensitive_steps(sensitivity, options.relax_fraction, options.sensitivity_metric) if sensitivity else []
+            if relaxed:
+                self._relax(job, group_of_step, relaxed, options.relax_bits)
+                progressive_calibrate(job.pipeline, run, start_step=relaxed[0], seed=job.config.seed, progress=job.progress)
+                report["progressive_passes"] = 2
+        step_bits = [self._step_bits(job, group_of_step[s]) for s in range(steps)]
+        report.update({
+            "sensitivity": sensitivity,
+            "sensitivity_metric": options.sensitivity_metric,
+            "relaxed_steps": relaxed,
+            "relax_bits": options.relax_bits,
+            "step_activation_bits": step_bits,
+            "average_step_activation_bits": sum(step_bits) / len(step_bits),
+            "pcr_seconds": time.perf_counter() - start,
+        })
+        job.denoiser.diffquant.report["pcr"] = report
+        job.denoiser.diffquant.report.update(average_bits(job.denoiser))
+
+    @staticmethod
+    def _relax(job: QuantJob, group_of_step: list[int], steps: list[int], bits: int) -> None:
+        """Raise every activation quantizer of the given steps' groups to ``bits`` (never lowering a wider one)."""
+        for q in activation_quantizers(job.denoiser):
+            for s in steps:
+                g = group_of_step[s]
+                q.bits[g] = max(int(q.bits[g]), bits)
+
+    @staticmethod
+    def _step_bits(job: QuantJob, group: int) -> float:
+        """Mean activation width of one step's group over every activation quantizer."""
+        quantizers = activation_quantizers(job.denoiser)
+        return sum(int(q.bits[group]) for q in quantizers) / len(quantizers)

@@ -1,0 +1,171 @@
+"""PCR: progressive calibration on the quantized trajectory, per-step sensitivity, activation relaxing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import diffquant
+from diffquant import QuantConfig
+from diffquant.calibration import progressive
+from diffquant.calibration.progressive import SamplingRun, activation_quantizers, per_step_hook
+from diffquant.calibration.sensitivity import most_sensitive_steps
+from diffquant.nn import states
+
+from tinyutil import PROMPTS, calibration_config
+
+STEPS = 3
+RUN = SamplingRun(tuple(PROMPTS[:1]), STEPS, 5.0, 32, 32, seed=0)  # what calibration_config below samples
+
+
+def _config(**options) -> QuantConfig:
+    return QuantConfig(method="pcr", wbits=8, abits=8, calibration=calibration_config(num_prompts=1, num_inference_steps=STEPS),
+                       options={"sensitivity_prompts": 1, **options})
+
+
+def _trajectory_inputs(pipe, run: SamplingRun = RUN) -> list[torch.Tensor]:
+    """The latents each denoiser call receives while ``pipe`` samples ``run``."""
+    seen: list[torch.Tensor] = []
+    with per_step_hook(diffquant.get_denoiser(pipe), lambda step, args, kwargs: seen.append(args[0].clone())):
+        run(pipe)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def pcr_sd(tiny_pipes):
+    """Tiny SD quantized with PCR (relaxing the most sensitive third of 3 steps), and what calibration observed."""
+    pipe = copy.deepcopy(tiny_pipes["sd"])
+    observed: dict[int, torch.Tensor] = {}
+    original = progressive.fit_group_from_call
+
+    def recording(denoiser, group, args, kwargs, seed=0):
+        observed[group] = args[0].clone()  # the last pass wins, as its parameters are the final ones
+        original(denoiser, group, args, kwargs, seed=seed)
+
+    progressive.fit_group_from_call = recording
+    try:
+        diffquant.quantize(pipe, _config(relax_fraction=0.34), calibration=PROMPTS, progress=False)
+    finally:
+        progressive.fit_group_from_call = original
+    return {"pipe": pipe, "fp": tiny_pipes["sd"], "observed": observed}
+
+
+def test_progressive_calibration_sees_the_quantized_trajectory(pcr_sd):
+    unet = pcr_sd["pipe"].unet
+    record = diffquant.quant_record(unet)
+    quantized = _trajectory_inputs(pcr_sd["pipe"])
+    fp = _trajectory_inputs(pcr_sd["fp"])
+    group_of_step = record.report["pcr"]["group_of_step"]
+    assert sorted(pcr_sd["observed"]) == sorted(group_of_step)
+    for step, group in enumerate(group_of_step):
+        assert torch.allclose(pcr_sd["observed"][group], quantized[step], atol=1e-6, rtol=0), step
+    assert torch.equal(quantized[0], fp[0])  # nothing is quantized before the first step
+    for step in range(1, STEPS):  # later steps: calibration inputs carry the quantization error, unlike FP's
+        assert not torch.allclose(pcr_sd["observed"][group_of_step[step]], fp[step], atol=1e-4, rtol=0), step
+    assert states(unet) == {"frozen": len(diffquant.quantized_layers(unet))}
+
+
+def test_sensitivity_has_one_entry_per_step_and_picks_the_worst(pcr_sd):
+    report = diffquant.quant_record(pcr_sd["pipe"].unet).report["pcr"]
+    sensitivity = json.loads(json.dumps(report["sensitivity"]))
+    entries = sensitivity["steps"]
+    assert [e["step"] for e in entries] == list(range(STEPS))
+    assert [e["timestep"] for e in entries] == report["calibration_timesteps"]
+    assert all(e["final_rel_mse"] > 0 and e["step_rel_mse"] > 0 and math.isfinite(e["final_rel_mse"]) for e in entries)
+    worst = max(entries, key=lambda e: e["final_rel_mse"])["step"]
+    assert report["relaxed_steps"] == [worst]
+
+
+def test_relaxed_steps_run_at_higher_bits_and_others_do_not(pcr_sd):
+    unet = pcr_sd["pipe"].unet
+    record = diffquant.quant_record(unet)
+    report = record.report["pcr"]
+    relaxed = set(report["relaxed_steps"])
+    for q in activation_quantizers(unet):
+        for step, group in enumerate(report["group_of_step"]):
+            assert int(q.bits[group]) == (10 if step in relaxed else 8)
+    # At run time: the input grid of conv_in has more than 2^8 levels only at the relaxed step.
+    quantizer = unet.conv_in.input_quantizer
+    levels: list[int] = []
+
+    def count_levels(module, args, output):
+        group = record.context.group
+        levels.append(len(torch.unique(torch.round(output / module.scale[group, 0]))))
+
+    handle = quantizer.register_forward_hook(count_levels)
+    try:
+        RUN(pcr_sd["pipe"])
+    finally:
+        handle.remove()
+    for step, count in enumerate(levels):
+        assert (count > 256) if step in relaxed else (count <= 256), (step, count)
+
+
+def test_average_activation_bits(pcr_sd, tmp_path):
+    unet = pcr_sd["pipe"].unet
+    report = diffquant.quant_record(unet).report
+    k = len(report["pcr"]["relaxed_steps"])
+    expected = (8 * (STEPS - k) + 10 * k) / STEPS
+    assert k == 1
+    assert report["pcr"]["average_step_activation_bits"] == pytest.approx(expected)
+    assert diffquant.average_bits(unet)["activation_bits"] == pytest.approx(expected)
+    assert report["activation_bits"] == pytest.approx(expected)
+    folder = diffquant.save(pcr_sd["pipe"], tmp_path / "q")
+    from diffquant.inspect import describe
+
+    summary = describe(folder)
+    assert summary["average_activation_bits"] == pytest.approx(expected)
+    assert summary["report"]["pcr"]["relaxed_steps"] == report["pcr"]["relaxed_steps"]
+
+
+def test_other_step_count_maps_to_nearest_calibrated_step(pcr_sd):
+    unet = pcr_sd["pipe"].unet
+    record = diffquant.quant_record(unet)
+    calibrated = record.report["pcr"]["calibration_timesteps"]
+    seen: list[tuple[float, int]] = []
+    run7 = SamplingRun(RUN.prompts, 7, RUN.guidance_scale, RUN.height, RUN.width)
+    with per_step_hook(unet, lambda step, args, kwargs: seen.append((float(args[1]), int(record.context.group)))):
+        run7(pcr_sd["pipe"])
+    assert len(seen) == 7
+    for t, group in seen:
+        nearest = min(range(STEPS), key=lambda s: abs(calibrated[s] - t))
+        assert group == record.report["pcr"]["group_of_step"][nearest], (t, group)
+    assert len({g for _, g in seen}) == STEPS
+
+
+def test_explicit_relax_steps_on_sd3(tiny_pipes):
+    pipe = copy.deepcopy(tiny_pipes["sd3"])
+    cfg = QuantConfig(method="pcr", wbits=4, abits=6, calibration=calibration_config(num_prompts=2, num_inference_steps=3),
+                      options={"relax_steps": [0, 2], "relax_bits": 9, "sensitivity_prompts": 0})
+    diffquant.quantize(pipe, cfg, calibration=PROMPTS, progress=False)
+    report = diffquant.quant_record(pipe.transformer).report
+    assert report["pcr"]["relaxed_steps"] == [0, 2] and report["pcr"]["sensitivity"] is None
+    quantizers = activation_quantizers(pipe.transformer)
+    softmax = sum(q.spec.unsigned for q in quantizers)  # softmax outputs keep their own 8-bit width unless relaxed above it
+    assert 0 < softmax < len(quantizers)
+    plain_step = (6 * (len(quantizers) - softmax) + 8 * softmax) / len(quantizers)
+    assert report["pcr"]["step_activation_bits"] == pytest.approx([9.0, plain_step, 9.0])
+    assert report["activation_bits"] == pytest.approx((9 + plain_step + 9) / 3)
+
+
+def test_bad_input_is_refused(tiny_pipes):
+    with pytest.raises(ValueError, match="relax_fraction must be within"):
+        QuantConfig(method="pcr", options={"relax_fraction": 2})
+    with pytest.raises(ValueError, match="relax_steps must be a list"):
+        QuantConfig(method="pcr", options={"relax_steps": "first"})
+    with pytest.raises(ValueError, match="sensitivity_metric"):
+        QuantConfig(method="pcr", options={"sensitivity_metric": "fid"})
+    with pytest.raises(ValueError, match="needs the pipeline"):
+        diffquant.quantize(copy.deepcopy(tiny_pipes["sd"].unet), _config(), progress=False)
+
+
+def test_most_sensitive_steps_rounds_the_fraction():
+    sensitivity = {"steps": [{"step": s, "final_rel_mse": float(v), "step_rel_mse": float(-v)} for s, v in enumerate([5, 1, 9, 3, 7, 2, 0, 4, 8, 6])]}
+    assert most_sensitive_steps(sensitivity, 0.2) == [2, 8]
+    assert most_sensitive_steps(sensitivity, 0.2, metric="step") == [1, 6]
+    assert most_sensitive_steps(sensitivity, 0.01) == [2]
+    assert most_sensitive_steps(sensitivity, 0.0) == []
