@@ -23,6 +23,7 @@ _CLIP = typer.Option(None, "--clip-model", help="Local transformers CLIPModel fo
 _LPIPS = typer.Option(None, "--lpips-weights", help="torchvision AlexNet weights (.pth/.safetensors) for LPIPS.")
 _REF_IMAGES = typer.Option(None, "--reference-images", help="Folder of reference images for Fréchet distance to a reference set (zoo prompts default to their rendered scenes).")
 _METRICS = typer.Option("all", "--metrics", help="Comma list of psnr,ssim,lpips,fd_fp,fd_ref,clip,attributes,timestep,sensitivity, or 'all'.")
+_DEVICE = typer.Option("cpu", "--device", help="torch device for all models, e.g. cpu or cuda.")
 _SENS_LAYERS = typer.Option(None, "--sensitivity-max-layers", min=1, help="Measure only the first N quantized layers (per-layer sensitivity costs a few denoiser calls per layer).")
 
 
@@ -48,6 +49,7 @@ def eval_command(
     lpips_weights: Optional[str] = _LPIPS, reference_images: Optional[str] = _REF_IMAGES, metrics: str = _METRICS,
     sensitivity_max_layers: Optional[int] = _SENS_LAYERS,
     label: Optional[str] = typer.Option(None, "--label", help="Name of the model in the report (default: the folder name)."),
+    device: str = _DEVICE,
 ) -> None:
     """Paired evaluation of one model against its FP reference: results.json plus a self-contained report.html."""
     from .harness import Evaluation
@@ -57,9 +59,9 @@ def eval_command(
         options = _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
                            sensitivity_max_layers)
         items = load_prompts(prompts, parse_seeds(seeds))
-        fp_pipe = load_model(reference)
+        fp_pipe = load_model(reference, device)
         settings = resolve_settings(fp_pipe, reference, steps, guidance, height, width)
-        q_pipe = load_model(model)
+        q_pipe = load_model(model, device)
     except ValueError as e:
         _fail(e)
     ev = Evaluation(fp_pipe, reference, items, settings, options, prompts_spec=prompts)
@@ -83,7 +85,7 @@ def bench_command(
     lpips_weights: Optional[str] = _LPIPS, reference_images: Optional[str] = _REF_IMAGES,
     metrics: str = typer.Option("psnr,ssim,lpips,fd_fp,fd_ref,clip,attributes,timestep", "--metrics",
                                 help="As for eval; per-layer sensitivity is off by default here (add 'sensitivity')."),
-    sensitivity_max_layers: Optional[int] = _SENS_LAYERS,
+    sensitivity_max_layers: Optional[int] = _SENS_LAYERS, device: str = _DEVICE,
 ) -> None:
     """Several methods, bit widths and peer baselines on the same pairs: one table (markdown + JSON) and an HTML report."""
     from .bench import parse_bits, run_bench
@@ -98,7 +100,7 @@ def bench_command(
         peer_list = parse_peers(peers)
         items = load_prompts(prompts, parse_seeds(seeds))
         calibration = [it.prompt for it in load_prompts(calib_prompts)]
-        fp_pipe = load_model(model)
+        fp_pipe = load_model(model, device)
         settings = resolve_settings(fp_pipe, model, steps, guidance, height, width)
         ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration, prompts_spec=prompts)
     except ValueError as e:

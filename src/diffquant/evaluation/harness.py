@@ -66,9 +66,10 @@ class Evaluation:
             if name not in wanted:
                 self.skipped[name] = "not requested (--metrics)"
         self.images: dict[str, torch.Tensor] = {}
-        fp_images, stats = generate(reference_pipe, items, settings, options.cache_dir, options.batch_size, reference_label)
+        fingerprint = model_fingerprint(reference_pipe)
+        fp_images, stats = generate(reference_pipe, items, settings, options.cache_dir, options.batch_size, reference_label, fingerprint)
         self.images[reference_label] = fp_images
-        self.reference = {"label": reference_label, "spec": reference_spec, "fingerprint": model_fingerprint(reference_pipe),
+        self.reference = {"label": reference_label, "spec": reference_spec, "fingerprint": fingerprint,
                           "generation": vars(stats), "summary": {}}
         self.settings_record = {"prompts": prompts_spec, "n_images": len(items), **vars(settings), "batch_size": options.batch_size}
 
@@ -118,7 +119,7 @@ class Evaluation:
         try:
             evaluator = M.zoo_evaluator()
         except M.MetricUnavailable as e:
-            reason = f"no feature extractor: no --inception-weights given and {e}"
+            reason = f"no feature extractor: no usable --inception-weights and {e}"
             for name in ("fd_fp", "fd_ref"):
                 self.skipped.setdefault(name, reason)
             return None
@@ -166,10 +167,11 @@ class Evaluation:
     def add(self, label: str, pipe, spec: str, extra: dict | None = None) -> dict:
         """Generate ``pipe``'s images on the pairs and score them; returns (and records) the model's entry."""
         opts = self.options
-        images, stats = generate(pipe, self.items, self.settings, opts.cache_dir, opts.batch_size, label)
+        fingerprint = model_fingerprint(pipe)
+        images, stats = generate(pipe, self.items, self.settings, opts.cache_dir, opts.batch_size, label, fingerprint)
         self.images[label] = images
         fp = self.images[self.reference["label"]]
-        entry: dict = {"label": label, "spec": spec, "fingerprint": model_fingerprint(pipe), "generation": vars(stats),
+        entry: dict = {"label": label, "spec": spec, "fingerprint": fingerprint, "generation": vars(stats),
                        "summary": dict(extra or {})}
         summary = entry["summary"]
         per_psnr, per_ssim = M.psnr(images, fp), M.ssim(images, fp)

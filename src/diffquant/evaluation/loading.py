@@ -22,8 +22,8 @@ def zoo_names() -> list[str]:
     return list(getattr(zoo, "MODEL_NAMES", [])) if zoo else []
 
 
-def load_model(spec: str):
-    """A pipeline for ``spec``: a mini-zoo name, a folder written by ``diffquant.save``, or a diffusers pipeline folder."""
+def load_model(spec: str, device: str = "cpu"):
+    """A pipeline for ``spec`` on ``device``: a mini-zoo name, a folder written by ``diffquant.save``, or a diffusers pipeline folder."""
     if spec in zoo_names():
         pipe = _zoo().load_pipeline(spec)
     else:
@@ -43,7 +43,7 @@ def load_model(spec: str):
         else:
             raise ValueError(f"{spec!r} is neither a diffusers pipeline folder (no model_index.json) nor a diffquant-saved model")
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device)
 
 
 def is_diffquant_folder(path: Path) -> bool:

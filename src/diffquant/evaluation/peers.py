@@ -109,7 +109,7 @@ class PeakMemory:
     """Peak resident memory above the starting level, sampled from /proc/self/statm in a thread.
 
     tracemalloc does not see torch's CPU allocator, so RSS sampling is the honest measure here;
-    short spikes between samples (5 ms) can be missed. On CUDA the allocator's own peak is added.
+    short spikes between samples (5 ms) can be missed. On CUDA the allocator's peak above its starting level is added.
     """
 
     def __init__(self, interval_s: float = 0.005) -> None:
@@ -133,6 +133,7 @@ class PeakMemory:
         self._base = self._rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+            self._cuda_base = torch.cuda.memory_allocated()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -142,7 +143,7 @@ class PeakMemory:
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, self._rss() - self._base)
         if torch.cuda.is_available():
-            self.peak_bytes += torch.cuda.max_memory_allocated()
+            self.peak_bytes += max(0, torch.cuda.max_memory_allocated() - self._cuda_base)
 
     @property
     def mib(self) -> float:
