@@ -22,6 +22,15 @@ STEPS = 3
 RUN = SamplingRun(tuple(PROMPTS[:1]), STEPS, 5.0, 32, 32, seed=0)  # what calibration_config below samples
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here: on the shared, loaded 2-core machine two threads ran tiny sampling ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _config(**options) -> QuantConfig:
     return QuantConfig(method="pcr", wbits=8, abits=8, calibration=calibration_config(num_prompts=1, num_inference_steps=STEPS),
                        options={"sensitivity_prompts": 1, **options})
@@ -169,3 +178,16 @@ def test_most_sensitive_steps_rounds_the_fraction():
     assert most_sensitive_steps(sensitivity, 0.2, metric="step") == [1, 6]
     assert most_sensitive_steps(sensitivity, 0.01) == [2]
     assert most_sensitive_steps(sensitivity, 0.0) == []
+
+
+@pytest.mark.slow
+def test_weight_reconstruction_reuses_qdiffusion_code(tiny_pipes):
+    pytest.importorskip("diffquant.reconstruction")
+    pipe = copy.deepcopy(tiny_pipes["sd"])
+    cfg = _config(reconstruct_weights=True, reconstruction_iterations=40, relax_fraction=0.0, sensitivity_prompts=0)
+    diffquant.quantize(pipe, cfg, calibration=PROMPTS, progress=False)
+    report = diffquant.quant_record(pipe.unet).report["pcr"]
+    recon = report["reconstruction"]
+    assert recon["blocks"] > 5 and report["relaxed_steps"] == []
+    assert recon["weight_loss_sum"] < recon["rtn_loss_sum"], recon  # AdaRound lowered the block reconstruction error
+    assert states(pipe.unet) == {"frozen": len(diffquant.quantized_layers(pipe.unet))}

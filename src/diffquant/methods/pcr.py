@@ -23,13 +23,16 @@ step (DDIM, Euler, flow-matching Euler, DPM-Solver multistep). ``calibration.eve
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 
+from ..calibration import replay
 from ..calibration.progressive import SamplingRun, activation_quantizers, per_step_hook, progressive_calibrate
 from ..calibration.sensitivity import SENSITIVITY_METRICS, most_sensitive_steps, step_sensitivity
+from ..nn import QuantState, set_state
 from ..quant import TimestepGroups
 from ..wrap import average_bits, wrap_denoiser
 from .base import Method, QuantJob
@@ -47,6 +50,7 @@ class PCROptions:
     sensitivity_metric: str = "final"
     sensitivity_prompts: int = 2
     reconstruct_weights: bool = False
+    reconstruction_iterations: int = 200
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.relax_fraction) <= 1.0:
@@ -59,6 +63,8 @@ class PCROptions:
             if not isinstance(self.relax_steps, (list, tuple)) or not all(isinstance(s, int) and s >= 0 for s in self.relax_steps):
                 raise ValueError(f"pcr relax_steps must be a list of step indices >= 0, e.g. relax_steps=[0,1,24]; got {self.relax_steps!r}")
             self.relax_steps = sorted(set(self.relax_steps))
+        if self.reconstruction_iterations < 1:
+            raise ValueError(f"pcr reconstruction_iterations must be >= 1, got {self.reconstruction_iterations}")
         if self.sensitivity_prompts < 0:
             raise ValueError(f"pcr sensitivity_prompts must be >= 0, got {self.sensitivity_prompts}")
         if self.sensitivity_prompts == 0 and self.relax_steps is None and self.relax_fraction > 0:
@@ -93,16 +99,37 @@ def schedule_timesteps(pipe, run: SamplingRun) -> list[float]:
     return seen
 
 
-def _reconstruct_weights(job: QuantJob) -> dict:
-    """Q-Diffusion's block reconstruction (AdaRound weights) on FP calibration data, reused, not copied."""
+def _reconstruct_weights(job: QuantJob, fp_denoiser: torch.nn.Module, iterations: int) -> dict:
+    """Q-Diffusion's block reconstruction of the weights (AdaRound), reused from ``diffquant.reconstruction``.
+
+    Runs on FP calibration trajectories (``job.calibration_set()``) with per-step activation ranges
+    from those trajectories, learning weights only; progressive calibration then refits every
+    activation group on the quantized trajectory of the reconstructed weights.
+    """
     try:
-        from .. import reconstruction
+        from ..reconstruction import ReconstructionOptions, reconstruct_blocks
     except ModuleNotFoundError as e:
         if e.name != "diffquant.reconstruction":
             raise
         raise ValueError("pcr reconstruct_weights=true needs diffquant.reconstruction (the Q-Diffusion recipe), "
                          "which is not installed here; drop the option") from None
-    return reconstruction.reconstruct_weights(job.denoiser, job.calibration_set(keep_outputs=True), job.config, progress=job.progress)
+    start = time.perf_counter()
+    calibration = job.calibration_set()
+    set_state(job.denoiser, QuantState.CALIBRATING, seed=job.config.seed)
+    replay(job.denoiser, calibration, progress=job.progress, desc="pcr: activation ranges for reconstruction")
+    set_state(job.denoiser, QuantState.LEARNING)
+    options = ReconstructionOptions(iterations=iterations, learn_activations=False, seed=job.config.seed)
+    stats = reconstruct_blocks(
+        job.denoiser, fp_denoiser, calibration, options,
+        workdir=job.workdir / "reconstruction" if job.workdir else None, progress=job.progress,
+    )
+    learned = [b for b in stats if b.weight_loss is not None]
+    return {
+        "blocks": len(stats), "iterations": iterations, "calibration_calls": len(calibration),
+        "rtn_loss_sum": sum(b.rtn_loss for b in learned), "weight_loss_sum": sum(b.weight_loss for b in learned),
+        "flipped_fraction_mean": sum(b.flipped_fraction or 0.0 for b in learned) / max(len(learned), 1),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 class PCR(Method):
@@ -125,12 +152,14 @@ class PCR(Method):
         steps = len(timesteps)
         if options.relax_steps is not None and options.relax_steps and options.relax_steps[-1] >= steps:
             raise ValueError(f"pcr relax_steps {options.relax_steps} out of range: calibration has {steps} steps (0..{steps - 1})")
+        fp_denoiser = copy.deepcopy(job.denoiser) if options.reconstruct_weights else None
         record = wrap_denoiser(job.denoiser, job.config, groups=TimestepGroups.per_step(timesteps))
         group_of_step = [int(record.groups.index(t)) for t in timesteps]
         report: dict = {"calibration_timesteps": timesteps, "group_of_step": group_of_step}
         start = time.perf_counter()
-        if options.reconstruct_weights:
-            report["reconstruction"] = _reconstruct_weights(job)
+        if fp_denoiser is not None:
+            report["reconstruction"] = _reconstruct_weights(job, fp_denoiser, options.reconstruction_iterations)
+            del fp_denoiser
         relaxed = options.relax_steps
         if relaxed is not None:
             self._relax(job, group_of_step, relaxed, options.relax_bits)
