@@ -328,9 +328,13 @@ def build_sd_pipeline(vae, tokenizer):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
         attention_head_dim=4, norm_num_groups=32,
     )
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              prediction_type="epsilon")
+    # Linear betas (DDPM/LDM) rather than SD's scaled_linear: on 8x8 latents scaled_linear leaves enough
+    # signal at t=999 (sqrt(alpha_bar)=0.07) that the UNet reads the background and layout from the
+    # residual instead of the caption, and sampling from pure noise then ignores the text. Linear betas
+    # end at sqrt(alpha_bar)=0.006. "trailing" spacing makes the first DDIM step t=999.
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+                              timestep_spacing="trailing")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -448,8 +452,10 @@ def latent_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torc
     return z, scenes
 
 
+MIN_SNR_GAMMA = 5.0
+
 DENOISER_DEFAULTS = {
-    "mini-sd": dict(steps=2000, batch_size=32, lr=1e-3),
+    "mini-sd": dict(steps=2800, batch_size=64, lr=1e-3),
     "mini-sd3": dict(steps=2400, batch_size=32, lr=6e-4),
 }
 
@@ -459,7 +465,7 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
                    vae_dir: Path | None = None, vae_steps: int = 1500, decoder_steps: int = 1500,
                    text_dropout: float = 0.1,
                    ema_decay: float = 0.995, time_budget_s: float | None = None, pool_size: int = 48000,
-                   latent_cache: Path | None = None) -> Path:
+                   latent_cache: Path | None = None, export: bool = True) -> Path:
     """Train mini-sd or mini-sd3 (denoiser and its text encoders jointly) on the frozen VAE's latents.
 
     Writes ``out/pipeline`` (fp16 diffusers folder, EMA weights). ``time_budget_s`` stops early at a
@@ -521,6 +527,8 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
                 emb, _ = pipe.encode_prompt(captions, device, 1, False)
                 pred = pipe.unet(zt, t, encoder_hidden_states=emb).sample
                 target = noise
+                snr = a.view(-1) / (1 - a.view(-1))
+                weight = snr.clamp(max=MIN_SNR_GAMMA) / snr  # min-SNR-5 weighting (Hang et al. 2023)
             else:
                 sigma = torch.sigmoid(torch.randn(z.shape[0], generator=gen)).to(device)  # logit-normal, as SD3
                 s = sigma.view(-1, 1, 1, 1)
@@ -530,7 +538,8 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
                 pred = pipe.transformer(hidden_states=zt, encoder_hidden_states=emb, pooled_projections=pooled,
                                         timestep=sigma * 1000).sample
                 target = noise - z
-        loss = F.mse_loss(pred.float(), target)
+                weight = torch.ones(z.shape[0], device=device)
+        loss = (weight * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -550,12 +559,15 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
         if over:
             break
     log.close()
+    if not export:
+        return out / "checkpoint"
     wall = json.loads((out / "wall.json").read_text()) if (out / "wall.json").exists() else {}
     vae_metrics = Path(vae_dir) / "metrics.json"
     record = {
         "model": name, "seed": seed, "steps_done": int(json.loads((out / "checkpoint" / "state.json").read_text())["step"]),
         "steps_planned": steps, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW(betas=(0.9, 0.99), wd=0.01)",
-        "schedule": "linear warm-up 300 steps, cosine to 10%", "ema_decay": ema_decay, "text_dropout": text_dropout,
+        "schedule": "linear warm-up 300 steps, cosine to 10%",
+        "loss": "epsilon MSE, min-SNR-5 weighting" if name == "mini-sd" else "flow-matching velocity MSE, logit-normal sigma", "ema_decay": ema_decay, "text_dropout": text_dropout,
         "latent_pool": pool_size, "autocast": "bfloat16", "device": device, "torch_threads": torch.get_num_threads(),
         "final_loss_ema": loss_avg, "train_wall_s": round(sum(wall.get("sessions", {}).values()), 1),
         "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()},
