@@ -1,0 +1,229 @@
+"""EMF — Efficiency Meets Fidelity (seed 000): serial dataset, parallel QAT, as ``method="emf"``.
+
+Recipe (each step a reusable piece of ``diffquant.training``):
+
+1. Serial dataset: the FP pipeline samples the calibration prompts with its own scheduler and
+   guidance; ``steps_per_prompt`` random steps per prompt are kept with their FP outputs.
+2. Time information precalculation: the time-dependent layers stay float and become lookup
+   tables keyed by (t, pooled conditioning), filled before training and generation.
+3. Wrap with ``timestep_groups`` activation parameter sets (multi-timestep activation
+   quantization), initialise activation ranges min/max on dataset rows (RTN).
+4. Sensitivity: per-layer output error with only that layer quantized (saved + plotted), or the
+   user's ``sensitive_layers``; the top ``distill_layers`` give the distillation features.
+   Optional mixed precision: the ``mixed_precision_layers`` most sensitive stay float (16 bit).
+5. Parallel QAT (batches mixing timesteps and prompts; ``order="serial"`` for the ablation): LSQ
+   step sizes plus full or low-rank weight tuning, output + feature distillation, selective
+   freezing of oscillating weights (sensitive layers first), checkpoints under the workdir.
+6. Low-rank adapters merged, every module frozen; numbers in ``denoiser.diffquant.report["emf"]``.
+
+Readings of details the paper's abstract leaves open are in each module's docstring and in docs/emf.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.adapters import get_adapter
+from ..nn import QuantState, quantized_layers, set_quant_enabled, set_state
+from ..quant import TimestepGroups
+from ..training import (
+    QATConfig,
+    QATTrainer,
+    SerialDataset,
+    SerialDatasetConfig,
+    TimePrecalculation,
+    generate_serial_dataset,
+    measure_layer_sensitivity,
+    rank_layers,
+    record_features,
+    save_sensitivity,
+)
+from ..training.timeprecalc import _COND_ARGS
+from ..wrap import average_bits, float_layer_reasons, wrap_denoiser
+from .base import Method, QuantJob
+
+PRESETS: dict[str, dict] = {
+    # A GPU-sized budget (SD 1.x/SDXL/SD3 on one accelerator); the defaults fit the mini models on a CPU.
+    "gpu": dict(steps_per_prompt=8, iterations=2000, batch_size=32, distill_layers=12, sensitivity_rows=32,
+                init_rows=256, checkpoint_every=200),
+}
+
+
+@dataclass
+class EMFOptions:
+    """EMF knobs (``QuantConfig.options`` / ``--option key=value``; ``--preset gpu`` for a larger budget)."""
+
+    preset: str | None = None
+    steps_per_prompt: int = 4
+    timestep_groups: int | None = None  # None: QuantConfig.timestep_groups if > 1, else 4
+    iterations: int = 200
+    batch_size: int = 16
+    order: str = "parallel"
+    weight_training: str = "full"
+    lowrank_rank: int = 8
+    lr_weights: float = 1e-5
+    lr_lowrank: float = 1e-4
+    lr_scales: float = 1e-4
+    feature_weight: float = 1.0
+    distill_layers: int = 6
+    sensitive_layers: list[str] = field(default_factory=list)
+    sensitivity_rows: int = 16
+    mixed_precision_layers: int = 0
+    freeze_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    freeze_threshold: float = 0.1
+    init_rows: int = 64
+    checkpoint_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown emf preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for name in ("distill_layers", "mixed_precision_layers", "sensitivity_rows", "init_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"emf option {name} must be >= 0, got {getattr(self, name)}")
+        self.qat()  # validates order, weight_training, freeze_at
+
+    def qat(self, seed: int = 0) -> QATConfig:
+        return QATConfig(
+            iterations=self.iterations, batch_size=self.batch_size, order=self.order, weight_training=self.weight_training,
+            lowrank_rank=self.lowrank_rank, lr_weights=self.lr_weights, lr_lowrank=self.lr_lowrank, lr_scales=self.lr_scales,
+            feature_weight=self.feature_weight, freeze_at=list(self.freeze_at), freeze_threshold=self.freeze_threshold,
+            checkpoint_every=self.checkpoint_every, seed=seed,
+        )
+
+
+def _to_float(denoiser: nn.Module, name: str) -> None:
+    """Replace a quantized Linear/Conv2d by the plain float layer over the same parameters."""
+    q = denoiser.get_submodule(name)
+    if isinstance(q, nn.Linear):
+        layer = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    else:
+        layer = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size, stride=q.stride, padding=q.padding, dilation=q.dilation,
+                          groups=q.groups, bias=q.bias is not None, padding_mode=q.padding_mode, device="meta")
+    layer.weight, layer.bias = q.weight, q.bias
+    denoiser.set_submodule(name, layer)
+
+
+def _spread(n: int, k: int) -> torch.Tensor:
+    """``k`` row indices spread evenly over ``n`` rows (deterministic, covers every timestep region)."""
+    k = min(k, n)
+    return torch.linspace(0, n - 1, k).round().long().unique() if k else torch.zeros(0, dtype=torch.long)
+
+
+class EMF(Method):
+    """Serial-to-parallel QAT with time precalculation, distillation and selective freezing (see module docstring)."""
+
+    name = "emf"
+    Options = EMFOptions
+
+    def options(self, config) -> EMFOptions:
+        opts = super().options(config)
+        if opts.preset:
+            given = set(config.options)
+            opts = dataclasses.replace(opts, **{k: v for k, v in PRESETS[opts.preset].items() if k not in given})
+        return opts
+
+    def _dataset(self, job: QuantJob, opts: EMFOptions, folder: Path | None) -> SerialDataset:
+        if job.pipeline is None or not job.prompts:
+            return SerialDataset.from_calibration(job.calibration_set(keep_outputs=True))
+        calib, defaults = job.config.calibration, job.sampling_defaults
+        guidance = calib.guidance_scale if calib.guidance_scale is not None else defaults.get("guidance_scale", 7.5)
+        config = SerialDatasetConfig(
+            steps_per_prompt=opts.steps_per_prompt, num_inference_steps=calib.num_inference_steps or defaults.get("num_inference_steps", 50),
+            guidance_scale=guidance, height=calib.height or defaults.get("height"), width=calib.width or defaults.get("width"),
+            batch_size=calib.batch_size, seed=calib.seed,
+        )
+        return generate_serial_dataset(job.pipeline, job.prompts[: calib.num_prompts], config, folder=folder, progress=job.progress)
+
+    def run(self, job: QuantJob) -> None:
+        opts, config, denoiser = self.options(job.config), job.config, job.denoiser
+        workdir = job.workdir / "emf" if job.workdir else None
+        start = time.perf_counter()
+        dataset = self._dataset(job, opts, workdir / "dataset" if workdir else None)
+        dataset_seconds = time.perf_counter() - start
+
+        adapter = get_adapter(denoiser)
+        time_layers = {n: "EMF time precalculation (float lookup table)" for n in adapter.time_layers()}
+        num_groups = opts.timestep_groups or (config.timestep_groups if config.timestep_groups > 1 else 4)
+        record = wrap_denoiser(denoiser, config, groups=TimestepGroups.uniform(num_groups),
+                               float_layers=float_layer_reasons(adapter, config, time_layers))
+        tables = TimePrecalculation.install(denoiser)
+        tables.precalculate(dataset.timestep, dataset.conditioning(_COND_ARGS[tables.family]))
+        if job.pipeline is not None:
+            tables.attach_scheduler(job.pipeline.scheduler)
+        param = next(denoiser.parameters())
+
+        if config.abits is not None:
+            set_state(denoiser, QuantState.CALIBRATING, seed=config.seed)
+            rows = _spread(len(dataset), opts.init_rows)
+            with torch.no_grad():
+                for chunk in rows.split(opts.batch_size):
+                    denoiser(**dataset.kwargs(chunk, param.device, param.dtype))
+        set_state(denoiser, QuantState.LEARNING)
+
+        weighted = [n for n, m in quantized_layers(denoiser).items() if m.weight_quantizer is not None]
+        unknown = [n for n in opts.sensitive_layers if n not in weighted]
+        if unknown:
+            raise ValueError(f"sensitive_layers {unknown[:3]} are not quantized weight layers; see diffquant.quantized_layers(model)")
+        errors = self._sensitivity(denoiser, dataset, opts, config, workdir, job.progress) if not opts.sensitive_layers or opts.mixed_precision_layers else {}
+        ranked = rank_layers(errors) if errors else []
+        float_picked = ranked[: opts.mixed_precision_layers]
+        for name in float_picked:
+            _to_float(denoiser, name)
+            record.float_layers[name] = f"EMF mixed precision: among the {opts.mixed_precision_layers} most sensitive layers"
+        sensitive = list(opts.sensitive_layers) or [n for n in ranked if n not in float_picked][: opts.distill_layers]
+
+        if sensitive and opts.feature_weight:
+            feature_dir = workdir / "dataset" if workdir else None
+            if feature_dir is None or not dataset.load_features(feature_dir, sensitive):
+                set_quant_enabled(denoiser, False)
+                try:
+                    record_features(denoiser, dataset, sensitive, batch_size=opts.batch_size, progress=job.progress)
+                finally:
+                    set_quant_enabled(denoiser, True)
+                if feature_dir is not None:
+                    dataset.save_features(feature_dir)
+
+        trainer = QATTrainer(denoiser, dataset, opts.qat(seed=config.seed), sensitive,
+                             checkpoint_dir=workdir / "qat" if workdir else None, progress=job.progress)
+        resumed = trainer.iteration if trainer.try_resume() else 0
+        misses_before = tables.misses
+        history = trainer.train()
+        trainer.finish()
+        set_state(denoiser, QuantState.FROZEN)
+
+        record.report["emf"] = {
+            "dataset": {"rows": len(dataset), "steps_per_prompt": opts.steps_per_prompt, "distinct_timesteps": int(dataset.timestep.unique().numel()),
+                        "seconds": dataset_seconds},
+            "timestep_groups": num_groups,
+            "time_precalculation": {"layers": len(tables.layer_names), "table_entries": tables.entries(),
+                                    "misses_during_training": tables.misses - misses_before},
+            "sensitivity_top": {n: errors[n] for n in ranked[:10]},
+            "sensitive_layers": sensitive,
+            "mixed_precision_layers": float_picked,
+            "train": {"order": opts.order, "iterations": opts.iterations, "batch_size": opts.batch_size,
+                      "weight_training": opts.weight_training, "resumed_from_iteration": resumed, **history,
+                      "frozen_weights": trainer.freezer.frozen_count()},
+            "average_bits": average_bits(denoiser),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _sensitivity(self, denoiser: nn.Module, dataset: SerialDataset, opts: EMFOptions, config, workdir: Path | None,
+                     progress: bool) -> dict[str, float]:
+        key = hashlib.sha256(json.dumps([config.to_dict(), len(dataset), opts.sensitivity_rows], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = workdir / "sensitivity.json" if workdir else None
+        if path is not None and path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                return saved["layers"]
+        errors = measure_layer_sensitivity(denoiser, dataset, _spread(len(dataset), opts.sensitivity_rows), progress=progress)
+        if workdir is not None:
+            save_sensitivity(errors, workdir, key=key)
+        return errors

@@ -1,0 +1,20 @@
+"""Quantization-aware training pieces (EMF, seed 000), each usable on its own:
+
+- ``dataset``: serial dataset generation from the FP pipeline's sampling trajectories (sharded, resumable).
+- ``timeprecalc``: time-dependent projections as float lookup tables, outside the quantized graph.
+- ``sensitivity``: per-layer sensitivity on dataset rows, saved and plotted.
+- ``qat``: the parallel/serial QAT loop with LSQ, full or low-rank weight tuning, inter-layer distillation, checkpoints.
+- ``freezing``: oscillation tracking and selective freezing of weights.
+- ``lowrank``: low-rank weight adapters, merged before freezing.
+"""
+
+from .dataset import SerialDataset, SerialDatasetConfig, generate_serial_dataset, record_features
+from .freezing import SelectiveFreezer
+from .qat import QATConfig, QATTrainer
+from .sensitivity import measure_layer_sensitivity, rank_layers, save_sensitivity
+from .timeprecalc import TimePrecalculation
+
+__all__ = [
+    "QATConfig", "QATTrainer", "SelectiveFreezer", "SerialDataset", "SerialDatasetConfig", "TimePrecalculation",
+    "generate_serial_dataset", "measure_layer_sensitivity", "rank_layers", "record_features", "save_sensitivity",
+]

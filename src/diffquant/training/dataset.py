@@ -1,0 +1,253 @@
+"""Serial dataset generation (EMF): training rows taken from the FP model's own sampling trajectories.
+
+The float pipeline samples every calibration prompt with its real scheduler and guidance; for
+each prompt ``steps_per_prompt`` steps are drawn at random and the denoiser inputs of that
+prompt at those steps (both classifier-free-guidance rows, conditional and unconditional: the
+quantized model sees both at inference) are kept with the FP output. So x_t has inference-time
+statistics, not forward-noised ones. FP features of the sensitive layers are added later
+(``record_features``), once a sensitivity measurement has named the layers.
+
+On disk: one safetensors shard per prompt batch plus ``dataset.json``; a rerun with the same
+settings skips the shards already written (resumable), and a finished folder is reused as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import CalibrationSet
+from ..calibration.collect import DenoiserCall, _flatten_call
+from ..io import atomic_save_tensors, atomic_write_json
+from ..wrap import get_denoiser
+
+_META = ("__output__", "__step__", "__prompt__")
+
+
+@dataclass
+class SerialDatasetConfig:
+    """Which trajectories to sample and how many of their steps to keep per prompt."""
+
+    steps_per_prompt: int = 4
+    num_inference_steps: int = 25
+    guidance_scale: float = 5.0
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps_per_prompt <= self.num_inference_steps:
+            raise ValueError(f"steps_per_prompt must be in 1..num_inference_steps ({self.num_inference_steps}), got {self.steps_per_prompt}")
+
+    def fingerprint(self, prompts: list[str]) -> str:
+        payload = json.dumps({"config": asdict(self), "prompts": prompts}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class SerialDataset:
+    """Rows of denoiser inputs (flat kwargs, ``timestep`` one value per row), FP outputs, steps, prompt ids."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], output: torch.Tensor, step: torch.Tensor, prompt: torch.Tensor) -> None:
+        self.inputs, self.output, self.step, self.prompt = inputs, output, step.long(), prompt.long()
+        self.features: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.output.shape[0]
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.inputs["timestep"]
+
+    def kwargs(self, rows: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> dict:
+        """``denoiser(**kwargs)`` arguments for ``rows`` (a batch that may mix timesteps and prompts)."""
+        call = DenoiserCall({k: v[rows] for k, v in self.inputs.items()}, 0, 0)
+        return call.kwargs(device=device, dtype=dtype)
+
+    def conditioning(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The flat inputs whose key starts with one of ``names`` (e.g. pooled text for time tables)."""
+        return {k: v for k, v in self.inputs.items() if k.split(".", 1)[0] in names}
+
+    def batches(self, order: str, batch_size: int, iterations: int, seed: int) -> list[torch.Tensor]:
+        """Row indices of every training batch, fixed by ``seed`` (so a resumed run sees the same ones).
+
+        ``parallel``: each batch a random draw across all timesteps and prompts (epoch-wise permutations).
+        ``serial``: rows ordered along the trajectories (denoising step first, then prompt) and taken
+        in that order, so a batch holds one or two neighbouring timesteps.
+        """
+        n = len(self)
+        if order == "parallel":
+            g = torch.Generator().manual_seed(seed)
+            stream = torch.cat([torch.randperm(n, generator=g) for _ in range(batch_size * iterations // n + 1)])
+        elif order == "serial":
+            ranked = sorted(range(n), key=lambda i: (int(self.step[i]), int(self.prompt[i]), i))
+            stream = torch.tensor(ranked).repeat(batch_size * iterations // n + 1)
+        else:
+            raise ValueError(f"unknown batch order {order!r}; choose 'parallel' or 'serial'")
+        return [stream[i * batch_size : (i + 1) * batch_size] for i in range(iterations)]
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {**self.inputs, "__output__": self.output, "__step__": self.step, "__prompt__": self.prompt}
+
+    @classmethod
+    def _from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SerialDataset:
+        inputs = {k: v for k, v in tensors.items() if k not in _META}
+        return cls(inputs, tensors["__output__"], tensors["__step__"], tensors["__prompt__"])
+
+    @classmethod
+    def concat(cls, parts: list[SerialDataset]) -> SerialDataset:
+        keys = parts[0]._tensors().keys()
+        return cls._from_tensors({k: torch.cat([p._tensors()[k] for p in parts]) for k in keys})
+
+    @classmethod
+    def from_calibration(cls, calibration: CalibrationSet) -> SerialDataset:
+        """Rows of recorded calls that carry their FP outputs (for a bare denoiser without a pipeline)."""
+        parts = []
+        for call in calibration:
+            if call.output is None:
+                raise ValueError("the calibration set has no FP outputs; record it with keep_outputs=True or pass prompts and a pipeline")
+            n = call.batch_size
+            inputs = {k: (v.expand(n) if k == "timestep" and v.numel() == 1 else v) for k, v in call.inputs.items()}
+            inputs["timestep"] = inputs["timestep"].reshape(n)
+            parts.append(cls(inputs, call.output, torch.full((n,), call.step), torch.full((n,), -1)))
+        return cls.concat(parts)
+
+    def save_features(self, folder: str | Path) -> None:
+        """Write the FP features for the current sensitive layers next to the shards."""
+        folder = Path(folder)
+        names = sorted(self.features)
+        atomic_save_tensors(self.features, folder / f"features-{_names_digest(names)}.safetensors")
+
+    def load_features(self, folder: str | Path, names: list[str]) -> bool:
+        path = Path(folder) / f"features-{_names_digest(sorted(names))}.safetensors"
+        if not path.is_file():
+            return False
+        self.features = load_file(str(path))
+        return True
+
+
+def _names_digest(names: list[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+
+
+def _rows_for_step(chosen: list[set[int]], step: int, batch: int) -> list[int]:
+    """Batch rows of the prompts that keep ``step``; with guidance the batch is [uncond..., cond...]."""
+    prompts = len(chosen)
+    if batch % prompts:
+        raise ValueError(f"denoiser batch {batch} is not a multiple of the {prompts} prompts; use one image per prompt")
+    copies = batch // prompts
+    return [p + c * prompts for c in range(copies) for p in range(prompts) if step in chosen[p]]
+
+
+def _sample_batch(pipe, prompts: list[str], first_prompt: int, config: SerialDatasetConfig, seed: int) -> SerialDataset:
+    denoiser = get_denoiser(pipe)
+    signature = inspect.signature(denoiser.forward)
+    g = torch.Generator().manual_seed(seed)
+    chosen = [set(torch.randperm(config.num_inference_steps, generator=g)[: config.steps_per_prompt].tolist()) for _ in prompts]
+    parts: list[SerialDataset] = []
+    state: dict = {"step": 0}
+
+    def pre_hook(module, args, kwargs):
+        step, state["step"] = state["step"], state["step"] + 1
+        flat = _flatten_call(signature, args, kwargs)
+        batch = next(v.shape[0] for k, v in flat.items() if k != "timestep" and v.dim() > 0)
+        rows = _rows_for_step(chosen, step, batch)
+        state["rows"] = rows
+        if not rows:
+            return
+        index = torch.tensor(rows)
+        inputs = {}
+        for key, value in flat.items():
+            if key == "timestep":
+                value = value.reshape(-1).expand(batch) if value.numel() == 1 else value.reshape(batch)
+            elif value.dim() == 0 or value.shape[0] != batch:
+                raise ValueError(f"denoiser argument {key} has no batch dimension; the serial dataset cannot split it into rows")
+            inputs[key] = value[index].clone()
+        prompt_ids = torch.tensor([first_prompt + r % len(prompts) for r in rows])
+        state["pending"] = (inputs, torch.full((len(rows),), step), prompt_ids)
+
+    def post_hook(module, args, kwargs, output):
+        pending = state.pop("pending", None)
+        if pending is None:
+            return
+        out = output[0] if isinstance(output, (tuple, list)) else output.sample
+        inputs, steps, prompt_ids = pending
+        parts.append(SerialDataset(inputs, out[torch.tensor(state["rows"])].detach().clone(), steps, prompt_ids))
+
+    size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v}
+    handles = [denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True), denoiser.register_forward_hook(post_hook, with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            pipe(prompts, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                 generator=torch.Generator().manual_seed(seed), output_type="latent", **size)
+    finally:
+        for h in handles:
+            h.remove()
+    if state["step"] != config.num_inference_steps:
+        raise RuntimeError(f"the pipeline called its denoiser {state['step']} times for {config.num_inference_steps} steps; "
+                           "the serial dataset needs one call per step")
+    return SerialDataset.concat(parts)
+
+
+def generate_serial_dataset(
+    pipe, prompts: list[str], config: SerialDatasetConfig, folder: str | Path | None = None, progress: bool = True
+) -> SerialDataset:
+    """Sample ``prompts`` with the float ``pipe`` and keep random steps per prompt (see the module docstring).
+
+    With ``folder``, every prompt batch becomes a shard written as soon as it is done; shards of a
+    previous run with the same prompts and settings are loaded instead of sampled again.
+    """
+    if not prompts:
+        raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
+    fingerprint = config.fingerprint(prompts)
+    index_path = Path(folder) / "dataset.json" if folder else None
+    done: list[str] = []
+    if index_path is not None:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        if index_path.is_file():
+            index = json.loads(index_path.read_text())
+            done = index["shards"] if index.get("fingerprint") == fingerprint else []
+    batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
+    parts = []
+    for b, batch in enumerate(tqdm(batches, desc="emf: serial dataset (FP sampling)", disable=not progress)):
+        name = f"serial-{b:05d}.safetensors"
+        if folder is not None and name in done:
+            parts.append(SerialDataset._from_tensors(load_file(str(Path(folder) / name))))
+            continue
+        part = _sample_batch(pipe, batch, b * config.batch_size, config, config.seed + b)
+        parts.append(part)
+        if folder is not None:
+            atomic_save_tensors(part._tensors(), Path(folder) / name)
+            done.append(name)
+            atomic_write_json(index_path, {"fingerprint": fingerprint, "shards": done, "batches": len(batches),
+                                           "config": asdict(config), "prompts": len(prompts)})
+    return SerialDataset.concat(parts)
+
+
+@torch.no_grad()
+def record_features(denoiser: nn.Module, dataset: SerialDataset, layer_names: list[str], batch_size: int = 16,
+                    progress: bool = True) -> None:
+    """Put each named layer's output on every row into ``dataset.features`` (run ``denoiser`` as it is:
+    call it with quantization switched off to record FP features)."""
+    param = next(denoiser.parameters())
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in layer_names}
+    handles = [
+        denoiser.get_submodule(name).register_forward_hook(lambda m, a, out, name=name: captured[name].append(out.detach().cpu()))
+        for name in layer_names
+    ]
+    try:
+        for start in tqdm(range(0, len(dataset), batch_size), desc="emf: FP features of sensitive layers", disable=not progress):
+            rows = torch.arange(start, min(start + batch_size, len(dataset)))
+            denoiser(**dataset.kwargs(rows, param.device, param.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    dataset.features = {name: torch.cat(chunks) for name, chunks in captured.items()}

@@ -1,0 +1,216 @@
+"""The EMF QAT loop: parallel (or serial, for the ablation) minibatches, LSQ step sizes, weight
+fine-tuning (full or low-rank), inter-layer distillation, selective freezing, checkpoint/resume.
+
+Loss (reading chosen): relative MSE of the denoiser output against the FP output plus
+``feature_weight`` × the mean relative MSE of the sensitive layers' outputs against their FP
+features, every term normalised by the target's mean square so layers of different scale weigh
+alike. Learned: every weight and activation step size (LSQ; activation ones per timestep group,
+zero points stay as calibrated) and, per ``weight_training``, the float weights of the quantized
+layers (``full``), low-rank adapters on them (``lowrank``, merged at the end) or nothing (``none``).
+
+Checkpoints (safetensors + JSON, written atomically every ``checkpoint_every`` steps and at the end)
+hold the trainable tensors, Adam's moments, the freezer's statistics and the curves; batches come
+from a seeded schedule, so a resumed run takes exactly the remaining batches of the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..io import atomic_save_tensors, atomic_write_json
+from ..nn import QuantModule, quantized_layers
+from .dataset import SerialDataset
+from .freezing import SelectiveFreezer
+from .lowrank import add_low_rank, base_weight, merge_low_rank
+
+CHECKPOINT_JSON = "qat-checkpoint.json"
+CHECKPOINT_TENSORS = "qat-checkpoint.safetensors"
+
+
+@dataclass
+class QATConfig:
+    """Training budget and knobs; ``freeze_at`` are fractions of ``iterations`` where a freezing round runs
+    (the first covers the sensitive layers only, later ones every quantized layer)."""
+
+    iterations: int = 200
+    batch_size: int = 16
+    order: str = "parallel"
+    weight_training: str = "full"
+    lowrank_rank: int = 8
+    lr_weights: float = 1e-5
+    lr_lowrank: float = 1e-4
+    lr_scales: float = 1e-4
+    feature_weight: float = 1.0
+    freeze_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    freeze_threshold: float = 0.1
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.order not in ("parallel", "serial"):
+            raise ValueError(f"order must be 'parallel' or 'serial', got {self.order!r}")
+        if self.weight_training not in ("full", "lowrank", "none"):
+            raise ValueError(f"weight_training must be 'full', 'lowrank' or 'none', got {self.weight_training!r}")
+        if self.iterations < 0 or self.batch_size < 1:
+            raise ValueError("iterations must be >= 0 and batch_size >= 1")
+        if any(not 0 < f <= 1 for f in self.freeze_at):
+            raise ValueError(f"freeze_at holds fractions of the iterations in (0, 1], got {self.freeze_at}")
+
+    def fingerprint(self, extra: dict) -> str:
+        payload = json.dumps({"qat": asdict(self), **extra}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _nmse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return ((out.float() - ref.float()) ** 2).mean() / (ref.float() ** 2).mean().clamp_min(1e-12)
+
+
+def _scales(denoiser: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in denoiser.named_parameters() if n.endswith("quantizer.scale")}
+
+
+class QATTrainer:
+    """Sets up the trainable parameters of a wrapped denoiser (learning state) and trains it on a serial dataset."""
+
+    def __init__(self, denoiser: nn.Module, dataset: SerialDataset, config: QATConfig, sensitive_layers: list[str],
+                 checkpoint_dir: str | Path | None = None, progress: bool = True) -> None:
+        missing = [n for n in sensitive_layers if n not in dataset.features]
+        if missing and config.feature_weight:
+            raise ValueError(f"no FP features recorded for {missing[:3]}; run record_features with the sensitive layers first")
+        self.denoiser, self.dataset, self.config, self.progress = denoiser, dataset, config, progress
+        self.sensitive = list(sensitive_layers)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.layers: dict[str, QuantModule] = {n: m for n, m in quantized_layers(denoiser).items() if m.weight_quantizer is not None}
+        for p in denoiser.parameters():
+            p.requires_grad_(False)
+        groups = []
+        scales = list(_scales(denoiser).values())
+        for p in scales:
+            p.requires_grad_(True)
+        groups.append({"params": scales, "lr": config.lr_scales})
+        if config.weight_training == "full":
+            weights = [base_weight(m) for m in self.layers.values()] + [m.bias for m in self.layers.values() if m.bias is not None]
+            for p in weights:
+                p.requires_grad_(True)
+            groups.append({"params": weights, "lr": config.lr_weights})
+        elif config.weight_training == "lowrank":
+            adapters = [p for m in self.layers.values() for p in add_low_rank(m, config.lowrank_rank).parameters()]
+            groups.append({"params": adapters, "lr": config.lr_lowrank})
+        self.params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.Adam(groups)
+        self.freezer = SelectiveFreezer(self.layers)
+        self.batches = dataset.batches(config.order, config.batch_size, config.iterations, config.seed)
+        self.freeze_steps = {max(1, round(f * config.iterations)): r for r, f in enumerate(sorted(config.freeze_at))}
+        self.history: dict = {"loss": [], "output_loss": [], "flip_rate": [], "freeze_events": [], "seconds": 0.0}
+        self.iteration = 0
+        self.fingerprint = config.fingerprint({"rows": len(dataset), "sensitive": self.sensitive, "params": sorted(self.params)})
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"param/{n}": p.detach() for n, p in self.params.items()}
+        for n, p in self.params.items():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"adam/{n}/{key}"] = torch.as_tensor(value).detach().reshape(-1) if key == "step" else value.detach()
+        tensors.update({f"freezer/{k}": v for k, v in self.freezer.tensors().items()})
+        atomic_save_tensors(tensors, self.checkpoint_dir / CHECKPOINT_TENSORS)
+        atomic_write_json(self.checkpoint_dir / CHECKPOINT_JSON, {
+            "fingerprint": self.fingerprint, "iteration": self.iteration, "freezer_steps": self.freezer.steps, "history": self.history,
+        })
+
+    def try_resume(self) -> bool:
+        """Load the checkpoint of the same run (same fingerprint), if one exists; returns whether it did."""
+        if self.checkpoint_dir is None or not (self.checkpoint_dir / CHECKPOINT_JSON).is_file():
+            return False
+        meta = json.loads((self.checkpoint_dir / CHECKPOINT_JSON).read_text())
+        if meta.get("fingerprint") != self.fingerprint:
+            return False
+        tensors = load_file(str(self.checkpoint_dir / CHECKPOINT_TENSORS))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[f"param/{n}"])
+                state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam/{n}/")}
+                if state:
+                    state["step"] = state["step"].reshape(())
+                    self.optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in state.items()}
+        self.freezer.load_tensors({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("freezer/")}, meta["freezer_steps"])
+        self.iteration, self.history = meta["iteration"], meta["history"]
+        return True
+
+    # ------------------------------------------------------------------ training
+    def _step(self, rows: torch.Tensor) -> tuple[float, float]:
+        param = next(self.denoiser.parameters())
+        captured: dict[str, torch.Tensor] = {}
+        hooks = [self.denoiser.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out))
+                 for n in self.sensitive if self.config.feature_weight]
+        try:
+            out = self.denoiser(**self.dataset.kwargs(rows, param.device, param.dtype))[0]
+        finally:
+            for h in hooks:
+                h.remove()
+        output_loss = _nmse(out, self.dataset.output[rows].to(param.device))
+        loss = output_loss
+        if captured:
+            feature_loss = torch.stack([_nmse(captured[n], self.dataset.features[n][rows].to(param.device)) for n in captured]).mean()
+            loss = loss + self.config.feature_weight * feature_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.freezer.zero_frozen_grads()
+        self.optimizer.step()
+        with torch.no_grad():
+            for p in _scales(self.denoiser).values():
+                p.clamp_(min=1e-8)
+        self.freezer.pin()
+        return float(loss.detach()), float(output_loss.detach())
+
+    def train(self, callback: Callable[[int, dict], None] | None = None) -> dict:
+        """Run the remaining iterations; returns the history (curves, freezing events, wall time)."""
+        self.denoiser.eval()
+        start = time.perf_counter()
+        seconds_before = self.history["seconds"]
+        bar = tqdm(total=self.config.iterations, initial=self.iteration, desc=f"emf: QAT ({self.config.order})", disable=not self.progress)
+        while self.iteration < self.config.iterations:
+            loss, output_loss = self._step(self.batches[self.iteration])
+            flip_rate = self.freezer.observe()
+            self.iteration += 1
+            self.history["loss"].append(loss)
+            self.history["output_loss"].append(output_loss)
+            self.history["flip_rate"].append(flip_rate)
+            round_index = self.freeze_steps.get(self.iteration)
+            if round_index is not None:
+                names = [n for n in self.sensitive if n in self.layers] if round_index == 0 else list(self.layers)
+                counts = self.freezer.freeze(names, self.config.freeze_threshold)
+                self.history["freeze_events"].append({
+                    "iteration": self.iteration, "round": round_index, "scope": "sensitive layers" if round_index == 0 else "all layers",
+                    "frozen": sum(counts.values()), "layers": counts, "frozen_total": self.freezer.frozen_count(),
+                })
+            self.history["seconds"] = seconds_before + time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.config.checkpoint_every and self.iteration % self.config.checkpoint_every == 0:
+                self.save_checkpoint()
+            if callback is not None:
+                callback(self.iteration, self.history)
+        bar.close()
+        self.save_checkpoint()
+        return self.history
+
+    def finish(self) -> None:
+        """Merge low-rank adapters into the weights and stop every gradient (ready to freeze and save)."""
+        for module in self.layers.values():
+            merge_low_rank(module)
+        for p in self.denoiser.parameters():
+            p.requires_grad_(False)
+        self.freezer.pin()

@@ -1,0 +1,213 @@
+"""Time information precalculation (EMF): time-dependent projections become float lookup tables.
+
+Every layer the adapter names as time-dependent (UNet: the time-embedding MLP, SDXL's
+``text_time`` add-embedding, each ResNet's ``time_emb_proj``; SD3: the timestep/pooled-text
+embedders and every adaLN modulation ``linear``) depends only on the timestep and, where the
+model has it, the per-prompt pooled conditioning. Its output is computed once per
+(timestep, conditioning) key in full precision and afterwards looked up, so those layers leave
+the quantized graph (they stay plain float ``nn.Linear``) and cost no matmul in the loop.
+
+Readings chosen (the paper gives only figure captions):
+
+- Keys are ``(t rounded to 1e-3, digest of the sample's pooled conditioning rows)``; for SD 1.x/2.x
+  the digest is empty, so one entry per step serves every prompt. SDXL keys on ``text_embeds`` and
+  ``time_ids``; SD3 on ``pooled_projections``.
+- Only the matmuls are replaced; the elementwise ops between them (sinusoidal projection, SiLU)
+  still run, in float (they are cheap and never quantized).
+- ``precalculate`` fills the tables for given (t, conditioning) rows before a loop (training:
+  every dataset row; generation with ``attach_scheduler``: every step of the schedule on the
+  first call of a prompt batch). A key still missing is computed live and stored (``misses``).
+- Tables are not saved: a saved model keeps the time layers as float ``nn.Linear`` weights and
+  computes them live after ``diffquant.load`` (the same values up to float rounding);
+  ``TimePrecalculation.install(denoiser)`` rebuilds the tables on a loaded model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.adapters import get_adapter
+
+Key = tuple[float, str]
+
+_COND_ARGS = {
+    "unet2d-condition": ("added_cond_kwargs", "class_labels", "timestep_cond"),
+    "sd3-transformer": ("pooled_projections",),
+}
+_ADA_NORMS = ("AdaLayerNormZero", "AdaLayerNormContinuous", "SD35AdaLayerNormZeroX", "AdaLayerNormZeroSingle")
+
+
+def _flat_cond(bound: dict[str, Any], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for name in names:
+        value = bound.get(name)
+        if torch.is_tensor(value):
+            flat[name] = value
+        elif isinstance(value, dict):
+            flat.update({f"{name}.{k}": v for k, v in value.items() if torch.is_tensor(v)})
+    return flat
+
+
+def row_keys(timesteps: torch.Tensor, cond: dict[str, torch.Tensor], batch: int) -> list[Key]:
+    """One key per sample: the timestep and a digest of that sample's conditioning rows."""
+    t = torch.as_tensor(timesteps).detach().flatten().double().cpu()
+    if t.numel() == 1:
+        t = t.expand(batch)
+    rows = [hashlib.blake2b(digest_size=12) for _ in range(batch)]
+    for name in sorted(cond):
+        value = cond[name].detach().float().cpu().contiguous()
+        if value.dim() == 0 or value.shape[0] != batch:
+            value = value.reshape(1, -1).expand(batch, -1).contiguous()
+        for i in range(batch):
+            rows[i].update(name.encode())
+            rows[i].update(value[i].numpy().tobytes())
+    return [(round(float(t[i]), 3), rows[i].hexdigest()) for i in range(batch)]
+
+
+class _Lookup:
+    """Instance ``forward`` of one float time layer: rows come from its table, misses run live.
+
+    A plain callable (not a module), so the layer's state dict and class stay untouched.
+    """
+
+    def __init__(self, owner: TimePrecalculation, layer: nn.Module) -> None:
+        self.owner, self.layer = owner, layer
+        self.table: dict[Key, torch.Tensor] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        keys = self.owner.keys
+        live = type(self.layer).forward
+        if keys is None or len(keys) != x.shape[0]:
+            return live(self.layer, x)
+        missing = [i for i, k in enumerate(keys) if k not in self.table]
+        if missing:
+            with torch.no_grad():
+                rows = live(self.layer, x[missing]).detach()
+            for i, row in zip(missing, rows):
+                self.table.setdefault(keys[i], row)
+            self.owner.misses += len(missing)
+        return torch.stack([self.table[k] for k in keys]).to(x.dtype)
+
+
+class TimePrecalculation:
+    """Lookup tables for a denoiser's time-dependent layers (see the module docstring)."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        adapter = get_adapter(denoiser)
+        if adapter.family not in _COND_ARGS:
+            raise ValueError(f"time precalculation supports UNet2DConditionModel and SD3Transformer2DModel, not {type(denoiser).__name__}")
+        self.denoiser, self.family = denoiser, adapter.family
+        self.layer_names = adapter.time_layers()
+        self.keys: list[Key] | None = None
+        self.misses = 0
+        self.scheduler = None
+        self._signature = inspect.signature(denoiser.forward)
+        self._lookups: dict[str, _Lookup] = {}
+        self._handle = None
+
+    @classmethod
+    def install(cls, denoiser: nn.Module) -> TimePrecalculation:
+        """Route every time layer of ``denoiser`` through a table; returns the installed object."""
+        existing = getattr(denoiser, "diffquant_time_tables", None)
+        if existing is not None:
+            return existing
+        self = cls(denoiser)
+        for name in self.layer_names:
+            layer = denoiser.get_submodule(name)
+            if type(layer) not in (nn.Linear, nn.Conv2d):
+                raise ValueError(f"time layer {name} is {type(layer).__name__}; keep time layers float before installing tables")
+            lookup = _Lookup(self, layer)
+            layer.forward = lookup
+            self._lookups[name] = lookup
+        self._handle = denoiser.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        denoiser.diffquant_time_tables = self
+        return self
+
+    def remove(self) -> None:
+        """Back to live computation of every time layer."""
+        for name in self._lookups:
+            del self.denoiser.get_submodule(name).forward
+        self._lookups.clear()
+        if self._handle is not None:
+            self._handle.remove()
+        del self.denoiser.diffquant_time_tables
+
+    def attach_scheduler(self, scheduler: Any) -> None:
+        """Precalculate every step of ``scheduler.timesteps`` when a new prompt batch first calls the denoiser."""
+        self.scheduler = scheduler
+
+    def entries(self) -> int:
+        return sum(len(lookup.table) for lookup in self._lookups.values())
+
+    def table(self, name: str) -> dict[Key, torch.Tensor]:
+        return self._lookups[name].table
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        first = next(v for v in bound.values() if torch.is_tensor(v))
+        t = bound.get("timestep")
+        if t is None:
+            self.keys = None
+            return
+        cond = _flat_cond(bound, _COND_ARGS[self.family])
+        self.keys = row_keys(torch.as_tensor(t), cond, first.shape[0])
+        if self.scheduler is not None and self._lookups:
+            probe = next(iter(self._lookups.values())).table
+            if any(k not in probe for k in self.keys):
+                steps = torch.as_tensor(self.scheduler.timesteps).flatten()
+                batch = first.shape[0]
+                rows = {k: v.repeat_interleave(len(steps), dim=0) if v.dim() > 0 and v.shape[0] == batch else v
+                        for k, v in cond.items()}
+                keys = self.keys
+                self.precalculate(steps.repeat(batch), rows)
+                self.keys = keys
+
+    @torch.no_grad()
+    def precalculate(self, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        """Fill the tables for rows (timesteps[i], cond rows i) by running only the time path in float.
+
+        ``cond`` holds the flat conditioning arguments (``pooled_projections``,
+        ``added_cond_kwargs.text_embeds`` ...), one row per timestep.
+        """
+        param = next(self.denoiser.parameters())
+        t = torch.as_tensor(timesteps).flatten().to(param.device)
+        n = t.shape[0]
+        cond = {k: v.to(param.device, param.dtype if v.is_floating_point() else None) for k, v in cond.items()}
+        self.keys = row_keys(t, cond, n)
+        misses = self.misses  # filling is not a miss
+        try:
+            if self.family == "unet2d-condition":
+                self._unet_time_path(t, cond)
+            else:
+                self._sd3_time_path(t, cond["pooled_projections"])
+        finally:
+            self.keys = None
+            self.misses = misses
+
+    def _unet_time_path(self, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        unet = self.denoiser
+        if unet.config.addition_embed_type not in (None, "text_time") or unet.class_embedding is not None:
+            raise ValueError("time precalculation supports UNets without class embeddings and with addition_embed_type None or 'text_time'")
+        param = next(unet.parameters())
+        proxy = torch.empty(t.shape[0], 1, device=param.device, dtype=param.dtype)
+        emb = unet.time_embedding(unet.get_time_embed(sample=proxy, timestep=t), cond.get("timestep_cond"))
+        added = {k.split(".", 1)[1]: v for k, v in cond.items() if k.startswith("added_cond_kwargs.")}
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=None, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        for module in unet.modules():
+            if type(module).__name__ == "ResnetBlock2D" and module.time_emb_proj is not None:
+                module.time_emb_proj(emb if module.skip_time_act else module.nonlinearity(emb))
+
+    def _sd3_time_path(self, t: torch.Tensor, pooled: torch.Tensor) -> None:
+        model = self.denoiser
+        temb = model.time_text_embed(t, pooled)
+        for module in model.modules():
+            if type(module).__name__ in _ADA_NORMS and getattr(module, "linear", None) is not None:
+                module.linear(module.silu(temb))
