@@ -295,7 +295,7 @@ def test_bench_methods_and_peers(eval_run):
     root, _ = eval_run
     (root / "calib.txt").write_text("a cyan star\na yellow circle\n")
     result = _cli(bench_command, [
-        "--model", str(root / "fp"), "--methods", "rtn", "--bits", "w8a8,w4a8", "--peers", "torchao-w8a8,torchao-w4",
+        "--model", str(root / "fp"), "--methods", "rtn,pcr", "--bits", "w8a8", "--peers", "torchao-w8a8,torchao-w4",
         "--prompts", str(root / "prompts.txt"), "--calib-prompts", str(root / "calib.txt"), "--steps", "2", "--height", "32",
         "--width", "32", "--batch-size", "3", "--metrics", "psnr,ssim,timestep", "--out", str(root / "bench"),
         "--cache-dir", str(root / "cache")])
@@ -303,14 +303,16 @@ def test_bench_methods_and_peers(eval_run):
     results = json.loads((root / "bench" / "results.json").read_text())
     assert results["reference"]["generation"]["generated"] == 0  # FP images come from eval's cache
     rows = {m["label"]: m for m in results["models"]}
-    assert list(rows) == ["rtn-w8a8", "rtn-w4a8", "torchao-w8a8", "torchao-w4"]
+    assert list(rows) == ["rtn-w8a8", "pcr-w8a8", "torchao-w8a8", "torchao-w4"]
     fp_mib = results["reference"]["summary"]["denoiser_mib"]
-    for label in ("rtn-w8a8", "rtn-w4a8", "torchao-w8a8"):
+    for label in ("rtn-w8a8", "pcr-w8a8", "torchao-w8a8"):
         s = rows[label]["summary"]
         assert s["calibration_s"] > 0 and s["peak_memory_mib"] >= 0 and 0 < s["denoiser_mib"] < fp_mib
         assert s["psnr"] > 10 and len(rows[label]["timestep_error"]["rel_mse"]) == 2
-    # 4-bit weights lose more than 8-bit on the same pairs.
-    assert rows["rtn-w4a8"]["summary"]["timestep_rel_mse"] > rows["rtn-w8a8"]["summary"]["timestep_rel_mse"]
+    # Distinct models on the same pairs: the two methods' images differ, and the FP images are shared.
+    assert rows["rtn-w8a8"]["fingerprint"] != rows["pcr-w8a8"]["fingerprint"]
+    assert rows["rtn-w8a8"]["summary"]["avg_wbits"] == 8 and rows["pcr-w8a8"]["summary"]["avg_abits"] >= 8
+    assert "avg_wbits" not in rows["torchao-w8a8"]["summary"]
     # torchao's int4 kernels need a GPU or the mslk package; the row must then say so rather than vanish.
     w4 = rows["torchao-w4"]
     assert ("unavailable" in w4) or w4["summary"]["psnr"] > 10

@@ -8,10 +8,13 @@ added to it. ``eval`` adds one model; ``bench`` adds one per method, bit width a
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+import diffquant
 
 from . import metrics as M
 from .curves import layer_sensitivity, timestep_error
@@ -188,6 +191,10 @@ class Evaluation:
             summary["fd_fp"] = self._frechet("fd_fp", self.features(images), self.fp_feats)
         self._prompt_scores(entry, images)
         denoiser = get_denoiser(pipe)
+        if diffquant.quantized_layers(denoiser):
+            bits = diffquant.average_bits(denoiser)
+            summary["avg_wbits"] = bits["weight_bits"]
+            summary["avg_abits"] = bits["activation_bits"] if math.isfinite(bits["activation_bits"]) else None  # weight-only
         if "timestep" in opts.metrics:
             curve = timestep_error(self.pipe, denoiser, self.items[:opts.curve_items], self.settings, opts.batch_size)
             entry["timestep_error"] = curve
@@ -198,8 +205,6 @@ class Evaluation:
         return entry
 
     def _sensitivity(self, entry: dict, denoiser: torch.nn.Module) -> None:
-        import diffquant
-
         if not diffquant.quantized_layers(denoiser):
             self.skipped[f"sensitivity ({entry['label']})"] = "not a diffquant-quantized model, so its layers cannot be toggled one at a time"
             return

@@ -33,6 +33,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "attr_all": ("attributes: all correct ↑", "{:.3f}"),
     "attr_mean": ("attributes: mean accuracy ↑", "{:.3f}"),
     "timestep_rel_mse": ("denoiser rel. MSE (mean over steps) ↓", "{:.2e}"),
+    "avg_wbits": ("avg weight bits", "{:.2f}"),
+    "avg_abits": ("avg activation bits", "{:.2f}"),
     "calibration_s": ("calibration wall time (s)", "{:.1f}"),
     "peak_memory_mib": ("peak memory (MiB)", "{:.0f}"),
     "denoiser_mib": ("denoiser on disk (MiB)", "{:.2f}"),
