@@ -74,6 +74,15 @@ def test_psnr_ssim_match_hand_computation():
     assert math.isinf(psnr(a, a)[0].item())
 
 
+def test_results_json_is_standard_with_identical_images(tmp_path):
+    from diffquant.evaluation.report import write_json
+
+    a = torch.rand(2, 3, 16, 16)
+    write_json(tmp_path / "r.json", {"psnr": psnr(a, a).tolist(), "mean": float("inf")})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"psnr": ["inf", "inf"], "mean": "inf"}
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temporary file
+
+
 def test_frechet_distance_hand_values_and_noise():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(400, 8, generator=gen, dtype=torch.float64) @ torch.randn(8, 8, generator=gen, dtype=torch.float64)
