@@ -20,7 +20,9 @@ blocks, transformer blocks, samplers, then every remaining quantized layer on it
    rounding is made hard, and the weights are replaced by their quantized values (what save/load
    gives anyway; the float weights are no longer needed).
 3. Activations (LSQ). With weights hard and activations quantized, learn the block's activation step
-   sizes (every input/q/k/v/softmax quantizer inside it) on the same data; zero points stay.
+   sizes (every input/q/k/v/softmax quantizer inside it) on the same data; zero points stay. If the
+   learned step sizes give a higher loss on the block's data than the calibrated ones, the calibrated
+   ones are kept (a guard we added; the report marks such blocks ``act_reverted``).
 4. Checkpoint. The block's tensors go to ``workdir/block-NNNN.safetensors`` and the progress file is
    rewritten atomically; a killed run restarted with the same workdir loads finished blocks and
    continues at the next one, ending bit-identical to an uninterrupted run (each block seeds its own
@@ -38,7 +40,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +68,7 @@ class ReconstructionOptions:
     beta_end: float = 2.0
     weight_lr: float = 1e-2
     act_iterations: int = 100
-    act_lr: float = 1e-3
+    act_lr: float = 1e-4
     batch_size: int = 8
     learn_weights: bool = True
     learn_activations: bool = True
@@ -84,7 +86,14 @@ class ReconstructionOptions:
 
 @dataclass
 class BlockStats:
-    """What reconstruction did to one block (losses on the whole calibration set, before and after)."""
+    """What reconstruction did to one block; losses are on the block's whole calibration data.
+
+    ``rtn_loss``: weights rounded to nearest, activations float. ``weight_loss``: after AdaRound.
+    ``act_init_loss``: learned weights, activations at their calibrated scales. ``act_loss``: after LSQ
+    (``act_reverted`` when LSQ raised the loss and the calibrated scales were kept instead).
+    ``binary_fraction``: share of h(V) within 0.01 of 0/1 at the end; ``flipped_fraction``: share of
+    weights rounded against nearest.
+    """
 
     name: str
     samples: int
@@ -94,8 +103,8 @@ class BlockStats:
     act_loss: float | None = None
     binary_fraction: float | None = None
     flipped_fraction: float | None = None
+    act_reverted: bool = False
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class _StopForward(Exception):
@@ -443,6 +452,7 @@ def _reconstruct_block(qdenoiser, fp_denoiser, name: str, members: dict[str, Qua
                     for s in scales:
                         s.clamp_(min=eps)
 
+            initial = [s.detach().clone() for s in scales]
             try:
                 _train(block, data, targets, context, device, scales, options.act_lr, options.act_iterations,
                        options.batch_size, generator, after_step=keep_positive)
@@ -450,5 +460,11 @@ def _reconstruct_block(qdenoiser, fp_denoiser, name: str, members: dict[str, Qua
                 for s in scales:
                     s.requires_grad_(False)
             result.act_loss = _dataset_loss(block, data, targets, context, device, options.batch_size)
+            if result.act_loss > result.act_init_loss:  # LSQ made the block worse on its own data: keep the start
+                with torch.no_grad():
+                    for s, s0 in zip(scales, initial):
+                        s.copy_(s0)
+                result.act_reverted = True
+                result.act_loss = result.act_init_loss
     result.seconds = time.perf_counter() - start
     return result
