@@ -75,7 +75,7 @@ class EMFOptions:
     feature_weight: float = 1.0
     distill_layers: int = 6
     sensitive_layers: list[str] = field(default_factory=list)
-    sensitivity_rows: int = 16
+    sensitivity_rows: int = 8
     mixed_precision_layers: int = 0
     freeze_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
     freeze_threshold: float = 0.1
@@ -217,7 +217,9 @@ class EMF(Method):
 
     def _sensitivity(self, denoiser: nn.Module, dataset: SerialDataset, opts: EMFOptions, config, workdir: Path | None,
                      progress: bool) -> dict[str, float]:
-        key = hashlib.sha256(json.dumps([config.to_dict(), len(dataset), opts.sensitivity_rows], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        setting = {k: v for k, v in config.to_dict().items() if k != "options"}  # training knobs do not change it
+        key = hashlib.sha256(json.dumps([setting, len(dataset), opts.sensitivity_rows, opts.timestep_groups], sort_keys=True,
+                                        default=str).encode()).hexdigest()[:16]
         path = workdir / "sensitivity.json" if workdir else None
         if path is not None and path.is_file():
             saved = json.loads(path.read_text())

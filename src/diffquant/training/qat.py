@@ -40,7 +40,7 @@ CHECKPOINT_TENSORS = "qat-checkpoint.safetensors"
 @dataclass
 class QATConfig:
     """Training budget and knobs; ``freeze_at`` are fractions of ``iterations`` where a freezing round runs
-    (the first covers the sensitive layers only, later ones every quantized layer)."""
+    (the first covers the sensitive layers only, when there are any; later ones every quantized layer)."""
 
     iterations: int = 200
     batch_size: int = 16
@@ -190,10 +190,11 @@ class QATTrainer:
             self.history["flip_rate"].append(flip_rate)
             round_index = self.freeze_steps.get(self.iteration)
             if round_index is not None:
-                names = [n for n in self.sensitive if n in self.layers] if round_index == 0 else list(self.layers)
+                sensitive_only = round_index == 0 and any(n in self.layers for n in self.sensitive)
+                names = [n for n in self.sensitive if n in self.layers] if sensitive_only else list(self.layers)
                 counts = self.freezer.freeze(names, self.config.freeze_threshold)
                 self.history["freeze_events"].append({
-                    "iteration": self.iteration, "round": round_index, "scope": "sensitive layers" if round_index == 0 else "all layers",
+                    "iteration": self.iteration, "round": round_index, "scope": "sensitive layers" if sensitive_only else "all layers",
                     "frozen": sum(counts.values()), "layers": counts, "frozen_total": self.freezer.frozen_count(),
                 })
             self.history["seconds"] = seconds_before + time.perf_counter() - start
