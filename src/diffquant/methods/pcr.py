@@ -150,7 +150,7 @@ class PCR(Method):
         run = sampling_run(job, job.prompts[: job.config.calibration.num_prompts])
         timesteps = schedule_timesteps(job.pipeline, run)
         steps = len(timesteps)
-        if options.relax_steps is not None and options.relax_steps and options.relax_steps[-1] >= steps:
+        if options.relax_steps and options.relax_steps[-1] >= steps:
             raise ValueError(f"pcr relax_steps {options.relax_steps} out of range: calibration has {steps} steps (0..{steps - 1})")
         fp_denoiser = copy.deepcopy(job.denoiser) if options.reconstruct_weights else None
         record = wrap_denoiser(job.denoiser, job.config, groups=TimestepGroups.per_step(timesteps))
