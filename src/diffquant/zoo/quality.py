@@ -41,7 +41,7 @@ def evaluate_model(name: str, pipe=None, n: int = 256, evaluator: Evaluator | No
     images = generate(pipe, prompts, list(range(n)), batch_size=batch_size, **settings)
     wall = time.time() - t0
     acc = ev.attribute_accuracy(images, prompts)
-    calib = data.calibration_prompts(min(n, 128))
+    calib = data.calibration_prompts(min(n, 64))
     acc_train = ev.attribute_accuracy(generate(pipe, calib, list(range(len(calib))), batch_size, **settings), calib)
     recon = ev.attribute_accuracy(vae_round_trip(pipe, prompts), prompts)
     if save_grid is not None:

@@ -453,10 +453,11 @@ def latent_pool(vae, seed: int, n: int, cache: Path | None = None) -> tuple[torc
 
 
 MIN_SNR_GAMMA = 5.0
+HIGH_NOISE_CAP = 20.0
 
 DENOISER_DEFAULTS = {
-    "mini-sd": dict(steps=2800, batch_size=64, lr=1e-3),
-    "mini-sd3": dict(steps=2400, batch_size=32, lr=6e-4),
+    "mini-sd": dict(steps=3300, batch_size=64, lr=1e-3, high_noise_from=1750),
+    "mini-sd3": dict(steps=4500, batch_size=64, lr=6e-4, high_noise_from=0),
 }
 
 
@@ -465,7 +466,7 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
                    vae_dir: Path | None = None, vae_steps: int = 1500, decoder_steps: int = 1500,
                    text_dropout: float = 0.1,
                    ema_decay: float = 0.995, time_budget_s: float | None = None, pool_size: int = 48000,
-                   latent_cache: Path | None = None, export: bool = True) -> Path:
+                   latent_cache: Path | None = None, export: bool = True, high_noise_from: int | None = None) -> Path:
     """Train mini-sd or mini-sd3 (denoiser and its text encoders jointly) on the frozen VAE's latents.
 
     Writes ``out/pipeline`` (fp16 diffusers folder, EMA weights). ``time_budget_s`` stops early at a
@@ -479,6 +480,7 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
     steps = steps or cfg["steps"]
     batch_size = batch_size or cfg["batch_size"]
     lr = lr or cfg["lr"]
+    high_noise_from = cfg["high_noise_from"] if high_noise_from is None else high_noise_from
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if vae_dir is None:
@@ -529,6 +531,10 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
                 target = noise
                 snr = a.view(-1) / (1 - a.view(-1))
                 weight = snr.clamp(max=MIN_SNR_GAMMA) / snr  # min-SNR-5 weighting (Hang et al. 2023)
+                if step >= high_noise_from:
+                    # Layout and caption binding are decided at high noise, where the epsilon loss is tiny
+                    # (eps ~ x_t there): weight it up by 1/SNR, capped.
+                    weight = weight * (1 / snr).clamp(1.0, HIGH_NOISE_CAP)
             else:
                 sigma = torch.sigmoid(torch.randn(z.shape[0], generator=gen)).to(device)  # logit-normal, as SD3
                 s = sigma.view(-1, 1, 1, 1)
@@ -567,7 +573,8 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
         "model": name, "seed": seed, "steps_done": int(json.loads((out / "checkpoint" / "state.json").read_text())["step"]),
         "steps_planned": steps, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW(betas=(0.9, 0.99), wd=0.01)",
         "schedule": "linear warm-up 300 steps, cosine to 10%",
-        "loss": "epsilon MSE, min-SNR-5 weighting" if name == "mini-sd" else "flow-matching velocity MSE, logit-normal sigma", "ema_decay": ema_decay, "text_dropout": text_dropout,
+        "loss": (f"epsilon MSE, min-SNR-5 weighting; from step {high_noise_from} also x clamp(1/SNR, 1, {HIGH_NOISE_CAP:g})"
+                 if name == "mini-sd" else "flow-matching velocity MSE, logit-normal sigma"), "ema_decay": ema_decay, "text_dropout": text_dropout,
         "latent_pool": pool_size, "autocast": "bfloat16", "device": device, "torch_threads": torch.get_num_threads(),
         "final_loss_ema": loss_avg, "train_wall_s": round(sum(wall.get("sessions", {}).values()), 1),
         "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()},
