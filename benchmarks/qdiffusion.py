@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NAME=FOLDER: load NAME from this diffusers folder (e.g. an interim checkpoint) with NAME's zoo settings")
     p.add_argument("--bits", default="w8a8,w4a8")
     p.add_argument("--prompts", type=int, default=256, help="held-out prompts (one image each, seed = index)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps for generation and calibration (default: the model's)")
     p.add_argument("--calib-prompts", type=int, default=8, help="calibration prompts (zoo calibration split)")
     p.add_argument("--option", action="append", default=[], help="qdiffusion option key=value (repeatable)")
     p.add_argument("--batch-size", type=int, default=16, help="images per generation batch")
@@ -65,7 +66,7 @@ def bench_model(name: str, args: argparse.Namespace, qd_options: dict, folder: s
     from diffquant.evaluation.peers import PeakMemory
 
     fp = load_model(folder) if folder else zoo.load_pipeline(name)
-    settings = resolve_settings(fp, name, None, None, None, None)
+    settings = resolve_settings(fp, name, args.steps, None, None, None)
     items = [PromptItem(p, i) for i, p in enumerate(zoo.heldout_prompts(args.prompts))]
     options = EvalOptions(metrics=["psnr", "ssim", "fd_fp", "attributes"], cache_dir=args.cache_dir / name, batch_size=args.batch_size)
     ev = Evaluation(fp, name, items, settings, options, prompts_spec=f"zoo:heldout:{args.prompts}")
