@@ -1,0 +1,164 @@
+"""``diffquant.convert``: frozen fake-quant layers -> integer layers, each on its fastest measured kernel."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..nn import QuantConv2d, QuantLinear, QuantModule, QuantState, quantized_layers
+from ..wrap import _set_submodule, get_denoiser, quant_record
+from .modules import IntConv2d, IntLinear, _IntLayer, integer_backends, onednn_available
+
+ATTENTION_REASON = "attention matmuls stay fake-quant in float (no integer attention kernel)"
+
+
+def not_convertible(layer: QuantModule) -> str | None:
+    """Why a quantized module cannot become an integer layer, or None when it can."""
+    if not isinstance(layer, (QuantLinear, QuantConv2d)):
+        return ATTENTION_REASON
+    if layer.state is not QuantState.FROZEN:
+        return f"state {layer.state.value}, not frozen"
+    if layer.input_quantizer is None:
+        return "weight-only quantization: an int8 kernel needs integer activations"
+    if not (layer.weight_quant_enabled and layer.act_quant_enabled):
+        return "fake quantization switched off on this layer"
+    spec = layer.weight_quantizer.spec
+    if spec.bits > 8:
+        return f"{spec.bits}-bit weights do not fit int8"
+    if not spec.symmetric or bool(layer.weight_quantizer.zero_point.abs().sum() > 0):
+        return "asymmetric weight grid: int8 kernels take no weight zero point"
+    if int(layer.input_quantizer.bits.min()) > 8:
+        return "activations wider than 8 bits in every timestep group"
+    return None
+
+
+def _int_layer(layer: QuantLinear | QuantConv2d, backend: str) -> _IntLayer:
+    return (IntLinear if isinstance(layer, QuantLinear) else IntConv2d)(layer, backend)
+
+
+def default_backend(device: torch.device | str = "cpu") -> str:
+    """oneDNN on CPUs where PyTorch has it, ``torch._int_mm`` elsewhere (CUDA)."""
+    return "onednn" if torch.device(device).type == "cpu" and onednn_available() else "int_mm"
+
+
+def _time_ms(fn, x: torch.Tensor, repeats: int) -> float:
+    fn(x)  # warm-up: packs weights, fills caches
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def convert(
+    model: Any,
+    *,
+    example_inputs: dict | None = None,
+    backend: str | None = None,
+    repeats: int = 3,
+    progress: bool = True,
+) -> Any:
+    """Turn every frozen quantized Linear/Conv2d of ``model`` (pipeline or denoiser) into an integer layer, in place.
+
+    With ``example_inputs`` (keyword arguments of one denoiser call, e.g. ``CalibrationSet`` call
+    kwargs), every layer is timed on its real input in each form it can take (oneDNN, ``torch._int_mm``,
+    float) and keeps the fastest; a layer whose integer form is slower stays float and is listed with
+    the timings. Without them every layer takes ``backend`` (default: oneDNN on CPU, else int_mm).
+    The choices and reasons go to ``quant_record(denoiser).report["runtime"]`` and are saved with it.
+    """
+    denoiser = get_denoiser(model)
+    record = quant_record(denoiser)
+    device = next(denoiser.parameters()).device
+    layers = {n: m for n, m in quantized_layers(denoiser).items() if not isinstance(m, _IntLayer)}
+    if any(m.state in (QuantState.CALIBRATING, QuantState.LEARNING) for m in layers.values()):
+        raise ValueError("only frozen models convert; finish diffquant.quantize (or set_state(model, 'frozen')) first")
+    runtime = record.report.setdefault("runtime", {"backends": {}, "float_fallback": {}, "timings_ms": {}})
+    todo: dict[str, QuantLinear | QuantConv2d] = {}
+    for name, layer in layers.items():
+        reason = not_convertible(layer)
+        if reason is None:
+            todo[name] = layer
+        else:
+            runtime["float_fallback"][name] = reason
+    chosen: dict[str, _IntLayer] = {}
+    bar = tqdm(total=len(todo), desc="convert", disable=not progress)
+    if example_inputs is None:
+        fixed = backend or default_backend(device)
+        for name, layer in todo.items():
+            int_layer = _int_layer(layer, fixed)
+            if fixed != "float" and fixed not in integer_backends(int_layer):
+                int_layer.backend = "float"
+                runtime["float_fallback"][name] = f"no {fixed} kernel for this layer (padding mode, groups or dilation)"
+            chosen[name] = int_layer
+            bar.update()
+    else:
+        _autotune(denoiser, todo, example_inputs, chosen, runtime, repeats, bar)
+    bar.close()
+    for name, int_layer in chosen.items():
+        runtime["backends"][name] = int_layer.backend
+        _set_submodule(denoiser, name, int_layer)
+    runtime["onednn"] = onednn_available()
+    return model
+
+
+def _autotune(
+    denoiser: nn.Module, todo: dict, example_inputs: dict, chosen: dict, runtime: dict, repeats: int, bar: tqdm
+) -> None:
+    """Time each layer's candidate forms on the input it sees in one denoiser call; keep the fastest."""
+    names = {id(m): n for n, m in todo.items()}
+    errors: dict[str, float] = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        name = names.get(id(module))
+        if name is None or name in chosen:
+            return
+        x = args[0]
+        reference = module.forward(x)
+        candidate = _int_layer(module, "float")
+        timings = {}
+        for b in integer_backends(candidate) + ["float"]:
+            candidate.backend = b
+            candidate._cache = {}
+            timings[b] = _time_ms(candidate, x, repeats)
+            if b != "float":
+                errors[name] = max(errors.get(name, 0.0), _rel_err(candidate(x), reference))
+        best = min(timings, key=timings.get)
+        candidate.backend = best
+        candidate._cache = {}
+        if best == "float":
+            ints = {b: t for b, t in timings.items() if b != "float"}
+            detail = ", ".join(f"{b} {t:.2f} ms" for b, t in ints.items()) or "no integer kernel"
+            runtime["float_fallback"][name] = f"integer form slower ({detail} vs float {timings['float']:.2f} ms)"
+        runtime["timings_ms"][name] = {b: round(t, 4) for b, t in timings.items()}
+        chosen[name] = candidate
+        bar.update()
+
+    handles = [m.register_forward_pre_hook(hook) for m in todo.values()]
+    try:
+        with torch.no_grad():
+            denoiser(**example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    unseen = [n for n in todo if n not in chosen]
+    if unseen:
+        raise ValueError(f"{len(unseen)} layers (e.g. {unseen[0]}) never ran on the example inputs; pass a full denoiser call")
+    runtime["max_rel_error_vs_fake_quant"] = max(errors.values(), default=0.0)
+
+
+def is_converted(model: Any) -> bool:
+    """Whether any layer of ``model`` runs on integer kernels."""
+    return any(isinstance(m, _IntLayer) for m in get_denoiser(model).modules())
+
+
+__all__ = ["convert", "default_backend", "is_converted", "not_convertible"]

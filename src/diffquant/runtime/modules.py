@@ -1,0 +1,378 @@
+"""Integer Linear and Conv2d: the ``converted`` form of frozen ``QuantLinear`` / ``QuantConv2d``.
+
+A converted layer holds its weight as integer codes (int8, or int4 packed two per byte) and reuses
+the frozen layer's quantizers for the scales: per-(row, segment) weight scales and the
+per-timestep-group activation scale, zero point and bit width. Per call it
+
+1. looks up the activation parameters of the current timestep group (per sample when a batch mixes
+   timesteps),
+2. quantizes the input to uint8 codes ``u = q - qmin`` with zero point ``z - qmin`` (so signed,
+   unsigned and asymmetric grids of up to 8 bits all become one uint8 grid),
+3. multiplies int8 x int8 -> int32 and rescales by ``s_x * s_w`` plus the bias in the same kernel.
+
+Backends: ``onednn`` (PyTorch's oneDNN int8 matmul/convolution, AMX/VNNI, fused rescale; CPU),
+``int_mm`` (``torch._int_mm`` on CPU or CUDA, im2col for convolutions, zero-point correction
+from weight row sums), ``float`` (the fake-quant arithmetic on the dequantized weight: used where
+the integer form measured slower, and for timestep groups wider than 8 bits, e.g. PCR's 10-bit
+steps, which no int8 kernel can take). Inputs split into channel segments (Q-Diffusion's shortcut
+splitting) and per-group weight scales become several kernel calls whose outputs are summed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import QuantConv2d, QuantLinear, QuantModule, QuantState
+from ..quant.affine import fake_quantize, qrange
+from .packing import pack_int4, unpack_int4
+
+BACKENDS = ("onednn", "int_mm", "float")
+
+
+def onednn_available() -> bool:
+    """Whether PyTorch's oneDNN int8 kernels (``torch.ops.onednn.qconv2d_pointwise``) are built in."""
+    ops = getattr(torch.ops, "onednn", None)
+    try:
+        return torch.backends.mkldnn.is_available() and ops is not None and hasattr(ops, "qconv2d_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def quantize_u8(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / scale) + zero_point, 0, qmax)``; one fused pass on CPU."""
+    x = x.float()
+    if x.device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated, their fused kernel is still the fastest
+            codes = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+    else:
+        codes = torch.clamp(torch.round(x / scale) + zero_point, 0, 255).to(torch.uint8)
+    return codes.clamp_(max=qmax) if qmax < 255 else codes
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` with CUDA's shape rules met by zero padding (M > 16, K and N multiples of 8)."""
+    if a.device.type != "cuda":
+        return torch._int_mm(a, b)
+    m, k = a.shape
+    n = b.shape[1]
+    pm, pk, pn = max(17 - m, 0), (-k) % 8, (-n) % 8
+    if pk or pm:
+        a = F.pad(a, (0, pk, 0, pm))
+    if pk or pn:
+        b = F.pad(b, (0, pn, 0, pk))
+    return torch._int_mm(a, b)[:m, :n]
+
+
+class _IntLayer(QuantModule):
+    """Shared part of ``IntLinear`` / ``IntConv2d``; not instantiated directly."""
+
+    def _init_from(self, source: QuantLinear | QuantConv2d, backend: str, codes: torch.Tensor | None) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown runtime backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        self._init_quant()
+        self.state = QuantState.CONVERTED
+        self.weight_shape = tuple(source.weight.shape)
+        self.weight_quantizer = source.weight_quantizer
+        self.input_quantizer = source.input_quantizer
+        self.input_quantizer.mode = "quantize"
+        self.bias = source.bias
+        self.backend = backend
+        if codes is None:
+            codes = source.weight_quantizer.integer_codes(source.weight).to(torch.int8)
+        rows = codes.reshape(self.weight_shape[0], -1)
+        if self.weight_quantizer.bits <= 4:
+            stored = pack_int4(rows)
+        else:
+            stored = rows.to(torch.int8)
+        self.register_buffer("qweight", stored)
+        self._cache: dict[str, Any] = {}
+        self._export = False
+        self._export_params: list[tuple[float, int, int, int]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def set_state(self, state: QuantState, seed: int = 0) -> None:
+        if QuantState(state) is not QuantState.CONVERTED:
+            raise ValueError("a converted layer cannot go back to fake quantization; load the unconverted model instead")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # packed oneDNN weights cannot be copied; they are rebuilt on first use
+        return state
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._cache = {}
+
+    def _apply(self, fn, recurse=True):
+        self._cache = {}
+        return super()._apply(fn, recurse)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a float copy, for inspection; the layer computes on the codes)."""
+        return self.weight_quantizer.dequantize(self.codes()).to(self._float_dtype())
+
+    def _float_dtype(self) -> torch.dtype:
+        return self.bias.dtype if self.bias is not None else self.weight_quantizer.scale.dtype
+
+    def codes(self) -> torch.Tensor:
+        """int8 weight codes in the weight's own shape."""
+        if self.weight_quantizer.bits <= 4:
+            return unpack_int4(self.qweight, self.weight_shape)
+        return self.qweight.reshape(self.weight_shape)
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def _unit(self) -> int:
+        return math.prod(self.weight_shape[2:]) if len(self.weight_shape) > 2 else 1
+
+    def blocks(self) -> list[tuple[int, int, int, int]]:
+        """(first input channel, end, weight segment, activation segment) of each kernel call."""
+        splits = self.input_quantizer.channel_splits or [self.weight_shape[1]]
+        starts = [sum(splits[:i]) for i in range(len(splits))]
+        out = []
+        for w_seg, (a, b) in enumerate(self.weight_quantizer.bounds):
+            c0, c1 = a // self._unit, b // self._unit
+            a_seg = max(i for i, s in enumerate(starts) if s <= c0)
+            out.append((c0, c1, w_seg, a_seg))
+        return out
+
+    def _segments(self) -> list[tuple[int, int]]:
+        splits = self.input_quantizer.channel_splits or [self.weight_shape[1]]
+        return [(sum(splits[:i]), sum(splits[: i + 1])) for i in range(len(splits))]
+
+    def _act_params(self, group: int, segment: int) -> tuple[float, int, int, int]:
+        """(scale, uint8 zero point z - qmin, uint8 max qmax - qmin, bits) of a group and segment."""
+        if self._export:
+            return self._export_params[segment]
+        iq = self.input_quantizer
+        bits = int(iq.bits[group])
+        qmin, qmax = qrange(bits, iq.spec.symmetric, iq.spec.unsigned)
+        return float(iq.scale[group, segment]), int(round(float(iq.zero_point[group, segment]))) - int(qmin), int(qmax - qmin), bits
+
+    def _weight_scales(self, w_seg: int) -> torch.Tensor:
+        scale = self.weight_quantizer.scale[:, w_seg].detach().float()
+        return scale.expand(self.weight_shape[0]).contiguous()
+
+    def _block_codes(self, c0: int, c1: int) -> torch.Tensor:
+        return self.codes()[:, c0:c1].contiguous()
+
+    def _dequantized(self) -> torch.Tensor:
+        if "float" not in self._cache:
+            self._cache["float"] = self.weight.detach()
+        return self._cache["float"]
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        iq = self.input_quantizer
+        group = 0 if iq.context is None or iq.num_groups == 1 else iq.context.group
+        if self.backend == "float":
+            return self._float_forward(iq(x))
+        if isinstance(group, int):
+            return self._group_forward(x, group)
+        group = group.to(x.device)
+        out = None
+        for g in torch.unique(group).tolist():
+            rows = group == g
+            y = self._group_forward(x[rows], int(g))
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[rows] = y
+        return out
+
+    def _fake_quant(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        """The frozen layer's input fake quantization, for one timestep group."""
+        iq = self.input_quantizer
+        _, _, _, bits = self._act_params(group, 0)
+        qmin, qmax = qrange(bits, iq.spec.symmetric, iq.spec.unsigned)
+        scale = iq._shape_for(iq.scale[group], x, False)
+        zero_point = iq._shape_for(iq.zero_point[group], x, False)
+        return fake_quantize(x.float(), scale, zero_point, int(qmin), int(qmax)).to(x.dtype)
+
+    def _group_forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        if self._act_params(group, 0)[3] > 8:  # e.g. PCR's 10-bit steps: same arithmetic, in float
+            return self._float_forward(self._fake_quant(x, group))
+        out = None
+        for s, (a, b) in enumerate(self._segments()):
+            scale, zp, qmax, _ = self._act_params(group, s)
+            xs = x if (a, b) == (0, self.weight_shape[1]) else self._channels(x, a, b)
+            if self._export:
+                codes = torch.ops.quantized_decomposed.quantize_per_tensor(xs.float(), scale, zp, 0, qmax, torch.uint8)
+            else:
+                codes = quantize_u8(xs, scale, zp, qmax)
+            for i, (c0, c1, w_seg, a_seg) in enumerate(self.blocks()):
+                if a_seg != s:
+                    continue
+                xb = codes if (c0, c1) == (a, b) else self._channels(codes, c0 - a, c1 - a)
+                bias = self.bias if out is None else None
+                y = self._block(i, xb, scale, zp, qmax, bias)
+                out = y if out is None else out + y
+        return out.to(x.dtype)
+
+    def _block(self, i: int, codes: torch.Tensor, scale: float, zp: int, qmax: int, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._export:
+            return self._qdq_block(i, codes, scale, zp, qmax, bias)
+        if self.backend == "onednn":
+            return self._onednn_block(i, codes, scale, zp, bias)
+        return self._int_mm_block(i, codes, scale, zp, bias)
+
+    def _qdq_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, qmax: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """Export form: DequantizeLinear on uint8 activations and int8 weights, then the float op (ONNX Q/DQ)."""
+        c0, c1, w_seg, _ = self.blocks()[i]
+        key = f"qdq{i}"
+        if key not in self._cache:
+            self._cache[key] = (self._block_codes(c0, c1), self._weight_scales(w_seg))
+        w_codes, w_scale = self._cache[key]
+        qd = torch.ops.quantized_decomposed
+        x_hat = qd.dequantize_per_tensor(codes, scale, zp, 0, qmax, torch.uint8)
+        w_hat = qd.dequantize_per_channel(w_codes, w_scale, torch.zeros_like(w_scale, dtype=torch.long), 0, -128, 127, torch.int8)
+        return self._float_op(x_hat, w_hat, bias)
+
+    def extra_repr(self) -> str:
+        return f"w{self.weight_quantizer.bits} backend={self.backend}, blocks={len(self.weight_quantizer.bounds)}"
+
+
+class IntLinear(_IntLayer):
+    """Converted ``QuantLinear``: uint8 activations x int8 (or packed int4) weights."""
+
+    def __init__(self, source: QuantLinear, backend: str = "onednn", codes: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self._init_from(source, backend, codes)
+
+    @staticmethod
+    def _channels(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return x[..., a:b].contiguous()
+
+    def _float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, bias)
+
+    def _float_forward(self, x_hat: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_hat, self._dequantized(), self.bias)
+
+    def _onednn_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+        key = f"onednn{i}"
+        if key not in self._cache:
+            c0, c1, w_seg, _ = self.blocks()[i]
+            packed = torch.ops.onednn.qlinear_prepack(self._block_codes(c0, c1), None)
+            scales = self._weight_scales(w_seg)
+            self._cache[key] = (packed, scales, torch.zeros(scales.shape[0], dtype=torch.long))
+        packed, w_scale, w_zp = self._cache[key]
+        b = None if bias is None else bias.float()
+        return torch.ops.onednn.qlinear_pointwise(codes, scale, zp, packed, w_scale, w_zp, b, 1.0, 0, torch.float32, "none", [], "")
+
+    def _int_mm_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+        key = f"int_mm{i}"
+        if key not in self._cache:
+            c0, c1, w_seg, _ = self.blocks()[i]
+            w = self._block_codes(c0, c1)
+            self._cache[key] = (w.t().contiguous(), w.sum(dim=1, dtype=torch.int32).float(), self._weight_scales(w_seg))
+        w_t, w_sum, w_scale = self._cache[key]
+        lead = codes.shape[:-1]
+        shifted = (codes.reshape(-1, codes.shape[-1]) ^ 0x80).view(torch.int8)  # u - 128, exactly
+        acc = int_mm(shifted, w_t).float()
+        y = (acc + (128 - zp) * w_sum) * (w_scale * scale)
+        if bias is not None:
+            y = y + bias.float()
+        return y.reshape(*lead, -1)
+
+
+class IntConv2d(_IntLayer):
+    """Converted ``QuantConv2d``: uint8 activations x int8 (or packed int4) weights."""
+
+    def __init__(self, source: QuantConv2d, backend: str = "onednn", codes: torch.Tensor | None = None) -> None:
+        super().__init__()
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
+            setattr(self, attr, getattr(source, attr))
+        self._reversed_padding_repeated_twice = source._reversed_padding_repeated_twice
+        self._init_from(source, backend, codes)
+
+    @staticmethod
+    def _channels(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return x[:, a:b].contiguous()
+
+    def _float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _float_forward(self, x_hat: torch.Tensor) -> torch.Tensor:
+        return self._float_op(x_hat, self._dequantized(), self.bias)
+
+    def integer_backends(self) -> list[str]:
+        """Integer backends able to run this convolution (oneDNN: zero padding; int_mm: also ungrouped, undilated)."""
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return []
+        plain = self.groups == 1 and tuple(self.dilation) == (1, 1)
+        return ["onednn"] + (["int_mm"] if plain else [])
+
+    def _onednn_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+        key = f"onednn{i}"
+        if key not in self._cache:
+            c0, c1, w_seg, _ = self.blocks()[i]
+            scales = self._weight_scales(w_seg)
+            packed = torch.ops.onednn.qconv_prepack(
+                self._block_codes(c0, c1), scales, scale, zp, list(self.stride), list(self.padding), list(self.dilation),
+                self.groups, None,
+            )
+            self._cache[key] = (packed, scales, torch.zeros(scales.shape[0], dtype=torch.long))
+        packed, w_scale, w_zp = self._cache[key]
+        b = None if bias is None else bias.float()
+        return torch.ops.onednn.qconv2d_pointwise(
+            codes, scale, zp, packed, w_scale, w_zp, b, list(self.stride), list(self.padding), list(self.dilation),
+            self.groups, 1.0, 0, torch.float32, "none", [], "",
+        )
+
+    def _int_mm_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+        key = f"int_mm{i}"
+        if key not in self._cache:
+            c0, c1, w_seg, _ = self.blocks()[i]
+            w = self._block_codes(c0, c1).reshape(self.weight_shape[0], -1)
+            self._cache[key] = (w.t().contiguous(), w.sum(dim=1, dtype=torch.int32).float(), self._weight_scales(w_seg))
+        w_t, w_sum, w_scale = self._cache[key]
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if ph or pw:
+            codes = F.pad(codes, (pw, pw, ph, ph), value=zp)  # padding holds real zeros: code zp
+        b, c = codes.shape[:2]
+        patches = codes.unfold(2, kh, sh).unfold(3, kw, sw)  # [B, C, Ho, Wo, kh, kw]
+        ho, wo = patches.shape[2:4]
+        cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw)
+        acc = int_mm((cols ^ 0x80).view(torch.int8), w_t).float()
+        y = (acc + (128 - zp) * w_sum) * (w_scale * scale)
+        if bias is not None:
+            y = y + bias.float()
+        return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+def restore_int_layers(denoiser: nn.Module, converted: dict[str, dict]) -> None:
+    """Swap the named (freshly wrapped) layers for integer layers whose tensors a state dict will fill."""
+    from ..wrap import _set_submodule
+
+    for name, info in converted.items():
+        source = denoiser.get_submodule(name)
+        cls = IntLinear if info["kind"] == "linear" else IntConv2d
+        if not isinstance(source, QuantLinear if cls is IntLinear else QuantConv2d):
+            raise ValueError(f"saved layer {name} is a {info['kind']} but the model has {type(source).__name__}; save the model again")
+        placeholder = torch.zeros(source.weight.shape, dtype=torch.int8, device=source.weight.device)
+        _set_submodule(denoiser, name, cls(source, info["backend"], codes=placeholder))
+
+
+def integer_backends(layer: _IntLayer) -> list[str]:
+    """Integer backends that can run ``layer`` on this build (oneDNN needs a CPU build with it)."""
+    names = layer.integer_backends() if isinstance(layer, IntConv2d) else ["onednn", "int_mm"]
+    if not onednn_available():
+        names = [n for n in names if n != "onednn"]
+    return names
+
+
+__all__ = [
+    "BACKENDS", "IntConv2d", "IntLinear", "int_mm", "integer_backends", "onednn_available", "quantize_u8", "restore_int_layers",
+]
