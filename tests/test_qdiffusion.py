@@ -29,7 +29,7 @@ ONLY_ONE_BLOCK = ["time_embedding.*", "conv_in", "conv_out", "down_blocks.0.atte
 
 
 def tiny_calibration(**overrides) -> CalibrationConfig:
-    return calibration_config(num_prompts=2, num_inference_steps=2, batch_size=2, **overrides)
+    return calibration_config(**{"num_prompts": 2, "num_inference_steps": 2, "batch_size": 2, **overrides})
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -37,8 +37,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def quantize(pipe, method: str, wbits: int = 4, abits: int | None = 8, workdir=None, keep_float=(), quantize_attention=True,
-             **options):
-    cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calibration=tiny_calibration(), keep_float=list(keep_float),
+             calibration_batch: int = 2, **options):
+    cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calibration=tiny_calibration(batch_size=calibration_batch),
+                      keep_float=list(keep_float),
                       quantize_attention=quantize_attention, options={**FAST, **options} if method == "qdiffusion" else {})
     return diffquant.quantize(copy.deepcopy(pipe), cfg, calibration=PROMPTS, workdir=workdir, progress=False)
 
@@ -186,7 +187,8 @@ def test_quantized_sd_samples_close_and_reloads_bit_for_bit(sd_runs, tmp_path):
 def test_killed_run_resumes_to_identical_weights(tiny_pipes, tmp_path, monkeypatch):
     pipe = tiny_pipes["sd"]
     # conv_in, the time embedding, a ResNet block and a downsampler: enough blocks to kill the run after three.
-    options = dict(iterations=3, act_iterations=2, quantize_attention=False,
+    # One prompt per recording batch, so the recording can be killed between its two batches.
+    options = dict(iterations=3, act_iterations=2, quantize_attention=False, calibration_batch=1,
                    keep_float=["down_blocks.0.attentions.*", "down_blocks.1.*", "mid_block.*", "up_blocks.*", "conv_out"])
     reference = quantize(pipe, "qdiffusion", workdir=tmp_path / "whole", **options).unet.state_dict()
 
