@@ -20,7 +20,6 @@ from diffquant.training import (
     generate_serial_dataset,
     record_features,
 )
-from diffquant.training.timeprecalc import _COND_ARGS
 from diffquant.wrap import float_layer_reasons, wrap_denoiser
 
 from tinyutil import PROMPTS, calibration_config, sample_latents
@@ -57,7 +56,7 @@ def test_time_precalculation_equals_live_computation(tiny_pipes, datasets, famil
     assert live and all(v.shape[0] == len(dataset) for v in live.values())
 
     tables = TimePrecalculation.install(denoiser)
-    tables.precalculate(dataset.timestep, dataset.conditioning(_COND_ARGS[tables.family]))
+    tables.precalculate(dataset.timestep, dataset.conditioning(tables.condition_args))
     distinct = len({(float(t), i) for t, i in zip(dataset.timestep, dataset.prompt)})
     assert tables.entries() > 0 and len(tables.table(tables.layer_names[0])) <= distinct * 2
     looked_up, out = _time_outputs(denoiser, kwargs)

@@ -46,7 +46,6 @@ from ..training import (
     record_features,
     save_sensitivity,
 )
-from ..training.timeprecalc import _COND_ARGS
 from ..wrap import average_bits, float_layer_reasons, wrap_denoiser
 from .base import Method, QuantJob
 
@@ -155,7 +154,7 @@ class EMF(Method):
         record = wrap_denoiser(denoiser, config, groups=TimestepGroups.uniform(num_groups),
                                float_layers=float_layer_reasons(adapter, config, time_layers))
         tables = TimePrecalculation.install(denoiser)
-        tables.precalculate(dataset.timestep, dataset.conditioning(_COND_ARGS[tables.family]))
+        tables.precalculate(dataset.timestep, dataset.conditioning(tables.condition_args))
         if job.pipeline is not None:
             tables.attach_scheduler(job.pipeline.scheduler)
         param = next(denoiser.parameters())

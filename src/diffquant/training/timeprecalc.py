@@ -137,6 +137,11 @@ class TimePrecalculation:
             self._handle.remove()
         del self.denoiser.diffquant_time_tables
 
+    @property
+    def condition_args(self) -> tuple[str, ...]:
+        """The denoiser arguments (besides t) the time path reads: the keys' conditioning."""
+        return _COND_ARGS[self.family]
+
     def attach_scheduler(self, scheduler: Any) -> None:
         """Precalculate every step of ``scheduler.timesteps`` when a new prompt batch first calls the denoiser."""
         self.scheduler = scheduler
