@@ -210,6 +210,8 @@ def merge(parts: list[Path], json_path: Path, markdown_path: Path) -> str:
     results["pcr"] = {k: v for r in loaded for k, v in r["pcr"].items()}
     results["plots"] = {k: v for r in loaded for k, v in r.get("plots", {}).items()}
     results["verdict"] = verdict(results["rows"])
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    markdown_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(json_path, results)
     atomic_write_text(markdown_path, markdown(results, results["plots"]))
     return markdown(results, results["plots"])
