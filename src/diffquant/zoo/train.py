@@ -260,48 +260,10 @@ MAX_TOKENS = 24  # longest caption is 19 words + BOS + EOS
 
 
 def build_tokenizer(folder: Path):
-    """Word-level CLIP tokenizer over the caption grammar (one token per caption word).
+    """Word-level CLIP tokenizer over the caption grammar: one token per caption word."""
+    from ..tokenizers import build_clip_tokenizer
 
-    ``diffquant.tokenizers.build_clip_tokenizer`` writes each word's merges left to right, but BPE
-    applies merges by global rank, so a merge from one word ("a n</w>" of "an") can fire first
-    inside another ("cyan") and split it. Here the merges are *learned* over the word list (BPE
-    training until every word is one symbol); BPE encoding replays training, so every caption word
-    is exactly one token and the longest caption fits in ``MAX_TOKENS``.
-    """
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab.setdefault(s, len(vocab))
-    words = [list(w[:-1]) + [w[-1] + "</w>"] for w in data.vocabulary()]
-    merges: list[str] = []
-    while any(len(w) > 1 for w in words):
-        counts: dict[tuple[str, str], int] = {}
-        for w in words:
-            for pair in zip(w, w[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        best = min(counts, key=lambda p: (-counts[p], p))  # most frequent, ties broken alphabetically
-        merges.append(f"{best[0]} {best[1]}")
-        vocab.setdefault(best[0] + best[1], len(vocab))
-        for k, w in enumerate(words):
-            i, out = 0, []
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(w[i] + w[i + 1])
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            words[k] = out
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS)
+    return build_clip_tokenizer(data.vocabulary(), folder, model_max_length=MAX_TOKENS)
 
 
 def _clip_config(tokenizer, hidden: int, layers: int, projection: int | None = None):
