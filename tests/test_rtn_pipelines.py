@@ -184,3 +184,16 @@ def test_config_json_roundtrip_and_errors():
         QuantConfig(wbits=1)
     with pytest.raises(ValueError, match="unknown QuantConfig fields"):
         QuantConfig.from_dict({"wbitz": 4})
+
+
+def test_deepcopy_of_quantized_model_tracks_its_own_timestep(tiny_pipes):
+    pipe = copy.deepcopy(tiny_pipes["sd"])
+    cfg = QuantConfig(timestep_groups=2, calibration=calibration_config(num_inference_steps=2))
+    diffquant.quantize(pipe, cfg, calibration=PROMPTS[:2], progress=False)
+    clone = copy.deepcopy(pipe.unet)
+    inputs = dict(sample=torch.randn(1, 4, 16, 16), encoder_hidden_states=torch.randn(1, 16, 32), return_dict=False)
+    with torch.no_grad():
+        pipe.unet(timestep=torch.tensor(100), **inputs)
+        clone(timestep=torch.tensor(900), **inputs)
+    assert diffquant.quant_record(pipe.unet).context.group == 0
+    assert diffquant.quant_record(clone).context.group == 1

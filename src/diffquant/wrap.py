@@ -38,6 +38,23 @@ class QuantRecord:
         }
 
 
+class TimestepHook:
+    """Forward pre-hook that hands the call's timestep to the model's ``TimestepContext``.
+
+    A callable object rather than a closure, so ``copy.deepcopy`` of a quantized model gives the copy
+    a hook bound to the copy's own context (a closure would keep driving the original's).
+    """
+
+    def __init__(self, adapter: DenoiserAdapter, context: TimestepContext) -> None:
+        self.adapter = adapter
+        self.context = context
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = self.adapter.timestep(args, kwargs)
+        if t is not None:
+            self.context.set_timestep(t)
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
@@ -104,12 +121,7 @@ def wrap_denoiser(
                 q.name = f"{name}.processor"
             attention.set_processor(processor)
 
-    def timestep_hook(module, args, kwargs):
-        t = adapter.timestep(args, kwargs)
-        if t is not None:
-            context.set_timestep(t)
-
-    denoiser.register_forward_pre_hook(timestep_hook, with_kwargs=True)
+    denoiser.register_forward_pre_hook(TimestepHook(adapter, context), with_kwargs=True)
     record = QuantRecord(config, adapter.family, groups, context, reasons, splits)
     denoiser.diffquant = record
     return record
