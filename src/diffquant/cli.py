@@ -1,4 +1,4 @@
-"""The ``diffquant`` command line: quantize, generate, info, demo (and zoo, eval, bench when present)."""
+"""The ``diffquant`` command line: quantize, generate, info, export, demo (and zoo, eval, bench when present)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,7 @@ def quantize(
     device: str = typer.Option("cpu", help="Device to run on (cpu, cuda)."),
     seed: int = typer.Option(0, help="Seed for calibration sampling."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists (otherwise refuse)."),
+    convert: bool = typer.Option(False, "--convert", help="Convert to integer kernels (int8/int4 weights) before saving; each layer keeps its fastest measured form."),
 ):
     """Quantize a pipeline's denoiser and save the quantized pipeline."""
 
@@ -113,6 +114,8 @@ def quantize(
             raise ValueError("calibration prompts needed: pass --prompts FILE (one prompt per line)")
         typer.echo(f"quantizing with {cfg.label}")
         diffquant.quantize(pipe, cfg, calibration=calib, workdir=out.parent / f".{out.name}.work")
+        if convert:
+            _convert_pipeline(pipe, calib)
         diffquant.save(pipe, out, overwrite=overwrite)
         report = diffquant.quant_record(diffquant.get_denoiser(pipe)).report
         typer.echo(f"saved {out} ({cfg.label}, calibration {report.get('calibration_seconds', 0):.1f} s)")
@@ -154,6 +157,56 @@ def generate(
         out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out)
         typer.echo(f"wrote {out}")
+
+    _run(body)
+
+
+def _convert_pipeline(pipe, prompts: list[str] | None) -> None:
+    """Convert to integer layers, timing each on the inputs of one recorded denoiser call."""
+    import diffquant
+    from diffquant import CalibrationConfig
+    from diffquant.runtime import convert
+
+    defaults = _sampling_defaults(pipe)
+    prompt = (prompts or ["a photo"])[:1]
+    calib = diffquant.record_denoiser_calls(
+        pipe, prompt, CalibrationConfig(num_prompts=1, num_inference_steps=2, guidance_scale=defaults.get("guidance_scale"),
+                                        height=defaults.get("height"), width=defaults.get("width")), progress=False,
+    )
+    denoiser = diffquant.get_denoiser(pipe)
+    param = next(denoiser.parameters())
+    convert(pipe, example_inputs=calib.calls[0].kwargs(device=param.device, dtype=param.dtype))
+    runtime = diffquant.quant_record(denoiser).report["runtime"]
+    typer.echo(f"converted {sum(b != 'float' for b in runtime['backends'].values())} layers to integer kernels; "
+               f"{len(runtime['float_fallback'])} stay float (see `diffquant info`)")
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(..., "--model", "-m", help="A converted folder written by `diffquant quantize --convert`."),
+    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
+    fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    group: Optional[int] = typer.Option(None, help="Timestep group to export (needed when the model has several)."),
+    batch_size: int = typer.Option(2, help="Batch size the graph is traced with."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Export a converted denoiser to ONNX with QuantizeLinear/DequantizeLinear nodes (runs in ONNX Runtime)."""
+
+    def body():
+        from diffquant.pipelines import load_pipeline
+        from diffquant.runtime.onnx import example_unet_inputs, export_onnx
+
+        if fmt != "onnx":
+            raise ValueError(f"unknown export format {fmt!r}; use --format onnx")
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+        _quiet()
+        pipe = load_pipeline(model)
+        tokenizer = getattr(pipe, "tokenizer", None)
+        seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
+        inputs = example_unet_inputs(pipe.unet if hasattr(pipe, "unet") else pipe, batch=batch_size, seq_len=seq_len)
+        path = export_onnx(pipe, out, group=group, inputs=inputs)
+        typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
     _run(body)
 

@@ -36,6 +36,11 @@ def describe(folder: str | Path) -> dict:
                 name = key[: -len(".weight_codes")]
                 layers[name] = {"weight_bits": cfg["wbits"], "params": numel}
                 code_params += numel
+            elif key.endswith(".qweight"):  # converted: int8 codes, or int4 packed two per byte
+                name = key[: -len(".qweight")]
+                params = numel * (2 if cfg["wbits"] <= 4 else 1)
+                layers[name] = {"weight_bits": cfg["wbits"], "params": params}
+                code_params += params
             elif key.endswith(".bits"):
                 act_bits.extend(f.get_tensor(key).tolist())
             elif not key.endswith((".scale", ".zero_point")):
@@ -72,6 +77,14 @@ def describe(folder: str | Path) -> dict:
         lines.append(f"  split-input layers: {len(plan['skip_splits'])}")
     for name, reason in sorted(plan["float_layers"].items()):
         lines.append(f"  float: {name} ({reason})")
+    runtime = summary["report"].get("runtime")
+    if meta.get("converted") and runtime:
+        backends = runtime.get("backends", {})
+        counts = {b: sum(v == b for v in backends.values()) for b in sorted(set(backends.values()))}
+        summary["converted"] = {"backends": counts, "float_fallback": runtime.get("float_fallback", {})}
+        lines.append("  converted: " + ", ".join(f"{n} on {b}" for b, n in counts.items()))
+        for name, reason in sorted(runtime.get("float_fallback", {}).items()):
+            lines.append(f"  runs float: {name} ({reason})")
     if "calibration_seconds" in summary["report"]:
         lines.append(f"  calibration: {summary['report']['calibration_seconds']:.1f} s")
     summary["text"] = "\n".join(lines)

@@ -10,6 +10,11 @@ Layout of a saved pipeline (a bare denoiser saves the ``unet/`` part alone)::
 
 Quantized weights are stored as their integer codes; loading dequantizes them, and re-quantizing
 those values gives the same codes, so a loaded model reproduces the saved one bit for bit.
+
+A converted model (``diffquant.convert``, format 2) stores its integer layers as they run:
+``<layer>.qweight`` (int8 codes, or int4 codes packed two per byte), scales, bias; float tensors
+that fp16 represents exactly are stored in fp16 (lossless), and loading restores the integer
+layers with the kernel each one chose.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .quant import TimestepGroups
 from .wrap import get_denoiser, quant_record, wrap_denoiser
 
 FORMAT_VERSION = 1
+CONVERTED_FORMAT_VERSION = 2
 MANIFEST = "diffquant_manifest.json"
 QUANT_CONFIG = "diffquant_config.json"
 QUANT_WEIGHTS = "diffquant_model.safetensors"
@@ -48,9 +54,11 @@ def _denoiser_attr(pipe: Any, denoiser: nn.Module) -> str:
 
 def denoiser_tensors(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each quantized weight replaced by its integer codes (``<layer>.weight_codes``)."""
+    from .runtime.modules import _IntLayer
+
     tensors = dict(denoiser.state_dict())
     for name, module in quantized_layers(denoiser).items():
-        if module.weight_quantizer is not None:
+        if module.weight_quantizer is not None and not isinstance(module, _IntLayer):
             tensors.pop(f"{name}.weight")
             tensors[f"{name}.weight_codes"] = module.weight_quantizer.integer_codes(module.weight)
     return tensors
@@ -59,21 +67,46 @@ def denoiser_tensors(denoiser: nn.Module) -> dict[str, torch.Tensor]:
 def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
     record = quant_record(denoiser)
     layers = quantized_layers(denoiser)
-    not_frozen = sorted({m.state.value for m in layers.values()} - {QuantState.FROZEN.value})
+    not_frozen = sorted({m.state.value for m in layers.values()} - {QuantState.FROZEN.value, QuantState.CONVERTED.value})
     if not_frozen:
         raise ValueError(f"only frozen models can be saved (found states {not_frozen}); finish diffquant.quantize first")
+    converted = _converted_layers(denoiser)
     folder.mkdir(parents=True, exist_ok=True)
     denoiser.save_config(folder)
     dtype = next(denoiser.parameters()).dtype
+    tensors = denoiser_tensors(denoiser)
+    extra = {}
+    if converted:
+        tensors = {k: _fp16_if_exact(v) for k, v in tensors.items()}
+        extra["converted"] = converted
     atomic_write_json(folder / QUANT_CONFIG, {
-        "format_version": FORMAT_VERSION,
+        **extra,
+        "format_version": CONVERTED_FORMAT_VERSION if converted else FORMAT_VERSION,
         "class": type(denoiser).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "quant_config": record.config.to_dict(),
         "plan": record.plan(),
         "report": record.report,
     })
-    atomic_save_tensors(denoiser_tensors(denoiser), folder / QUANT_WEIGHTS, metadata={"format": "diffquant", "version": __version__})
+    atomic_save_tensors(tensors, folder / QUANT_WEIGHTS, metadata={"format": "diffquant", "version": __version__})
+
+
+def _converted_layers(denoiser: nn.Module) -> dict[str, dict]:
+    """name -> {kind, backend} of every integer layer (empty for a fake-quant model)."""
+    from .runtime.modules import IntLinear, _IntLayer
+
+    return {
+        name: {"kind": "linear" if isinstance(m, IntLinear) else "conv2d", "backend": m.backend}
+        for name, m in quantized_layers(denoiser).items() if isinstance(m, _IntLayer)
+    }
+
+
+def _fp16_if_exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp16 when that loses nothing (e.g. weights of an fp16 checkpoint held in fp32)."""
+    if t.dtype != torch.float32 or not t.numel():
+        return t
+    half = t.to(torch.float16)
+    return half if torch.equal(half.to(torch.float32), t) else t
 
 
 def save(pipe_or_denoiser: Any, folder: str | Path, *, overwrite: bool = False) -> Path:
@@ -141,7 +174,7 @@ def is_quantized_folder(folder: str | Path) -> bool:
 
 def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module:
     meta = json.loads((folder / QUANT_CONFIG).read_text())
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if meta.get("format_version", 0) > CONVERTED_FORMAT_VERSION:
         raise ValueError(f"{folder} was saved by a newer diffquant (format {meta['format_version']}); upgrade diffquant")
     cls = getattr(diffusers, meta["class"], None)
     if cls is None or not issubclass(cls, diffusers.ModelMixin):
@@ -155,8 +188,16 @@ def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module
     )
     record.report = meta.get("report", {})
     tensors = load_file(str(folder / QUANT_WEIGHTS))
+    if meta.get("converted"):
+        from .runtime.modules import restore_int_layers
+
+        restore_int_layers(denoiser, meta["converted"])
     layers = quantized_layers(denoiser)
-    codes = {name: tensors.pop(f"{name}.weight_codes") for name, m in layers.items() if m.weight_quantizer is not None}
+    converted = set(meta.get("converted", {}))
+    codes = {
+        name: tensors.pop(f"{name}.weight_codes") for name, m in layers.items()
+        if m.weight_quantizer is not None and name not in converted
+    }
     result = denoiser.load_state_dict(tensors, strict=False)
     expected_missing = {f"{name}.weight" for name in codes}
     if set(result.missing_keys) != expected_missing or result.unexpected_keys:
@@ -166,8 +207,9 @@ def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module
         for name, code in codes.items():
             module: QuantModule = layers[name]
             module.weight.copy_(module.weight_quantizer.dequantize(code).to(module.weight.dtype))
-    for module in layers.values():
-        module.set_state(QuantState.FROZEN)
+    for name, module in layers.items():
+        if name not in converted:
+            module.set_state(QuantState.FROZEN)
     return denoiser.to(device) if device is not None else denoiser
 
 
