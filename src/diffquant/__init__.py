@@ -15,6 +15,7 @@ from .nn import QuantState, quantized_layers, set_quant_enabled, set_state
 from .quant import QuantSpec, TimestepGroups
 from .serialization import load, save
 from .wrap import average_bits, get_denoiser, quant_record
+from .runtime import convert  # noqa: F401  (real integer inference, diffquant.runtime)
 
 __all__ = [
     "CalibrationConfig",
