@@ -50,6 +50,11 @@ def train(
     time_budget: Optional[float] = typer.Option(None, help="stop after this many seconds (at a checkpoint) and export"),
     latent_cache: Optional[Path] = typer.Option(None, help="safetensors cache of the encoded latent pool"),
     checkpoint_every: int = typer.Option(250, help="steps between checkpoints"),
+    init_from: Optional[Path] = typer.Option(None, help="mini-sd/mini-sd3: start from this pipeline folder's "
+                                             "weights (a second phase; fresh optimizer and LR schedule)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default: the recipe's)"),
+    high_noise_from: Optional[int] = typer.Option(None, help="mini-sd: step from which the loss is also weighted "
+                                                  "by clamp(1/SNR, 1, 20) (default: the recipe's)"),
     install: bool = typer.Option(False, help="copy the result into the package (src/diffquant/zoo/models/NAME)"),
 ) -> None:
     """Train NAME from a seed; checkpoints regularly and resumes a killed run."""
@@ -89,7 +94,8 @@ def train(
         result = train_denoiser(name, out, steps=steps, seed=seed, batch_size=batch_size, resume=resume, device=device,
                                 checkpoint_every=checkpoint_every, vae_dir=vae, vae_steps=vae_steps,
                                 decoder_steps=decoder_steps,
-                                time_budget_s=time_budget, latent_cache=latent_cache)
+                                time_budget_s=time_budget, latent_cache=latent_cache, init_from=init_from, lr=lr,
+                                high_noise_from=high_noise_from)
     typer.echo(f"{name}: wrote {result} ({time.time() - t0:.0f} s this session)")
     if install:
         target = MODELS_DIR / name

@@ -428,11 +428,14 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
                    vae_dir: Path | None = None, vae_steps: int = 1500, decoder_steps: int = 1500,
                    text_dropout: float = 0.1,
                    ema_decay: float = 0.995, time_budget_s: float | None = None, pool_size: int = 48000,
-                   latent_cache: Path | None = None, export: bool = True, high_noise_from: int | None = None) -> Path:
+                   latent_cache: Path | None = None, export: bool = True, high_noise_from: int | None = None,
+                   init_from: Path | None = None) -> Path:
     """Train mini-sd or mini-sd3 (denoiser and its text encoders jointly) on the frozen VAE's latents.
 
     Writes ``out/pipeline`` (fp16 diffusers folder, EMA weights). ``time_budget_s`` stops early at a
     checkpoint boundary and still writes the pipeline (the cosine schedule is kept as planned).
+    ``init_from`` (a pipeline folder of the same model) starts a fresh run -- new AdamW state, new
+    warm-up and cosine -- from that folder's weights: a second training phase on top of an earlier one.
     """
     from diffusers import AutoencoderKL
 
@@ -467,6 +470,9 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     ema = EMA(modules, ema_decay)
     step = load_checkpoint(out / "checkpoint", modules, opt, ema) if resume else 0
+    if init_from is not None and step == 0:
+        init_weights(modules, Path(init_from))
+        ema = EMA(modules, ema_decay)
     pool, scenes = latent_pool(vae, seed, pool_size, Path(latent_cache) if latent_cache else out / "latent_pool.safetensors")
     alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device) if name == "mini-sd" else None
     scale, shift = vae.config.scaling_factor, (vae.config.shift_factor or 0.0)
@@ -542,7 +548,23 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
         "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()},
         "vae": json.loads(vae_metrics.read_text()) if vae_metrics.exists() else None,
     }
+    if init_from is not None:
+        record["init_from"] = str(init_from)
     return export_pipeline(name, pipe, modules, ema, out, record)
+
+
+def init_weights(modules: dict[str, nn.Module], folder: Path) -> None:
+    """Load each module's weights from the same-named component folder of a saved pipeline."""
+    for name, module in modules.items():
+        files = sorted((folder / name).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder / name} holds no safetensors weights; --init-from needs a saved "
+                                    f"pipeline folder of the same model")
+        tensors = {k: v.float() for f in files for k, v in load_file(str(f)).items()}
+        missing, unexpected = module.load_state_dict(tensors, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+            raise ValueError(f"{folder / name} does not match this model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
 
 
 def _wall(out: Path, start_step: int, t0: float, step: int) -> float:
