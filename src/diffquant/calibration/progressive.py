@@ -10,18 +10,30 @@ at inference. Earlier groups keep their parameters; later groups are fitted when
 All calibration prompts go through the pipeline as one batch: every group must be fitted on all
 prompts before the next step runs, which a sequence of batches cannot do without re-running the
 earlier steps. Memory therefore grows with the number of calibration prompts.
+
+Resume: with ``checkpoint_dir`` every fitted step writes its group's activation parameters
+(``step-NNNN.safetensors``) and then ``progress.json``, both atomically. A rerun with the same
+model state, run and settings restores the finished steps' parameters, replays those steps
+quantized (one denoiser call each, nothing re-fitted) to rebuild the trajectory, and fits from
+the first unfinished step on, ending bit-identical to an uninterrupted run. A folder written for
+another model, run or config is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import atomic_save_tensors, atomic_write_json
 from ..nn import QuantState, quantized_layers, set_state
 from ..quant import ActivationQuantizer
 from ..wrap import quant_record
@@ -102,6 +114,46 @@ def fit_group_from_call(denoiser: nn.Module, group: int, args: tuple, kwargs: di
         q.zero_point[others] = zero_point[others].to(q.zero_point.device)
 
 
+PROGRESS_FILE = "progress.json"
+
+
+def state_fingerprint(denoiser: nn.Module, settings: dict) -> str:
+    """Hash of the denoiser's tensors (weights, quantizer parameters and bit widths) and JSON ``settings``."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for key, value in denoiser.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def load_progress(folder: Path, fingerprint: str, what: str) -> dict | None:
+    """The progress record in ``folder`` if it was written for ``fingerprint``; refuses another run's folder."""
+    path = folder / PROGRESS_FILE
+    if not path.is_file():
+        return None
+    progress = json.loads(path.read_text())
+    if progress.get("fingerprint") != fingerprint:
+        raise ValueError(f"{folder} holds {what} of another model, prompts or config; delete it or pass a fresh workdir")
+    return progress
+
+
+def _step_file(step: int) -> str:
+    return f"step-{step:04d}.safetensors"
+
+
+@torch.no_grad()
+def _restore_steps(folder: Path, steps: list[dict], quantizers: list[ActivationQuantizer]) -> None:
+    """Put the saved group parameters of every fitted step back into ``quantizers``."""
+    for entry in steps:
+        if not entry["fitted"]:
+            continue
+        tensors = load_file(str(folder / _step_file(entry["step"])))
+        g = entry["group"]
+        for k, q in enumerate(quantizers):
+            q.scale[g] = tensors[f"{k}/scale"].to(q.scale.device)
+            q.zero_point[g] = tensors[f"{k}/zero_point"].to(q.zero_point.device)
+
+
 def progressive_calibrate(
     pipe,
     run: SamplingRun,
@@ -109,13 +161,16 @@ def progressive_calibrate(
     start_step: int = 0,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    settings: dict | None = None,
 ) -> list[float]:
     """Fit each step's activation group on the trajectory of the already-quantized earlier steps.
 
     The denoiser must be wrapped with one timestep group per step of ``run`` (``TimestepGroups.per_step``).
     Steps before ``start_step`` run quantized with their existing parameters (re-calibrating only
     from the first step whose bit width changed). Returns the timestep of every step, in order.
-    Ends with every quantized module frozen.
+    Ends with every quantized module frozen. ``checkpoint_dir`` makes the pass resumable (module
+    docstring); ``settings`` (JSON) names what else the result depends on, e.g. the observers.
     """
     denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     record = quant_record(denoiser)
@@ -124,7 +179,21 @@ def progressive_calibrate(
             f"progressive calibration needs one timestep group per step ({run.num_inference_steps}), "
             f"the denoiser has {len(record.groups)}; wrap it with TimestepGroups.per_step(timesteps)"
         )
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    done: list[dict] = []
+    if folder is not None:
+        fingerprint = state_fingerprint(denoiser, {"run": asdict(run), "start_step": start_step, "seed": seed,
+                                                   "settings": settings or {}})
+        saved = load_progress(folder, fingerprint, "a progressive calibration")
+        done = saved["steps"] if saved else []
     set_state(denoiser, QuantState.FROZEN)
+    quantizers = activation_quantizers(denoiser)
+    if done:
+        _restore_steps(folder, done, quantizers)
+    if len(done) == run.num_inference_steps:
+        return [entry["timestep"] for entry in done]
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     timesteps: list[float] = []
     bar = tqdm(total=run.num_inference_steps, desc="pcr: progressive calibration", disable=not progress)
 
@@ -132,8 +201,16 @@ def progressive_calibrate(
         context = record.context
         timesteps.append(float(context.timestep.flatten()[0]))
         group = int(context.group)
-        if step >= start_step:
-            fit_group_from_call(denoiser, group, args, kwargs, seed=seed + 7919 * step)
+        if step >= len(done):
+            fitted = step >= start_step
+            if fitted:
+                fit_group_from_call(denoiser, group, args, kwargs, seed=seed + 7919 * step)
+            if folder is not None:
+                if fitted:
+                    atomic_save_tensors({f"{k}/{name}": getattr(q, name)[group] for k, q in enumerate(quantizers)
+                                         for name in ("scale", "zero_point")}, folder / _step_file(step))
+                done.append({"step": step, "group": group, "timestep": timesteps[-1], "fitted": fitted})
+                atomic_write_json(folder / PROGRESS_FILE, {"fingerprint": fingerprint, "steps": done})
         bar.update(1)
 
     try:

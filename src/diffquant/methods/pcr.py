@@ -16,6 +16,10 @@ Recipe (our reading of the paper, choices marked):
 5. Inference with another step count: each timestep uses the group of the nearest calibrated
    timestep (``TimestepGroups.index``), so its step's parameters and bit width.
 
+Resume (with a workdir): each progressive pass checkpoints per step (``workdir/pcr/pass-N``, see
+``calibration.progressive``) and the sensitivity analysis is kept in ``workdir/pcr/sensitivity``;
+a rerun with the same config continues where the killed run stopped and ends bit-identical.
+
 Needs a pipeline (it samples the quantized trajectory) whose scheduler calls the denoiser once per
 step (DDIM, Euler, flow-matching Euler, DPM-Solver multistep). ``calibration.every_k`` and
 ``samples_per_step`` do not apply: every step is calibrated on every prompt.
@@ -25,13 +29,23 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from ..calibration import replay
-from ..calibration.progressive import SamplingRun, activation_quantizers, per_step_hook, progressive_calibrate
+from ..calibration.progressive import (
+    PROGRESS_FILE,
+    SamplingRun,
+    activation_quantizers,
+    load_progress,
+    per_step_hook,
+    progressive_calibrate,
+    state_fingerprint,
+)
 from ..calibration.sensitivity import SENSITIVITY_METRICS, most_sensitive_steps, step_sensitivity
+from ..io import atomic_write_json
 from ..nn import QuantState, set_state
 from ..quant import TimestepGroups
 from ..wrap import average_bits, wrap_denoiser
@@ -163,18 +177,22 @@ class PCR(Method):
         relaxed = options.relax_steps
         if relaxed is not None:
             self._relax(job, group_of_step, relaxed, options.relax_bits)
-        progressive_calibrate(job.pipeline, run, seed=job.config.seed, progress=job.progress)
+        work = job.workdir / "pcr" if job.workdir else None
+        settings = {"config": job.config.to_dict()}
+        progressive_calibrate(job.pipeline, run, seed=job.config.seed, progress=job.progress,
+                              checkpoint_dir=work / "pass-1" if work else None, settings=settings)
         report["progressive_passes"] = 1
         sensitivity = None
         if options.sensitivity_prompts > 0:
             sens_run = sampling_run(job, job.prompts[: options.sensitivity_prompts])
-            sensitivity = step_sensitivity(job.pipeline, sens_run, progress=job.progress)
+            sensitivity = self._sensitivity(job, sens_run, work, settings)
             sensitivity["measured_on"] = "relaxed model" if relaxed is not None else f"a{job.config.abits} model before relaxing"
         if relaxed is None:
             relaxed = most_sensitive_steps(sensitivity, options.relax_fraction, options.sensitivity_metric) if sensitivity else []
             if relaxed:
                 self._relax(job, group_of_step, relaxed, options.relax_bits)
-                progressive_calibrate(job.pipeline, run, start_step=relaxed[0], seed=job.config.seed, progress=job.progress)
+                progressive_calibrate(job.pipeline, run, start_step=relaxed[0], seed=job.config.seed, progress=job.progress,
+                                      checkpoint_dir=work / "pass-2" if work else None, settings=settings)
                 report["progressive_passes"] = 2
         step_bits = [self._step_bits(job, group_of_step[s]) for s in range(steps)]
         report.update({
@@ -188,6 +206,21 @@ class PCR(Method):
         })
         job.denoiser.diffquant.report["pcr"] = report
         job.denoiser.diffquant.report.update(average_bits(job.denoiser))
+
+    @staticmethod
+    def _sensitivity(job: QuantJob, run: SamplingRun, work: Path | None, settings: dict) -> dict:
+        """``step_sensitivity`` of the current model, kept in ``work/sensitivity/`` so a rerun skips it."""
+        if work is None:
+            return step_sensitivity(job.pipeline, run, progress=job.progress)
+        folder = work / "sensitivity"
+        fingerprint = state_fingerprint(job.denoiser, {"run": asdict(run), "settings": settings})
+        saved = load_progress(folder, fingerprint, "a per-step sensitivity")
+        if saved is not None:
+            return saved["sensitivity"]
+        sensitivity = step_sensitivity(job.pipeline, run, progress=job.progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / PROGRESS_FILE, {"fingerprint": fingerprint, "sensitivity": sensitivity})
+        return sensitivity
 
     @staticmethod
     def _relax(job: QuantJob, group_of_step: list[int], steps: list[int], bits: int) -> None:

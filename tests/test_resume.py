@@ -1,0 +1,139 @@
+"""Resume after SIGKILL (issue 9): each long job is killed midway in a subprocess, rerun on the same
+workdir, and must end bit-identical to an uninterrupted run.
+
+The kill is real: the subprocess (this file run as a script) wraps one checkpoint function of the
+job so that its N-th call sends SIGKILL to its own process before doing anything. The uninterrupted
+and the resumed run happen in this process; both sides use one torch thread, so they compute alike.
+
+    python tests/test_resume.py SCENARIO WORKDIR N   # the killed run (what the tests launch)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffquant
+from diffquant import QuantConfig
+from diffquant.models.tiny import tiny_sd_pipeline
+
+from tinyutil import PROMPTS, calibration_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return tiny_sd_pipeline()
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+
+
+# ---------------------------------------------------------------- scenarios (shared with the killed subprocess)
+
+PCR_CONFIG = QuantConfig(method="pcr", wbits=8, abits=8, calibration=calibration_config(num_prompts=1, num_inference_steps=4),
+                         options={"sensitivity_prompts": 1, "relax_fraction": 0.25})
+
+
+def pcr(pipe, work: Path) -> dict[str, torch.Tensor]:
+    """PCR: two progressive passes (4 steps each) around a per-step sensitivity analysis."""
+    pipe = copy.deepcopy(pipe)
+    diffquant.quantize(pipe, PCR_CONFIG, calibration=PROMPTS, workdir=work, progress=False)
+    return _tensors(pipe.unet)
+
+
+def _pcr_kill_point():
+    from diffquant.calibration import progressive
+
+    return progressive, "atomic_save_tensors"  # one call per fitted step, before its file is written
+
+
+SCENARIOS: dict[str, tuple[Callable, Callable]] = {"pcr": (pcr, _pcr_kill_point)}
+
+
+def _kill_on_call(owner, name: str, n: int) -> None:
+    """Make the ``n``-th call of ``owner.name`` SIGKILL this process before it runs."""
+    original = getattr(owner, name)
+    calls = [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+def _killed_run(scenario: str, work: Path, n: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, __file__, scenario, str(work), str(n)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+class _Counter:
+    """Counts calls of ``owner.name`` while active (to prove a resumed run skipped finished work)."""
+
+    def __init__(self, monkeypatch, owner, name: str) -> None:
+        self.calls = 0
+        original = getattr(owner, name)
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counting)
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_pcr_resumes_after_sigkill(sd, tmp_path, monkeypatch):
+    from diffquant.calibration import progressive
+
+    reference = pcr(sd, tmp_path / "whole")
+    passes = sorted(p.name for p in (tmp_path / "whole" / "pcr").iterdir())
+    assert passes == ["pass-1", "pass-2", "sensitivity"]
+    work = tmp_path / "killed"
+    _killed_run("pcr", work, 3)  # steps 0 and 1 of the first pass saved, step 2 fitted but lost
+    assert sorted(p.name for p in (work / "pcr" / "pass-1").glob("step-*")) == ["step-0000.safetensors", "step-0001.safetensors"]
+    fits = _Counter(monkeypatch, progressive, "fit_group_from_call")
+    _assert_identical(pcr(sd, work), reference)
+    pass_two = len(list((work / "pcr" / "pass-2").glob("step-*")))
+    assert fits.calls == 2 + pass_two  # the first pass continued at step 2; nothing finished was fitted again
+    with pytest.raises(ValueError, match="another model, prompts or config"):
+        diffquant.quantize(copy.deepcopy(sd), dataclasses.replace(PCR_CONFIG, act_observer="percentile"),
+                           calibration=PROMPTS, workdir=work, progress=False)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    name, folder, count = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    run, kill_point = SCENARIOS[name]
+    _kill_on_call(*kill_point(), count)
+    run(tiny_sd_pipeline(), folder)
+    sys.exit(f"{name}: finished without reaching call {count} of the kill point")
