@@ -54,8 +54,34 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 # ---------------------------------------------------------------- scenarios (shared with the killed subprocess)
 
+# conv_in, the time embedding, a ResNet block, a downsampler and a few single layers are reconstructed; one prompt
+# per recording batch, so the recording can be killed between its two batches.
+QDIFFUSION_CONFIG = QuantConfig(
+    method="qdiffusion", wbits=4, abits=8, calibration=calibration_config(num_prompts=2, num_inference_steps=2, batch_size=1),
+    quantize_attention=False, options=dict(every_k=1, iterations=3, act_iterations=2, batch_size=4),
+    keep_float=["down_blocks.0.attentions.*", "down_blocks.1.*", "mid_block.*", "up_blocks.*", "conv_out"],
+)
 PCR_CONFIG = QuantConfig(method="pcr", wbits=8, abits=8, calibration=calibration_config(num_prompts=1, num_inference_steps=4),
                          options={"sensitivity_prompts": 1, "relax_fraction": 0.25})
+
+
+def qdiffusion(pipe, work: Path) -> dict[str, torch.Tensor]:
+    """Q-Diffusion: calibration recording (two batches), then block reconstruction (checkpoint per block)."""
+    pipe = copy.deepcopy(pipe)
+    diffquant.quantize(pipe, QDIFFUSION_CONFIG, calibration=PROMPTS, workdir=work, progress=False)
+    return _tensors(pipe.unet)
+
+
+def _recording_kill_point():
+    from diffquant.calibration import collect
+
+    return collect, "_write_shard"  # one call per saved recording batch
+
+
+def _reconstruction_kill_point():
+    from diffquant import reconstruction
+
+    return reconstruction, "_save_checkpoint"  # one call per reconstructed block
 
 
 def pcr(pipe, work: Path) -> dict[str, torch.Tensor]:
@@ -71,7 +97,11 @@ def _pcr_kill_point():
     return progressive, "atomic_save_tensors"  # one call per fitted step, before its file is written
 
 
-SCENARIOS: dict[str, tuple[Callable, Callable]] = {"pcr": (pcr, _pcr_kill_point)}
+SCENARIOS: dict[str, tuple[Callable, Callable]] = {
+    "recording": (qdiffusion, _recording_kill_point),
+    "reconstruction": (qdiffusion, _reconstruction_kill_point),
+    "pcr": (pcr, _pcr_kill_point),
+}
 
 
 def _kill_on_call(owner, name: str, n: int) -> None:
@@ -110,6 +140,22 @@ class _Counter:
 
 
 # ---------------------------------------------------------------- tests
+
+
+def test_calibration_recording_and_reconstruction_resume_after_sigkill(sd, tmp_path, monkeypatch):
+    from diffquant import reconstruction
+
+    reference = qdiffusion(sd, tmp_path / "whole")
+    blocks = len(list((tmp_path / "whole" / "reconstruction").glob("block-*")))
+    work = tmp_path / "killed"
+    _killed_run("recording", work, 2)  # killed before the second recording batch was written
+    assert sorted(p.parent.name for p in (work / "calibration").glob("batch-*/calibration.json")) == ["batch-00000"]
+    _killed_run("reconstruction", work, 4)  # recording resumed and finished; killed after three blocks
+    assert (work / "calibration" / "batch-00001" / "calibration.json").is_file()
+    assert len(list((work / "reconstruction").glob("block-*"))) == 3 < blocks
+    reconstructed = _Counter(monkeypatch, reconstruction, "_reconstruct_block")
+    _assert_identical(qdiffusion(sd, work), reference)
+    assert reconstructed.calls == blocks - 3
 
 
 def test_pcr_resumes_after_sigkill(sd, tmp_path, monkeypatch):
