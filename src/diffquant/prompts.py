@@ -1,51 +1,72 @@
-"""Prompt input: a text file (one prompt per line), a JSON list of prompts or of {prompt, seed}."""
+"""Prompt input: a text file (one prompt per line), a JSON list of prompts or of {prompt, seed}, or a
+built-in mini-zoo set (``zoo:heldout[:N]``, ``zoo:calibration[:N]``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+ZOO_SPLITS = {"heldout": "heldout", "eval": "heldout", "test": "heldout",
+              "calibration": "calibration", "calib": "calibration", "train": "calibration"}
+
+
+class PromptFileNotFound(FileNotFoundError, ValueError):
+    """A missing prompt file: a user error under either name callers catch."""
+
+
+def _zoo_prompts(spec: str) -> list[str]:
+    _, split, *rest = spec.split(":")
+    if split not in ZOO_SPLITS or len(rest) > 1:
+        raise ValueError(f"unknown built-in prompt set {spec!r}; use zoo:heldout or zoo:calibration (optionally ':N')")
+    try:
+        count = int(rest[0]) if rest else None
+    except ValueError:
+        raise ValueError(f"bad prompt set {spec!r}: the count after the second ':' must be an integer") from None
+    from . import zoo
+
+    make = zoo.heldout_prompts if ZOO_SPLITS[split] == "heldout" else zoo.calibration_prompts
+    return list(make(count) if count is not None else make())
+
 
 def read_prompts(source: str | Path) -> list[tuple[str, int | None]]:
-    """(prompt, seed or None) pairs from ``source``; blank lines and ``#`` comments are skipped.
-
-    ``zoo:calibration`` and ``zoo:heldout`` name the mini zoo's built-in sets.
-    """
+    """(prompt, seed or None) pairs from ``source``; blank lines and ``#`` comments are skipped."""
     text_source = str(source)
     if text_source.startswith("zoo:"):
-        from . import zoo
-
-        sets = {"calibration": zoo.calibration_prompts, "heldout": zoo.heldout_prompts}
-        which = text_source.split(":", 1)[1]
-        if which not in sets:
-            raise ValueError(f"unknown built-in prompt set {text_source!r}; use zoo:calibration or zoo:heldout")
-        return [(p, None) for p in sets[which]()]
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found; pass a .txt (one prompt per line) or .json file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read prompt file {path} ({e}); save it as UTF-8 text") from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); expected a list of prompts or of {{prompt, seed}}") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path} must hold a JSON list of prompts or of {{\"prompt\": ..., \"seed\": ...}} objects")
-        pairs = []
-        for item in data:
-            if isinstance(item, str):
-                pairs.append((item, None))
-            elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
-                pairs.append((item["prompt"], None if item.get("seed") is None else int(item["seed"])))
-            else:
-                raise ValueError(f"{path}: entry {item!r} is neither a prompt nor a {{prompt, seed}} object")
+        pairs: list[tuple[str, int | None]] = [(p, None) for p in _zoo_prompts(text_source)]
     else:
-        pairs = [(line.strip(), None) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        path = Path(source)
+        if not path.is_file():
+            raise PromptFileNotFound(f"prompt file {path} not found; pass a .txt (one prompt per line), a .json list "
+                                     f"or zoo:heldout")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read prompt file {path} ({e}); save it as UTF-8 text") from None
+        pairs = _parse_json(path, text) if path.suffix.lower() == ".json" else [
+            (line.strip(), None) for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not pairs:
-        raise ValueError(f"prompt file {path} holds no prompts; add one prompt per line")
+        raise ValueError(f"prompt set {text_source} is empty (it holds no prompts); add one prompt per line")
+    return pairs
+
+
+def _parse_json(path: Path, text: str) -> list[tuple[str, int | None]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); expected a list of prompts or of {{prompt, seed}}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path} must hold a JSON list of prompts or of {{\"prompt\": ..., \"seed\": ...}} objects")
+    pairs: list[tuple[str, int | None]] = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            pairs.append((item, None))
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+            seed = item.get("seed")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+                raise ValueError(f"{path}, item {i}: 'seed' must be an integer")
+            pairs.append((item["prompt"], seed))
+        else:
+            raise ValueError(f"{path}, item {i}: expected a prompt string or a {{prompt, seed}} object")
     return pairs
 
 

@@ -229,7 +229,7 @@ class Evaluation:
 
     def write(self, out_dir: str | Path, title: str) -> dict[str, Path]:
         """Write results.json, report.html and results.md into ``out_dir``; returns their paths."""
-        from .report import atomic_write
+        from ..io import atomic_write
 
         out = Path(out_dir)
         results = self.results()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..wrap import get_denoiser
 from .paired import GenSettings
 
@@ -23,33 +21,15 @@ def zoo_names() -> list[str]:
 
 
 def load_model(spec: str, device: str = "cpu"):
-    """A pipeline for ``spec`` on ``device``: a mini-zoo name, a folder written by ``diffquant.save``, or a diffusers pipeline folder."""
-    if spec in zoo_names():
-        pipe = _zoo().load_pipeline(spec)
-    else:
-        path = Path(spec)
-        if not path.is_dir():
-            names = ", ".join(zoo_names()) or "none available"
-            raise ValueError(f"model {spec!r} not found: pass a diffusers pipeline folder, a folder written by "
-                             f"`diffquant quantize`, or a mini-zoo name ({names})")
-        import diffquant
+    """A pipeline for ``spec`` on ``device`` (see :func:`diffquant.pipelines.load_pipeline`); errors are ValueErrors."""
+    from ..pipelines import load_pipeline
 
-        if is_diffquant_folder(path):
-            pipe = diffquant.load(str(path))
-        elif (path / "model_index.json").is_file():
-            from diffusers import DiffusionPipeline
-
-            pipe = DiffusionPipeline.from_pretrained(str(path))
-        else:
-            raise ValueError(f"{spec!r} is neither a diffusers pipeline folder (no model_index.json) nor a diffquant-saved model")
+    try:
+        pipe = load_pipeline(spec, device=device)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def is_diffquant_folder(path: Path) -> bool:
-    from diffquant.serialization import MANIFEST
-
-    return (path / MANIFEST).is_file()
+    return pipe
 
 
 def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None, height: int | None, width: int | None) -> GenSettings:

@@ -8,10 +8,8 @@ resumes to the same result. bf16 autocast is used on CPU and GPU: on this kind o
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
