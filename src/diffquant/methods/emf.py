@@ -57,45 +57,32 @@ PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class EMFOptions:
-    """EMF knobs (``QuantConfig.options`` / ``--option key=value``; ``--preset gpu`` for a larger budget)."""
+class EMFOptions(QATConfig):
+    """EMF knobs (``QuantConfig.options`` / ``--option key=value``; ``--preset gpu`` for a larger budget):
+    the training budget of :class:`QATConfig` plus the recipe's own. The seed is QuantConfig's."""
 
     preset: str | None = None
     steps_per_prompt: int = 4
     timestep_groups: int | None = None  # None: QuantConfig.timestep_groups if > 1, else 4
-    iterations: int = 200
-    batch_size: int = 16
-    order: str = "parallel"
-    weight_training: str = "full"
-    lowrank_rank: int = 8
-    lr_weights: float = 1e-5
-    lr_lowrank: float = 1e-4
-    lr_scales: float = 1e-4
-    feature_weight: float = 1.0
     distill_layers: int = 6
     sensitive_layers: list[str] = field(default_factory=list)
     sensitivity_rows: int = 8
     mixed_precision_layers: int = 0
-    freeze_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    freeze_threshold: float = 0.1
     init_rows: int = 64
-    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown emf preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.seed != 0:
+            raise ValueError("emf takes its seed from the quantization config (QuantConfig.seed / --seed), not an option")
         for name in ("distill_layers", "mixed_precision_layers", "sensitivity_rows", "init_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"emf option {name} must be >= 0, got {getattr(self, name)}")
-        self.qat()  # validates order, weight_training, freeze_at
 
     def qat(self, seed: int = 0) -> QATConfig:
-        return QATConfig(
-            iterations=self.iterations, batch_size=self.batch_size, order=self.order, weight_training=self.weight_training,
-            lowrank_rank=self.lowrank_rank, lr_weights=self.lr_weights, lr_lowrank=self.lr_lowrank, lr_scales=self.lr_scales,
-            feature_weight=self.feature_weight, freeze_at=list(self.freeze_at), freeze_threshold=self.freeze_threshold,
-            checkpoint_every=self.checkpoint_every, seed=seed,
-        )
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(QATConfig)}
+        return QATConfig(**{**shared, "freeze_at": list(self.freeze_at), "seed": seed})
 
 
 def _to_float(denoiser: nn.Module, name: str) -> None:
