@@ -24,6 +24,8 @@ import torch
 
 import diffquant
 from diffquant import QuantConfig
+from diffquant.evaluation import GenSettings, PromptItem, generate
+from diffquant.evaluation.paired import GenStats
 from diffquant.models.tiny import tiny_sd_pipeline
 
 from tinyutil import PROMPTS, calibration_config
@@ -42,11 +44,9 @@ def sd():
     return tiny_sd_pipeline()
 
 
-def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+def _assert_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every weight, quantizer parameter and buffer of the two denoisers is equal, bit for bit."""
+    a, b = a.state_dict(), b.state_dict()
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, different[:5]
@@ -65,11 +65,10 @@ PCR_CONFIG = QuantConfig(method="pcr", wbits=8, abits=8, calibration=calibration
                          options={"sensitivity_prompts": 1, "relax_fraction": 0.25})
 
 
-def qdiffusion(pipe, work: Path) -> dict[str, torch.Tensor]:
+def qdiffusion(pipe, work: Path) -> torch.nn.Module:
     """Q-Diffusion: calibration recording (two batches), then block reconstruction (checkpoint per block)."""
     pipe = copy.deepcopy(pipe)
-    diffquant.quantize(pipe, QDIFFUSION_CONFIG, calibration=PROMPTS, workdir=work, progress=False)
-    return _tensors(pipe.unet)
+    return diffquant.quantize(pipe, QDIFFUSION_CONFIG, calibration=PROMPTS, workdir=work, progress=False).unet
 
 
 def _recording_kill_point():
@@ -84,11 +83,42 @@ def _reconstruction_kill_point():
     return reconstruction, "_save_checkpoint"  # one call per reconstructed block
 
 
-def pcr(pipe, work: Path) -> dict[str, torch.Tensor]:
+def pcr(pipe, work: Path) -> torch.nn.Module:
     """PCR: two progressive passes (4 steps each) around a per-step sensitivity analysis."""
     pipe = copy.deepcopy(pipe)
-    diffquant.quantize(pipe, PCR_CONFIG, calibration=PROMPTS, workdir=work, progress=False)
-    return _tensors(pipe.unet)
+    return diffquant.quantize(pipe, PCR_CONFIG, calibration=PROMPTS, workdir=work, progress=False).unet
+
+
+EMF_CONFIG = QuantConfig(method="emf", wbits=4, abits=8, calibration=calibration_config(height=16, width=16),
+                         options=dict(steps_per_prompt=2, iterations=6, batch_size=4, distill_layers=2, sensitivity_rows=2,
+                                      checkpoint_every=1, lr_weights=1e-4, freeze_at=[0.5], freeze_threshold=0.2))
+
+
+def emf(pipe, work: Path) -> torch.nn.Module:
+    """EMF: serial dataset, sensitivity, then 6 QAT iterations with a checkpoint after each."""
+    pipe = copy.deepcopy(pipe)
+    return diffquant.quantize(pipe, EMF_CONFIG, calibration=PROMPTS, workdir=work, progress=False).unet
+
+
+def _qat_kill_point():
+    from diffquant.training import QATTrainer
+
+    return QATTrainer, "save_checkpoint"  # one call per iteration here (checkpoint_every=1)
+
+
+GENERATION = GenSettings(steps=2, guidance=7.5, height=32, width=32)
+ITEMS = [PromptItem(p, seed) for p in PROMPTS[:3] for seed in (0, 1)]  # three batches of two images
+
+
+def generation(pipe, work: Path) -> GenStats:
+    """Evaluation generation: six images in batches of two into the PNG cache under ``work``."""
+    return generate(pipe, ITEMS, GENERATION, work, batch_size=2)[1]
+
+
+def _generation_kill_point():
+    from diffquant.evaluation import paired
+
+    return paired, "_write_png"  # one call per image
 
 
 def _pcr_kill_point():
@@ -101,6 +131,8 @@ SCENARIOS: dict[str, tuple[Callable, Callable]] = {
     "recording": (qdiffusion, _recording_kill_point),
     "reconstruction": (qdiffusion, _reconstruction_kill_point),
     "pcr": (pcr, _pcr_kill_point),
+    "qat": (emf, _qat_kill_point),
+    "generation": (generation, _generation_kill_point),
 }
 
 
@@ -174,6 +206,34 @@ def test_pcr_resumes_after_sigkill(sd, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="another model, prompts or config"):
         diffquant.quantize(copy.deepcopy(sd), dataclasses.replace(PCR_CONFIG, act_observer="percentile"),
                            calibration=PROMPTS, workdir=work, progress=False)
+
+
+def test_emf_qat_resumes_after_sigkill(sd, tmp_path):
+    import json
+
+    reference = emf(sd, tmp_path / "whole")
+    work = tmp_path / "killed"
+    _killed_run("qat", work, 4)  # iterations 1-3 checkpointed, the fourth done but not saved
+    assert json.loads((work / "emf" / "qat" / "qat-checkpoint.json").read_text())["iteration"] == 3
+    resumed = emf(sd, work)
+    _assert_identical(resumed, reference)
+    train, reference_train = (diffquant.quant_record(d).report["emf"]["train"] for d in (resumed, reference))
+    assert train["resumed_from_iteration"] == 3 and train["loss"] == reference_train["loss"]
+
+
+def test_evaluation_generation_resumes_after_sigkill(sd, tmp_path, monkeypatch):
+    from diffquant.evaluation import paired
+
+    generation(sd, tmp_path / "whole")
+    work = tmp_path / "killed"
+    _killed_run("generation", work, 4)  # the first batch written, then killed between the two images of the second
+    assert len(list(work.glob("*/*.png"))) == 3
+    batches = _Counter(monkeypatch, paired, "initial_noise")  # one call per rendered batch
+    stats = generation(sd, work)
+    assert batches.calls == 2 and (stats.generated, stats.cached) == (3, 3)  # the second batch whole, then the third
+    whole = {p.relative_to(tmp_path / "whole"): p.read_bytes() for p in (tmp_path / "whole").glob("*/*.png")}
+    resumed = {p.relative_to(work): p.read_bytes() for p in work.glob("*/*.png")}
+    assert len(whole) == 6 and resumed == whole
 
 
 if __name__ == "__main__":

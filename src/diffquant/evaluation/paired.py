@@ -4,6 +4,12 @@ Images are cached as PNG under ``cache_dir/<model fingerprint>/<key>.png``, the 
 seed, steps, guidance and size, so re-running an evaluation (or a bench that shares the FP model)
 generates nothing it already has. The fingerprint hashes every weight, buffer and the module
 structure of the pipeline, so a quantized model never hits the FP model's cache entries.
+
+Batches are fixed: items ``[b·B, (b+1)·B)`` form batch ``b`` whatever is cached, and a batch with an
+image missing is rendered whole (only its missing images are written). An image therefore never
+depends on what was cached before: a killed run resumes to the same PNGs, and ``render`` with
+``shard=(i, n)`` (process ``i`` of ``n`` under ``accelerate launch``) renders batches ``b % n == i``
+into a shared cache with the same result as one process.
 """
 
 from __future__ import annotations
@@ -68,7 +74,9 @@ def model_fingerprint(pipe) -> str:
                 h.update(key.encode())
                 _hash_tensor(h, value)
         elif name == "scheduler" and component is not None:
-            h.update(json.dumps(dict(component.config), sort_keys=True, default=str).encode())
+            # diffusers lists `_use_default_values` in set order, which changes from process to process
+            config = {k: v for k, v in component.config.items() if k != "_use_default_values"}
+            h.update(json.dumps(config, sort_keys=True, default=str).encode())
     return h.hexdigest()[:24]
 
 
@@ -106,22 +114,33 @@ def _device(pipe) -> torch.device:
 
 
 @torch.no_grad()
-def generate(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: str | Path, batch_size: int = 4,
-             label: str = "model", fingerprint: str | None = None) -> tuple[torch.Tensor, GenStats]:
-    """Images for ``items`` as float [N, 3, H, W] in [0, 1] (from the 8-bit PNGs, cached or fresh) and hit counts."""
+def render(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: str | Path, batch_size: int = 4,
+           label: str = "model", fingerprint: str | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[list[Path], GenStats]:
+    """Write the missing cache PNGs of this shard's batches; returns every item's PNG path and the counts of this shard."""
+    index, num_shards = shard
     fingerprint = fingerprint or model_fingerprint(pipe)
     folder = Path(cache_dir) / fingerprint
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{cache_key(item, settings)}.png" for item in items]
-    todo = [i for i, p in enumerate(paths) if not p.exists()]
-    stats = GenStats(generated=len(todo), cached=len(items) - len(todo))
-    batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    for batch in tqdm(batches, desc=f"generate {label}", unit="batch", disable=not batches):
+    mine = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)][index::num_shards]
+    todo = [batch for batch in mine if not all(paths[i].exists() for i in batch)]
+    stats = GenStats(cached=sum(len(batch) for batch in mine))
+    for batch in tqdm(todo, desc=f"generate {label}", unit="batch", disable=not todo):
         latents = initial_noise(pipe, [items[i].seed for i in batch], settings).to(_device(pipe))
         out = pipe(prompt=[items[i].prompt for i in batch], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
                    height=settings.height, width=settings.width, latents=latents, output_type="np")
         images = np.clip(np.round(np.asarray(out.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
         for i, image in zip(batch, images):
-            _write_png(paths[i], image, items[i])
+            if not paths[i].exists():
+                _write_png(paths[i], image, items[i])
+                stats.generated += 1
+                stats.cached -= 1
+    return paths, stats
+
+
+def generate(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: str | Path, batch_size: int = 4,
+             label: str = "model", fingerprint: str | None = None) -> tuple[torch.Tensor, GenStats]:
+    """Images for ``items`` as float [N, 3, H, W] in [0, 1] (from the 8-bit PNGs, cached or fresh) and hit counts."""
+    paths, stats = render(pipe, items, settings, cache_dir, batch_size, label, fingerprint)
     arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0, stats
