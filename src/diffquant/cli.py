@@ -89,6 +89,7 @@ def quantize(
     def body():
         import diffquant
         from diffquant import CalibrationConfig, QuantConfig
+        from diffquant.distributed import launch_state
         from diffquant.pipelines import load_pipeline
         from diffquant.prompts import prompt_list
 
@@ -107,13 +108,18 @@ def quantize(
                                               batch_size=batch_size, seed=seed),
             )
         calib = prompt_list(prompts) if prompts else None
+        state = launch_state(device)  # under `accelerate launch`: EMF trains data-parallel (docs/scale-out.md)
+        if state is not None and cfg.method != "emf":
+            raise ValueError(f"only --method emf runs across processes; run --method {cfg.method} without accelerate launch")
         _quiet()
         typer.echo(f"loading {model}")
-        pipe = load_pipeline(model, device=device)
+        pipe = load_pipeline(model, device=str(state.device) if state is not None else device)
         if calib is None and not diffquant.api.sampling_defaults(pipe):
             raise ValueError("calibration prompts needed: pass --prompts FILE (one prompt per line)")
         typer.echo(f"quantizing with {cfg.label}")
         diffquant.quantize(pipe, cfg, calibration=calib, workdir=out.parent / f".{out.name}.work")
+        if state is not None and not state.is_main_process:
+            return
         if convert:
             _convert_pipeline(pipe, calib)
         diffquant.save(pipe, out, overwrite=overwrite)

@@ -7,8 +7,11 @@ quantized model sees both at inference) are kept with the FP output. So x_t has 
 statistics, not forward-noised ones. FP features of the sensitive layers are added later
 (``record_features``), once a sensitivity measurement has named the layers.
 
-On disk: one safetensors shard per prompt batch plus ``dataset.json``; a rerun with the same
-settings skips the shards already written (resumable), and a finished folder is reused as is.
+On disk: one safetensors shard per prompt batch, stamped with the settings' fingerprint, plus an
+index ``dataset.json``; a rerun with the same settings skips the shards already written
+(resumable), and a finished folder is reused as is. Under ``accelerate launch`` process ``i`` of
+``n`` samples batches ``b % n == i`` into the shared folder and, after a barrier, every process
+loads all shards in batch order: the same dataset as one process (each batch has its own seed).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationSet
 from ..calibration.collect import DenoiserCall, _flatten_call
+from ..distributed import barrier, is_main, rank_and_size
 from ..io import atomic_save_tensors, atomic_write_json
 from ..wrap import get_denoiser
 
@@ -121,7 +126,9 @@ class SerialDataset:
         return cls.concat(parts)
 
     def save_features(self, folder: str | Path) -> None:
-        """Write the FP features for the current sensitive layers next to the shards."""
+        """Write the FP features for the current sensitive layers next to the shards (the main process only)."""
+        if not is_main():
+            return
         folder = Path(folder)
         names = sorted(self.features)
         atomic_save_tensors(self.features, folder / f"features-{_names_digest(names)}.safetensors")
@@ -197,39 +204,47 @@ def _sample_batch(pipe, prompts: list[str], first_prompt: int, config: SerialDat
     return SerialDataset.concat(parts)
 
 
+def _finished(path: Path, fingerprint: str) -> bool:
+    """Whether ``path`` is a shard written for ``fingerprint`` (complete: shards are written atomically)."""
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("fingerprint") == fingerprint
+
+
 def generate_serial_dataset(
     pipe, prompts: list[str], config: SerialDatasetConfig, folder: str | Path | None = None, progress: bool = True
 ) -> SerialDataset:
     """Sample ``prompts`` with the float ``pipe`` and keep random steps per prompt (see the module docstring).
 
     With ``folder``, every prompt batch becomes a shard written as soon as it is done; shards of a
-    previous run with the same prompts and settings are loaded instead of sampled again.
+    previous run with the same prompts and settings are loaded instead of sampled again. Under a
+    multi-process launch the processes share the batches (a shared ``folder`` is needed for that).
     """
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
     fingerprint = config.fingerprint(prompts)
-    index_path = Path(folder) / "dataset.json" if folder else None
-    done: list[str] = []
-    if index_path is not None:
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        if index_path.is_file():
-            index = json.loads(index_path.read_text())
-            done = index["shards"] if index.get("fingerprint") == fingerprint else []
+    folder = Path(folder) if folder is not None else None
+    rank, world = rank_and_size() if folder is not None else (0, 1)
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
-    parts = []
-    for b, batch in enumerate(tqdm(batches, desc="emf: serial dataset (FP sampling)", disable=not progress)):
-        name = f"serial-{b:05d}.safetensors"
-        if folder is not None and name in done:
-            parts.append(SerialDataset._from_tensors(load_file(str(Path(folder) / name))))
+    names = [f"serial-{b:05d}.safetensors" for b in range(len(batches))]
+    parts: dict[int, SerialDataset] = {}
+    mine = range(rank, len(batches), world)
+    for b in tqdm(mine, desc="emf: serial dataset (FP sampling)", disable=not progress or rank != 0):
+        if folder is not None and _finished(folder / names[b], fingerprint):
             continue
-        part = _sample_batch(pipe, batch, b * config.batch_size, config, config.seed + b)
-        parts.append(part)
+        parts[b] = _sample_batch(pipe, batches[b], b * config.batch_size, config, config.seed + b)
         if folder is not None:
-            atomic_save_tensors(part._tensors(), Path(folder) / name)
-            done.append(name)
-            atomic_write_json(index_path, {"fingerprint": fingerprint, "shards": done, "batches": len(batches),
-                                           "config": asdict(config), "prompts": len(prompts)})
-    return SerialDataset.concat(parts)
+            atomic_save_tensors(parts[b]._tensors(), folder / names[b], metadata={"fingerprint": fingerprint})
+    if world > 1:
+        barrier()
+    if folder is not None and rank == 0:
+        atomic_write_json(folder / "dataset.json", {"fingerprint": fingerprint, "shards": names, "batches": len(batches),
+                                                    "config": asdict(config), "prompts": len(prompts)})
+    return SerialDataset.concat([parts[b] if b in parts else SerialDataset._from_tensors(load_file(str(folder / names[b])))
+                                 for b in range(len(batches))])
 
 
 @torch.no_grad()

@@ -11,6 +11,16 @@ layers (``full``), low-rank adapters on them (``lowrank``, merged at the end) or
 Checkpoints (safetensors + JSON, written atomically every ``checkpoint_every`` steps and at the end)
 hold the trainable tensors, Adam's moments, the freezer's statistics and the curves; batches come
 from a seeded schedule, so a resumed run takes exactly the remaining batches of the same run.
+
+Micro-batches and data parallelism (``accelerate launch --num_processes N``, docs/scale-out.md):
+a batch's rows are split into ``N × micro_batches`` equal chunks; process ``r`` holds the whole
+model and dataset and runs chunks ``r·m … r·m+m-1`` one after another, each chunk's loss being its
+part of the full-batch loss (normalisers from the whole batch), and sums their gradients; the
+processes then sum theirs (``all_reduce``) and all take the same optimizer step, so parameters stay
+identical everywhere (checked at the end) and the main process writes the checkpoints. The result
+is the full-batch gradient up to float summation order; two processes give bit for bit what one
+process gives with ``micro_batches=2``. Fake quantization makes outputs depend slightly on how rows
+are batched, so runs with other chunkings differ a little (not only by rounding).
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import all_reduce_sum, broadcast_from_main, check_same_everywhere, rank_and_size
 from ..io import atomic_save_tensors, atomic_write_json
 from ..nn import QuantModule, quantized_layers
 from .dataset import SerialDataset
@@ -54,6 +65,7 @@ class QATConfig:
     freeze_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
     freeze_threshold: float = 0.1
     checkpoint_every: int = 50
+    micro_batches: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,8 +73,8 @@ class QATConfig:
             raise ValueError(f"order must be 'parallel' or 'serial', got {self.order!r}")
         if self.weight_training not in ("full", "lowrank", "none"):
             raise ValueError(f"weight_training must be 'full', 'lowrank' or 'none', got {self.weight_training!r}")
-        if self.iterations < 0 or self.batch_size < 1:
-            raise ValueError("iterations must be >= 0 and batch_size >= 1")
+        if self.iterations < 0 or self.batch_size < 1 or self.micro_batches < 1:
+            raise ValueError("iterations must be >= 0, batch_size and micro_batches >= 1")
         if any(not 0 < f <= 1 for f in self.freeze_at):
             raise ValueError(f"freeze_at holds fractions of the iterations in (0, 1], got {self.freeze_at}")
 
@@ -71,8 +83,9 @@ class QATConfig:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _nmse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return ((out.float() - ref.float()) ** 2).mean() / (ref.float() ** 2).mean().clamp_min(1e-12)
+def _nmse(out: torch.Tensor, ref: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """MSE of ``out`` against ``ref``, normalised by the mean square of ``norm`` (``ref`` itself, or the whole batch's targets)."""
+    return ((out.float() - ref.float()) ** 2).mean() / (norm.float() ** 2).mean().clamp_min(1e-12)
 
 
 def _scales(denoiser: nn.Module) -> dict[str, nn.Parameter]:
@@ -87,7 +100,11 @@ class QATTrainer:
         missing = [n for n in sensitive_layers if n not in dataset.features]
         if missing and config.feature_weight:
             raise ValueError(f"no FP features recorded for {missing[:3]}; run record_features with the sensitive layers first")
-        self.denoiser, self.dataset, self.config, self.progress = denoiser, dataset, config, progress
+        self.rank, self.world = rank_and_size()
+        if config.batch_size < self.world * config.micro_batches:
+            raise ValueError(f"batch_size {config.batch_size} is smaller than {self.world} process(es) x "
+                             f"{config.micro_batches} micro-batches; raise batch_size or lower micro_batches")
+        self.denoiser, self.dataset, self.config, self.progress = denoiser, dataset, config, progress and self.rank == 0
         self.sensitive = list(sensitive_layers)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.layers: dict[str, QuantModule] = {n: m for n, m in quantized_layers(denoiser).items() if m.weight_quantizer is not None}
@@ -108,6 +125,7 @@ class QATTrainer:
             groups.append({"params": adapters, "lr": config.lr_lowrank})
         self.params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.Adam(groups)
+        broadcast_from_main([t for t in denoiser.state_dict().values() if t.is_floating_point()])
         self.freezer = SelectiveFreezer(self.layers)
         self.batches = dataset.batches(config.order, config.batch_size, config.iterations, config.seed)
         self.freeze_steps = {max(1, round(f * config.iterations)): r for r, f in enumerate(sorted(config.freeze_at))}
@@ -117,7 +135,7 @@ class QATTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or self.rank != 0:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"param/{n}": p.detach() for n, p in self.params.items()}
@@ -150,30 +168,49 @@ class QATTrainer:
         return True
 
     # ------------------------------------------------------------------ training
-    def _step(self, rows: torch.Tensor) -> tuple[float, float]:
+    def _loss(self, part: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``part``'s share of the loss of batch ``rows`` (total, output term)."""
         param = next(self.denoiser.parameters())
+        share = part.numel() / rows.numel()
         captured: dict[str, torch.Tensor] = {}
         hooks = [self.denoiser.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out))
                  for n in self.sensitive if self.config.feature_weight]
         try:
-            out = self.denoiser(**self.dataset.kwargs(rows, param.device, param.dtype))[0]
+            out = self.denoiser(**self.dataset.kwargs(part, param.device, param.dtype))[0]
         finally:
             for h in hooks:
                 h.remove()
-        output_loss = _nmse(out, self.dataset.output[rows].to(param.device))
+        target = self.dataset.output
+        output_loss = _nmse(out, target[part].to(param.device), target[rows].to(param.device)) * share
         loss = output_loss
         if captured:
-            feature_loss = torch.stack([_nmse(captured[n], self.dataset.features[n][rows].to(param.device)) for n in captured]).mean()
+            features = self.dataset.features
+            feature_loss = torch.stack([_nmse(captured[n], features[n][part].to(param.device), features[n][rows].to(param.device))
+                                        for n in captured]).mean() * share
             loss = loss + self.config.feature_weight * feature_loss
+        return loss, output_loss
+
+    def _step(self, rows: torch.Tensor) -> tuple[float, float]:
+        """One optimizer step on batch ``rows`` (this process's chunks of them); returns the full batch's losses."""
+        m = self.config.micro_batches
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses = torch.zeros(2, device=next(self.denoiser.parameters()).device)
+        for part in rows.tensor_split(self.world * m)[self.rank * m : (self.rank + 1) * m]:
+            loss, output_loss = self._loss(part, rows)
+            loss.backward()
+            losses += torch.stack([loss.detach(), output_loss.detach()])
+        if self.world > 1:
+            for p in self.params.values():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            all_reduce_sum([losses, *(p.grad for p in self.params.values())])
         self.freezer.zero_frozen_grads()
         self.optimizer.step()
         with torch.no_grad():
             for p in _scales(self.denoiser).values():
                 p.clamp_(min=1e-8)
         self.freezer.pin()
-        return float(loss.detach()), float(output_loss.detach())
+        return float(losses[0]), float(losses[1])
 
     def train(self, callback: Callable[[int, dict], None] | None = None) -> dict:
         """Run the remaining iterations; returns the history (curves, freezing events, wall time)."""
@@ -205,6 +242,7 @@ class QATTrainer:
             if callback is not None:
                 callback(self.iteration, self.history)
         bar.close()
+        check_same_everywhere(list(self.params.values()), "trained parameters")
         self.save_checkpoint()
         return self.history
 

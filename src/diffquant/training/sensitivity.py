@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..distributed import broadcast_from_main, is_main
 from ..io import atomic_write_json
 from ..nn import quantized_layers, set_quant_enabled
 from .dataset import SerialDataset
@@ -27,7 +28,8 @@ def _rel_mse(out: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def measure_layer_sensitivity(denoiser: nn.Module, dataset: SerialDataset, rows: torch.Tensor, progress: bool = True) -> dict[str, float]:
     """Relative MSE of the denoiser output against the FP output with only layer L quantized (weights and
-    input), for every quantized layer with a weight. The model must be in the learning (or frozen) state."""
+    input), for every quantized layer with a weight. The model must be in the learning (or frozen) state.
+    Under a multi-process launch every process gets the main process's numbers (so all rank layers alike)."""
     param = next(denoiser.parameters())
     kwargs = dataset.kwargs(rows, param.device, param.dtype)
     reference = dataset.output[rows].to(param.device)
@@ -41,7 +43,9 @@ def measure_layer_sensitivity(denoiser: nn.Module, dataset: SerialDataset, rows:
             set_quant_enabled(denoiser, False, names=[name])
     finally:
         set_quant_enabled(denoiser, True)
-    return errors
+    values = torch.tensor([errors[n] for n in names], dtype=torch.float64, device=param.device)
+    broadcast_from_main([values])
+    return dict(zip(names, values.tolist()))
 
 
 def rank_layers(errors: dict[str, float]) -> list[str]:
@@ -50,12 +54,14 @@ def rank_layers(errors: dict[str, float]) -> list[str]:
 
 def save_sensitivity(errors: dict[str, float], folder: str | Path, label: str = "emf", key: str = "") -> dict[str, Path]:
     """Write ``sensitivity.json`` (with ``key``, naming the setting it was measured under) and a bar chart
-    ``sensitivity.png`` (the evaluation report's plot)."""
+    ``sensitivity.png`` (the evaluation report's plot). Only the main process writes."""
     from ..evaluation.report import sensitivity_plot
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "sensitivity.json", "png": folder / "sensitivity.png"}
+    if not is_main():
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(paths["json"], {"key": key, "layers": errors, "ranked": rank_layers(errors)})
     tmp = paths["png"].with_name(".sensitivity.png.tmp")
     tmp.write_bytes(base64.b64decode(sensitivity_plot(label, {"layers": errors})))
