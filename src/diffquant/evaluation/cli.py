@@ -51,10 +51,19 @@ def eval_command(
     label: Optional[str] = typer.Option(None, "--label", help="Name of the model in the report (default: the folder name)."),
     device: str = _DEVICE,
 ) -> None:
-    """Paired evaluation of one model against its FP reference: results.json plus a self-contained report.html."""
+    """Paired evaluation of one model against its FP reference: results.json plus a self-contained report.html.
+
+    Under ``accelerate launch --num_processes N`` the processes share the image generation (batches
+    ``b % N == rank`` into the shared --cache-dir); the main process then scores and writes the report.
+    """
+    from ..distributed import launch_state
     from .harness import Evaluation
     from .loading import load_model, resolve_settings
+    from .paired import render
 
+    state = launch_state(device)
+    if state is not None:
+        device = str(state.device)
     try:
         options = _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
                            sensitivity_max_layers)
@@ -64,6 +73,12 @@ def eval_command(
         q_pipe = load_model(model, device)
     except ValueError as e:
         _fail(e)
+    if state is not None:
+        for pipe, name in ((fp_pipe, "FP"), (q_pipe, label or Path(model).name)):
+            render(pipe, items, settings, cache_dir, batch_size, name, shard=(state.process_index, state.num_processes))
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            return
     ev = Evaluation(fp_pipe, reference, items, settings, options, prompts_spec=prompts)
     ev.add(label or Path(model).name, q_pipe, spec=model)
     paths = ev.write(out, f"diffquant eval: {label or Path(model).name} vs {reference}")
@@ -88,10 +103,13 @@ def bench_command(
     sensitivity_max_layers: Optional[int] = _SENS_LAYERS, device: str = _DEVICE,
 ) -> None:
     """Several methods, bit widths and peer baselines on the same pairs: one table (markdown + JSON) and an HTML report."""
+    from ..distributed import launch_state
     from .bench import parse_bits, run_bench
     from .loading import load_model, resolve_settings
     from .peers import parse_peers
 
+    if launch_state(device) is not None:
+        _fail(ValueError("bench runs in one process; under accelerate launch run diffquant eval for each model"))
     try:
         options = _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
                            sensitivity_max_layers)
