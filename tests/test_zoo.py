@@ -117,3 +117,21 @@ def test_few_step_training_checkpoints_and_resumes(tmp_path: Path, name):
     assert resumed.keys() == straight.keys()
     for k in resumed:
         assert torch.allclose(resumed[k], straight[k], atol=1e-4), k
+
+
+def test_init_from_starts_a_phase_from_saved_weights(tmp_path: Path):
+    from safetensors.torch import load_file
+
+    from diffquant import zoo
+    from diffquant.zoo.train import build_vae, train_denoiser
+
+    build_vae().save_pretrained(str(tmp_path / "vae"))
+    kw = dict(batch_size=2, vae_dir=tmp_path / "vae", pool_size=8, device="cpu", export=False, lr=1e-12)
+    ckpt = train_denoiser("mini-sd", tmp_path / "p2", steps=1, init_from=zoo.model_path("mini-sd"), **kw)
+    trained = load_file(str(ckpt / "model.safetensors"))
+    installed = load_file(str(zoo.model_path("mini-sd") / "unet" / "diffusion_pytorch_model.safetensors"))
+    # One step at a negligible learning rate: the weights are still the installed ones.
+    for k, v in installed.items():
+        assert torch.allclose(trained["unet." + k], v.float(), atol=1e-3), k
+    with pytest.raises(FileNotFoundError, match="init-from"):
+        train_denoiser("mini-sd", tmp_path / "p3", steps=1, init_from=tmp_path / "vae", **kw)
