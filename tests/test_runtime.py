@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffquant
-from diffquant import QuantConfig
+from diffquant import CalibrationConfig, QuantConfig
 from diffquant.nn import QuantConv2d, QuantLinear, states
 from diffquant.runtime import IntConv2d, IntLinear, convert, onednn_available, pack_int4, unpack_int4
 from diffquant.runtime.modules import BACKENDS
@@ -108,6 +108,31 @@ def test_split_inputs_per_group_weights_and_10bit_steps(tiny_pipes):
     assert len(split.blocks()) > 2 and len({b[3] for b in split.blocks()}) == 2
 
 
+def test_two_8bit_timestep_groups_share_packed_weights(tiny_pipes):
+    """oneDNN packs a weight once; each timestep group passes its own activation scale and zero point."""
+    pipe = quantized(tiny_pipes, timestep_groups=2, quantize_attention=False)
+    iq = pipe.unet.conv_in.input_quantizer
+    assert not torch.equal(iq.scale[0], iq.scale[1])
+    for backend in BACKEND_LIST:
+        check_layers_match(pipe, unet_inputs(t=torch.tensor([100.0, 900.0])), backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKEND_LIST if b != "float"])
+def test_autocast_gives_bf16_outputs_close_to_fp32(tiny_pipes, backend):
+    """Under CPU autocast an integer layer writes bf16 (oneDNN: from the kernel itself), within bf16 rounding."""
+    pipe = quantized(tiny_pipes, quantize_attention=False)
+    seen = layer_inputs(pipe.unet, unet_inputs())
+    converted = convert(copy.deepcopy(pipe), backend=backend, progress=False).unet
+    for name, (x, _) in seen.items():
+        layer = converted.get_submodule(name)
+        with torch.no_grad():
+            ref = layer(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(x)
+        assert out.dtype == torch.bfloat16 and ref.dtype == torch.float32
+        assert rel_err(out, ref) < 1e-2, (name, rel_err(out, ref))
+
+
 def test_convert_whole_model_close_to_fake_quant_and_lifecycle(tiny_pipes):
     pipe = quantized(tiny_pipes, quantize_attention=False)
     inputs = unet_inputs()
@@ -143,41 +168,74 @@ def test_unconvertible_layers_stay_frozen_with_reason(tiny_pipes):
         convert(learning, progress=False)
 
 
-@pytest.mark.xfail(reason="issue 8 open: on the tiny UNet headers and per-channel scales push the ratio to 0.313 (W4) / "
-                   "0.557 (W8); the test should measure mini-sd as the issue says", strict=False)
+@pytest.fixture(scope="module")
+def mini_sd():
+    """The bundled mini-sd pipeline (the issue measures saved sizes on it)."""
+    from diffquant import zoo
+
+    try:
+        return zoo.load_pipeline("mini-sd")
+    except FileNotFoundError:
+        pytest.skip("mini-sd weights are not installed")
+
+
 @pytest.mark.parametrize("wbits, limit", [(4, 0.3), (8, 0.55)])
-def test_saved_size_and_load_restores_converted_model(tiny_pipes, tmp_path, wbits, limit):
-    pipe = quantized(tiny_pipes, wbits=wbits, quantize_attention=False)
-    fp16 = tmp_path / "fp16"
-    copy.deepcopy(tiny_pipes["sd"].unet).half().save_pretrained(fp16)
-    # Float parameters of an fp16 checkpoint are fp16-exact; the tiny model's random ones are made so here.
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            p.copy_(p.half().float())
+def test_saved_size_and_load_restores_converted_model(mini_sd, tmp_path, wbits, limit):
+    from diffquant import zoo
+    from diffquant.inspect import describe
+
+    pipe = copy.deepcopy(mini_sd)
+    calibration = CalibrationConfig(num_prompts=2, num_inference_steps=2, batch_size=2)
+    diffquant.quantize(pipe, QuantConfig(wbits=wbits, abits=8, calibration=calibration), calibration=zoo.calibration_prompts(2),
+                       progress=False)
     convert(pipe, progress=False)
-    inputs = unet_inputs()
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor(500.0),
+                  encoder_hidden_states=torch.randn(2, 16, mini_sd.unet.config.cross_attention_dim, generator=g), return_dict=False)
     with torch.no_grad():
         expected = pipe.unet(**inputs)[0]
     folder = diffquant.save(pipe, tmp_path / "q")
     weights = folder / "unet" / "diffquant_model.safetensors"
-    ratio = weights.stat().st_size / (fp16 / "diffusion_pytorch_model.safetensors").stat().st_size
+    ratio = weights.stat().st_size / (zoo.model_path("mini-sd") / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
     assert ratio <= limit, ratio
     loaded = diffquant.load(folder)
-    assert states(loaded.unet)["converted"] == states(pipe.unet)["converted"]
+    assert states(loaded.unet)["converted"] == states(pipe.unet)["converted"] > 100
     with torch.no_grad():
         assert torch.equal(loaded.unet(**inputs)[0], expected)
     meta = json.loads((folder / "unet" / "diffquant_config.json").read_text())
     assert meta["format_version"] == 2 and meta["converted"]
-    from diffquant.inspect import describe
-
     summary = describe(folder)
-    assert sum(summary["converted"]["backends"].values()) == len(meta["converted"]) == summary["quantized_layers"]
+    assert sum(summary["converted"]["backends"].values()) == len(meta["converted"])
     assert "converted:" in summary["text"]
 
 
-@pytest.mark.xfail(reason="issue 8 open: the exporter merges identical QuantizeLinear nodes (61 for 83 layers), so the "
-                   "node count assertion is wrong and the ORT comparison after it has not run yet", strict=False)
+def _onnx_layer_values(graph, layer_names: list[str]) -> dict[str, tuple[str, str]]:
+    """layer -> (its input, its output) value names in an exported graph, found through the exporter's name scopes.
+
+    The input is what the layer's QuantizeLinear reads (followed back from its Conv/MatMul/Gemm, since
+    the exporter may share one QuantizeLinear between layers); the output is the last value the layer computes.
+    """
+    import ast
+
+    producer = {out: node for node in graph.node for out in node.output}
+    members: dict[str, list] = {name: [] for name in layer_names}
+    for node in graph.node:  # in execution order
+        meta = {m.key: m.value for m in node.metadata_props}
+        for scope in ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]")):
+            if scope.removeprefix("unet.") in members:
+                members[scope.removeprefix("unet.")].append(node)
+    found = {}
+    for name, nodes in members.items():
+        (op,) = [n for n in nodes if n.op_type in ("Conv", "MatMul", "Gemm")]
+        dequant = producer[op.input[0]]
+        quant = producer[dequant.input[0]]
+        assert (dequant.op_type, quant.op_type) == ("DequantizeLinear", "QuantizeLinear"), name
+        found[name] = (quant.input[0], nodes[-1].output[0])
+    return found
+
+
 def test_onnx_export_has_qdq_and_onnxruntime_matches(tiny_pipes, tmp_path):
+    """ONNX Runtime runs the Q/DQ graph; fed ONNX Runtime's own input, every PyTorch integer layer gives its output."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from diffquant.runtime.onnx import example_unet_inputs, export_onnx
@@ -186,18 +244,30 @@ def test_onnx_export_has_qdq_and_onnxruntime_matches(tiny_pipes, tmp_path):
     convert(pipe, progress=False)
     inputs = example_unet_inputs(pipe.unet, batch=1, seq_len=16)
     path = export_onnx(pipe, tmp_path / "unet.onnx", inputs=inputs)
-    graph = onnx.load(str(path)).graph
-    ops = [n.op_type for n in graph.node]
-    int_layers = [m for m in pipe.unet.modules() if isinstance(m, (IntLinear, IntConv2d))]
-    assert ops.count("QuantizeLinear") >= len(int_layers) and ops.count("DequantizeLinear") >= 2 * len(int_layers)
-    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    model = onnx.load(str(path))
+    graph = model.graph
+    int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8]
+    layers = {n: m for n, m in pipe.unet.named_modules() if isinstance(m, (IntLinear, IntConv2d))}
+    assert len(weight_dq) == sum(len(m.blocks()) for m in layers.values()) > 30  # one int8 weight per kernel call
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    values = _onnx_layer_values(graph, list(layers))
+    graph.output.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None)
+                        for v in sorted({v for pair in values.values() for v in pair}))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     feeds = dict(zip(["sample", "timestep", "encoder_hidden_states"], (t.numpy() for t in inputs)))
-    out = torch.from_numpy(session.run(None, feeds)[0])
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    for name, (x, y) in values.items():
+        with torch.no_grad():
+            ref = layers[name](torch.from_numpy(outputs[x]))
+        assert rel_err(torch.from_numpy(outputs[y]).reshape(ref.shape), ref) < 1e-5, name
+    # End to end the two differ only where float sums round an activation to the neighbouring code (see docs/runtime.md).
     with torch.no_grad():
         ref = pipe.unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)[0]
         fp = tiny_pipes["sd"].unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)[0]
-    assert rel_err(out, ref) < 0.75 * rel_err(ref, fp), (rel_err(out, ref), rel_err(ref, fp))
+    assert rel_err(torch.from_numpy(outputs["noise_pred"]), ref) < rel_err(ref, fp)
 
 
 def test_export_needs_a_converted_model_and_a_group(tiny_pipes, tmp_path):

@@ -45,15 +45,29 @@ def onednn_available() -> bool:
 
 
 def quantize_u8(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> torch.Tensor:
-    """uint8 codes ``clamp(round(x / scale) + zero_point, 0, qmax)``; one fused pass on CPU."""
-    x = x.float()
+    """uint8 codes ``clamp(round(x / scale) + zero_point, 0, qmax)``, rounded exactly like fake quantization.
+
+    On CPU: a true division and a half-to-even rounding, then PyTorch's fused quantize kernel (clamp and
+    store as bytes; its own ``x * (1 / scale) + zero_point`` rounding differs from ``round(x / scale)`` on
+    a few elements per million, so it only sees integers) whose bytes are taken as a uint8 view, no copy.
+    """
+    x = x.float().div(scale).round_()
     if x.device.type == "cpu":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensors are deprecated, their fused kernel is still the fastest
-            codes = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+            q = torch.quantize_per_tensor(x, 1.0, zero_point, torch.quint8)
+        codes = torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
     else:
-        codes = torch.clamp(torch.round(x / scale) + zero_point, 0, 255).to(torch.uint8)
+        codes = x.add_(zero_point).clamp_(0, 255).to(torch.uint8)
     return codes.clamp_(max=qmax) if qmax < 255 else codes
+
+
+def output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an integer layer writes: the autocast dtype when autocast is on for ``x``'s device, else ``x``'s."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -135,14 +149,15 @@ class _IntLayer(QuantModule):
 
     def blocks(self) -> list[tuple[int, int, int, int]]:
         """(first input channel, end, weight segment, activation segment) of each kernel call."""
-        splits = self.input_quantizer.channel_splits or [self.weight_shape[1]]
-        starts = [sum(splits[:i]) for i in range(len(splits))]
-        out = []
-        for w_seg, (a, b) in enumerate(self.weight_quantizer.bounds):
-            c0, c1 = a // self._unit, b // self._unit
-            a_seg = max(i for i, s in enumerate(starts) if s <= c0)
-            out.append((c0, c1, w_seg, a_seg))
-        return out
+        if "blocks" not in self._cache:
+            starts = [a for a, _ in self._segments()]
+            out = []
+            for w_seg, (a, b) in enumerate(self.weight_quantizer.bounds):
+                c0, c1 = a // self._unit, b // self._unit
+                a_seg = max(i for i, s in enumerate(starts) if s <= c0)
+                out.append((c0, c1, w_seg, a_seg))
+            self._cache["blocks"] = out
+        return self._cache["blocks"]
 
     def _segments(self) -> list[tuple[int, int]]:
         splits = self.input_quantizer.channel_splits or [self.weight_shape[1]]
@@ -150,12 +165,19 @@ class _IntLayer(QuantModule):
 
     def _act_params(self, group: int, segment: int) -> tuple[float, int, int, int]:
         """(scale, uint8 zero point z - qmin, uint8 max qmax - qmin, bits) of a group and segment."""
-        if self._export:
-            return self._export_params[segment]
         iq = self.input_quantizer
         bits = int(iq.bits[group])
         qmin, qmax = qrange(bits, iq.spec.symmetric, iq.spec.unsigned)
         return float(iq.scale[group, segment]), int(round(float(iq.zero_point[group, segment]))) - int(qmin), int(qmax - qmin), bits
+
+    def _group_params(self, group: int) -> list[tuple[float, int, int, int]]:
+        """``_act_params`` of every activation segment of ``group`` (looked up once, then cached)."""
+        if self._export:
+            return self._export_params
+        key = f"act{group}"
+        if key not in self._cache:
+            self._cache[key] = [self._act_params(group, s) for s in range(len(self._segments()))]
+        return self._cache[key]
 
     def _weight_scales(self, w_seg: int) -> torch.Tensor:
         scale = self.weight_quantizer.scale[:, w_seg].detach().float()
@@ -190,37 +212,44 @@ class _IntLayer(QuantModule):
     def _fake_quant(self, x: torch.Tensor, group: int) -> torch.Tensor:
         """The frozen layer's input fake quantization, for one timestep group."""
         iq = self.input_quantizer
-        _, _, _, bits = self._act_params(group, 0)
+        bits = self._group_params(group)[0][3]
         qmin, qmax = qrange(bits, iq.spec.symmetric, iq.spec.unsigned)
         scale = iq._shape_for(iq.scale[group], x, False)
         zero_point = iq._shape_for(iq.zero_point[group], x, False)
         return fake_quantize(x.float(), scale, zero_point, int(qmin), int(qmax)).to(x.dtype)
 
     def _group_forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
-        if self._act_params(group, 0)[3] > 8:  # e.g. PCR's 10-bit steps: same arithmetic, in float
+        params = self._group_params(group)
+        if params[0][3] > 8:  # e.g. PCR's 10-bit steps: same arithmetic, in float
             return self._float_forward(self._fake_quant(x, group))
+        dtype = output_dtype(x)
+        blocks = self.blocks()
+        # One kernel call writes the output dtype itself; partial sums of several blocks add up in fp32.
+        kernel_dtype = dtype if len(blocks) == 1 and dtype in (torch.float32, torch.bfloat16) else torch.float32
         out = None
         for s, (a, b) in enumerate(self._segments()):
-            scale, zp, qmax, _ = self._act_params(group, s)
+            scale, zp, qmax, _ = params[s]
             xs = x if (a, b) == (0, self.weight_shape[1]) else self._channels(x, a, b)
             if self._export:
                 codes = torch.ops.quantized_decomposed.quantize_per_tensor(xs.float(), scale, zp, 0, qmax, torch.uint8)
             else:
                 codes = quantize_u8(xs, scale, zp, qmax)
-            for i, (c0, c1, w_seg, a_seg) in enumerate(self.blocks()):
+            for i, (c0, c1, w_seg, a_seg) in enumerate(blocks):
                 if a_seg != s:
                     continue
                 xb = codes if (c0, c1) == (a, b) else self._channels(codes, c0 - a, c1 - a)
                 bias = self.bias if out is None else None
-                y = self._block(i, xb, scale, zp, qmax, bias)
+                y = self._block(i, xb, scale, zp, qmax, bias, kernel_dtype)
                 out = y if out is None else out + y
-        return out.to(x.dtype)
+        return out.to(dtype)
 
-    def _block(self, i: int, codes: torch.Tensor, scale: float, zp: int, qmax: int, bias: torch.Tensor | None) -> torch.Tensor:
+    def _block(
+        self, i: int, codes: torch.Tensor, scale: float, zp: int, qmax: int, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
         if self._export:
             return self._qdq_block(i, codes, scale, zp, qmax, bias)
         if self.backend == "onednn":
-            return self._onednn_block(i, codes, scale, zp, bias)
+            return self._onednn_block(i, codes, scale, zp, bias, dtype)
         return self._int_mm_block(i, codes, scale, zp, bias)
 
     def _qdq_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, qmax: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -257,7 +286,9 @@ class IntLinear(_IntLayer):
     def _float_forward(self, x_hat: torch.Tensor) -> torch.Tensor:
         return F.linear(x_hat, self._dequantized(), self.bias)
 
-    def _onednn_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+    def _onednn_block(
+        self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
         key = f"onednn{i}"
         if key not in self._cache:
             c0, c1, w_seg, _ = self.blocks()[i]
@@ -266,7 +297,7 @@ class IntLinear(_IntLayer):
             self._cache[key] = (packed, scales, torch.zeros(scales.shape[0], dtype=torch.long))
         packed, w_scale, w_zp = self._cache[key]
         b = None if bias is None else bias.float()
-        return torch.ops.onednn.qlinear_pointwise(codes, scale, zp, packed, w_scale, w_zp, b, 1.0, 0, torch.float32, "none", [], "")
+        return torch.ops.onednn.qlinear_pointwise(codes, scale, zp, packed, w_scale, w_zp, b, 1.0, 0, dtype, "none", [], "")
 
     def _int_mm_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
         key = f"int_mm{i}"
@@ -314,7 +345,9 @@ class IntConv2d(_IntLayer):
         plain = self.groups == 1 and tuple(self.dilation) == (1, 1)
         return ["onednn"] + (["int_mm"] if plain else [])
 
-    def _onednn_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+    def _onednn_block(
+        self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
         key = f"onednn{i}"
         if key not in self._cache:
             c0, c1, w_seg, _ = self.blocks()[i]
@@ -328,7 +361,7 @@ class IntConv2d(_IntLayer):
         b = None if bias is None else bias.float()
         return torch.ops.onednn.qconv2d_pointwise(
             codes, scale, zp, packed, w_scale, w_zp, b, list(self.stride), list(self.padding), list(self.dilation),
-            self.groups, 1.0, 0, torch.float32, "none", [], "",
+            self.groups, 1.0, 0, dtype, "none", [], "",
         )
 
     def _int_mm_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
