@@ -106,7 +106,6 @@ class QATTrainer:
                              f"{config.micro_batches} micro-batches; raise batch_size or lower micro_batches")
         self.denoiser, self.dataset, self.config, self.progress = denoiser, dataset, config, progress and self.rank == 0
         self.sensitive = list(sensitive_layers)
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.layers: dict[str, QuantModule] = {n: m for n, m in quantized_layers(denoiser).items() if m.weight_quantizer is not None}
         for p in denoiser.parameters():
             p.requires_grad_(False)
@@ -132,6 +131,9 @@ class QATTrainer:
         self.history: dict = {"loss": [], "output_loss": [], "flip_rate": [], "freeze_events": [], "seconds": 0.0}
         self.iteration = 0
         self.fingerprint = config.fingerprint({"rows": len(dataset), "sensitive": self.sensitive, "params": sorted(self.params)})
+        # One sub-folder per run fingerprint: a run with other data or knobs sharing the workdir (e.g. the
+        # serial/parallel ablation) neither resumes from nor overwrites another run's checkpoint.
+        self.checkpoint_dir = Path(checkpoint_dir) / self.fingerprint if checkpoint_dir else None
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -149,7 +151,7 @@ class QATTrainer:
         })
 
     def try_resume(self) -> bool:
-        """Load the checkpoint of the same run (same fingerprint), if one exists; returns whether it did."""
+        """Load this run's checkpoint (same fingerprint, so same folder), if one exists; returns whether it did."""
         if self.checkpoint_dir is None or not (self.checkpoint_dir / CHECKPOINT_JSON).is_file():
             return False
         meta = json.loads((self.checkpoint_dir / CHECKPOINT_JSON).read_text())
