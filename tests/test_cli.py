@@ -87,3 +87,58 @@ def test_not_a_pipeline_folder(tmp_path):
     (tmp_path / "junk").mkdir()
     result = invoke("generate", "--model", tmp_path / "junk", "--prompt", "x")
     assert result.exit_code == 2 and "model_index.json" in result.output
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.output.strip().splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_prompt_file_missing_or_unreadable(fp_folder, tmp_path):
+    out = tmp_path / "q"
+    assert "not found" in _error_line(invoke("quantize", "--model", fp_folder, "--prompts", tmp_path / "nope.txt", "--out", out))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("un cercle rouge \xe0 gauche\n".encode("latin-1"))
+    assert "save it as UTF-8" in _error_line(invoke("quantize", "--model", fp_folder, "--prompts", latin1, "--out", out))
+    assert not out.exists()
+
+
+def test_empty_prompt_and_unknown_option(fp_folder, prompt_file, tmp_path):
+    assert "the prompt is empty" in _error_line(invoke("generate", "--model", fp_folder, "--prompt", "  "))
+    line = _error_line(invoke("quantize", "--model", fp_folder, "--prompts", prompt_file, "--out", tmp_path / "q",
+                              "--method", "qdiffusion", "--option", "itertions=5"))
+    assert "unknown qdiffusion options ['itertions']" in line and "iterations" in line
+
+
+def test_info_on_a_folder_not_written_by_diffquant(fp_folder):
+    assert "was not written by diffquant.save" in _error_line(invoke("info", "--model", fp_folder))
+
+
+def test_nan_in_calibration_names_layer_and_timestep(tiny_pipes, prompt_file, tmp_path):
+    import copy
+
+    import torch
+
+    pipe = copy.deepcopy(tiny_pipes["sd"])
+    with torch.no_grad():
+        pipe.unet.conv_in.weight[0, 0, 0, 0] = float("inf")  # conv_in's output, the next layer's input, is Inf/NaN
+    folder = tmp_path / "broken"
+    pipe.save_pretrained(folder)
+    line = _error_line(invoke("quantize", "--model", folder, "--prompts", prompt_file, "--out", tmp_path / "q",
+                              "--num-prompts", 1, "--steps", 2))
+    assert "NaN/Inf in the input of down_blocks." in line and "at timestep " in line and "float32" in line
+
+
+def test_out_of_memory_suggests_smaller_batches(fp_folder, prompt_file, tmp_path, monkeypatch):
+    import torch
+
+    import diffquant
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(diffquant, "quantize", exhausted)
+    line = _error_line(invoke("quantize", "--model", fp_folder, "--prompts", prompt_file, "--out", tmp_path / "q"))
+    assert "out of memory" in line and "--batch-size" in line
+    assert not (tmp_path / "q").exists()
