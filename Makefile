@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/diffquant demo --out runs/demo
 
 test: install /usr/bin/chromium
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 test-slow: install
