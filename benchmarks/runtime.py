@@ -1,20 +1,29 @@
 """Denoiser step latency and memory: FP32, BF16 autocast, fake-quant, converted W8A8/W4A8, ONNX Runtime, torchao.
 
-    .venv/bin/python benchmarks/runtime.py --models mini-sd,sd15 --repeats 5
+    .venv/bin/python benchmarks/runtime.py --models mini-sd,sd15 --repeats 5 --threads 2
 
 Every variant runs in this one process on the same inputs; the table reports the median of
-``--repeats`` timed denoiser calls after one warm-up, the ratio to FP32, the weight bytes held in
-memory and the peak RSS growth during a call (sampled every 5 ms). ``sd15`` is a full-size SD 1.5
-UNet built from its config with random weights (64x64 latents, batch 2); it is RTN-quantized from two
-recorded calls of random latents (timesteps 900 and 300) and random text states scaled like CLIP's,
-so its speed is real and its image quality meaningless. ``mini-sd`` falls back to the tiny test
-UNet when the mini zoo's weights are not installed (the JSON says which ran).
+``--repeats`` timed denoiser calls after one warm-up, the ratio to FP32 and BF16, the weight bytes
+held (oneDNN's packed copies of integer weights included) and the peak RSS growth during the calls
+(sampled every 5 ms). ``sd15`` is a full-size SD 1.5 UNet built from its config with random weights
+(64x64 latents, batch 2); it is RTN-quantized from two recorded calls of random latents (timesteps
+900 and 300) and random text states, so its speed is real and its image quality meaningless.
+``mini-sd`` is the bundled zoo model at its own latent size (the tiny test UNet when its weights are
+not installed; the label says which ran).
+
+Variants (``--variants``, comma-separated; ``bf16_weights`` = the float model cast to bf16, without
+autocast's per-call weight casts; ``*_bf16`` = the converted model under CPU bf16 autocast: integer
+kernels write bf16 and the float ops run in bf16; ``*_compiled`` = ``torch.compile``, cold compile
+excluded from the timings). For the converted W8A8 model (fp32 and bf16) the notes hold the
+top operators of one profiled call (``torch.profiler``), so the time split between integer kernels,
+attention and glue is visible.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -23,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import psutil
@@ -34,6 +44,7 @@ from diffquant import QuantConfig
 from diffquant.calibration import CalibrationSet, DenoiserCall
 from diffquant.io import atomic_write_json, atomic_write_text
 from diffquant.runtime import convert
+from diffquant.runtime.modules import _IntLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 SD15 = dict(
@@ -41,6 +52,15 @@ SD15 = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=768, attention_head_dim=8,
 )
+VARIANTS = (
+    "fp32", "bf16_autocast", "bf16_weights", "fp32_compiled", "bf16_autocast_compiled",
+    "fake_quant_w8a8", "converted_w8a8", "converted_w8a8_bf16", "converted_w8a8_compiled",
+    "fake_quant_w4a8", "converted_w4a8", "converted_w4a8_bf16",
+    "fake_quant_w8a8_attn", "converted_w8a8_attn", "converted_w8a8_attn_bf16",
+    "torchao_int8_dynamic", "torchao_int8_dynamic_compiled", "onnxruntime_fp32", "onnxruntime_int8_qdq",
+)
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and v != "fake_quant_w4a8")
+QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn")
 
 
 class PeakRSS:
@@ -72,21 +92,44 @@ class PeakRSS:
 
 
 def weight_mb(model: nn.Module) -> float:
-    """Bytes of parameters and buffers (oneDNN's packed copies of int8 weights are not visible here)."""
+    """Bytes of parameters and buffers, plus the kernel-ready weight copies integer layers cache (oneDNN packing)."""
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    for m in model.modules():
+        if isinstance(m, _IntLayer):
+            for entry in m._cache.values():
+                for t in entry if isinstance(entry, tuple) else (entry,):
+                    if isinstance(t, torch.Tensor):
+                        tensors[id(t)] = t
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
-def time_call(fn, repeats: int) -> dict:
+def time_call(fn, repeats: int) -> tuple[dict, torch.Tensor]:
+    """Timings of ``repeats`` calls after a warm-up call (packs weights, compiles), and the warm-up's output."""
     with torch.no_grad():
-        fn()  # warm-up (packs weights, compiles)
+        start = time.perf_counter()
+        output = fn()
+        warmup = time.perf_counter() - start
         times = []
         with PeakRSS() as mem:
             for _ in range(repeats):
                 start = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times), "peak_rss_growth_mb": mem.growth_mb}
+    row = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": len(times),
+           "warmup_s": warmup, "peak_rss_growth_mb": mem.growth_mb}
+    return row, output
+
+
+def top_ops(fn, rows: int = 15) -> list[dict]:
+    """The operators of one call by self CPU time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1e3, 1), "share": round(e.self_cpu_time_total / total, 3),
+             "calls": e.count} for e in events[:rows]]
 
 
 def build(model: str):
@@ -95,8 +138,9 @@ def build(model: str):
 
     torch.manual_seed(0)
     if model == "sd15":
-        unet, size, batch, seq, label = UNet2DConditionModel(**SD15), 64, 2, 77, "SD 1.5 UNet (random weights), 64x64 latents, batch 2"
-    else:
+        unet, label = UNet2DConditionModel(**SD15), "SD 1.5 UNet (random weights), 64x64 latents, batch 2"
+        size, seq = 64, 77
+    elif model == "mini-sd":
         try:
             from diffquant import zoo
 
@@ -106,26 +150,29 @@ def build(model: str):
             from diffquant.models.tiny import tiny_unet
 
             unet, label = tiny_unet(32), "tiny SD UNet (mini-sd weights not installed)"
-        size, batch, seq = unet.config.sample_size, 2, 77 if model == "sd15" else 16
+        size, seq = unet.config.sample_size, 16
+        label += f", {size}x{size} latents, batch 2"
+    else:
+        raise SystemExit(f"unknown model {model!r}; choose mini-sd or sd15")
     unet.eval()
     g = torch.Generator().manual_seed(0)
 
     def call(t: float) -> dict:
         return dict(
-            sample=torch.randn(batch, unet.config.in_channels, size, size, generator=g), timestep=torch.tensor(t),
-            encoder_hidden_states=torch.randn(batch, seq, unet.config.cross_attention_dim, generator=g),
+            sample=torch.randn(2, unet.config.in_channels, size, size, generator=g), timestep=torch.tensor(t),
+            encoder_hidden_states=torch.randn(2, seq, unet.config.cross_attention_dim, generator=g),
         )
 
     calib = CalibrationSet([DenoiserCall(call(900.0), 0, 2), DenoiserCall(call(300.0), 1, 2)])
     return unet, {**call(500.0), "return_dict": False}, calib, label
 
 
-def quantize(unet: nn.Module, calib: CalibrationSet, wbits: int, attention: bool) -> nn.Module:
-    cfg = QuantConfig(method="rtn", wbits=wbits, abits=8, quantize_attention=attention)
+def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:
+    cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith("_attn"))
     return diffquant.quantize(copy.deepcopy(unet), cfg, calibration=calib, progress=False)
 
 
-def onnx_session(model: nn.Module, inputs: dict, folder: Path, quantized: bool):
+def onnx_session(model: nn.Module, inputs: dict, folder: Path, quantized: bool, threads: int):
     import onnxruntime as ort
 
     from diffquant.runtime.onnx import _UNetCall, export_onnx
@@ -138,10 +185,10 @@ def onnx_session(model: nn.Module, inputs: dict, folder: Path, quantized: bool):
         torch.onnx.export(_UNetCall(model).eval(), args, str(path), input_names=["sample", "timestep", "encoder_hidden_states"],
                           output_names=["noise_pred"], dynamo=True, external_data=True)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feeds = {"sample": args[0].numpy(), "timestep": args[1].numpy(), "encoder_hidden_states": args[2].numpy()}
-    return lambda: session.run(None, feeds)
+    return lambda: torch.from_numpy(session.run(None, feeds)[0])
 
 
 def torchao_int8(unet: nn.Module) -> nn.Module:
@@ -156,20 +203,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def bench_model(name: str, variants: list[str], repeats: int, out: dict, save) -> None:
+def bench_model(name: str, variants: list[str], args, out: dict, save) -> None:
     t0 = time.perf_counter()
     unet, inputs, calib, label = build(name)
-    result = {"label": label, "build_s": time.perf_counter() - t0, "variants": {}, "notes": {}}
+    result = {"label": label, "build_s": time.perf_counter() - t0, "variants": {}, "notes": {}, "profiles": {}}
     out["models"][name] = result
     with torch.no_grad():
         ref = unet(**inputs)[0]
 
-    def record(variant: str, model_or_fn, *, output=None, weights=None) -> None:
-        fn = model_or_fn if not isinstance(model_or_fn, nn.Module) else (lambda: model_or_fn(**inputs))
-        row = time_call(fn, repeats)
-        row["weights_mb"] = weights if weights is not None else (weight_mb(model_or_fn) if isinstance(model_or_fn, nn.Module) else None)
-        if output is not None:
-            row["rel_err_vs_fp32"] = rel_err(output, ref)
+    def caller(model: nn.Module, autocast: bool = False):
+        def fn():
+            with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext():
+                return model(**inputs)[0]
+        return fn
+
+    def record(variant: str, fn, weights: float | None, reference: torch.Tensor | None = None) -> None:
+        row, output = time_call(fn, args.repeats)
+        row["weights_mb"] = weights
+        row["rel_err_vs_fp32"] = rel_err(output, ref)
+        if reference is not None:
+            row["rel_err_vs_fake_quant"] = rel_err(output, reference)
         row["load_avg_1m"] = os.getloadavg()[0]
         result["variants"][variant] = row
         print(f"  {name} {variant}: {row['median_s'] * 1e3:.1f} ms (load {row['load_avg_1m']:.1f})", flush=True)
@@ -181,112 +234,138 @@ def bench_model(name: str, variants: list[str], repeats: int, out: dict, save) -
         try:
             body()
         except Exception as e:  # a failing peer or compile variant is reported, not fatal
-            result["notes"][variant] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            result["notes"][variant] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             print(f"  {name} {variant}: {result['notes'][variant]}", flush=True)
             save()
 
-    attempt("fp32", lambda: record("fp32", unet, output=ref))
+    fp32_mb = weight_mb(unet)
+    attempt("fp32", lambda: record("fp32", caller(unet), fp32_mb))
+    attempt("bf16_autocast", lambda: record("bf16_autocast", caller(unet, True), fp32_mb))
 
-    def bf16():
-        def fn():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return unet(**inputs)[0]
+    def bf16_weights() -> None:
+        model = copy.deepcopy(unet).to(torch.bfloat16)
+        cast = {k: v.to(torch.bfloat16) if k != "timestep" and torch.is_tensor(v) else v for k, v in inputs.items()}
+        record("bf16_weights", lambda: model(**cast)[0], weight_mb(model))
+
+    attempt("bf16_weights", bf16_weights)
+    attempt("fp32_compiled", lambda: record("fp32_compiled", caller(torch.compile(unet)), fp32_mb))
+    attempt("bf16_autocast_compiled", lambda: record("bf16_autocast_compiled", caller(torch.compile(unet), True), fp32_mb))
+    torch._dynamo.reset()
+
+    keep: dict[str, nn.Module | torch.Tensor] = {}
+
+    def quantized_variants(tag: str) -> None:
+        start = time.perf_counter()
+        model = quantize(unet, calib, tag)
+        result["notes"][f"quantize_{tag}_s"] = time.perf_counter() - start
         with torch.no_grad():
-            out_bf16 = fn()
-        record("bf16_autocast", fn, output=out_bf16, weights=weight_mb(unet))
+            fake = model(**inputs)[0]
+        attempt(f"fake_quant_{tag}", lambda: record(f"fake_quant_{tag}", caller(model), weight_mb(model)))
+        start = time.perf_counter()
+        convert(model, example_inputs=inputs if args.autotune else None, repeats=args.autotune_repeats, progress=False)
+        result["notes"][f"convert_{tag}_s"] = time.perf_counter() - start
+        runtime = diffquant.quant_record(model).report["runtime"]
+        result["notes"][f"converted_{tag}"] = {
+            "backends": {b: sum(v == b for v in runtime["backends"].values()) for b in sorted(set(runtime["backends"].values()))},
+            "float_fallback": {n: r for n, r in runtime["float_fallback"].items() if "attention" not in r},
+            "max_layer_rel_err_vs_fake_quant": runtime.get("max_rel_error_vs_fake_quant"),
+        }
+        held = weight_mb(model)
+        attempt(f"converted_{tag}", lambda: record(f"converted_{tag}", caller(model), held, fake))
+        attempt(f"converted_{tag}_bf16", lambda: record(f"converted_{tag}_bf16", caller(model, True), held, fake))
+        if tag == "w8a8" and args.profile:
+            for suffix, autocast in (("", False), ("_bf16", True)):
+                if f"converted_{tag}{suffix}" in result["variants"]:
+                    result["profiles"][f"converted_{tag}{suffix}"] = top_ops(caller(model, autocast))
+        attempt(f"converted_{tag}_compiled", lambda: record(f"converted_{tag}_compiled", caller(torch.compile(model)), held, fake))
+        torch._dynamo.reset()
+        with tempfile.TemporaryDirectory() as tmp:
+            diffquant.save(model, Path(tmp) / "q")
+            fp16 = Path(tmp) / "fp16"
+            copy.deepcopy(unet).half().save_pretrained(fp16)
+            result["notes"][f"file_ratio_{tag}_vs_fp16"] = (
+                (Path(tmp) / "q" / "diffquant_model.safetensors").stat().st_size
+                / (fp16 / "diffusion_pytorch_model.safetensors").stat().st_size
+            )
+        if tag == "w8a8" and "onnxruntime_int8_qdq" in variants:
+            keep["w8a8"], keep["w8a8_fake"] = model, fake
+        save()
 
-    attempt("bf16_autocast", bf16)
-    quantized: dict[str, nn.Module] = {}
-    for wbits in (8, 4):
-        for attention in (False, True):
-            tag = f"w{wbits}a8" + ("_attn" if attention else "")
-            if not any(v.endswith(tag) for v in variants):
-                continue
-            start = time.perf_counter()
-            fq = quantize(unet, calib, wbits, attention)
-            result["notes"][f"quantize_{tag}_s"] = time.perf_counter() - start
-            with torch.no_grad():
-                fq_out = fq(**inputs)[0]
-            attempt(f"fake_quant_{tag}", lambda: record(f"fake_quant_{tag}", fq, output=fq_out))
-            start = time.perf_counter()
-            conv = convert(copy.deepcopy(fq), example_inputs=inputs, repeats=1, progress=False)
-            result["notes"][f"convert_{tag}_s"] = time.perf_counter() - start
-            runtime = diffquant.quant_record(conv).report["runtime"]
-            result["notes"][f"converted_{tag}"] = {
-                "backends": {b: sum(v == b for v in runtime["backends"].values()) for b in set(runtime["backends"].values())},
-                "float_fallback": len(runtime["float_fallback"]),
-                "max_layer_rel_err_vs_fake_quant": runtime["max_rel_error_vs_fake_quant"],
-                "slowest_layers_ms": sorted(((n, t) for n, t in runtime["timings_ms"].items()), key=lambda x: -min(x[1].values()))[:8],
-            }
-            with torch.no_grad():
-                conv_out = conv(**inputs)[0]
-            result["notes"][f"converted_{tag}_rel_err_vs_fake_quant"] = rel_err(conv_out, fq_out)
-            attempt(f"converted_{tag}", lambda: record(f"converted_{tag}", conv, output=conv_out))
-            with tempfile.TemporaryDirectory() as tmp:
-                diffquant.save(conv, Path(tmp) / "q")
-                fp16 = Path(tmp) / "fp16"
-                copy.deepcopy(unet).half().save_pretrained(fp16)
-                result["notes"][f"file_ratio_{tag}_vs_fp16"] = (
-                    (Path(tmp) / "q" / "diffquant_model.safetensors").stat().st_size
-                    / (fp16 / "diffusion_pytorch_model.safetensors").stat().st_size
-                )
-            quantized[tag] = conv
-            del fq
-    attempt("converted_w8a8_compiled", lambda: record("converted_w8a8_compiled", _compiled(quantized["w8a8"], inputs), weights=weight_mb(quantized["w8a8"])))
-    attempt("fp32_compiled", lambda: record("fp32_compiled", _compiled(unet, inputs), weights=weight_mb(unet)))
-    attempt("torchao_int8_dynamic", lambda: record("torchao_int8_dynamic", torchao_int8(unet)))
-    attempt("torchao_int8_dynamic_compiled", lambda: record("torchao_int8_dynamic_compiled", _compiled(torchao_int8(unet), inputs)))
+    for tag in QUANT_TAGS:
+        if any(v.endswith((tag, f"{tag}_bf16", f"{tag}_compiled")) for v in variants) or (
+                tag == "w8a8" and "onnxruntime_int8_qdq" in variants):
+            quantized_variants(tag)
+            gc.collect()
+
+    def torchao_variant(compiled: bool) -> None:
+        model = torchao_int8(unet)
+        variant = "torchao_int8_dynamic" + ("_compiled" if compiled else "")
+        record(variant, caller(torch.compile(model) if compiled else model), weight_mb(model))
+
+    attempt("torchao_int8_dynamic", lambda: torchao_variant(False))
+    attempt("torchao_int8_dynamic_compiled", lambda: torchao_variant(True))
+    torch._dynamo.reset()
+    gc.collect()
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        attempt("onnxruntime_fp32", lambda: record("onnxruntime_fp32", onnx_session(unet, inputs, Path(tmp), False), weights=weight_mb(unet)))
-        attempt("onnxruntime_int8_qdq", lambda: record("onnxruntime_int8_qdq", onnx_session(quantized["w8a8"], inputs, Path(tmp), True),
-                                                      weights=weight_mb(quantized["w8a8"])))
-
-
-def _compiled(model: nn.Module, inputs: dict):
-    compiled = torch.compile(model)
-    return lambda: compiled(**inputs)
-
-
-DEFAULT_VARIANTS = (
-    "fp32,bf16_autocast,fake_quant_w8a8,converted_w8a8,converted_w4a8,fake_quant_w8a8_attn,converted_w8a8_attn,"
-    "torchao_int8_dynamic,onnxruntime_fp32,onnxruntime_int8_qdq"
-)
+        attempt("onnxruntime_fp32", lambda: record("onnxruntime_fp32", onnx_session(unet, inputs, Path(tmp), False, threads), fp32_mb))
+        attempt("onnxruntime_int8_qdq", lambda: record(
+            "onnxruntime_int8_qdq", onnx_session(keep["w8a8"], inputs, Path(tmp), True, threads), None, keep.get("w8a8_fake")))
+    result["total_s"] = time.perf_counter() - t0
+    save()
 
 
 def markdown(out: dict) -> str:
     lines = [
         "# Runtime benchmark (issue 8)", "",
-        f"Machine: {out['machine']}; torch {out['torch']}; {out['threads']} threads; load average at start {out['load_avg_start']}.",
-        "Median of the timed denoiser calls after one warm-up; x FP32 = FP32 median / variant median (higher is faster).",
-        "Weights MB = parameters and buffers held (oneDNN keeps a packed copy of int8 weights on top); peak = RSS growth during the calls.",
+        f"Machine: {out['machine']}; torch {out['torch']}; {out['threads']} threads; load average at start "
+        f"{', '.join(f'{v:.1f}' for v in out['load_avg_start'])}.",
+        "Median of the timed denoiser calls after one warm-up; x FP32 / x BF16 = that median / this one (higher is faster).",
+        "Weights MB = parameters, buffers and packed integer weights held; peak = RSS growth during the timed calls.",
         "", f"Command: `{out['command']}`", "",
     ]
-    for name, res in out["models"].items():
-        lines += [f"## {res['label']}", "", "| variant | ms / step | x FP32 | x BF16 | weights MB | peak RSS growth MB | rel. err vs FP32 | load |", "|---|---|---|---|---|---|---|---|"]
+    for res in out["models"].values():
+        lines += [f"## {res['label']}", "",
+                  "| variant | ms / step | x FP32 | x BF16 | rel. err vs FP32 | vs fake-quant | weights MB | peak RSS growth MB | load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         fp32 = res["variants"].get("fp32", {}).get("median_s")
         bf16 = res["variants"].get("bf16_autocast", {}).get("median_s")
         for variant, row in res["variants"].items():
-            err = row.get("rel_err_vs_fp32")
+            speedup = [f"{base / row['median_s']:.2f}" if base else "" for base in (fp32, bf16)]
+            fake = row.get("rel_err_vs_fake_quant")
+            weights = row.get("weights_mb")
             lines.append(
-                f"| {variant} | {row['median_s'] * 1e3:.1f} | {fp32 / row['median_s']:.2f} | {bf16 / row['median_s']:.2f} | "
-                f"{row['weights_mb']:.1f} | {row['peak_rss_growth_mb']:.0f} | {'' if err is None else f'{err:.4f}'} | {row['load_avg_1m']:.1f} |"
-                if fp32 and bf16 else f"| {variant} | {row['median_s'] * 1e3:.1f} | | | {row['weights_mb']:.1f} | {row['peak_rss_growth_mb']:.0f} | | |"
+                f"| {variant} | {row['median_s'] * 1e3:.1f} | {speedup[0]} | {speedup[1]} | {row['rel_err_vs_fp32']:.4f} | "
+                f"{'' if fake is None else f'{fake:.4f}'} | {'' if weights is None else f'{weights:.1f}'} | "
+                f"{row['peak_rss_growth_mb']:.0f} | {row['load_avg_1m']:.1f} |"
             )
+        for variant, ops in res.get("profiles", {}).items():
+            lines += ["", f"Top operators of one `{variant}` call (self CPU time):", "", "| op | ms | share | calls |", "|---|---|---|---|"]
+            lines += [f"| `{o['op']}` | {o['self_ms']} | {o['share']:.1%} | {o['calls']} |" for o in ops]
         lines += ["", "Notes:", "", "```json", json.dumps(res["notes"], indent=1, default=str), "```", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mini-sd,sd15")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="mini-sd,sd15", help="comma-separated: mini-sd, sd15")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="intra-op threads (PyTorch and ONNX Runtime)")
+    parser.add_argument("--no-autotune", dest="autotune", action="store_false",
+                        help="convert without timing each layer (oneDNN everywhere) instead of diffquant.convert(example_inputs=...)")
+    parser.add_argument("--autotune-repeats", type=int, default=2, help="timed calls per layer and form while converting")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler table of the converted model")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "results-runtime.md")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.repeats < 5:
         print("note: fewer than 5 repeats; the issue asks for medians of >= 5", file=sys.stderr)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     out = {
         "command": " ".join(["python"] + sys.argv), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg(), "models": {},
@@ -297,10 +376,9 @@ def main() -> None:
         atomic_write_json(args.json, out)
         atomic_write_text(args.markdown, markdown(out))
 
-    variants = args.variants.split(",")
     for name in args.models.split(","):
         print(f"{name}:", flush=True)
-        bench_model(name, variants, args.repeats, out, save)
+        bench_model(name, variants, args, out, save)
     save()
 
 

@@ -51,7 +51,8 @@ def quantize_u8(x: torch.Tensor, scale: float, zero_point: int, qmax: int) -> to
     store as bytes; its own ``x * (1 / scale) + zero_point`` rounding differs from ``round(x / scale)`` on
     a few elements per million, so it only sees integers) whose bytes are taken as a uint8 view, no copy.
     """
-    x = x.float().div(scale).round_()
+    y = x.float()
+    x = (y.div_(scale) if y is not x else y.div(scale)).round_()  # never in place on the caller's tensor
     if x.device.type == "cpu":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensors are deprecated, their fused kernel is still the fastest
@@ -160,8 +161,11 @@ class _IntLayer(QuantModule):
         return self._cache["blocks"]
 
     def _segments(self) -> list[tuple[int, int]]:
-        splits = self.input_quantizer.channel_splits or [self.weight_shape[1]]
-        return [(sum(splits[:i]), sum(splits[: i + 1])) for i in range(len(splits))]
+        """(first input channel, end) of each activation segment (one, unless the input is split)."""
+        if "segments" not in self._cache:
+            splits = self.input_quantizer.channel_splits or [self.weight_shape[1]]
+            self._cache["segments"] = [(sum(splits[:i]), sum(splits[: i + 1])) for i in range(len(splits))]
+        return self._cache["segments"]
 
     def _act_params(self, group: int, segment: int) -> tuple[float, int, int, int]:
         """(scale, uint8 zero point z - qmin, uint8 max qmax - qmin, bits) of a group and segment."""
@@ -234,7 +238,7 @@ class _IntLayer(QuantModule):
                 codes = torch.ops.quantized_decomposed.quantize_per_tensor(xs.float(), scale, zp, 0, qmax, torch.uint8)
             else:
                 codes = quantize_u8(xs, scale, zp, qmax)
-            for i, (c0, c1, w_seg, a_seg) in enumerate(blocks):
+            for i, (c0, c1, _, a_seg) in enumerate(blocks):
                 if a_seg != s:
                     continue
                 xb = codes if (c0, c1) == (a, b) else self._channels(codes, c0 - a, c1 - a)
