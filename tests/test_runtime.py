@@ -257,8 +257,8 @@ def test_onnx_export_has_qdq_and_onnxruntime_matches(tiny_pipes, tmp_path):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = dict(zip(["sample", "timestep", "encoder_hidden_states"], (t.numpy() for t in inputs)))
-    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    feeds = dict(zip(["sample", "timestep", "encoder_hidden_states"], (t.numpy() for t in inputs), strict=True))
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
     for name, (x, y) in values.items():
         with torch.no_grad():
             ref = layers[name](torch.from_numpy(outputs[x]))
