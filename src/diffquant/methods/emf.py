@@ -7,7 +7,9 @@ Recipe (each step a reusable piece of ``diffquant.training``):
 2. Time information precalculation: the time-dependent layers stay float and become lookup
    tables keyed by (t, pooled conditioning), filled before training and generation.
 3. Wrap with ``timestep_groups`` activation parameter sets (multi-timestep activation
-   quantization), initialise activation ranges min/max on dataset rows (RTN).
+   quantization), initialise activation ranges min/max (RTN) on every recorded calibration call
+   (the FP trajectories RTN calibrates on; ``init_rows=N`` uses N serial-dataset rows instead: too
+   few rows give ranges that clip held-out prompts, docs/emf.md reading 10).
 4. Sensitivity: per-layer output error with only that layer quantized (saved + plotted), or the
    user's ``sensitive_layers``; the top ``distill_layers`` give the distillation features.
    Optional mixed precision: the ``mixed_precision_layers`` most sensitive stay float (16 bit).
@@ -52,7 +54,7 @@ from .base import Method, QuantJob
 PRESETS: dict[str, dict] = {
     # A GPU-sized budget (SD 1.x/SDXL/SD3 on one accelerator); the defaults fit the mini models on a CPU.
     "gpu": dict(steps_per_prompt=8, iterations=2000, batch_size=32, distill_layers=12, sensitivity_rows=32,
-                init_rows=256, checkpoint_every=200),
+                checkpoint_every=200),
 }
 
 
@@ -68,7 +70,9 @@ class EMFOptions(QATConfig):
     sensitive_layers: list[str] = field(default_factory=list)
     sensitivity_rows: int = 8
     mixed_precision_layers: int = 0
-    init_rows: int = 64
+    # None: activation ranges from every recorded calibration call (RTN's data); an int: that many
+    # serial-dataset rows (the earlier reading; on mini-sd W4A8 its ranges clip held-out prompts, docs/emf.md).
+    init_rows: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,7 +81,7 @@ class EMFOptions(QATConfig):
         if self.seed != 0:
             raise ValueError("emf takes its seed from the quantization config (QuantConfig.seed / --seed), not an option")
         for name in ("distill_layers", "mixed_precision_layers", "sensitivity_rows", "init_rows"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"emf option {name} must be >= 0, got {getattr(self, name)}")
 
     def qat(self, seed: int = 0) -> QATConfig:
@@ -134,6 +138,8 @@ class EMF(Method):
         start = time.perf_counter()
         dataset = self._dataset(job, opts, workdir / "dataset" if workdir else None)
         dataset_seconds = time.perf_counter() - start
+        # Activation-range data, recorded while the denoiser is still float (the same calls RTN calibrates on).
+        init_calls = job.calibration_set() if config.abits is not None and opts.init_rows is None else None
 
         adapter = get_adapter(denoiser)
         time_layers = {n: "EMF time precalculation (float lookup table)" for n in adapter.time_layers()}
@@ -148,10 +154,13 @@ class EMF(Method):
 
         if config.abits is not None:
             set_state(denoiser, QuantState.CALIBRATING, seed=config.seed)
-            rows = _spread(len(dataset), opts.init_rows)
             with torch.no_grad():
-                for chunk in rows.split(opts.batch_size):
-                    denoiser(**dataset.kwargs(chunk, param.device, param.dtype))
+                if init_calls is not None:
+                    for call in init_calls:
+                        denoiser(**call.kwargs(device=param.device, dtype=param.dtype))
+                else:
+                    for chunk in _spread(len(dataset), opts.init_rows).split(opts.batch_size):
+                        denoiser(**dataset.kwargs(chunk, param.device, param.dtype))
         set_state(denoiser, QuantState.LEARNING)
 
         weighted = [n for n, m in quantized_layers(denoiser).items() if m.weight_quantizer is not None]
