@@ -5,8 +5,9 @@ Loss (reading chosen): relative MSE of the denoiser output against the FP output
 ``feature_weight`` × the mean relative MSE of the sensitive layers' outputs against their FP
 features, every term normalised by the target's mean square so layers of different scale weigh
 alike. Learned: every weight and activation step size (LSQ; activation ones per timestep group,
-zero points stay as calibrated) and, per ``weight_training``, the float weights of the quantized
-layers (``full``), low-rank adapters on them (``lowrank``, merged at the end) or nothing (``none``).
+zero points stay as calibrated; Adam learning rate ``lr_scales`` relative to each tensor's initial
+magnitude) and, per ``weight_training``, the float weights of the quantized layers (``full``),
+low-rank adapters on them (``lowrank``, merged at the end) or nothing (``none``).
 
 Checkpoints (safetensors + JSON, written atomically every ``checkpoint_every`` steps and at the end)
 hold the trainable tensors, Adam's moments, the freezer's statistics and the curves; batches come
@@ -60,6 +61,10 @@ class QATConfig:
     lowrank_rank: int = 8
     lr_weights: float = 1e-5
     lr_lowrank: float = 1e-4
+    # Relative: each step-size tensor gets Adam lr = lr_scales x its initial mean magnitude. Adam moves a
+    # parameter by about lr per step whatever the gradient's size, so an absolute 1e-4 on mini-sd's step sizes
+    # (~0.02) changed them by 5 % (median) to 50 % in 100 steps, re-rounding whole channels and making the
+    # held-out images worse than RTN's (docs/emf.md, reading 5 and "Measured fixes").
     lr_scales: float = 1e-4
     feature_weight: float = 1.0
     freeze_at: list[float] = field(default_factory=lambda: [0.5, 0.75])
@@ -109,11 +114,12 @@ class QATTrainer:
         self.layers: dict[str, QuantModule] = {n: m for n, m in quantized_layers(denoiser).items() if m.weight_quantizer is not None}
         for p in denoiser.parameters():
             p.requires_grad_(False)
-        groups = []
-        scales = list(_scales(denoiser).values())
-        for p in scales:
-            p.requires_grad_(True)
-        groups.append({"params": scales, "lr": config.lr_scales})
+        # Step sizes: one group per tensor, learning rate relative to its initial mean magnitude (set below,
+        # after the broadcast; Adam's step is ~lr in absolute units whatever the gradient, see QATConfig.lr_scales).
+        groups = [{"params": [p], "lr": config.lr_scales} for p in _scales(denoiser).values()]
+        scale_groups = list(groups)
+        for g in scale_groups:
+            g["params"][0].requires_grad_(True)
         if config.weight_training == "full":
             weights = [base_weight(m) for m in self.layers.values()] + [m.bias for m in self.layers.values() if m.bias is not None]
             for p in weights:
@@ -125,6 +131,8 @@ class QATTrainer:
         self.params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.Adam(groups)
         broadcast_from_main([t for t in denoiser.state_dict().values() if t.is_floating_point()])
+        for g in self.optimizer.param_groups[: len(scale_groups)]:
+            g["lr"] = config.lr_scales * float(g["params"][0].detach().abs().mean().clamp_min(1e-8))
         self.freezer = SelectiveFreezer(self.layers)
         self.batches = dataset.batches(config.order, config.batch_size, config.iterations, config.seed)
         self.freeze_steps = {max(1, round(f * config.iterations)): r for r, f in enumerate(sorted(config.freeze_at))}
