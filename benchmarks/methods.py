@@ -225,6 +225,7 @@ def score_row(evals: dict, label: str, pipe, spec: str, extra: dict, fast: bool,
         if split == "heldout":
             out["summary"] = {k: v for k, v in s.items() if k not in extra}
             out["eval_s"] = seconds
+            out["fingerprint"] = entry["fingerprint"]
             out["per_image"] = {"psnr": [round(p["psnr"], 4) for p in entry["per_image"]],
                                 "ssim": [round(p["ssim"], 5) for p in entry["per_image"]]}
             if "timestep_error" in entry:
@@ -243,6 +244,66 @@ def score_row(evals: dict, label: str, pipe, spec: str, extra: dict, fast: bool,
     out["avg_wbits"] = bits["weight_bits"]
     out["avg_abits"] = bits["activation_bits"] if math.isfinite(bits["activation_bits"]) else None
     return out
+
+
+@torch.no_grad()
+def error_dynamics(fp_pipe, q_pipe, items, settings) -> dict:
+    """How one row's per-step denoiser errors turn into image error, on one batch of prompts.
+
+    ``drift``: rel. MSE of the latents after each step, the quantized sampler against the FP sampler from the same
+    noise (the error accumulated along the model's own trajectory). Along the FP trajectory, with the guided
+    output (uncond + g * (cond - uncond), what the sampler uses): ``guided_rel_mse`` per step, ``dc_fraction``
+    (share of the error energy that is a constant offset per image and channel) and ``coherence`` per image,
+    |sum_i e_i|^2 / sum_i |e_i|^2 over the steps, averaged (1: the steps' errors are uncorrelated; up to the
+    number of steps: the same error at every step, which adds up instead of averaging out).
+    """
+    from diffquant.evaluation.paired import get_denoiser, initial_noise
+
+    def sample(pipe, hook=None):
+        lat: list[torch.Tensor] = []
+
+        def keep(p, i, t, kw):
+            lat.append(kw["latents"].detach().float().clone())
+            return {}
+
+        handle = get_denoiser(fp_pipe).register_forward_hook(hook, with_kwargs=True) if hook else None
+        try:
+            pipe(prompt=[it.prompt for it in items], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+                 height=settings.height, width=settings.width, latents=initial_noise(pipe, [it.seed for it in items], settings),
+                 output_type="latent", callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
+        finally:
+            if handle is not None:
+                handle.remove()
+        return lat
+
+    def rel(a, b):
+        return float(((a - b) ** 2).sum() / (b ** 2).sum().clamp_min(1e-20))
+
+    def out(o):
+        return (o[0] if isinstance(o, (tuple, list)) else o.sample).float()
+
+    def guided(x):
+        if settings.guidance > 1 and x.shape[0] == 2 * len(items):
+            u, c = x.chunk(2)
+            return u + settings.guidance * (c - u)
+        return x
+
+    q_denoiser = get_denoiser(q_pipe)
+    errors: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(module, args, kwargs, output):
+        ref = guided(out(output))
+        errors.append((guided(out(q_denoiser(*args, **kwargs))) - ref, ref))
+
+    fp_lat = sample(fp_pipe, hook)
+    q_lat = sample(q_pipe)
+    e = torch.stack([err for err, _ in errors])  # [steps, B, C, H, W]
+    energy = (e ** 2).sum(dim=(2, 3, 4))  # [steps, B]
+    dc = (e.mean(dim=(3, 4)) ** 2).sum(dim=2) * e.shape[3] * e.shape[4]
+    coherence = (e.sum(0) ** 2).sum(dim=(1, 2, 3)) / energy.sum(0).clamp_min(1e-20)
+    return {"n_images": len(items), "drift": [rel(q, f) for q, f in zip(q_lat, fp_lat)],
+            "guided_rel_mse": [rel(err + ref, ref) for err, ref in errors],
+            "dc_fraction": (dc.sum(1) / energy.sum(1).clamp_min(1e-20)).tolist(), "coherence": float(coherence.mean())}
 
 
 # ----------------------------------------------------------------------------------------- claims
@@ -430,6 +491,10 @@ def diagnostics(result: dict) -> list[str]:
         m = lambda xs: sum(xs) / len(xs)
         line = (f"- {r['label']}: denoiser rel. MSE per step, mean {m(rel):.3g} (first third {m(rel[:third]):.3g}, "
                 f"middle {m(rel[third:-third] or rel):.3g}, last third {m(rel[-third:]):.3g})")
+        dyn = r.get("dynamics")
+        if dyn:
+            line += (f"; own-trajectory latent drift after the last step {dyn['drift'][-1]:.3g} ({dyn['n_images']} prompts), "
+                     f"step-error coherence {dyn['coherence']:.2f}, constant-offset share {m(dyn['dc_fraction']):.2f}")
         if ls:
             top = list(ls["layers"].items())[:3]
             total = sum(ls["layers"].values())
@@ -465,15 +530,16 @@ def markdown(all_results: dict, args_line: str, analysis: str) -> str:
     for name, res in all_results["models"].items():
         s = res["settings"]
         lines += [f"## {name}", "",
-                  f"Command: `{res['command']}`", "",
+                  f"Reproduce: `.venv/bin/python {res['sessions'][0]['command'] if res.get('sessions') else res['command']}`", "",
                   (f"Weights: {res['source']} (FP fingerprint `{res['reference']['fingerprint']}`). {s['n_images']} held-out prompts "
                    f"(`zoo.heldout_prompts`, seed = prompt index), {s['steps']} steps, guidance {s['guidance']}, {s['height']}x{s['width']}; "
                    f"{res['calib_prompts']} calibration prompts (`zoo.calibration_prompts`) for every method. Fréchet distances: "
                    f"{res['feature_space']}."), "",
-                  f"Machine: {res['machine']}. Run {res['started']} – {res.get('finished', '(in progress)')}"
-                  + (f", wall {res['wall_s'] / 60:.0f} min" if "wall_s" in res else "")
-                  + f"; FP images {res['reference']['summary'].get('generate_s', 0):.0f} s; 1-minute load average at start "
-                  f"{res['load_start']:.1f}" + (f", at the end {res['load_end']:.1f}" if "load_end" in res else "") + ".", "",
+                  f"Machine: {res['machine']}. FP images {res['reference']['summary'].get('generate_s', 0):.0f} s (first session). Sessions: "
+                  + "; ".join(f"`{x['command']}` {x['started']} – {x.get('finished', '(in progress)')}"
+                              + (f" ({x['wall_s'] / 60:.0f} min, load average {x['load_start']:.1f} → {x['load_end']:.1f}; rows run: "
+                                 f"{', '.join(x['rows_run']) or 'none'})" if "wall_s" in x else "")
+                              for x in res.get("sessions", [])) + ".", "",
                   "Method options (beyond the library defaults): `" + json.dumps(res["method_options"], sort_keys=True) + "`.", "",
                   "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         fp_row = {"bits": "float", "summary": res["reference"]["summary"]}
@@ -527,15 +593,25 @@ def figures(name: str, res: dict, img_dir: Path, page_dir: Path) -> list[str]:
     paths = []
     rows = [r for r in res["rows"] if r.get("timestep_error")]
     if rows:
-        fig, axes = plt.subplots(1, len(res["bits"]), figsize=(5.2 * len(res["bits"]), 3.6), squeeze=False)
-        for ax, bits in zip(axes[0], res["bits"]):
+        drift = any(r.get("dynamics") for r in rows)
+        fig, axes = plt.subplots(2 if drift else 1, len(res["bits"]), figsize=(5.2 * len(res["bits"]), 7.2 if drift else 3.6), squeeze=False)
+        for col, bits in enumerate(res["bits"]):
+            ax = axes[0][col]
             for r in rows:
                 if r["bits"] == bits:
                     ax.plot(r["timestep_error"]["step"], r["timestep_error"]["rel_mse"], marker=".", label=r["variant"])
-            ax.set_yscale("log")
             ax.set_title(f"{name} {bits}: denoiser error per step")
-            ax.set_xlabel("sampling step (0 = noisiest)")
             ax.set_ylabel("rel. MSE vs FP (FP inputs)")
+            if drift:
+                ax = axes[1][col]
+                for r in rows:
+                    if r["bits"] == bits and r.get("dynamics"):
+                        ax.plot(range(len(r["dynamics"]["drift"])), r["dynamics"]["drift"], marker=".", label=r["variant"])
+                ax.set_title(f"{name} {bits}: latent drift on its own trajectory")
+                ax.set_ylabel("rel. MSE of latents vs FP sampler")
+        for ax in axes.flat:
+            ax.set_yscale("log")
+            ax.set_xlabel("sampling step (0 = noisiest)")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -573,13 +649,24 @@ def figures(name: str, res: dict, img_dir: Path, page_dir: Path) -> list[str]:
 
 
 class Store:
-    """methods.json (all models) and the page, rewritten atomically after every row."""
+    """methods.json (all models) and the page, rewritten atomically after every row.
+
+    Each save re-reads the file and replaces only the models this run touched, so runs of different models
+    (or a merge by hand) between two saves are kept."""
 
     def __init__(self, json_path: Path, md_path: Path, args_line: str):
         self.json_path, self.md_path, self.args_line = json_path, md_path, args_line
-        self.data = {"version": 1, "models": {}}
-        if json_path.is_file():
-            self.data = json.loads(json_path.read_text())
+        self.data = self._read()
+        self.touched: set[str] = set()
+
+    def _read(self) -> dict:
+        if self.json_path.is_file():
+            return json.loads(self.json_path.read_text())
+        return {"version": 1, "models": {}}
+
+    def model(self, name: str, result: dict) -> None:
+        self.data["models"][name] = result
+        self.touched.add(name)
 
     def analysis(self) -> str:
         if not self.md_path.is_file():
@@ -593,6 +680,10 @@ class Store:
         from diffquant.io import atomic_write_text
 
         analysis = self.analysis()
+        disk = self._read()
+        for name in self.touched:
+            disk["models"][name] = self.data["models"][name]
+        self.data = {**disk, "models": {**disk["models"], **{n: self.data["models"][n] for n in self.touched}}}
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.json_path, json.dumps(jsonable(self.data), indent=1, allow_nan=False) + "\n")
         atomic_write_text(self.md_path, markdown(self.data, self.args_line, analysis))
@@ -602,7 +693,7 @@ class Store:
 def run_model(name: str, args, store: Store, method_options: dict) -> None:
     import diffquant
     from diffquant import zoo
-    from diffquant.evaluation import EvalOptions, Evaluation, PromptItem
+    from diffquant.evaluation import EvalOptions, Evaluation, PromptItem, model_fingerprint
     from diffquant.evaluation.bench import parse_bits
 
     started = time.time()
@@ -630,7 +721,8 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
         features_dir.mkdir(parents=True, exist_ok=True)
         torch.save(ev.fp_feats.cpu(), features_dir / "FP.pt")
 
-    previous = {r["key"]: r for r in store.data["models"].get(name, {}).get("rows", []) if not args.fresh}
+    earlier = {} if args.fresh else store.data["models"].get(name, {})
+    previous = {r["key"]: r for r in earlier.get("rows", [])}
     bits_list = [f"w{w}a{a}" for w, a in parse_bits(args.bits)]
     emf_bits = bits_list if args.emf_bits == "all" else [f"w{w}a{a}" for w, a in parse_bits(args.emf_bits)]
     variants = [v.strip() for v in args.methods.split(",") if v.strip()]
@@ -652,8 +744,16 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
         "reference": {"fingerprint": fp_fingerprint, "summary": ref_summary,
                       "generation": ev.reference["generation"]},
         "rows": [], "skipped": ev.skipped,
+        "sessions": [],
     }
-    store.data["models"][name] = result
+    if earlier.get("reference", {}).get("fingerprint") == fp_fingerprint:
+        result["sessions"] = earlier.get("sessions") or [  # results written before sessions were recorded
+            {"command": earlier["command"].removeprefix(".venv/bin/python "), "started": earlier["started"], "load_start": earlier["load_start"],
+             **({k: earlier[k] for k in ("finished", "wall_s", "load_end")} if "wall_s" in earlier else {}),
+             "rows_run": [r["label"] for r in earlier.get("rows", [])]}]
+    session = {"command": f"benchmarks/methods.py {store.args_line}", "started": result["started"], "load_start": load_start}
+    result["sessions"].append(session)
+    store.model(name, result)
     store.save()
 
     emf_workdirs: dict[str, Path] = {}
@@ -668,7 +768,19 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
             key = row_key(fp_fingerprint, variant, cfg, settings, args.prompts, args.calib_eval, calib_prompts)
             if key in previous and "summary" in previous[key]:
                 print(f"[{name}] {label}: finished in an earlier run, reused", flush=True)
-                result["rows"].append(previous[key])
+                row = previous[key]
+                result["rows"].append(row)
+                if args.diagnose and not args.no_curves and "dynamics" not in row:
+                    # Quantize again (the methods are seeded) only for the error-dynamics diagnostics.
+                    print(f"[{name}] {label}: quantizing again for the error dynamics", flush=True)
+                    pipe, _ = quantize_row(fp, cfg, calib_prompts, work / key)
+                    again = model_fingerprint(pipe)
+                    row["requantized_identical"] = again == row["fingerprint"] if row.get("fingerprint") else \
+                        (Path(args.cache_dir) / name / again).is_dir()
+                    with fast_inference_fake_quant(not args.no_fast_eval):
+                        row["dynamics"] = error_dynamics(fp, pipe, items[: args.batch_size], settings)
+                    del pipe
+                    shutil.rmtree(work / key, ignore_errors=True)
                 store.save()
                 continue
             # The serial EMF ablation shares the parallel row's workdir: its dataset and layer sensitivity are
@@ -687,6 +799,9 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
             row.update(score_row(evals, label, pipe, f"diffquant {cfg.label} {json.dumps(cfg.options, sort_keys=True)}",
                                  {k: cost[k] for k in ("quantize_s", "peak_memory_mib")}, not args.no_fast_eval,
                                  features_dir / f"{key}.pt"))
+            if not args.no_curves:
+                with fast_inference_fake_quant(not args.no_fast_eval):
+                    row["dynamics"] = error_dynamics(fp, pipe, items[: args.batch_size], settings)
             del pipe
             print(f"[{name}] {label}: " + json.dumps(_short(row["summary"], 4)) + f" (eval {row['eval_s']:.0f} s)", flush=True)
             result["rows"].append(row)
@@ -701,6 +816,8 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
     result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC")
     result["wall_s"] = time.time() - started
     result["load_end"] = os.getloadavg()[0]
+    session.update(finished=result["finished"], wall_s=result["wall_s"], load_end=result["load_end"],
+                   rows_run=[r["label"] for r in result["rows"] if r["key"] not in previous])
     store.save()
     print(f"[{name}] done in {result['wall_s'] / 60:.1f} min", flush=True)
 
@@ -727,6 +844,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-curves", action="store_true", help="skip the per-timestep error and per-layer sensitivity")
     p.add_argument("--no-fast-eval", action="store_true", help="evaluate with the library's autograd fake quantization (slower, same images)")
     p.add_argument("--fresh", action="store_true", help="redo rows already finished in --json")
+    p.add_argument("--diagnose", action="store_true",
+                   help="for finished rows without the error-dynamics diagnostics (trajectory drift), quantize again and add them")
     p.add_argument("--cache-dir", default=str(ROOT / "runs" / "methods-cache"))
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "methods-work"))
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "methods.json"))
