@@ -63,6 +63,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     # RTN with the time-dependent layers (time embedding, adaLN modulation / time_emb_proj) left float, as EMF's
     # time precalculation leaves them: separates that choice from EMF's training.
     "rtn-float-time": ("rtn", {"float_time_layers": True}, {}),
+    # Q-Diffusion without LSQ activation step-size learning (calibrated min/max ranges kept): isolates LSQ.
+    "qdiffusion-nolsq": ("qdiffusion", {}, {"learn_act_scales": False}),
 }
 
 # Method options for the mini models on one CPU thread, sized so one model's whole run (FP, 7 rows x 256
@@ -306,6 +308,52 @@ def error_dynamics(fp_pipe, q_pipe, items, settings) -> dict:
             "dc_fraction": (dc.sum(1) / energy.sum(1).clamp_min(1e-20)).tolist(), "coherence": float(coherence.mean())}
 
 
+@torch.no_grad()
+def activation_clipping(q_pipe, items, settings, top: int = 12) -> dict:
+    """Per activation quantizer, on the quantized model's own sampling of ``items``: its range in use, the share of
+    entries outside it, and its error split into clipping and rounding (each relative to the input's energy).
+    Returns the ``top`` quantizers by total relative error (which quantizers dominate, and whether by clipping)."""
+    from diffquant.evaluation.paired import get_denoiser, initial_noise
+    from diffquant.quant.affine import qrange
+    from diffquant.quant.quantizers import ActivationQuantizer
+
+    stats: dict[str, dict] = {}
+
+    def hook(mod, args, output, name):
+        if mod.mode != "quantize":
+            return
+        x = args[0].float()
+        g = mod._group()
+        g = int(g.flatten()[0]) if torch.is_tensor(g) else g
+        scale, zp = mod._shape_for(mod.scale[g], x, False), mod._shape_for(mod.zero_point[g], x, False)
+        qmin, qmax = qrange(int(mod.bits[g]), mod.spec.symmetric, mod.spec.unsigned)
+        lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
+        xc = torch.maximum(torch.minimum(x, hi), lo)
+        st = stats.setdefault(name, {"n": 0, "clipped": 0, "clip": 0.0, "round": 0.0, "energy": 0.0, "lo": float("inf"), "hi": -float("inf")})
+        st["n"] += x.numel()
+        st["clipped"] += int((x != xc).sum())
+        st["clip"] += float(((x - xc) ** 2).sum())
+        st["round"] += float(((output.float() - xc) ** 2).sum())
+        st["energy"] += float((x ** 2).sum())
+        st["lo"], st["hi"] = min(st["lo"], float(lo.min())), max(st["hi"], float(hi.max()))
+
+    denoiser = get_denoiser(q_pipe)
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in denoiser.named_modules()
+               if isinstance(m, ActivationQuantizer)]
+    try:
+        q_pipe(prompt=[it.prompt for it in items], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
+               height=settings.height, width=settings.width, latents=initial_noise(q_pipe, [it.seed for it in items], settings),
+               output_type="latent")
+    finally:
+        for h in handles:
+            h.remove()
+    rows = {n: {"range": [st["lo"], st["hi"]], "clipped_share": st["clipped"] / st["n"],
+                "clip_rel_err": st["clip"] / max(st["energy"], 1e-20), "round_rel_err": st["round"] / max(st["energy"], 1e-20)}
+            for n, st in stats.items() if st["n"]}
+    ranked = sorted(rows, key=lambda n: -(rows[n]["clip_rel_err"] + rows[n]["round_rel_err"]))
+    return {"n_images": len(items), "quantizers": _short({n: rows[n] for n in ranked[:top]}, 4)}
+
+
 # ----------------------------------------------------------------------------------------- claims
 def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
     """Mean of a-b and its normal 95 % interval over paired per-image values."""
@@ -390,26 +438,28 @@ def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict
     bits_list = result["bits"]
     claims: dict[str, list[dict]] = {"qdiffusion": [], "pcr": [], "emf": []}
 
-    # Issue 5 (Q-Diffusion, seed 001)
+    # Issue 5 (Q-Diffusion, seed 001); the LSQ-off ablation row, when run, gets the same checks marked as such
     for bits in bits_list:
-        q, r = f"qdiffusion-{bits}", f"rtn-{bits}"
-        if bits == "w4a8" and q in rows and r in rows:
-            comps = [c for m, s in FIDELITY if (c := cmp.compare(q, r, m, s))]
-            attr = cmp.compare(q, r, "attr_all", 1)
-            clear = [c.get("clearly", c["better"]) for c in comps]
-            text = "; ".join(_fmt_cmp(c, "QD", "RTN") for c in comps)
-            if attr:
-                text += f"; attributes (for reference) QD {attr['a']:.3f} vs RTN {attr['b']:.3f}"
-            claims["qdiffusion"].append({"claim": "W4A8: Q-Diffusion clearly closer to FP than RTN on every fidelity metric (PSNR, SSIM, FD to FP)",
-                                         "verdict": _verdict(clear), "text": text, "detail": comps})
-        if bits == "w8a8" and q in rows and fp.get("attr_all") is not None and rows[q]["summary"].get("attr_all") is not None:
-            gap = 100 * (rows[q]["summary"]["attr_all"] - fp["attr_all"])
-            rtn_gap = 100 * (rows[r]["summary"]["attr_all"] - fp["attr_all"]) if r in rows else None
-            claims["qdiffusion"].append({
-                "claim": "W8A8: Q-Diffusion attribute accuracy within 2 points of FP", "verdict": "holds" if abs(gap) <= 2.0 else "does not hold",
-                "text": f"FP {fp['attr_all']:.3f}, QD {rows[q]['summary']['attr_all']:.3f} ({gap:+.1f} points)"
-                        + (f"; RTN {rows[r]['summary']['attr_all']:.3f} ({rtn_gap:+.1f} points)" if rtn_gap is not None else ""),
-                "detail": {"fp": fp["attr_all"], "qdiffusion": rows[q]["summary"]["attr_all"], "gap_points": gap}})
+        r = f"rtn-{bits}"
+        for variant, name, tag in (("qdiffusion", "Q-Diffusion", "QD"), ("qdiffusion-nolsq", "Q-Diffusion without LSQ (ablation)", "QD-noLSQ")):
+            q = f"{variant}-{bits}"
+            if bits == "w4a8" and q in rows and r in rows:
+                comps = [c for m, s in FIDELITY if (c := cmp.compare(q, r, m, s))]
+                attr = cmp.compare(q, r, "attr_all", 1)
+                clear = [c.get("clearly", c["better"]) for c in comps]
+                text = "; ".join(_fmt_cmp(c, tag, "RTN") for c in comps)
+                if attr:
+                    text += f"; attributes (for reference) {tag} {attr['a']:.3f} vs RTN {attr['b']:.3f}"
+                claims["qdiffusion"].append({"claim": f"W4A8: {name} clearly closer to FP than RTN on every fidelity metric (PSNR, SSIM, FD to FP)",
+                                             "verdict": _verdict(clear), "text": text, "detail": comps})
+            if bits == "w8a8" and q in rows and fp.get("attr_all") is not None and rows[q]["summary"].get("attr_all") is not None:
+                gap = 100 * (rows[q]["summary"]["attr_all"] - fp["attr_all"])
+                rtn_gap = 100 * (rows[r]["summary"]["attr_all"] - fp["attr_all"]) if r in rows else None
+                claims["qdiffusion"].append({
+                    "claim": f"W8A8: {name} attribute accuracy within 2 points of FP", "verdict": "holds" if abs(gap) <= 2.0 else "does not hold",
+                    "text": f"FP {fp['attr_all']:.3f}, {tag} {rows[q]['summary']['attr_all']:.3f} ({gap:+.1f} points)"
+                            + (f"; RTN {rows[r]['summary']['attr_all']:.3f} ({rtn_gap:+.1f} points)" if rtn_gap is not None else ""),
+                    "detail": {"fp": fp["attr_all"], variant: rows[q]["summary"]["attr_all"], "gap_points": gap}})
 
     # Issue 6 (PCR, seed 002): FID to FP, PCR vs Q-Diffusion (and RTN) at the same bits
     for bits in bits_list:
@@ -435,13 +485,14 @@ def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict
         e = f"emf-{bits}"
         if e not in rows:
             continue
-        for other in ("rtn", "qdiffusion", "pcr"):
+        for other in ("rtn", "qdiffusion", "pcr", "rtn-float-time"):
             o = f"{other}-{bits}"
             if o not in rows:
                 continue
             comps = [c for m, s in FIDELITY if (c := cmp.compare(e, o, m, s))]
             clear = [c.get("clearly", c["better"]) for c in comps]
-            claims["emf"].append({"claim": f"{bits}: EMF closer to FP than {other}", "verdict": _verdict(clear),
+            claim = f"{bits}: EMF closer to FP than {other}" + (" (control: RTN with EMF's float time layers)" if other == "rtn-float-time" else "")
+            claims["emf"].append({"claim": claim, "verdict": _verdict(clear),
                                   "text": "; ".join(_fmt_cmp(c, "EMF", other) for c in comps), "detail": comps})
         q = f"qdiffusion-{bits}"
         if q in rows:
@@ -495,6 +546,11 @@ def diagnostics(result: dict) -> list[str]:
         if dyn:
             line += (f"; own-trajectory latent drift after the last step {dyn['drift'][-1]:.3g} ({dyn['n_images']} prompts), "
                      f"step-error coherence {dyn['coherence']:.2f}, constant-offset share {m(dyn['dc_fraction']):.2f}")
+        clip = (r.get("activation_clipping") or {}).get("quantizers")
+        if clip:
+            n, c = next(iter(clip.items()))
+            line += (f"; largest activation-quantizer error `{n.replace('.processor', '')}` range [{c['range'][0]:.3g}, {c['range'][1]:.3g}], "
+                     f"{c['clipped_share']:.1e} of entries clipped carrying {c['clip_rel_err']:.2g} of its energy (rounding {c['round_rel_err']:.2g})")
         if ls:
             top = list(ls["layers"].items())[:3]
             total = sum(ls["layers"].values())
@@ -524,13 +580,21 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
+def _main_command(res: dict) -> str:
+    """The session command that measured the most rows (later sessions often only add rows or diagnostics)."""
+    sessions = res.get("sessions") or []
+    if not sessions:
+        return res["command"].removeprefix(".venv/bin/python ")
+    return max(sessions, key=lambda x: len(x.get("rows_run", [])))["command"]
+
+
 def markdown(all_results: dict, args_line: str, analysis: str) -> str:
     lines = ["# RTN vs Q-Diffusion vs PCR vs EMF on the mini zoo (issues 5, 6, 7)", "",
              "Written by `benchmarks/methods.py` (JSON: `benchmarks/results/methods.json`); the hand-written analysis is at the end.", ""]
     for name, res in all_results["models"].items():
         s = res["settings"]
         lines += [f"## {name}", "",
-                  f"Reproduce: `.venv/bin/python {res['sessions'][0]['command'] if res.get('sessions') else res['command']}`", "",
+                  f"Reproduce: `.venv/bin/python {_main_command(res)}`", "",
                   (f"Weights: {res['source']} (FP fingerprint `{res['reference']['fingerprint']}`). {s['n_images']} held-out prompts "
                    f"(`zoo.heldout_prompts`, seed = prompt index), {s['steps']} steps, guidance {s['guidance']}, {s['height']}x{s['width']}; "
                    f"{res['calib_prompts']} calibration prompts (`zoo.calibration_prompts`) for every method. Fréchet distances: "
@@ -733,6 +797,8 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
         raise SystemExit(f"unknown method {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
     ref_summary = dict(ev.reference["summary"])
     ref_summary["generate_s"] = fp_s
+    if ev.reference["generation"]["generated"] == 0 and "generate_s" in earlier.get("reference", {}).get("summary", {}):
+        ref_summary["generate_s"] = earlier["reference"]["summary"]["generate_s"]  # all cached: keep the time it took
     if args.calib_eval:
         ref_summary["calib"] = dict(evals["calib"].reference["summary"])
     result = {
@@ -761,24 +827,26 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
         wbits, abits = (int(x) for x in bits[1:].split("a"))
         for variant in variants:
             method = VARIANTS[variant][0]
-            if method == "emf" and bits not in emf_bits:
+            if (method == "emf" or variant == "rtn-float-time") and bits not in emf_bits:
                 continue
             label = f"{variant}-{bits}"
             cfg = make_config(variant, wbits, abits, settings, calib_prompts, method_options, args.calib_batch_size)
             key = row_key(fp_fingerprint, variant, cfg, settings, args.prompts, args.calib_eval, calib_prompts)
-            if key in previous and "summary" in previous[key]:
+            if key in previous and "summary" in previous[key] and variant not in args.redo:
                 print(f"[{name}] {label}: finished in an earlier run, reused", flush=True)
                 row = previous[key]
                 result["rows"].append(row)
-                if args.diagnose and not args.no_curves and "dynamics" not in row:
+                if args.diagnose and not args.no_curves and ("dynamics" not in row or "activation_clipping" not in row):
                     # Quantize again (the methods are seeded) only for the error-dynamics diagnostics.
-                    print(f"[{name}] {label}: quantizing again for the error dynamics", flush=True)
+                    print(f"[{name}] {label}: quantizing again for the diagnostics", flush=True)
                     pipe, _ = quantize_row(fp, cfg, calib_prompts, work / key)
                     again = model_fingerprint(pipe)
                     row["requantized_identical"] = again == row["fingerprint"] if row.get("fingerprint") else \
                         (Path(args.cache_dir) / name / again).is_dir()
                     with fast_inference_fake_quant(not args.no_fast_eval):
-                        row["dynamics"] = error_dynamics(fp, pipe, items[: args.batch_size], settings)
+                        if "dynamics" not in row:
+                            row["dynamics"] = error_dynamics(fp, pipe, items[: args.batch_size], settings)
+                        row["activation_clipping"] = activation_clipping(pipe, items[: args.batch_size], settings)
                     del pipe
                     shutil.rmtree(work / key, ignore_errors=True)
                 store.save()
@@ -802,6 +870,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
             if not args.no_curves:
                 with fast_inference_fake_quant(not args.no_fast_eval):
                     row["dynamics"] = error_dynamics(fp, pipe, items[: args.batch_size], settings)
+                    row["activation_clipping"] = activation_clipping(pipe, items[: args.batch_size], settings)
             del pipe
             print(f"[{name}] {label}: " + json.dumps(_short(row["summary"], 4)) + f" (eval {row['eval_s']:.0f} s)", flush=True)
             result["rows"].append(row)
@@ -829,7 +898,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="load NAME from this diffusers folder (NAME's zoo sampling settings); repeatable")
     p.add_argument("--bits", default="w4a8,w8a8", help="bit widths, W4A8 first: the three issues' main claims are there")
     p.add_argument("--methods", default="rtn,qdiffusion,pcr,emf", help=f"rows per bit width, from: {', '.join(VARIANTS)}")
-    p.add_argument("--emf-bits", default="w4a8", help="bit widths that get EMF rows ('all': every --bits)")
+    p.add_argument("--emf-bits", default="w4a8", help="bit widths that get EMF rows and its rtn-float-time control ('all': every --bits)")
     p.add_argument("--emf-ablation", action="store_true", help="add the emf-serial row (seed 000's serial-vs-parallel ablation)")
     p.add_argument("--prompts", type=int, default=256, help="held-out prompts, one image each, seed = prompt index")
     p.add_argument("--calib-prompts", type=int, default=8, help="calibration prompts (zoo calibration split), the same for every method")
@@ -844,6 +913,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-curves", action="store_true", help="skip the per-timestep error and per-layer sensitivity")
     p.add_argument("--no-fast-eval", action="store_true", help="evaluate with the library's autograd fake quantization (slower, same images)")
     p.add_argument("--fresh", action="store_true", help="redo rows already finished in --json")
+    p.add_argument("--redo", type=lambda v: [x for x in v.split(",") if x], default=[],
+                   help="variants to redo although finished (a library change their settings do not show); other rows are kept")
     p.add_argument("--diagnose", action="store_true",
                    help="for finished rows without the error-dynamics diagnostics (trajectory drift), quantize again and add them")
     p.add_argument("--cache-dir", default=str(ROOT / "runs" / "methods-cache"))

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads on CI's 2-core machine; OMP_NUM_THREADS, when set, wins (on a shared machine 2 threads beside
+# other jobs made ops 50-100x slower).
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
 from tinyutil import PROMPTS, calibration_config, sample_latents  # noqa: E402

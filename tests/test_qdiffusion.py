@@ -107,6 +107,29 @@ def test_lsq_learns_a_better_activation_step_size():
     assert (model.proj.input_quantizer.scale < start).all()
 
 
+@pytest.mark.parametrize("magnitude", [1e-3, 1e3])
+def test_lsq_learning_rate_is_relative_to_each_step_size(magnitude):
+    """The same data at 1e-3 and 1e3 moves the step size by the same share, at most act_lr per iteration
+    (an absolute rate would blow up the small step size and leave the large one where it was)."""
+    torch.manual_seed(0)
+    fp = _OneLayer()
+    sample = torch.randn(64, 16)
+    sample[0, 0] = 12.0
+    sample = sample * magnitude
+    calib = CalibrationSet([DenoiserCall({"sample": sample, "timestep": torch.tensor(500)}, 0, 1)])
+    model = copy.deepcopy(fp)
+    wrap_denoiser(model, QuantConfig(method="qdiffusion", wbits=8, abits=4))
+    diffquant.set_state(model, "calibrating")
+    with torch.no_grad():
+        model(**calib.calls[0].kwargs())
+    diffquant.set_state(model, "learning")
+    start = model.proj.input_quantizer.scale.detach().clone()
+    opts = ReconstructionOptions(iterations=1, learn_weights=False, act_iterations=20, act_lr=1e-2, batch_size=32)
+    reconstruct_blocks(model, fp, calib, opts, progress=False)
+    change = ((start - model.proj.input_quantizer.scale) / start).abs().max().item()
+    assert 0.1 < change <= 20 * 1e-2 * 1.05, change
+
+
 def test_beta_schedule_warms_up_then_anneals():
     schedule = BetaSchedule(100, warmup=0.2, start=20.0, end=2.0)
     assert not schedule.active(19) and schedule.active(20)

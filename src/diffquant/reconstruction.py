@@ -20,7 +20,9 @@ blocks, transformer blocks, samplers, then every remaining quantized layer on it
    rounding is made hard, and the weights are replaced by their quantized values (what save/load
    gives anyway; the float weights are no longer needed).
 3. Activations (LSQ). With weights hard and activations quantized, learn the block's activation step
-   sizes (every input/q/k/v/softmax quantizer inside it) on the same data; zero points stay. If the
+   sizes (every input/q/k/v/softmax quantizer inside it) on the same data; zero points stay; Adam's
+   learning rate is ``act_lr`` x each step-size tensor's mean magnitude (an absolute rate made mini-sd3's
+   held-out images worse than RTN's: docs/results-methods.md). If the
    learned step sizes give a higher loss on the block's data than the calibrated ones, the calibrated
    ones are kept (a guard we added; the report marks such blocks ``act_reverted``).
 4. Checkpoint. The block's tensors go to ``workdir/block-NNNN.safetensors`` and the progress file is
@@ -52,6 +54,7 @@ from .calibration import CalibrationSet
 from .io import atomic_save_tensors, atomic_write_json
 from .models.adapters import get_adapter
 from .nn import QuantModule, QuantState, quantized_layers, set_quant_enabled
+from .quant.affine import step_size_lr
 from .quant.adaround import AdaRound, BetaSchedule
 
 PROGRESS_FILE = "progress.json"
@@ -68,7 +71,7 @@ class ReconstructionOptions:
     beta_end: float = 2.0
     weight_lr: float = 1e-2
     act_iterations: int = 100
-    act_lr: float = 1e-4
+    act_lr: float = 1e-3  # relative: x each step-size tensor's mean magnitude (quant.affine.step_size_lr)
     batch_size: int = 8
     learn_weights: bool = True
     learn_activations: bool = True
@@ -241,10 +244,10 @@ def _dataset_loss(block, data: BlockData, targets: list, context, device, batch_
     return total / n
 
 
-def _train(block, data, targets, context, device, params: list[nn.Parameter], lr: float, iterations: int,
+def _train(block, data, targets, context, device, param_groups: list[dict], iterations: int,
            batch_size: int, generator: torch.Generator, extra_loss: Callable[[int], torch.Tensor] | None = None,
            after_step: Callable[[], None] | None = None) -> None:
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = torch.optim.Adam(param_groups)
     n = data.num_samples
     for step in range(iterations):
         rows = torch.randperm(n, generator=generator)[: min(batch_size, n)]
@@ -422,8 +425,8 @@ def _reconstruct_block(qdenoiser, fp_denoiser, name: str, members: dict[str, Qua
             beta = schedule.beta(step)
             return options.round_weight * sum(r.regularizer(beta) for r in roundings.values())
 
-        _train(block, data, targets, context, device, [r.alpha for r in roundings.values()], options.weight_lr,
-               options.iterations, options.batch_size, generator, extra_loss=rounding_loss)
+        _train(block, data, targets, context, device,
+               [{"params": [r.alpha for r in roundings.values()], "lr": options.weight_lr}], options.iterations, options.batch_size, generator, extra_loss=rounding_loss)
         n_total = sum(r.alpha.numel() for r in roundings.values())
         result.binary_fraction = sum(r.binary_fraction() * r.alpha.numel() for r in roundings.values()) / n_total
         flipped = 0.0
@@ -454,8 +457,9 @@ def _reconstruct_block(qdenoiser, fp_denoiser, name: str, members: dict[str, Qua
 
             initial = [s.detach().clone() for s in scales]
             try:
-                _train(block, data, targets, context, device, scales, options.act_lr, options.act_iterations,
-                       options.batch_size, generator, after_step=keep_positive)
+                _train(block, data, targets, context, device,
+                       [{"params": [s], "lr": step_size_lr(s0, options.act_lr)} for s, s0 in zip(scales, initial)],
+                       options.act_iterations, options.batch_size, generator, after_step=keep_positive)
             finally:
                 for s in scales:
                     s.requires_grad_(False)

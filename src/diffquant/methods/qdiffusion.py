@@ -40,11 +40,11 @@ from .base import Method, QuantJob
 PRESETS: dict[str, dict] = {
     "default": dict(
         iterations=200, act_iterations=100, warmup=0.2, round_weight=0.01, beta_start=20.0, beta_end=2.0,
-        weight_lr=1e-2, act_lr=1e-4, batch_size=8, every_k=5,
+        weight_lr=1e-2, act_lr=1e-3, batch_size=8, every_k=5,
     ),
     "paper": dict(
         iterations=20000, act_iterations=5000, warmup=0.2, round_weight=0.01, beta_start=20.0, beta_end=2.0,
-        weight_lr=1e-3, act_lr=4e-5, batch_size=32, num_prompts=64, num_inference_steps=50, every_k=2, softmax_bits=16,
+        weight_lr=1e-3, act_lr=2e-5, batch_size=32, num_prompts=64, num_inference_steps=50, every_k=2, softmax_bits=16,
     ),
 }
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from ..distributed import all_reduce_sum, broadcast_from_main, check_same_everywhere, rank_and_size
 from ..io import atomic_save_tensors, atomic_write_json
 from ..nn import QuantModule, quantized_layers
+from ..quant.affine import step_size_lr
 from .dataset import SerialDataset
 from .freezing import SelectiveFreezer
 from .lowrank import add_low_rank, base_weight, merge_low_rank
@@ -132,7 +133,7 @@ class QATTrainer:
         self.optimizer = torch.optim.Adam(groups)
         broadcast_from_main([t for t in denoiser.state_dict().values() if t.is_floating_point()])
         for g in self.optimizer.param_groups[: len(scale_groups)]:
-            g["lr"] = config.lr_scales * float(g["params"][0].detach().abs().mean().clamp_min(1e-8))
+            g["lr"] = step_size_lr(g["params"][0], config.lr_scales)
         self.freezer = SelectiveFreezer(self.layers)
         self.batches = dataset.batches(config.order, config.batch_size, config.iterations, config.seed)
         self.freeze_steps = {max(1, round(f * config.iterations)): r for r, f in enumerate(sorted(config.freeze_at))}
