@@ -342,8 +342,25 @@ def markdown(out: dict) -> str:
         for variant, ops in res.get("profiles", {}).items():
             lines += ["", f"Top operators of one `{variant}` call (self CPU time):", "", "| op | ms | share | calls |", "|---|---|---|---|"]
             lines += [f"| `{o['op']}` | {o['self_ms']} | {o['share']:.1%} | {o['calls']} |" for o in ops]
-        lines += ["", "Notes:", "", "```json", json.dumps(res["notes"], indent=1, default=str), "```", ""]
+        lines += ["", "Notes:", ""] + [f"- {line}" for line in note_lines(res["notes"])] + [""]
     return "\n".join(lines)
+
+
+def note_lines(notes: dict) -> list[str]:
+    """One line per note; a converted model's per-layer float fallbacks are counted here and named in the JSON."""
+    lines = []
+    for key, value in notes.items():
+        if isinstance(value, dict) and "float_fallback" in value:
+            backends = ", ".join(f"{n} {c}" for n, c in value.get("backends", {}).items())
+            err = value.get("max_layer_rel_err_vs_fake_quant")
+            lines.append(f"`{key}`: layers per backend: {backends}; {len(value['float_fallback'])} stay float because their "
+                         "integer form timed slower (named in the JSON and by `diffquant info`)"
+                         + ("" if err is None else f"; largest per-layer relative error vs fake quant {err:.1e}"))
+        elif isinstance(value, float):
+            lines.append(f"`{key}`: {value:.4g}")
+        else:
+            lines.append(f"`{key}`: {value}")
+    return lines
 
 
 def main() -> None:
@@ -358,7 +375,11 @@ def main() -> None:
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler table of the converted model")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "results-runtime.md")
+    parser.add_argument("--render-only", action="store_true", help="rewrite --markdown from an existing --json; time nothing")
     args = parser.parse_args()
+    if args.render_only:
+        atomic_write_text(args.markdown, markdown(json.loads(args.json.read_text())))
+        return
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
