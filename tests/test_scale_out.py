@@ -110,3 +110,32 @@ def test_two_process_emf_training_matches_one_process_and_converges(fp_folder, t
     assert loss_two[-1] < 0.8 * loss_two[0]  # converges
     a, b = one.state_dict(), two.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _launch_two_refused(*args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "-m", "diffquant.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    return proc.stdout + proc.stderr
+
+
+def test_one_process_commands_refuse_a_launch_before_any_work(fp_folder, tmp_path):
+    """docs/errors.md: quantize with a method other than EMF, and bench, under ``accelerate launch``."""
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    output = _launch_two_refused("quantize", "--model", str(fp_folder), "--method", "pcr", "--prompts", str(tmp_path / "prompts.txt"),
+                                 "--out", str(tmp_path / "q"))
+    assert "only --method emf runs across processes; run --method pcr without accelerate launch" in output
+    output = _launch_two_refused("bench", "--model", str(fp_folder), "--out", str(tmp_path / "bench"))
+    assert "bench runs in one process; under accelerate launch run diffquant eval for each model" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]  # nothing written
+
+
+def test_emf_batch_smaller_than_its_split_is_refused_before_any_work(fp_folder, tmp_path):
+    """docs/errors.md: an EMF batch that cannot give every process and micro-batch a row (checked in one process
+    with micro_batches=2; under a launch the processes multiply in)."""
+    config = copy.deepcopy(EMF)
+    config.options.update(batch_size=1, micro_batches=2)
+    with pytest.raises(ValueError, match=r"batch_size 1 is smaller than 1 process\(es\) x 2 micro-batches; raise batch_size"):
+        diffquant.quantize(load_pipeline(str(fp_folder)), config, calibration=PROMPTS, workdir=tmp_path / "work", progress=False)
+    assert not (tmp_path / "work" / "emf").exists()

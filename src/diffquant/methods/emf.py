@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..distributed import rank_and_size
 from ..models.adapters import get_adapter
 from ..nn import QuantState, quantized_layers, set_quant_enabled, set_state
 from ..quant import TimestepGroups
@@ -134,6 +135,7 @@ class EMF(Method):
 
     def run(self, job: QuantJob) -> None:
         opts, config, denoiser = self.options(job.config), job.config, job.denoiser
+        opts.check_batch_split(rank_and_size()[1])  # before the serial dataset and sensitivity passes
         workdir = job.workdir / "emf" if job.workdir else None
         start = time.perf_counter()
         dataset = self._dataset(job, opts, workdir / "dataset" if workdir else None)

@@ -84,6 +84,12 @@ class QATConfig:
         if any(not 0 < f <= 1 for f in self.freeze_at):
             raise ValueError(f"freeze_at holds fractions of the iterations in (0, 1], got {self.freeze_at}")
 
+    def check_batch_split(self, processes: int) -> None:
+        """Every process needs at least one row per micro-batch; checked before any work starts."""
+        if self.batch_size < processes * self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} is smaller than {processes} process(es) x "
+                             f"{self.micro_batches} micro-batches; raise batch_size or lower micro_batches")
+
     def fingerprint(self, extra: dict) -> str:
         payload = json.dumps({"qat": asdict(self), **extra}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -107,9 +113,7 @@ class QATTrainer:
         if missing and config.feature_weight:
             raise ValueError(f"no FP features recorded for {missing[:3]}; run record_features with the sensitive layers first")
         self.rank, self.world = rank_and_size()
-        if config.batch_size < self.world * config.micro_batches:
-            raise ValueError(f"batch_size {config.batch_size} is smaller than {self.world} process(es) x "
-                             f"{config.micro_batches} micro-batches; raise batch_size or lower micro_batches")
+        config.check_batch_split(self.world)
         self.denoiser, self.dataset, self.config, self.progress = denoiser, dataset, config, progress and self.rank == 0
         self.sensitive = list(sensitive_layers)
         self.layers: dict[str, QuantModule] = {n: m for n, m in quantized_layers(denoiser).items() if m.weight_quantizer is not None}
