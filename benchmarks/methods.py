@@ -323,9 +323,9 @@ def activation_clipping(q_pipe, items, settings, top: int = 12) -> dict:
         if mod.mode != "quantize":
             return
         x = args[0].float()
-        g = mod._group()
+        g = mod.current_group()
         g = int(g.flatten()[0]) if torch.is_tensor(g) else g
-        scale, zp = mod._shape_for(mod.scale[g], x, False), mod._shape_for(mod.zero_point[g], x, False)
+        scale, zp = mod.broadcast_param(mod.scale[g], x, False), mod.broadcast_param(mod.zero_point[g], x, False)
         qmin, qmax = qrange(int(mod.bits[g]), mod.spec.symmetric, mod.spec.unsigned)
         lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
         xc = torch.maximum(torch.minimum(x, hi), lo)

@@ -54,7 +54,7 @@ class TimestepHook:
             self.context.set_timestep(t)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
@@ -110,7 +110,7 @@ def wrap_denoiser(
             )
         if q.input_quantizer is not None:
             q.input_quantizer.name = name
-        _set_submodule(denoiser, name, q)
+        set_submodule(denoiser, name, q)
     if config.quantize_attention and act_spec is not None:
         for name, kind in adapter.attention_modules().items():
             cls = QuantJointAttnProcessor if kind == "joint" else QuantAttnProcessor

@@ -151,7 +151,8 @@ class ActivationQuantizer(nn.Module):
     def num_groups(self) -> int:
         return self.scale.shape[0]
 
-    def _group(self) -> int | torch.Tensor:
+    def current_group(self) -> int | torch.Tensor:
+        """The timestep group of this call: an int, or a per-sample tensor when a batch mixes timesteps."""
         return 0 if self.context is None or self.num_groups == 1 else self.context.group
 
     def start_observing(self, seed: int = 0) -> None:
@@ -160,7 +161,7 @@ class ActivationQuantizer(nn.Module):
 
     def _observe(self, x: torch.Tensor) -> None:
         assert self.observer is not None
-        group = self._group()
+        group = self.current_group()
         groups = [(group, x)] if isinstance(group, int) else [
             (int(g), x[group.to(x.device) == g]) for g in torch.unique(group).tolist()
         ]
@@ -201,7 +202,7 @@ class ActivationQuantizer(nn.Module):
         self.observer = None
         self.mode = "quantize"
 
-    def _shape_for(self, param: torch.Tensor, x: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    def broadcast_param(self, param: torch.Tensor, x: torch.Tensor, per_sample: bool) -> torch.Tensor:
         """Broadcast a per-(group,segment) parameter picked for this call over ``x``."""
         shape = [1] * x.dim()
         if self.seg_index is not None:
@@ -219,12 +220,12 @@ class ActivationQuantizer(nn.Module):
         if self.mode == "observe":
             self._observe(x)
             return x
-        group = self._group()
+        group = self.current_group()
         per_sample = not isinstance(group, int)
         if per_sample:
             group = group.to(self.scale.device)
-        scale = self._shape_for(self.scale[group], x, per_sample)
-        zero_point = self._shape_for(self.zero_point[group], x, per_sample)
+        scale = self.broadcast_param(self.scale[group], x, per_sample)
+        zero_point = self.broadcast_param(self.zero_point[group], x, per_sample)
         bits = self.bits[group]
         qmin, qmax = qrange(bits, self.spec.symmetric, self.spec.unsigned)
         if per_sample:

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn import QuantConv2d, QuantLinear, QuantModule, QuantState, quantized_layers
-from ..wrap import _set_submodule, get_denoiser, quant_record
+from ..wrap import set_submodule, get_denoiser, quant_record
 from .modules import IntConv2d, IntLinear, _IntLayer, integer_backends, onednn_available
 
 ATTENTION_REASON = "attention matmuls stay fake-quant in float (no integer attention kernel)"
@@ -118,7 +118,7 @@ def convert(
     bar.close()
     for name, int_layer in chosen.items():
         runtime["backends"][name] = int_layer.backend
-        _set_submodule(denoiser, name, int_layer)
+        set_submodule(denoiser, name, int_layer)
     runtime["onednn"] = onednn_available()
     return model
 

@@ -218,8 +218,8 @@ class _IntLayer(QuantModule):
         iq = self.input_quantizer
         bits = self._group_params(group)[0][3]
         qmin, qmax = qrange(bits, iq.spec.symmetric, iq.spec.unsigned)
-        scale = iq._shape_for(iq.scale[group], x, False)
-        zero_point = iq._shape_for(iq.zero_point[group], x, False)
+        scale = iq.broadcast_param(iq.scale[group], x, False)
+        zero_point = iq.broadcast_param(iq.zero_point[group], x, False)
         return fake_quantize(x.float(), scale, zero_point, int(qmin), int(qmax)).to(x.dtype)
 
     def _group_forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
@@ -391,7 +391,7 @@ class IntConv2d(_IntLayer):
 
 def restore_int_layers(denoiser: nn.Module, converted: dict[str, dict]) -> None:
     """Swap the named (freshly wrapped) layers for integer layers whose tensors a state dict will fill."""
-    from ..wrap import _set_submodule
+    from ..wrap import set_submodule
 
     for name, info in converted.items():
         source = denoiser.get_submodule(name)
@@ -399,7 +399,7 @@ def restore_int_layers(denoiser: nn.Module, converted: dict[str, dict]) -> None:
         if not isinstance(source, QuantLinear if cls is IntLinear else QuantConv2d):
             raise ValueError(f"saved layer {name} is a {info['kind']} but the model has {type(source).__name__}; save the model again")
         placeholder = torch.zeros(source.weight.shape, dtype=torch.int8, device=source.weight.device)
-        _set_submodule(denoiser, name, cls(source, info["backend"], codes=placeholder))
+        set_submodule(denoiser, name, cls(source, info["backend"], codes=placeholder))
 
 
 def integer_backends(layer: _IntLayer) -> list[str]:
