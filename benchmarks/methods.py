@@ -44,7 +44,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ANALYSIS_HEADING = "## Analysis"
@@ -213,6 +215,20 @@ def quantize_row(fp_pipe, cfg, calib_prompts: list[str], workdir: Path, shared: 
                   "resumed_from_workdir": resumed}
 
 
+def cached_attr_all(ev, fingerprint: str, expected: float | None) -> list[int] | None:
+    """Per-image attribute correctness of a model whose images are in the PNG cache (rows finished before it was
+    stored); None when images are missing or the judged share differs from the stored ``expected``."""
+    from diffquant.evaluation.paired import cache_key
+
+    folder = Path(ev.options.cache_dir) / fingerprint
+    paths = [folder / f"{cache_key(it, ev.settings)}.png" for it in ev.items]
+    if ev.evaluator is None or expected is None or not all(p.is_file() for p in paths):
+        return None
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).permute(0, 3, 1, 2).float() / 255.0
+    correct = [int(ok) for ok in ev.evaluator.judge(images, ev.prompts)[1]]
+    return correct if abs(sum(correct) / len(correct) - expected) < 1e-9 else None
+
+
 def score_row(evals: dict, label: str, pipe, spec: str, extra: dict, fast: bool, features_path: Path) -> dict:
     """Generate and score one quantized pipeline on every prompt set; returns the row's metric fields."""
     import diffquant
@@ -230,6 +246,8 @@ def score_row(evals: dict, label: str, pipe, spec: str, extra: dict, fast: bool,
             out["fingerprint"] = entry["fingerprint"]
             out["per_image"] = {"psnr": [round(p["psnr"], 4) for p in entry["per_image"]],
                                 "ssim": [round(p["ssim"], 5) for p in entry["per_image"]]}
+            if "attr_all_per_image" in entry:
+                out["per_image"]["attr_all"] = [int(ok) for ok in entry["attr_all_per_image"]]
             if "timestep_error" in entry:
                 out["timestep_error"] = _short(entry["timestep_error"], 4)
             if "sensitivity" in entry:
@@ -431,6 +449,16 @@ def _verdict(flags: list[bool]) -> str:
     return "holds" if flags and all(flags) else "does not hold" if not any(flags) else "holds partly"
 
 
+def attr_gap_interval(result: dict, label: str) -> tuple[float, float] | None:
+    """Paired 95 % interval, in points, of a row's all-attributes accuracy minus FP's (same prompts and seeds)."""
+    fp = result["reference"].get("per_image", {}).get("attr_all")
+    row = next((r for r in result["rows"] if r["label"] == label), {}).get("per_image", {}).get("attr_all")
+    if not fp or not row or len(fp) != len(row):
+        return None
+    _, lo, hi = paired_interval([float(x) for x in row], [float(x) for x in fp])
+    return 100 * lo, 100 * hi
+
+
 def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict]]:
     """Every paper claim the issues name, evaluated on this model's rows (nothing is assumed to hold)."""
     cmp = Comparator(result, features_dir)
@@ -455,11 +483,16 @@ def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict
             if bits == "w8a8" and q in rows and fp.get("attr_all") is not None and rows[q]["summary"].get("attr_all") is not None:
                 gap = 100 * (rows[q]["summary"]["attr_all"] - fp["attr_all"])
                 rtn_gap = 100 * (rows[r]["summary"]["attr_all"] - fp["attr_all"]) if r in rows else None
+                interval = attr_gap_interval(result, q)
+                text = (f"FP {fp['attr_all']:.3f}, {tag} {rows[q]['summary']['attr_all']:.3f} ({gap:+.1f} points"
+                        + (f", paired 95 % CI [{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else "") + ")"
+                        + (f"; RTN {rows[r]['summary']['attr_all']:.3f} ({rtn_gap:+.1f} points)" if rtn_gap is not None else ""))
+                if interval and (interval[0] < -2.0 < interval[1] or interval[0] < 2.0 < interval[1]):
+                    text += "; the interval reaches both sides of a 2-point gap: these prompts cannot settle the claim"
                 claims["qdiffusion"].append({
                     "claim": f"W8A8: {name} attribute accuracy within 2 points of FP", "verdict": "holds" if abs(gap) <= 2.0 else "does not hold",
-                    "text": f"FP {fp['attr_all']:.3f}, {tag} {rows[q]['summary']['attr_all']:.3f} ({gap:+.1f} points)"
-                            + (f"; RTN {rows[r]['summary']['attr_all']:.3f} ({rtn_gap:+.1f} points)" if rtn_gap is not None else ""),
-                    "detail": {"fp": fp["attr_all"], variant: rows[q]["summary"]["attr_all"], "gap_points": gap}})
+                    "text": text,
+                    "detail": {"fp": fp["attr_all"], variant: rows[q]["summary"]["attr_all"], "gap_points": gap, "interval_points": interval}})
 
     # Issue 6 (PCR, seed 002): FID to FP, PCR vs Q-Diffusion (and RTN) at the same bits
     for bits in bits_list:
@@ -808,7 +841,8 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "load_start": load_start,
         "reference": {"fingerprint": fp_fingerprint, "summary": ref_summary,
-                      "generation": ev.reference["generation"]},
+                      "generation": ev.reference["generation"],
+                      "per_image": {"attr_all": [int(ok) for ok in ev.reference.get("attr_all_per_image", [])]}},
         "rows": [], "skipped": ev.skipped,
         "sessions": [],
     }
@@ -823,6 +857,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
     store.save()
 
     emf_workdirs: dict[str, Path] = {}
+    ran: list[str] = []  # labels quantized and scored in this session
     for bits in bits_list:
         wbits, abits = (int(x) for x in bits[1:].split("a"))
         for variant in variants:
@@ -836,6 +871,10 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
                 print(f"[{name}] {label}: finished in an earlier run, reused", flush=True)
                 row = previous[key]
                 result["rows"].append(row)
+                if "attr_all" not in row.get("per_image", {}) and row.get("fingerprint"):
+                    correct = cached_attr_all(ev, row["fingerprint"], row["summary"].get("attr_all"))
+                    if correct is not None:
+                        row["per_image"]["attr_all"] = correct
                 if args.diagnose and not args.no_curves and ("dynamics" not in row or "activation_clipping" not in row):
                     # Quantize again (the methods are seeded) only for the error-dynamics diagnostics.
                     print(f"[{name}] {label}: quantizing again for the diagnostics", flush=True)
@@ -874,6 +913,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
             del pipe
             print(f"[{name}] {label}: " + json.dumps(_short(row["summary"], 4)) + f" (eval {row['eval_s']:.0f} s)", flush=True)
             result["rows"].append(row)
+            ran.append(label)
             result["claims"] = check_claims(result, features_dir)
             store.save()
             if variant != "emf":
@@ -886,7 +926,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
     result["wall_s"] = time.time() - started
     result["load_end"] = os.getloadavg()[0]
     session.update(finished=result["finished"], wall_s=result["wall_s"], load_end=result["load_end"],
-                   rows_run=[r["label"] for r in result["rows"] if r["key"] not in previous])
+                   rows_run=ran)
     store.save()
     print(f"[{name}] done in {result['wall_s'] / 60:.1f} min", flush=True)
 

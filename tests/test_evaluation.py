@@ -193,6 +193,9 @@ def test_zoo_evaluator_metrics(tmp_path, monkeypatch, fp_pipe, q_pipe):
     assert ref["summary"]["fd_ref"] > 0 and model["summary"]["fd_ref"] > 0 and model["summary"]["fd_fp"] >= 0
     assert set(model["attributes"]) == {"shape", "colour", "size", "position", "background", "count", "all"}
     assert 0 <= model["summary"]["attr_mean"] <= 1 and "attr_all" in ref["summary"]
+    for entry in (ref, model):  # per-image correctness (paired intervals) agrees with the share
+        assert len(entry["attr_all_per_image"]) == 4
+        assert sum(entry["attr_all_per_image"]) / 4 == entry["summary"]["attr_all"]
     assert not {"fd_fp", "fd_ref", "attributes"} & set(results["skipped"])
 
 

@@ -82,6 +82,10 @@ def test_evaluator_scores_a_batch():
     real = np.stack([data.render(data.parse_caption(p)) for p in prompts])
     acc = ev.attribute_accuracy((real * 255).round().astype(np.uint8), prompts)
     assert set(acc) == set(ATTRIBUTES) and acc["shape"] >= 0.8 and acc["colour"] >= 0.8
+    again, correct = ev.judge((real * 255).round().astype(np.uint8), prompts)
+    assert again == acc and len(correct) == 16 and sum(correct) / 16 == acc["all"]
+    _, shifted = ev.judge((real * 255).round().astype(np.uint8), prompts[1:] + prompts[:1])  # each caption on another image
+    assert sum(shifted) < sum(correct)
     feats = ev.features(torch.from_numpy(real).permute(0, 3, 1, 2))
     assert feats.shape[0] == 16 and feats.dim() == 2
     if _installed("mini-sd"):

@@ -156,12 +156,13 @@ class Evaluation:
             entry["clip_per_image"] = scores.tolist()
         if self.evaluator is not None:
             try:
-                acc = self.evaluator.attribute_accuracy(images, self.prompts)
+                acc, correct = self.evaluator.judge(images, self.prompts)
             except ValueError as e:
                 self.skipped["attributes"] = f"prompts are not mini-zoo captions ({e})"
                 self.evaluator = None
                 return
             entry["attributes"] = acc
+            entry["attr_all_per_image"] = correct  # paired intervals of attribute gaps (benchmarks/methods.py)
             summary["attr_all"] = acc["all"]
             others = [v for k, v in acc.items() if k != "all"]
             summary["attr_mean"] = sum(others) / len(others)

@@ -148,12 +148,17 @@ class Evaluator:
         slot its position names: an empty slot there fails all four. ``background`` and ``count``
         (number of objects) are per image; ``all`` is the fraction of images entirely right.
         """
+        return self.judge(images, prompts)[0]
+
+    def judge(self, images, prompts: Sequence[str]) -> tuple[dict[str, float], list[bool]]:
+        """``attribute_accuracy`` and, per image, whether everything its caption asks for is right (what ``all`` counts)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         predicted = self.predict(images)
         if len(predicted) != len(prompts):
             raise ValueError(f"got {len(predicted)} images but {len(prompts)} prompts; pass one prompt per image")
         hits = {a: 0 for a in ATTRIBUTES}
         n_obj = 0
+        correct: list[bool] = []
         for pred, prompt in zip(predicted, prompts):
             want = data.parse_caption(prompt)
             by_pos = {o.position: o for o in pred.objects}
@@ -169,8 +174,9 @@ class Evaluator:
                     hits[k] += v
                 image_ok = image_ok and all(ok.values())
             hits["all"] += image_ok
+            correct.append(bool(image_ok))
         n_img = len(prompts)
-        return {a: hits[a] / (n_obj if a in ("shape", "colour", "size", "position") else n_img) for a in ATTRIBUTES}
+        return {a: hits[a] / (n_obj if a in ("shape", "colour", "size", "position") else n_img) for a in ATTRIBUTES}, correct
 
 
 def load_evaluator(path: str | Path | None = None, device: str | torch.device = "cpu") -> Evaluator:
