@@ -614,10 +614,23 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def _main_command(res: dict) -> str:
-    """The session command that measured the most rows (later sessions often only add rows or diagnostics)."""
+    """A command that reproduces every row: the latest session writing the default files, without the flags
+    that only redo rows (else the session that measured the most rows)."""
     sessions = res.get("sessions") or []
     if not sessions:
         return res["command"].removeprefix(".venv/bin/python ")
+    for session in reversed(sessions):
+        words = session["command"].split()
+        if "--json" not in words and "--markdown" not in words:
+            kept, skip = [], False
+            for word in words:
+                if skip:
+                    skip = False
+                elif word in ("--redo", "--threads"):
+                    skip = True
+                elif word not in ("--fresh", "--diagnose"):
+                    kept.append(word)
+            return " ".join(kept)
     return max(sessions, key=lambda x: len(x.get("rows_run", [])))["command"]
 
 
