@@ -21,8 +21,10 @@ and plots both training curves. ``--methods`` also takes the PCR ablations ``rtn
 prompt-generalization protocol).
 
 Persistence: ``benchmarks/results/methods.json`` and ``docs/results-methods.md`` are rewritten after every
-row (other models already in the JSON are kept), so a killed run loses only the row in progress; rerunning
-the same command reuses finished rows whose settings match (``--fresh`` to redo them), the FP and quantized
+row (other models already in the JSON are kept, and so are a model's rows this run does not reach: other
+methods or bit widths, when the FP weights and settings match), so a killed run loses only the row in
+progress; rerunning the same command reuses finished rows whose settings match (``--fresh`` to redo them,
+``--redo VARIANTS`` for some), the FP and quantized
 images cached under ``--cache-dir`` (keyed by model fingerprint), and Q-Diffusion's per-block / EMF's
 checkpoints under ``--work-dir``. Text under the page's "## Analysis" heading is kept when it is rewritten.
 """
@@ -866,8 +868,20 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
              "rows_run": [r["label"] for r in earlier.get("rows", [])]}]
     session = {"command": f"benchmarks/methods.py {store.args_line}", "started": result["started"], "load_start": load_start}
     result["sessions"].append(session)
+    same_table = (earlier.get("reference", {}).get("fingerprint") == fp_fingerprint and earlier.get("calib_prompts") == len(calib_prompts)
+                  and earlier.get("settings") == json.loads(json.dumps(ev.settings_record, default=str)))
+    # A run adds or redoes rows: rows it does not reach (other methods or bit widths, or after a crash) stay.
+    result["rows"] = list(earlier.get("rows", [])) if same_table else []
+    result["bits"] = bits_list + [b for b in earlier.get("bits", []) if same_table and b not in bits_list]
     store.model(name, result)
     store.save()
+
+    def put_row(row: dict) -> None:
+        rows = [r for r in result["rows"] if r["label"] != row["label"]] + [row]
+        order = {b: i for i, b in enumerate(result["bits"])}
+        rank = {v: i for i, v in enumerate(VARIANTS)}
+        rows.sort(key=lambda r: (order.get(r["bits"], len(order)), rank.get(r["variant"], len(rank))))
+        result["rows"] = rows
 
     emf_workdirs: dict[str, Path] = {}
     ran: list[str] = []  # labels quantized and scored in this session
@@ -883,7 +897,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
             if key in previous and "summary" in previous[key] and variant not in args.redo:
                 print(f"[{name}] {label}: finished in an earlier run, reused", flush=True)
                 row = previous[key]
-                result["rows"].append(row)
+                put_row(row)
                 if "attr_all" not in row.get("per_image", {}) and row.get("fingerprint"):
                     correct = cached_attr_all(ev, row["fingerprint"], row["summary"].get("attr_all"))
                     if correct is not None:
@@ -925,7 +939,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
                     row["activation_clipping"] = activation_clipping(pipe, items[: args.batch_size], settings)
             del pipe
             print(f"[{name}] {label}: " + json.dumps(_short(row["summary"], 4)) + f" (eval {row['eval_s']:.0f} s)", flush=True)
-            result["rows"].append(row)
+            put_row(row)
             ran.append(label)
             result["claims"] = check_claims(result, features_dir)
             store.save()
