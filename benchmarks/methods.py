@@ -648,10 +648,11 @@ def markdown(all_results: dict, args_line: str, analysis: str) -> str:
                    f"{res['calib_prompts']} calibration prompts (`zoo.calibration_prompts`) for every method. Fréchet distances: "
                    f"{res['feature_space']}."), "",
                   f"Machine: {res['machine']}. FP images {res['reference']['summary'].get('generate_s', 0):.0f} s (first session). Sessions: "
-                  + "; ".join(f"`{x['command']}` {x['started']} – {x.get('finished', '(in progress)')}"
+                  + "; ".join(f"`{x['command']}` {x['started']} – "
+                              + x.get("finished", "(in progress)" if i == len(res["sessions"]) - 1 else "(stopped before the end)")
                               + (f" ({x['wall_s'] / 60:.0f} min, load average {x['load_start']:.1f} → {x['load_end']:.1f}; rows run: "
                                  f"{', '.join(x['rows_run']) or 'none'})" if "wall_s" in x else "")
-                              for x in res.get("sessions", [])) + ".", "",
+                              for i, x in enumerate(res.get("sessions", []))) + ".", "",
                   "Method options (beyond the library defaults): `" + json.dumps(res["method_options"], sort_keys=True) + "`.", "",
                   "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
         fp_row = {"bits": "float", "summary": res["reference"]["summary"]}
