@@ -36,6 +36,19 @@ def test_every_layer_wrapped_or_listed_float(rtn_results, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_names_the_same_layers_and_blocks_float_wrapped_and_converted(tiny_pipes, rtn_results, family):
+    from diffquant.models.adapters import get_adapter
+
+    float_adapter = get_adapter(diffquant.get_denoiser(tiny_pipes[family]), warn=False)
+    quantized = copy.deepcopy(diffquant.get_denoiser(rtn_results[(family, 8)]["pipe"]))
+    wrapped_adapter = get_adapter(quantized, warn=False)
+    assert list(wrapped_adapter.layers()) == list(float_adapter.layers())
+    assert wrapped_adapter.blocks() == float_adapter.blocks()
+    diffquant.convert(quantized)
+    assert list(get_adapter(quantized, warn=False).layers()) == list(float_adapter.layers())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_w8a8_close_to_float_and_w4a8_further(rtn_results, family):
     e8 = rel_err(rtn_results[(family, 8)]["out"], rtn_results[(family, 8)]["ref"])
     e4 = rel_err(rtn_results[(family, 4)]["out"], rtn_results[(family, 4)]["ref"])

@@ -263,14 +263,10 @@ def _train(block, data, targets, context, device, param_groups: list[dict], iter
             after_step()
 
 
-def execution_order(denoiser: nn.Module, fp_denoiser: nn.Module, calibration: CalibrationSet) -> list[str]:
-    """The reconstruction units holding quantized modules, in the order one forward of ``denoiser`` runs them.
-
-    Units come from the adapter of the float model: the adapter lists single layers by their plain
-    ``nn.Linear``/``nn.Conv2d`` type, which the wrapped model no longer has.
-    """
+def execution_order(denoiser: nn.Module, calibration: CalibrationSet) -> list[str]:
+    """The reconstruction units holding quantized modules, in the order one forward of ``denoiser`` runs them."""
     layers = quantized_layers(denoiser)
-    units = [b for b in get_adapter(fp_denoiser, warn=False).blocks() if any(n == b or n.startswith(b + ".") for n in layers)]
+    units = [b for b in get_adapter(denoiser, warn=False).blocks() if any(n == b or n.startswith(b + ".") for n in layers)]
     order: list[str] = []
     handles = [denoiser.get_submodule(name).register_forward_pre_hook(
         lambda mod, args, name=name: order.append(name) if name not in order else None) for name in units]
@@ -363,7 +359,7 @@ def reconstruct_blocks(
         if module.state is not QuantState.FROZEN:
             module.set_state(QuantState.LEARNING)
     set_quant_enabled(qdenoiser, False)
-    order = execution_order(qdenoiser, fp_denoiser, calibration)
+    order = execution_order(qdenoiser, calibration)
     workdir = Path(workdir) if workdir is not None else None
     done: list[dict] = []
     if workdir is not None:

@@ -33,8 +33,12 @@ class DenoiserAdapter:
         self._timestep_index = params.index("timestep") if "timestep" in params else None
 
     def layers(self) -> dict[str, nn.Module]:
-        """Linear and Conv2d modules (the quantizable layers), in registration order."""
-        return {n: m for n, m in self.model.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+        """The quantizable layers, in registration order: plain Linear and Conv2d, or what diffquant made of
+        them (wrapped or converted), so a quantized model names the same layers and blocks as its float one."""
+        from ..nn.base import QuantModule
+
+        return {n: m for n, m in self.model.named_modules()
+                if type(m) in (nn.Linear, nn.Conv2d) or (isinstance(m, QuantModule) and m.is_layer)}
 
     def blocks(self) -> list[str]:
         """Reconstruction units: named blocks, then every layer outside a block as a unit of its own."""

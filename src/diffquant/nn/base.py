@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -17,6 +19,8 @@ class QuantModule(nn.Module):
     """
 
     weight_quantizer: WeightQuantizer | None
+    # True for the quantized form of a Linear/Conv2d (wrapped or converted), False for attention processors.
+    is_layer: ClassVar[bool] = False
 
     def _init_quant(self) -> None:
         self.state = QuantState.WRAPPED

@@ -13,6 +13,8 @@ from .base import QuantModule
 class QuantLinear(nn.Linear, QuantModule):
     """``nn.Linear`` with a weight quantizer and a static, timestep-indexed input quantizer."""
 
+    is_layer = True
+
     @classmethod
     def from_float(
         cls,
@@ -41,6 +43,8 @@ class QuantLinear(nn.Linear, QuantModule):
 class QuantConv2d(nn.Conv2d, QuantModule):
     """``nn.Conv2d`` with quantized weight and input; ``input_splits`` quantizes a concatenated
     input in parts (activation scales and the matching input-channel slices of the weight)."""
+
+    is_layer = True
 
     @classmethod
     def from_float(

@@ -88,6 +88,8 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _IntLayer(QuantModule):
     """Shared part of ``IntLinear`` / ``IntConv2d``; not instantiated directly."""
 
+    is_layer = True
+
     def _init_from(self, source: QuantLinear | QuantConv2d, backend: str, codes: torch.Tensor | None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown runtime backend {backend!r}; choose one of {', '.join(BACKENDS)}")
