@@ -272,6 +272,24 @@ def test_end_to_end_on_tiny_sd3(tiny_pipes, tmp_path):
     assert torch.equal(sample_latents(loaded), out)
 
 
+def test_end_to_end_on_tiny_sdxl(tiny_pipes):
+    """SDXL-style UNet (added text/time embeddings, transformer depth > 1): shortcut splits, blocks and attention."""
+    pipe = tiny_pipes["sdxl"]
+    qpipe = quantize(pipe, "qdiffusion")
+    unet = qpipe.unet
+    record = diffquant.quant_record(unet)
+    splits = get_adapter(pipe.unet).skip_splits()
+    assert splits and record.skip_splits == splits
+    names = [b["name"] for b in record.report["qdiffusion"]["blocks"]]
+    assert any(n.startswith("up_blocks.") and ".resnets." in n for n in names)
+    assert any(n.endswith(".transformer_blocks.0") for n in names)
+    processors = [m for m in unet.modules() if type(m).__name__ == "QuantAttnProcessor"]
+    assert processors and all(p.softmax_quantizer.mode == "quantize" for p in processors)
+    assert states(unet) == {"frozen": len(diffquant.quantized_layers(unet))}
+    out, ref = sample_latents(qpipe), sample_latents(pipe)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 0.6
+
+
 def test_presets_and_option_errors():
     paper = qd_module.Options(preset="paper")
     recon = paper.reconstruction()
