@@ -95,30 +95,6 @@ def tune_allocator() -> None:
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's maximum)
 
 
-@contextlib.contextmanager
-def fast_inference_fake_quant(enabled: bool = True):
-    """Evaluation only: activation fake quantization without autograd bookkeeping (one allocation, in-place
-    ops). Bit-identical to ``diffquant.quant.affine.fake_quantize`` (same operations in the same order; the
-    STE's ``x + (round(x) - x)`` equals ``round(x)`` exactly), checked by the smoke run; about 4x faster on the
-    softmax outputs. Quantization itself (calibration timings) always runs the library's own code."""
-    from diffquant.quant import quantizers
-
-    original = quantizers.fake_quantize
-
-    def fast(x, scale, zero_point, qmin, qmax, rounded=None):
-        if rounded is not None or torch.is_grad_enabled():
-            return original(x, scale, zero_point, qmin, qmax, rounded)
-        q = torch.div(x, scale)
-        return q.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
-
-    if enabled:
-        quantizers.fake_quantize = fast
-    try:
-        yield
-    finally:
-        quantizers.fake_quantize = original
-
-
 def load_fp(name: str, folder: str | None):
     """(pipeline, GenSettings, source) for a mini-zoo model, a diffusers folder, or a tiny random pipeline."""
     from diffquant.evaluation import GenSettings
@@ -231,15 +207,14 @@ def cached_attr_all(ev, fingerprint: str, expected: float | None) -> list[int] |
     return correct if abs(sum(correct) / len(correct) - expected) < 1e-9 else None
 
 
-def score_row(evals: dict, label: str, pipe, spec: str, extra: dict, fast: bool, features_path: Path) -> dict:
+def score_row(evals: dict, label: str, pipe, spec: str, extra: dict, features_path: Path) -> dict:
     """Generate and score one quantized pipeline on every prompt set; returns the row's metric fields."""
     import diffquant
 
     out: dict = {}
     for split, ev in evals.items():
         start = time.perf_counter()
-        with fast_inference_fake_quant(fast):
-            entry = ev.add(label if split == "heldout" else f"{label} ({split})", pipe, spec=spec, extra=extra if split == "heldout" else None)
+        entry = ev.add(label if split == "heldout" else f"{label} ({split})", pipe, spec=spec, extra=extra if split == "heldout" else None)
         seconds = time.perf_counter() - start
         s = entry["summary"]
         if split == "heldout":
@@ -910,10 +885,9 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
                     again = model_fingerprint(pipe)
                     row["requantized_identical"] = again == row["fingerprint"] if row.get("fingerprint") else \
                         (Path(args.cache_dir) / name / again).is_dir()
-                    with fast_inference_fake_quant(not args.no_fast_eval):
-                        if "dynamics" not in row:
-                            row["dynamics"] = error_dynamics(fp, pipe, items[: args.batch_size], settings)
-                        row["activation_clipping"] = activation_clipping(pipe, items[: args.batch_size], settings)
+                    if "dynamics" not in row:
+                        row["dynamics"] = error_dynamics(fp, pipe, items[: args.batch_size], settings)
+                    row["activation_clipping"] = activation_clipping(pipe, items[: args.batch_size], settings)
                     del pipe
                     shutil.rmtree(work / key, ignore_errors=True)
                 store.save()
@@ -932,12 +906,10 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
                    "details": method_details(variant, report)}
             print(f"[{name}] {label}: quantized in {cost['quantize_s']:.0f} s; generating {len(items)} images", flush=True)
             row.update(score_row(evals, label, pipe, f"diffquant {cfg.label} {json.dumps(cfg.options, sort_keys=True)}",
-                                 {k: cost[k] for k in ("quantize_s", "peak_memory_mib")}, not args.no_fast_eval,
-                                 features_dir / f"{key}.pt"))
+                                 {k: cost[k] for k in ("quantize_s", "peak_memory_mib")}, features_dir / f"{key}.pt"))
             if not args.no_curves:
-                with fast_inference_fake_quant(not args.no_fast_eval):
-                    row["dynamics"] = error_dynamics(fp, pipe, items[: args.batch_size], settings)
-                    row["activation_clipping"] = activation_clipping(pipe, items[: args.batch_size], settings)
+                row["dynamics"] = error_dynamics(fp, pipe, items[: args.batch_size], settings)
+                row["activation_clipping"] = activation_clipping(pipe, items[: args.batch_size], settings)
             del pipe
             print(f"[{name}] {label}: " + json.dumps(_short(row["summary"], 4)) + f" (eval {row['eval_s']:.0f} s)", flush=True)
             put_row(row)
@@ -979,7 +951,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-batch-size", type=int, default=8, help="prompts per calibration sampling batch")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on the shared 2-core machine)")
     p.add_argument("--no-curves", action="store_true", help="skip the per-timestep error and per-layer sensitivity")
-    p.add_argument("--no-fast-eval", action="store_true", help="evaluate with the library's autograd fake quantization (slower, same images)")
     p.add_argument("--fresh", action="store_true", help="redo rows already finished in --json")
     p.add_argument("--redo", type=lambda v: [x for x in v.split(",") if x], default=[],
                    help="variants to redo although finished (a library change their settings do not show); other rows are kept")

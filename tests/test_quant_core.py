@@ -144,3 +144,22 @@ def test_nan_activation_names_layer_and_step():
     ctx.set_timestep(torch.tensor(981))
     with pytest.raises(FloatingPointError, match=r"down_blocks.0.resnets.0.conv1 at timestep 981"):
         q(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_inference_fake_quantize_is_bit_identical_to_the_autograd_path():
+    """Without autograd fake_quantize runs in place; its result must equal the STE path's to the bit."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6) * 3
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 1e6])  # ties and a clamped outlier
+    cases = [
+        (torch.tensor(0.037), torch.tensor(3.0), -128, 127),
+        (torch.rand(1, 8, 1, 1) * 0.1 + 1e-3, torch.randint(0, 255, (1, 8, 1, 1)).float(), 0, 255),
+        (torch.rand(4, 1, 1, 1) * 0.1 + 1e-3, torch.zeros(4, 1, 1, 1),
+         torch.tensor([0, 0, -8, -128]).reshape(4, 1, 1, 1), torch.tensor([255, 15, 7, 127]).reshape(4, 1, 1, 1)),
+    ]
+    for scale, zero_point, qmin, qmax in cases:
+        with torch.no_grad():
+            fast = fake_quantize(x, scale, zero_point, qmin, qmax)
+        slow = fake_quantize(x.clone().requires_grad_(), scale, zero_point, qmin, qmax).detach()
+        assert torch.equal(fast, slow)
+        assert fast.data_ptr() != x.data_ptr() and x[0, 0, 0, 3] == 1e6  # the input is untouched
