@@ -46,9 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 ANALYSIS_HEADING = "## Analysis"
@@ -196,14 +194,12 @@ def quantize_row(fp_pipe, cfg, calib_prompts: list[str], workdir: Path, shared: 
 def cached_attr_all(ev, fingerprint: str, expected: float | None) -> list[int] | None:
     """Per-image attribute correctness of a model whose images are in the PNG cache (rows finished before it was
     stored); None when images are missing or the judged share differs from the stored ``expected``."""
-    from diffquant.evaluation.paired import cache_key
+    from diffquant.evaluation.paired import cache_paths, load_images
 
-    folder = Path(ev.options.cache_dir) / fingerprint
-    paths = [folder / f"{cache_key(it, ev.settings)}.png" for it in ev.items]
+    paths = cache_paths(ev.options.cache_dir, fingerprint, ev.items, ev.settings)
     if ev.evaluator is None or expected is None or not all(p.is_file() for p in paths):
         return None
-    images = torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).permute(0, 3, 1, 2).float() / 255.0
-    correct = [int(ok) for ok in ev.evaluator.judge(images, ev.prompts)[1]]
+    correct = [int(ok) for ok in ev.evaluator.judge(load_images(paths), ev.prompts)[1]]
     return correct if abs(sum(correct) / len(correct) - expected) < 1e-9 else None
 
 

@@ -114,14 +114,25 @@ def _device(pipe) -> torch.device:
 
 
 @torch.no_grad()
+def cache_paths(cache_dir: str | Path, fingerprint: str, items: list[PromptItem], settings: GenSettings) -> list[Path]:
+    """Where the PNG of each item rendered by the model with ``fingerprint`` lives in the cache."""
+    folder = Path(cache_dir) / fingerprint
+    return [folder / f"{cache_key(item, settings)}.png" for item in items]
+
+
+def load_images(paths: list[Path]) -> torch.Tensor:
+    """PNGs as float [N, 3, H, W] in [0, 1]."""
+    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
+
+
 def render(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: str | Path, batch_size: int = 4,
            label: str = "model", fingerprint: str | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[list[Path], GenStats]:
     """Write the missing cache PNGs of this shard's batches; returns every item's PNG path and the counts of this shard."""
     index, num_shards = shard
     fingerprint = fingerprint or model_fingerprint(pipe)
-    folder = Path(cache_dir) / fingerprint
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{cache_key(item, settings)}.png" for item in items]
+    (Path(cache_dir) / fingerprint).mkdir(parents=True, exist_ok=True)
+    paths = cache_paths(cache_dir, fingerprint, items, settings)
     mine = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)][index::num_shards]
     todo = [batch for batch in mine if not all(paths[i].exists() for i in batch)]
     stats = GenStats(cached=sum(len(batch) for batch in mine))
@@ -142,5 +153,4 @@ def generate(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: st
              label: str = "model", fingerprint: str | None = None) -> tuple[torch.Tensor, GenStats]:
     """Images for ``items`` as float [N, 3, H, W] in [0, 1] (from the 8-bit PNGs, cached or fresh) and hit counts."""
     paths, stats = render(pipe, items, settings, cache_dir, batch_size, label, fingerprint)
-    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
-    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0, stats
+    return load_images(paths), stats
