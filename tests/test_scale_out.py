@@ -46,10 +46,15 @@ def fp_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def _launch_two(module: str, *args: str) -> None:
+def _launch(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``module`` on two CPU processes, one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "-m", module, *args], env=env,
+    return subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "-m", module, *args], env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _launch_two(module: str, *args: str) -> None:
+    proc = _launch(module, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -113,9 +118,7 @@ def test_two_process_emf_training_matches_one_process_and_converges(fp_folder, t
 
 
 def _launch_two_refused(*args: str) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "-m", "diffquant.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = _launch("diffquant.cli", *args)
     assert proc.returncode != 0, proc.stdout[-2000:]
     return proc.stdout + proc.stderr
 
