@@ -421,8 +421,8 @@ def _reconstruct_block(qdenoiser, fp_denoiser, name: str, members: dict[str, Qua
             beta = schedule.beta(step)
             return options.round_weight * sum(r.regularizer(beta) for r in roundings.values())
 
-        _train(block, data, targets, context, device,
-               [{"params": [r.alpha for r in roundings.values()], "lr": options.weight_lr}], options.iterations, options.batch_size, generator, extra_loss=rounding_loss)
+        _train(block, data, targets, context, device, [{"params": [r.alpha for r in roundings.values()], "lr": options.weight_lr}],
+               options.iterations, options.batch_size, generator, extra_loss=rounding_loss)
         n_total = sum(r.alpha.numel() for r in roundings.values())
         result.binary_fraction = sum(r.binary_fraction() * r.alpha.numel() for r in roundings.values()) / n_total
         flipped = 0.0

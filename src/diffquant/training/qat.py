@@ -122,8 +122,8 @@ class QATTrainer:
         # Step sizes: one group per tensor, learning rate relative to its initial mean magnitude (set below,
         # after the broadcast; Adam's step is ~lr in absolute units whatever the gradient, see QATConfig.lr_scales).
         groups = [{"params": [p], "lr": config.lr_scales} for p in _scales(denoiser).values()]
-        scale_groups = list(groups)
-        for g in scale_groups:
+        n_scale_groups = len(groups)
+        for g in groups:
             g["params"][0].requires_grad_(True)
         if config.weight_training == "full":
             weights = [base_weight(m) for m in self.layers.values()] + [m.bias for m in self.layers.values() if m.bias is not None]
@@ -136,7 +136,7 @@ class QATTrainer:
         self.params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.Adam(groups)
         broadcast_from_main([t for t in denoiser.state_dict().values() if t.is_floating_point()])
-        for g in self.optimizer.param_groups[: len(scale_groups)]:
+        for g in self.optimizer.param_groups[:n_scale_groups]:
             g["lr"] = step_size_lr(g["params"][0], config.lr_scales)
         self.freezer = SelectiveFreezer(self.layers)
         self.batches = dataset.batches(config.order, config.batch_size, config.iterations, config.seed)
