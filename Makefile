@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/diffquant: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,peers,onnx]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,peers,onnx,openvino]'
 	touch $(BIN)/diffquant
 
 install: $(BIN)/diffquant
