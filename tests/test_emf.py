@@ -12,7 +12,7 @@ from diffquant import QuantConfig, QuantState
 from diffquant.models.adapters import get_adapter
 from diffquant.nn import quantized_layers, set_state
 from diffquant.quant import TimestepGroups
-from diffquant.training import (
+from diffquant.learning import (
     QATConfig,
     QATTrainer,
     SerialDatasetConfig,

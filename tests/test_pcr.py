@@ -182,7 +182,7 @@ def test_most_sensitive_steps_rounds_the_fraction():
 
 @pytest.mark.slow
 def test_weight_reconstruction_reuses_qdiffusion_code(tiny_pipes):
-    pytest.importorskip("diffquant.reconstruction")
+    pytest.importorskip("diffquant.learning.reconstruction")
     pipe = copy.deepcopy(tiny_pipes["sd"])
     cfg = _config(reconstruct_weights=True, reconstruction_iterations=40, relax_fraction=0.0, sensitivity_prompts=0)
     diffquant.quantize(pipe, cfg, calibration=PROMPTS, progress=False)

@@ -15,7 +15,7 @@ from diffquant.methods import qdiffusion as qd_module
 from diffquant.models.adapters import get_adapter
 from diffquant.nn import states
 from diffquant.quant.adaround import AdaRound, BetaSchedule
-from diffquant.reconstruction import ReconstructionOptions, reconstruct_blocks
+from diffquant.learning.reconstruction import ReconstructionOptions, reconstruct_blocks
 from diffquant.wrap import wrap_denoiser
 
 from tinyutil import PROMPTS, calibration_config, sample_latents
@@ -225,7 +225,7 @@ def test_killed_run_resumes_to_identical_weights(tiny_pipes, tmp_path, monkeypat
         return wrapped
 
     work = tmp_path / "killed"
-    import diffquant.reconstruction as recon
+    import diffquant.learning.reconstruction as recon
 
     with monkeypatch.context() as m:  # killed while recording the second prompt batch
         m.setattr(qd_module, "record_denoiser_calls", dies_after(1, qd_module.record_denoiser_calls))

@@ -78,7 +78,7 @@ def _recording_kill_point():
 
 
 def _reconstruction_kill_point():
-    from diffquant import reconstruction
+    from diffquant.learning import reconstruction
 
     return reconstruction, "_save_checkpoint"  # one call per reconstructed block
 
@@ -101,7 +101,7 @@ def emf(pipe, work: Path) -> torch.nn.Module:
 
 
 def _qat_kill_point():
-    from diffquant.training import QATTrainer
+    from diffquant.learning import QATTrainer
 
     return QATTrainer, "save_checkpoint"  # one call per iteration here (checkpoint_every=1)
 
@@ -175,7 +175,7 @@ class _Counter:
 
 
 def test_calibration_recording_and_reconstruction_resume_after_sigkill(sd, tmp_path, monkeypatch):
-    from diffquant import reconstruction
+    from diffquant.learning import reconstruction
 
     reference = qdiffusion(sd, tmp_path / "whole")
     blocks = len(list((tmp_path / "whole" / "reconstruction").glob("block-*")))

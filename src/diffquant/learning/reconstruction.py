@@ -2,7 +2,7 @@
 
 Usage (a wrapped denoiser whose activation quantizers are already calibrated, e.g. by min/max)::
 
-    from diffquant.reconstruction import ReconstructionOptions, reconstruct_blocks
+    from diffquant.learning.reconstruction import ReconstructionOptions, reconstruct_blocks
     fp = copy.deepcopy(denoiser)                    # before wrap_denoiser
     wrap_denoiser(denoiser, config); ...calibrate activations...
     stats = reconstruct_blocks(denoiser, fp, calibration_set, ReconstructionOptions(), workdir="work/recon")
@@ -50,12 +50,12 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import CalibrationSet
-from .io import atomic_save_tensors, atomic_write_json
-from .models.adapters import get_adapter
-from .nn import QuantModule, QuantState, quantized_layers, set_quant_enabled
-from .quant.affine import step_size_lr
-from .quant.adaround import AdaRound, BetaSchedule
+from ..calibration import CalibrationSet
+from ..io import atomic_save_tensors, atomic_write_json
+from ..models.adapters import get_adapter
+from ..nn import QuantModule, QuantState, quantized_layers, set_quant_enabled
+from ..quant.affine import step_size_lr
+from ..quant.adaround import AdaRound, BetaSchedule
 
 PROGRESS_FILE = "progress.json"
 

@@ -1,6 +1,6 @@
 """EMF — Efficiency Meets Fidelity (seed 000): serial dataset, parallel QAT, as ``method="emf"``.
 
-Recipe (each step a reusable piece of ``diffquant.training``):
+Recipe (each step a reusable piece of ``diffquant.learning``):
 
 1. Serial dataset: the FP pipeline samples the calibration prompts with its own scheduler and
    guidance; ``steps_per_prompt`` random steps per prompt are kept with their FP outputs.
@@ -37,7 +37,7 @@ from ..distributed import rank_and_size
 from ..models.adapters import get_adapter
 from ..nn import QuantState, quantized_layers, set_quant_enabled, set_state
 from ..quant import TimestepGroups
-from ..training import (
+from ..learning import (
     QATConfig,
     QATTrainer,
     SerialDataset,

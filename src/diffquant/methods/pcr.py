@@ -114,18 +114,18 @@ def schedule_timesteps(pipe, run: SamplingRun) -> list[float]:
 
 
 def _reconstruct_weights(job: QuantJob, fp_denoiser: torch.nn.Module, iterations: int) -> dict:
-    """Q-Diffusion's block reconstruction of the weights (AdaRound), reused from ``diffquant.reconstruction``.
+    """Q-Diffusion's block reconstruction of the weights (AdaRound), reused from ``diffquant.learning.reconstruction``.
 
     Runs on FP calibration trajectories (``job.calibration_set()``) with per-step activation ranges
     from those trajectories, learning weights only; progressive calibration then refits every
     activation group on the quantized trajectory of the reconstructed weights.
     """
     try:
-        from ..reconstruction import ReconstructionOptions, reconstruct_blocks
+        from ..learning.reconstruction import ReconstructionOptions, reconstruct_blocks
     except ModuleNotFoundError as e:
-        if e.name != "diffquant.reconstruction":
+        if e.name != "diffquant.learning.reconstruction":
             raise
-        raise ValueError("pcr reconstruct_weights=true needs diffquant.reconstruction (the Q-Diffusion recipe), "
+        raise ValueError("pcr reconstruct_weights=true needs diffquant.learning.reconstruction (the Q-Diffusion recipe), "
                          "which is not installed here; drop the option") from None
     start = time.perf_counter()
     calibration = job.calibration_set()

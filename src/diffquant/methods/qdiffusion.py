@@ -8,7 +8,7 @@
 2. Shortcut splitting: on by default (``split_shortcut_default``); the adapter names the layers fed
    by a raw skip concatenation and ``wrap_denoiser`` gives them split activation and weight quantizers.
 3. Activation ranges from the recorded calls (the config's observer), then BRECQ block
-   reconstruction with AdaRound weights and LSQ activation step sizes (``diffquant.reconstruction``),
+   reconstruction with AdaRound weights and LSQ activation step sizes (``diffquant.learning.reconstruction``),
    checkpointed per block under ``workdir/reconstruction/``.
 4. Attention: q, k, v and the softmax output are quantized (``softmax_bits``; the paper preset uses 16).
 
@@ -33,7 +33,7 @@ from ..calibration import CalibrationSet, record_denoiser_calls, replay
 from ..config import CalibrationConfig, QuantConfig
 from ..io import atomic_write_json
 from ..nn import QuantState, set_state
-from ..reconstruction import ReconstructionOptions, reconstruct_blocks
+from ..learning.reconstruction import ReconstructionOptions, reconstruct_blocks
 from ..wrap import wrap_denoiser
 from .base import Method, QuantJob
 
