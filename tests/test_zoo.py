@@ -40,7 +40,7 @@ def test_split_is_compositional_and_captions_parse():
 
 
 def test_every_caption_word_is_one_token(tmp_path):
-    from diffquant.zoo.train import MAX_TOKENS, build_tokenizer
+    from diffquant.zoo.architectures import MAX_TOKENS, build_tokenizer
 
     tok = build_tokenizer(tmp_path)
     for w in data.vocabulary():
@@ -107,7 +107,8 @@ def test_model_path_errors_clearly():
 def test_few_step_training_checkpoints_and_resumes(tmp_path: Path, name):
     from safetensors.torch import load_file
 
-    from diffquant.zoo.train import build_vae, train_denoiser
+    from diffquant.zoo.architectures import build_vae
+    from diffquant.zoo.train import train_denoiser
 
     torch.manual_seed(0)
     build_vae().save_pretrained(str(tmp_path / "vae"))
@@ -127,7 +128,8 @@ def test_init_from_starts_a_phase_from_saved_weights(tmp_path: Path):
     from safetensors.torch import load_file
 
     from diffquant import zoo
-    from diffquant.zoo.train import build_vae, train_denoiser
+    from diffquant.zoo.architectures import build_vae
+    from diffquant.zoo.train import train_denoiser
 
     build_vae().save_pretrained(str(tmp_path / "vae"))
     kw = dict(batch_size=2, vae_dir=tmp_path / "vae", pool_size=8, device="cpu", export=False, lr=1e-12)

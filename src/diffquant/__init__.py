@@ -17,6 +17,12 @@ from .serialization import load, save
 from .wrap import average_bits, get_denoiser, quant_record
 from .runtime import convert  # noqa: F401  (real integer inference, diffquant.runtime)
 
+try:  # the bundled mini models register their defaults and prompt sets (diffquant.registry)
+    from . import zoo  # noqa: F401
+except ModuleNotFoundError as e:
+    if e.name != f"{__name__}.zoo":
+        raise
+
 __all__ = [
     "CalibrationConfig",
     "CalibrationSet",

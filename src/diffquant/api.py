@@ -10,27 +10,10 @@ from torch import nn
 
 from .calibration import CalibrationSet
 from .config import QuantConfig
-from .methods import METHODS, QuantJob
+from .methods import QuantJob
 from .prompts import prompt_list
+from .registry import method as registered_method, model_for, sampling_defaults
 from .wrap import get_denoiser
-
-
-def sampling_defaults(pipe: Any) -> dict:
-    """Default steps/guidance/size for a pipeline: the mini zoo's settings for its models, else {}."""
-    if pipe is None:
-        return {}
-    origin = str(getattr(pipe.config, "_name_or_path", "") or getattr(pipe, "name_or_path", "") or "")
-    try:
-        from . import zoo
-    except ImportError:
-        return {}
-    for name in getattr(zoo, "MODEL_NAMES", ()):
-        try:
-            if origin and Path(origin).resolve() == Path(zoo.model_path(name)).resolve():
-                return dict(zoo.DEFAULTS[name])
-        except (FileNotFoundError, OSError):
-            continue
-    return {}
 
 
 def quantize(
@@ -67,7 +50,7 @@ def quantize(
         sampling_defaults=sampling_defaults(pipeline), workdir=Path(workdir) if workdir else None, progress=progress,
     )
     start = time.perf_counter()
-    METHODS[config.method].run(job)
+    registered_method(config.method).run(job)
     record = denoiser.diffquant
     record.report.setdefault("calibration_seconds", time.perf_counter() - start)
     record.report.setdefault("sampling_defaults", job.sampling_defaults)
@@ -78,9 +61,6 @@ def quantize(
 
 
 def _default_prompts(pipeline: Any) -> list[str] | None:
-    """The mini zoo's calibration prompts for its own models; otherwise the caller must pass some."""
-    if not sampling_defaults(pipeline):
-        return None
-    from . import zoo
-
-    return zoo.calibration_prompts()
+    """A bundled model's own calibration prompts; for any other pipeline the caller must pass some."""
+    model = model_for(pipeline)
+    return model.calibration_prompts() if model else None

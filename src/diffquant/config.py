@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .registry import method as registered_method
 from .quant import QuantSpec
 
 CONFIG_VERSION = 1
@@ -38,7 +39,8 @@ class CalibrationConfig:
 
 @dataclass
 class QuantConfig:
-    """What to quantize and how. ``method`` picks the recipe; ``options`` holds the method's own knobs.
+    """What to quantize and how: plain data. ``method`` names a recipe in ``diffquant.registry``, which
+    parses ``options`` into that method's typed ``Options`` (so construction rejects unknown methods and keys).
 
     ``abits=None`` means weight-only. ``split_shortcut=None`` takes the method's default (on for
     Q-Diffusion). ``timestep_groups`` > 1 gives activation quantizers one parameter set per range
@@ -68,12 +70,9 @@ class QuantConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
-        from .methods import METHODS
-
         if isinstance(self.calibration, dict):
             self.calibration = CalibrationConfig(**self.calibration)
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(sorted(METHODS))}")
+        method = registered_method(self.method)
         if self.version > CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is newer than this diffquant ({CONFIG_VERSION}); upgrade diffquant")
         self.keep_float = list(self.keep_float)
@@ -83,7 +82,7 @@ class QuantConfig:
         self.weight_spec()
         self.act_spec()
         self.softmax_spec()
-        METHODS[self.method].options(self)
+        method.options(self)  # the method's typed Options: unknown or ill-typed keys fail here
 
     @property
     def label(self) -> str:
@@ -91,9 +90,7 @@ class QuantConfig:
 
     @property
     def use_split_shortcut(self) -> bool:
-        from .methods import METHODS
-
-        return METHODS[self.method].split_shortcut_default if self.split_shortcut is None else self.split_shortcut
+        return registered_method(self.method).split_shortcut_default if self.split_shortcut is None else self.split_shortcut
 
     def weight_spec(self) -> QuantSpec:
         try:

@@ -1,4 +1,4 @@
-"""Resolve what a user names as a model: a mini zoo name, a diffquant folder, or a diffusers folder."""
+"""Resolve what a user names as a model: a bundled model name (``diffquant.registry``), a diffquant folder, or a diffusers folder."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .registry import MODELS
 
 
 def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.dtype = torch.float32) -> Any:
@@ -18,14 +20,11 @@ def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.d
     from .serialization import is_quantized_folder, load
 
     name = str(spec)
-    zoo_names = _zoo_names()
-    if name in zoo_names:
-        from . import zoo
-
-        return zoo.load_pipeline(name, torch_dtype=torch_dtype, device=device)
+    if name in MODELS:
+        return MODELS[name].load(torch_dtype=torch_dtype, device=device)
     path = Path(spec)
     if not path.exists():
-        hint = f" or a bundled model ({', '.join(zoo_names)})" if zoo_names else ""
+        hint = f" or a bundled model ({', '.join(MODELS)})" if MODELS else ""
         raise FileNotFoundError(f"model folder {path} not found; pass a diffusers pipeline folder{hint}")
     if is_quantized_folder(path):
         pipe = load(path, device=device)
@@ -40,10 +39,3 @@ def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.d
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def _zoo_names() -> tuple[str, ...]:
-    try:
-        from . import zoo
-    except ImportError:
-        return ()
-    return tuple(getattr(zoo, "MODEL_NAMES", ()))

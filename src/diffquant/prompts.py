@@ -1,38 +1,36 @@
 """Prompt input: a text file (one prompt per line), a JSON list of prompts or of {prompt, seed}, or a
-built-in mini-zoo set (``zoo:heldout[:N]``, ``zoo:calibration[:N]``)."""
+registered prompt set such as the mini zoo's (``zoo:heldout[:N]``, ``zoo:calibration[:N]``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-ZOO_SPLITS = {"heldout": "heldout", "eval": "heldout", "test": "heldout",
-              "calibration": "calibration", "calib": "calibration", "train": "calibration"}
+from .registry import PROMPT_SETS
 
 
 class PromptFileNotFound(FileNotFoundError, ValueError):
     """A missing prompt file: a user error under either name callers catch."""
 
 
-def _zoo_prompts(spec: str) -> list[str]:
-    _, split, *rest = spec.split(":")
-    if split not in ZOO_SPLITS or len(rest) > 1:
-        raise ValueError(f"unknown built-in prompt set {spec!r}; use zoo:heldout or zoo:calibration (optionally ':N')")
+def _prompt_set(spec: str) -> list[str]:
+    source, split, *rest = spec.split(":")
+    make = PROMPT_SETS.get(f"{source}:{split}")
+    if make is None or len(rest) > 1:
+        named = ", ".join(k for k in PROMPT_SETS if k.startswith(f"{source}:"))
+        raise ValueError(f"unknown built-in prompt set {spec!r}; use one of {named} (optionally ':N')")
     try:
         count = int(rest[0]) if rest else None
     except ValueError:
         raise ValueError(f"bad prompt set {spec!r}: the count after the second ':' must be an integer") from None
-    from . import zoo
-
-    make = zoo.heldout_prompts if ZOO_SPLITS[split] == "heldout" else zoo.calibration_prompts
     return list(make(count) if count is not None else make())
 
 
 def read_prompts(source: str | Path) -> list[tuple[str, int | None]]:
     """(prompt, seed or None) pairs from ``source``; blank lines and ``#`` comments are skipped."""
     text_source = str(source)
-    if text_source.startswith("zoo:"):
-        pairs: list[tuple[str, int | None]] = [(p, None) for p in _zoo_prompts(text_source)]
+    if text_source.split(":")[0] in {k.split(":")[0] for k in PROMPT_SETS}:
+        pairs: list[tuple[str, int | None]] = [(p, None) for p in _prompt_set(text_source)]
     else:
         path = Path(source)
         if not path.is_file():

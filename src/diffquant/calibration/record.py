@@ -36,10 +36,10 @@ def record(
     """Record float-model denoiser inputs along real sampling trajectories."""
     from accelerate import PartialState
 
-    from ..api import sampling_defaults
     from ..config import CalibrationConfig
     from ..pipelines import load_pipeline
     from ..prompts import prompt_list
+    from ..registry import sampling_defaults
     from .collect import CalibrationSet, record_denoiser_calls
 
     state = PartialState(cpu=not torch.cuda.is_available())

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..io import atomic_write
+from ..plots import figure_b64, sensitivity_plot
 from .prompts import PromptItem
 
 # Display names and formats of the per-model summary columns, in table order.
@@ -75,15 +76,6 @@ def _image_b64(image: torch.Tensor) -> str:
     return _png_b64((image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
-def _figure_b64(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def timestep_plot(models: list[dict]) -> str | None:
     """One curve per model: relative MSE of the denoiser output against the sampling step."""
     curves = [(m["label"], m["timestep_error"]) for m in models if m.get("timestep_error")]
@@ -104,24 +96,7 @@ def timestep_plot(models: list[dict]) -> str | None:
     ax.set_title("Per-timestep denoiser error along the FP trajectory")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _figure_b64(fig)
-
-
-def sensitivity_plot(label: str, sensitivity: dict, top: int = 30) -> str:
-    """Horizontal bars of the ``top`` most sensitive layers (error when only that layer is quantized)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ranked = sorted(sensitivity["layers"].items(), key=lambda kv: kv[1], reverse=True)[:top]
-    fig, ax = plt.subplots(figsize=(7.5, 0.25 * len(ranked) + 1.2))
-    ax.barh([name for name, _ in ranked][::-1], [v for _, v in ranked][::-1], color="#4c72b0")
-    ax.set_xscale("log")
-    ax.set_xlabel("rel. MSE of denoiser output, only this layer quantized")
-    ax.set_title(f"{label}: per-layer sensitivity (top {len(ranked)} of {len(sensitivity['layers'])})")
-    ax.tick_params(axis="y", labelsize=7)
-    return _figure_b64(fig)
+    return figure_b64(fig)
 
 
 def _table(headers: list[str], rows: list[list[str]], css: str = "") -> str:

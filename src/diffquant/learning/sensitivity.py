@@ -55,7 +55,7 @@ def rank_layers(errors: dict[str, float]) -> list[str]:
 def save_sensitivity(errors: dict[str, float], folder: str | Path, label: str = "emf", key: str = "") -> dict[str, Path]:
     """Write ``sensitivity.json`` (with ``key``, naming the setting it was measured under) and a bar chart
     ``sensitivity.png`` (the evaluation report's plot). Only the main process writes."""
-    from ..evaluation.report import sensitivity_plot
+    from ..plots import sensitivity_plot
 
     folder = Path(folder)
     paths = {"json": folder / "sensitivity.json", "png": folder / "sensitivity.png"}

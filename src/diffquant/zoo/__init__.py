@@ -11,10 +11,12 @@ stock ``from_pretrained`` code paths:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 
+from ..registry import BundledModel, register_model, register_prompt_set
 from .data import calibration_prompts, heldout_prompts
 
 MODEL_NAMES: tuple[str, ...] = ("mini-sd", "mini-sd3")
@@ -55,3 +57,15 @@ def load_pipeline(name: str, torch_dtype: torch.dtype = torch.float32, device: s
         pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+# The core finds the bundled models, their defaults and prompt sets here (the package root imports the zoo).
+for _name in MODEL_NAMES:
+    register_model(BundledModel(
+        name=_name, folder=functools.partial(model_path, _name), load=functools.partial(load_pipeline, _name),
+        sampling=DEFAULTS[_name], calibration_prompts=calibration_prompts,
+    ))
+for _split, _prompts in (("heldout", heldout_prompts), ("eval", heldout_prompts), ("test", heldout_prompts),
+                         ("calibration", calibration_prompts), ("calib", calibration_prompts),
+                         ("train", calibration_prompts)):
+    register_prompt_set(f"zoo:{_split}", _prompts)

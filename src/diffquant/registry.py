@@ -1,0 +1,75 @@
+"""What the layers above the core plug into it: quantization methods, bundled models and prompt sets.
+
+The core consults these tables and never imports their providers, so the import graph stays one-way:
+``diffquant.methods`` registers its recipes when imported (the package root imports it through
+``diffquant.api``), and the package root imports ``diffquant.zoo``, which registers its models'
+sampling defaults, loaders and prompt sets. A new method or model family registers here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# name -> Method (diffquant.methods.base.Method): ``name``, ``Options``, ``split_shortcut_default``, ``run``.
+METHODS: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped with diffquant: where it is, how it loads, how it samples by default."""
+
+    name: str
+    folder: Callable[[], Path]
+    load: Callable[..., Any]  # (torch_dtype=..., device=...) -> pipeline
+    sampling: dict  # num_inference_steps, guidance_scale, height, width
+    calibration_prompts: Callable[[], list[str]]
+
+
+MODELS: dict[str, BundledModel] = {}
+# "source:split" (e.g. "zoo:heldout") -> prompts(count or None)
+PROMPT_SETS: dict[str, Callable[..., list[str]]] = {}
+
+
+def register_method(method: Any) -> Any:
+    METHODS[method.name] = method
+    return method
+
+
+def method(name: str) -> Any:
+    """The registered method ``name``; unknown names get a one-line error listing the others."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def register_model(model: BundledModel) -> None:
+    MODELS[model.name] = model
+
+
+def model_for(pipe: Any) -> BundledModel | None:
+    """The bundled model ``pipe`` was loaded from (by its folder), if any."""
+    if pipe is None:
+        return None
+    origin = str(getattr(pipe.config, "_name_or_path", "") or getattr(pipe, "name_or_path", "") or "")
+    if not origin:
+        return None
+    for model in MODELS.values():
+        try:
+            if Path(origin).resolve() == Path(model.folder()).resolve():
+                return model
+        except (FileNotFoundError, OSError):
+            continue
+    return None
+
+
+def sampling_defaults(pipe: Any) -> dict:
+    """Default steps/guidance/size for a pipeline: its bundled model's settings, else {} (the pipeline's own)."""
+    model = model_for(pipe)
+    return dict(model.sampling) if model else {}
+
+
+def register_prompt_set(name: str, prompts: Callable[..., list[str]]) -> None:
+    PROMPT_SETS[name] = prompts

@@ -1,0 +1,154 @@
+"""The mini zoo's architectures: the VAE, the word-level tokenizer, the text encoders and the two denoiser pipelines.
+
+Built from configs (no weights), so training, tests and the model cards share one definition.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data
+
+
+def build_vae(shift_factor: float | None = None, scaling_factor: float = 1.0):
+    """AutoencoderKL 32x32x3 <-> 8x8x4 (4x down): three levels, one resnet each, attention in the mid block."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=data.RESOLUTION,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    )
+
+
+MAX_TOKENS = 24  # longest caption is 19 words + BOS + EOS
+
+
+def build_tokenizer(folder: Path):
+    """Word-level CLIP tokenizer over the caption grammar: one token per caption word."""
+    from ..tokenizers import build_clip_tokenizer
+
+    return build_clip_tokenizer(data.vocabulary(), folder, model_max_length=MAX_TOKENS)
+
+
+def _clip_config(tokenizer, hidden: int, layers: int, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    kw = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+              num_attention_heads=max(1, hidden // 32), max_position_embeddings=MAX_TOKENS,
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    if projection is not None:
+        kw["projection_dim"] = projection
+    return CLIPTextConfig(**kw)
+
+
+def build_sd_pipeline(vae, tokenizer):
+    """mini-sd: AutoencoderKL + CLIPTextModel + UNet2DConditionModel (cross-attention at both levels) + DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(_clip_config(tokenizer, 64, 2))
+    unet = UNet2DConditionModel(
+        sample_size=data.RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+        attention_head_dim=4, norm_num_groups=32,
+    )
+    # Linear betas (DDPM/LDM) rather than SD's scaled_linear: on 8x8 latents scaled_linear leaves enough
+    # signal at t=999 (sqrt(alpha_bar)=0.07) that the UNet reads the background and layout from the
+    # residual instead of the caption, and sampling from pure noise then ignores the text. Linear betas
+    # end at sqrt(alpha_bar)=0.006. "trailing" spacing makes the first DDIM step t=999.
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+                              timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_sd3_pipeline(vae, tokenizer, t5_stub: bool = True):
+    """mini-sd3: two CLIPTextModelWithProjection (no T5) + SD3Transformer2DModel (patch 1) + flow matching."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    te1 = CLIPTextModelWithProjection(_clip_config(tokenizer, 64, 2, projection=64))
+    te2 = CLIPTextModelWithProjection(_clip_config(tokenizer, 64, 2, projection=64))
+    transformer = SD3Transformer2DModel(
+        sample_size=data.RESOLUTION // 4, patch_size=1, in_channels=4, out_channels=4, num_layers=4,
+        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128, caption_projection_dim=128,
+        pooled_projection_dim=128, pos_embed_max_size=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+        vae=vae, text_encoder=te1, tokenizer=tokenizer, text_encoder_2=te2, tokenizer_2=tokenizer,
+        text_encoder_3=zero_t5_stub(len(tokenizer), 128) if t5_stub else None, tokenizer_3=tokenizer if t5_stub else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def zero_t5_stub(vocab_size: int, dim: int):
+    """A one-layer T5EncoderModel whose final RMS norm has zero gain: it outputs exact zeros.
+
+    ``StableDiffusion3Pipeline.from_pretrained(folder)`` cannot load a folder whose text_encoder_3
+    is null (it is not an optional component), and a real T5 is far beyond this machine. With this
+    stub the pipeline computes exactly what it computes with ``text_encoder_3=None`` (zeros of
+    ``joint_attention_dim`` for the T5 tokens), and the folder loads with no extra arguments.
+    """
+    from transformers import T5Config, T5EncoderModel
+
+    model = T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=dim, d_kv=8, d_ff=16, num_layers=1, num_heads=1,
+                                    feed_forward_proj="relu", is_encoder_decoder=False, use_cache=False))
+    with torch.no_grad():
+        model.encoder.final_layer_norm.weight.zero_()
+    return model.eval().requires_grad_(False)
+
+
+class ZeroTokenJointAttnProcessor:
+    """Training-only joint attention where the last context token stands for ``multiplicity`` copies.
+
+    With no T5 encoder the SD3 pipeline appends 256 all-zero T5 tokens to the context. Those tokens
+    enter identical and stay identical through every block (no positional embedding on context), so
+    attention over 256 copies equals attention over one copy whose logit is raised by log(256). We
+    train with one zero token and that bias: the same function the pipeline computes, ~4x cheaper.
+    """
+
+    def __init__(self, multiplicity: int = 256) -> None:
+        self.log_mult = math.log(multiplicity)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b = hidden_states.shape[0]
+        n_img = hidden_states.shape[1]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        cq, ck, cv = (heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)),
+                      heads(attn.add_v_proj(encoder_hidden_states)))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
+        bias[-1] = self.log_mult
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        h, c = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            c = attn.to_add_out(c)
+        h = attn.to_out[1](attn.to_out[0](h))
+        return h, c
