@@ -1,4 +1,4 @@
-"""What the layers above the core plug into it: quantization methods, bundled models and prompt sets.
+"""What the layers above the core plug into it: methods, bundled models, prompt sets, converted layer kinds.
 
 The core consults these tables and never imports their providers, so the import graph stays one-way:
 ``diffquant.methods`` registers its recipes when imported (the package root imports it through
@@ -31,6 +31,9 @@ class BundledModel:
 MODELS: dict[str, BundledModel] = {}
 # "source:split" (e.g. "zoo:heldout") -> prompts(count or None)
 PROMPT_SETS: dict[str, Callable[..., list[str]]] = {}
+# kind of a converted (deployed) module -> build(wrapped module, its saved ``converted_form()``) -> module;
+# diffquant.runtime registers its integer layers, so loading a converted model needs no runtime import.
+CONVERTED: dict[str, Callable[[Any, dict], Any]] = {}
 
 
 def register_method(method: Any) -> Any:
@@ -69,6 +72,10 @@ def sampling_defaults(pipe: Any) -> dict:
     """Default steps/guidance/size for a pipeline: its bundled model's settings, else {} (the pipeline's own)."""
     model = model_for(pipe)
     return dict(model.sampling) if model else {}
+
+
+def register_converted(kind: str, build: Callable[[Any, dict], Any]) -> None:
+    CONVERTED[kind] = build
 
 
 def register_prompt_set(name: str, prompts: Callable[..., list[str]]) -> None:

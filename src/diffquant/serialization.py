@@ -4,7 +4,7 @@ Layout of a saved pipeline (a bare denoiser saves the ``unet/`` part alone)::
 
     model_index.json, scheduler/, text_encoder/, tokenizer/, vae/   untouched components
     unet/config.json                     the architecture (diffusers config)
-    unet/diffquant_config.json           QuantConfig, layer plan, lifecycle states, method report
+    unet/diffquant_config.json           QuantConfig, layer plan, lifecycle state of each module, method report
     unet/diffquant_model.safetensors     integer weight codes + scales, float parameters as they were
     diffquant_manifest.json              sha256 and size of every file, library versions
 
@@ -33,9 +33,10 @@ from torch import nn
 from . import __version__
 from .config import QuantConfig
 from .io import atomic_save_tensors, atomic_write_json, file_table, refuse_pickles, verify_files
-from .nn import QuantModule, QuantState, quantized_layers
+from .nn import QuantState, quantized_layers
 from .quant import TimestepGroups
-from .wrap import get_denoiser, quant_record, wrap_denoiser
+from .registry import CONVERTED
+from .wrap import get_denoiser, quant_record, set_submodule, wrap_denoiser
 
 FORMAT_VERSION = 1
 CONVERTED_FORMAT_VERSION = 2
@@ -54,13 +55,12 @@ def _denoiser_attr(pipe: Any, denoiser: nn.Module) -> str:
 
 def denoiser_tensors(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each quantized weight replaced by its integer codes (``<layer>.weight_codes``)."""
-    from .runtime.modules import _IntLayer
-
     tensors = dict(denoiser.state_dict())
     for name, module in quantized_layers(denoiser).items():
-        if module.weight_quantizer is not None and not isinstance(module, _IntLayer):
+        codes = module.saved_weight_codes()
+        if codes is not None:
             tensors.pop(f"{name}.weight")
-            tensors[f"{name}.weight_codes"] = module.weight_quantizer.integer_codes(module.weight)
+            tensors[f"{name}.weight_codes"] = codes
     return tensors
 
 
@@ -70,7 +70,7 @@ def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
     not_frozen = sorted({m.state.value for m in layers.values()} - {QuantState.FROZEN.value, QuantState.CONVERTED.value})
     if not_frozen:
         raise ValueError(f"only frozen models can be saved (found states {not_frozen}); finish diffquant.quantize first")
-    converted = _converted_layers(denoiser)
+    converted = {name: form for name, m in layers.items() if (form := m.converted_form()) is not None}
     folder.mkdir(parents=True, exist_ok=True)
     denoiser.save_config(folder)
     dtype = next(denoiser.parameters()).dtype
@@ -86,19 +86,10 @@ def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
         "dtype": str(dtype).removeprefix("torch."),
         "quant_config": record.config.to_dict(),
         "plan": record.plan(),
+        "states": {name: m.state.value for name, m in layers.items()},
         "report": record.report,
     })
     atomic_save_tensors(tensors, folder / QUANT_WEIGHTS, metadata={"format": "diffquant", "version": __version__})
-
-
-def _converted_layers(denoiser: nn.Module) -> dict[str, dict]:
-    """name -> {kind, backend} of every integer layer (empty for a fake-quant model)."""
-    from .runtime.modules import IntLinear, _IntLayer
-
-    return {
-        name: {"kind": "linear" if isinstance(m, IntLinear) else "conv2d", "backend": m.backend}
-        for name, m in quantized_layers(denoiser).items() if isinstance(m, _IntLayer)
-    }
 
 
 def _fp16_if_exact(t: torch.Tensor) -> torch.Tensor:
@@ -188,12 +179,17 @@ def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module
     )
     record.report = meta.get("report", {})
     tensors = load_file(str(folder / QUANT_WEIGHTS))
-    if meta.get("converted"):
-        from .runtime.modules import restore_int_layers
-
-        restore_int_layers(denoiser, meta["converted"])
+    converted = meta.get("converted", {})
+    for name, form in converted.items():
+        build = CONVERTED.get(form["kind"])
+        if build is None:
+            raise ValueError(f"{folder}: layer {name} was saved as a converted {form['kind']!r} layer, which this "
+                             "diffquant cannot rebuild; upgrade diffquant")
+        try:
+            set_submodule(denoiser, name, build(denoiser.get_submodule(name), form))
+        except ValueError as e:
+            raise ValueError(f"saved layer {name}: {e}; save the model again") from None
     layers = quantized_layers(denoiser)
-    converted = set(meta.get("converted", {}))
     codes = {
         name: tensors.pop(f"{name}.weight_codes") for name, m in layers.items()
         if m.weight_quantizer is not None and name not in converted
@@ -203,13 +199,13 @@ def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module
     if set(result.missing_keys) != expected_missing or result.unexpected_keys:
         extra = sorted(set(result.missing_keys) ^ expected_missing)[:3] + sorted(result.unexpected_keys)[:3]
         raise ValueError(f"{folder / QUANT_WEIGHTS} does not match its config (keys {extra}); save the model again")
-    with torch.no_grad():
-        for name, code in codes.items():
-            module: QuantModule = layers[name]
-            module.weight.copy_(module.weight_quantizer.dequantize(code).to(module.weight.dtype))
+    for name, code in codes.items():
+        layers[name].restore_weight_codes(code)
+    # Saved models are frozen or converted (``save`` refuses others); converted layers are born converted.
+    states = meta.get("states", {})
     for name, module in layers.items():
         if name not in converted:
-            module.set_state(QuantState.FROZEN)
+            module.restore_state(states.get(name, QuantState.FROZEN.value))
     return denoiser.to(device) if device is not None else denoiser
 
 

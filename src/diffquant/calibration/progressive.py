@@ -98,20 +98,14 @@ def fit_group_from_call(denoiser: nn.Module, group: int, args: tuple, kwargs: di
     groups' parameters untouched, then switch the quantizers back to quantizing.
 
     The call runs through ``denoiser.forward`` (no hooks) with quantized weights and observing
-    activation quantizers. ``finish_observing`` fits the observed group and lets unobserved groups
-    borrow it; the borrowed rows are put back, so only ``group`` changes.
+    activation quantizers; ``ActivationQuantizer.refit_group`` changes only ``group``.
     """
     quantizers = activation_quantizers(denoiser)
     for i, q in enumerate(quantizers):
         q.start_observing(seed=seed + i)
     denoiser.forward(*args, **kwargs)
     for q in quantizers:
-        others = torch.ones(q.num_groups, dtype=torch.bool)
-        others[group] = False
-        scale, zero_point = q.scale.detach().clone(), q.zero_point.clone()
-        q.finish_observing()
-        q.scale[others] = scale[others].to(q.scale.device)
-        q.zero_point[others] = zero_point[others].to(q.zero_point.device)
+        q.refit_group(group)
 
 
 PROGRESS_FILE = "progress.json"
@@ -148,10 +142,8 @@ def _restore_steps(folder: Path, steps: list[dict], quantizers: list[ActivationQ
         if not entry["fitted"]:
             continue
         tensors = load_file(str(folder / _step_file(entry["step"])))
-        g = entry["group"]
         for k, q in enumerate(quantizers):
-            q.scale[g] = tensors[f"{k}/scale"].to(q.scale.device)
-            q.zero_point[g] = tensors[f"{k}/zero_point"].to(q.zero_point.device)
+            q.set_group_params(entry["group"], tensors[f"{k}/scale"], tensors[f"{k}/zero_point"])
 
 
 def progressive_calibrate(
@@ -186,7 +178,8 @@ def progressive_calibrate(
                                                    "settings": settings or {}})
         saved = load_progress(folder, fingerprint, "a progressive calibration")
         done = saved["steps"] if saved else []
-    set_state(denoiser, QuantState.FROZEN)
+    # Quantized weights now; each step's activation group is fitted below before that step runs quantized.
+    set_state(denoiser, QuantState.FROZEN, fit_activations_later=True)
     quantizers = activation_quantizers(denoiser)
     if done:
         _restore_steps(folder, done, quantizers)
@@ -207,8 +200,8 @@ def progressive_calibrate(
                 fit_group_from_call(denoiser, group, args, kwargs, seed=seed + 7919 * step)
             if folder is not None:
                 if fitted:
-                    atomic_save_tensors({f"{k}/{name}": getattr(q, name)[group] for k, q in enumerate(quantizers)
-                                         for name in ("scale", "zero_point")}, folder / _step_file(step))
+                    atomic_save_tensors({f"{k}/{name}": value for k, q in enumerate(quantizers)
+                                         for name, value in q.group_params(group).items()}, folder / _step_file(step))
                 done.append({"step": step, "group": group, "timestep": timesteps[-1], "fitted": fitted})
                 atomic_write_json(folder / PROGRESS_FILE, {"fingerprint": fingerprint, "steps": done})
         bar.update(1)

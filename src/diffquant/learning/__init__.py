@@ -1,6 +1,7 @@
 """Learning quantization parameters on data, each piece usable on its own:
 
 - ``reconstruction``: BRECQ block reconstruction with AdaRound and LSQ (Q-Diffusion, seed 001), resumable per block.
+- ``loop``: the optimizer step reconstruction and QAT share (LSQ step sizes: ``quant.lsq.StepSizes``, one clamp).
 - ``dataset``: serial dataset generation from the FP pipeline's sampling trajectories (sharded, resumable).
 - ``timeprecalc``: time-dependent projections as float lookup tables, outside the quantized graph.
 - ``sensitivity``: per-layer sensitivity on dataset rows, saved and plotted.

@@ -41,9 +41,10 @@ from tqdm.auto import tqdm
 from ..distributed import all_reduce_sum, broadcast_from_main, check_same_everywhere, rank_and_size
 from ..io import atomic_save_tensors, atomic_write_json
 from ..nn import QuantModule, quantized_layers
-from ..quant.affine import step_size_lr
+from ..quant.lsq import StepSizes, step_size_parameters
 from .dataset import SerialDataset
 from .freezing import SelectiveFreezer
+from .loop import optimizer_step
 from .lowrank import add_low_rank, base_weight, merge_low_rank
 
 CHECKPOINT_JSON = "qat-checkpoint.json"
@@ -100,10 +101,6 @@ def _nmse(out: torch.Tensor, ref: torch.Tensor, norm: torch.Tensor) -> torch.Ten
     return ((out.float() - ref.float()) ** 2).mean() / (norm.float() ** 2).mean().clamp_min(1e-12)
 
 
-def _scales(denoiser: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in denoiser.named_parameters() if n.endswith("quantizer.scale")}
-
-
 class QATTrainer:
     """Sets up the trainable parameters of a wrapped denoiser (learning state) and trains it on a serial dataset."""
 
@@ -119,25 +116,22 @@ class QATTrainer:
         self.layers: dict[str, QuantModule] = {n: m for n, m in quantized_layers(denoiser).items() if m.weight_quantizer is not None}
         for p in denoiser.parameters():
             p.requires_grad_(False)
-        # Step sizes: one group per tensor, learning rate relative to its initial mean magnitude (set below,
-        # after the broadcast; Adam's step is ~lr in absolute units whatever the gradient, see QATConfig.lr_scales).
-        groups = [{"params": [p], "lr": config.lr_scales} for p in _scales(denoiser).values()]
-        n_scale_groups = len(groups)
-        for g in groups:
-            g["params"][0].requires_grad_(True)
+        weight_groups = []
         if config.weight_training == "full":
             weights = [base_weight(m) for m in self.layers.values()] + [m.bias for m in self.layers.values() if m.bias is not None]
             for p in weights:
                 p.requires_grad_(True)
-            groups.append({"params": weights, "lr": config.lr_weights})
+            weight_groups.append({"params": weights, "lr": config.lr_weights})
         elif config.weight_training == "lowrank":
             adapters = [p for m in self.layers.values() for p in add_low_rank(m, config.lowrank_rank).parameters()]
-            groups.append({"params": adapters, "lr": config.lr_lowrank})
+            weight_groups.append({"params": adapters, "lr": config.lr_lowrank})
+        broadcast_from_main([t for t in denoiser.state_dict().values() if t.is_floating_point()])
+        # Every weight and activation step size (LSQ), each its own group with a learning rate relative to its
+        # magnitude after the broadcast (Adam's step is ~lr in absolute units whatever the gradient; QATConfig.lr_scales).
+        self.step_sizes = StepSizes(step_size_parameters(denoiser).values())
+        groups = self.step_sizes.start(config.lr_scales) + weight_groups
         self.params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.Adam(groups)
-        broadcast_from_main([t for t in denoiser.state_dict().values() if t.is_floating_point()])
-        for g in self.optimizer.param_groups[:n_scale_groups]:
-            g["lr"] = step_size_lr(g["params"][0], config.lr_scales)
         self.freezer = SelectiveFreezer(self.layers)
         self.batches = dataset.batches(config.order, config.batch_size, config.iterations, config.seed)
         self.freeze_steps = {max(1, round(f * config.iterations)): r for r, f in enumerate(sorted(config.freeze_at))}
@@ -208,23 +202,24 @@ class QATTrainer:
     def _step(self, rows: torch.Tensor) -> tuple[float, float]:
         """One optimizer step on batch ``rows`` (this process's chunks of them); returns the full batch's losses."""
         m = self.config.micro_batches
-        self.optimizer.zero_grad(set_to_none=True)
         losses = torch.zeros(2, device=next(self.denoiser.parameters()).device)
-        for part in rows.tensor_split(self.world * m)[self.rank * m : (self.rank + 1) * m]:
-            loss, output_loss = self._loss(part, rows)
-            loss.backward()
-            losses += torch.stack([loss.detach(), output_loss.detach()])
-        if self.world > 1:
-            for p in self.params.values():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            all_reduce_sum([losses, *(p.grad for p in self.params.values())])
-        self.freezer.zero_frozen_grads()
-        self.optimizer.step()
-        with torch.no_grad():
-            for p in _scales(self.denoiser).values():
-                p.clamp_(min=1e-8)
-        self.freezer.pin()
+
+        def backward() -> None:
+            for part in rows.tensor_split(self.world * m)[self.rank * m : (self.rank + 1) * m]:
+                loss, output_loss = self._loss(part, rows)
+                loss.backward()
+                losses.add_(torch.stack([loss.detach(), output_loss.detach()]))
+
+        def before_step() -> None:
+            if self.world > 1:
+                for p in self.params.values():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                all_reduce_sum([losses, *(p.grad for p in self.params.values())])
+            self.freezer.zero_frozen_grads()
+
+        optimizer_step(self.optimizer, backward, step_sizes=self.step_sizes, before_step=before_step,
+                       after_step=self.freezer.pin)
         return float(losses[0]), float(losses[1])
 
     def train(self, callback: Callable[[int, dict], None] | None = None) -> dict:

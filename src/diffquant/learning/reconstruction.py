@@ -54,8 +54,9 @@ from ..calibration import CalibrationSet
 from ..io import atomic_save_tensors, atomic_write_json
 from ..models.adapters import get_adapter
 from ..nn import QuantModule, QuantState, quantized_layers, set_quant_enabled
-from ..quant.affine import step_size_lr
-from ..quant.adaround import AdaRound, BetaSchedule
+from ..quant.adaround import BetaSchedule
+from ..quant.lsq import StepSizes
+from .loop import optimizer_step
 
 PROGRESS_FILE = "progress.json"
 
@@ -71,7 +72,7 @@ class ReconstructionOptions:
     beta_end: float = 2.0
     weight_lr: float = 1e-2
     act_iterations: int = 100
-    act_lr: float = 1e-3  # relative: x each step-size tensor's mean magnitude (quant.affine.step_size_lr)
+    act_lr: float = 1e-3  # relative: x each step-size tensor's mean magnitude (quant.lsq.step_size_lr)
     batch_size: int = 8
     learn_weights: bool = True
     learn_activations: bool = True
@@ -246,21 +247,21 @@ def _dataset_loss(block, data: BlockData, targets: list, context, device, batch_
 
 def _train(block, data, targets, context, device, param_groups: list[dict], iterations: int,
            batch_size: int, generator: torch.Generator, extra_loss: Callable[[int], torch.Tensor] | None = None,
-           after_step: Callable[[], None] | None = None) -> None:
+           step_sizes: StepSizes | None = None) -> None:
     optimizer = torch.optim.Adam(param_groups)
     n = data.num_samples
     for step in range(iterations):
         rows = torch.randperm(n, generator=generator)[: min(batch_size, n)]
-        outs = _block_forward(block, data, rows, context, device)
-        tgts = [None if t is None else t[rows].to(device) for t in targets]
-        loss = _reconstruction_loss(outs, tgts)
-        if extra_loss is not None:
-            loss = loss + extra_loss(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if after_step is not None:
-            after_step()
+
+        def backward(rows: torch.Tensor = rows, step: int = step) -> None:
+            outs = _block_forward(block, data, rows, context, device)
+            tgts = [None if t is None else t[rows].to(device) for t in targets]
+            loss = _reconstruction_loss(outs, tgts)
+            if extra_loss is not None:
+                loss = loss + extra_loss(step)
+            loss.backward()
+
+        optimizer_step(optimizer, backward, step_sizes=step_sizes)
 
 
 def execution_order(denoiser: nn.Module, calibration: CalibrationSet) -> list[str]:
@@ -407,12 +408,7 @@ def _reconstruct_block(qdenoiser, fp_denoiser, name: str, members: dict[str, Qua
     rtn_loss = _dataset_loss(block, data, targets, context, device, options.batch_size)
     result = BlockStats(name=name, samples=data.num_samples, rtn_loss=rtn_loss)
     if options.learn_weights and weighted:
-        roundings = {}
-        for module in weighted.values():
-            wq = module.weight_quantizer
-            scale, _ = wq._expanded()
-            wq.rounding = AdaRound(module.weight.reshape(module.weight.shape[0], -1), scale)
-            roundings[module] = wq.rounding
+        roundings = {module: module.weight_quantizer.learn_rounding(module.weight) for module in weighted.values()}
         schedule = BetaSchedule(options.iterations, options.warmup, options.beta_start, options.beta_end)
 
         def rounding_loss(step: int) -> torch.Tensor:
@@ -430,10 +426,8 @@ def _reconstruct_block(qdenoiser, fp_denoiser, name: str, members: dict[str, Qua
             for module, rounding in roundings.items():
                 rounding.harden()
                 w2 = module.weight.reshape(module.weight.shape[0], -1)
-                flipped += rounding.flipped_fraction(w2, module.weight_quantizer._expanded()[0]) * rounding.alpha.numel()
-                codes = module.weight_quantizer.integer_codes(module.weight)
-                module.weight.copy_(module.weight_quantizer.dequantize(codes).to(module.weight.dtype))
-                module.weight_quantizer.rounding = None
+                flipped += rounding.flipped_fraction(w2, module.weight_quantizer.expanded_scale()) * rounding.alpha.numel()
+                module.bake_rounding()
         result.flipped_fraction = flipped / n_total
         result.weight_loss = _dataset_loss(block, data, targets, context, device, options.batch_size)
     act_quantizers = [q for m in members.values() for q in m.activation_quantizers()]
@@ -441,29 +435,15 @@ def _reconstruct_block(qdenoiser, fp_denoiser, name: str, members: dict[str, Qua
         set_quant_enabled(qdenoiser, True, names=members)
         result.act_init_loss = _dataset_loss(block, data, targets, context, device, options.batch_size)
         if options.learn_activations:
-            scales = [q.scale for q in act_quantizers]
-            for s in scales:
-                s.requires_grad_(True)
-            eps = torch.finfo(torch.float32).eps
-
-            def keep_positive() -> None:
-                with torch.no_grad():
-                    for s in scales:
-                        s.clamp_(min=eps)
-
-            initial = [s.detach().clone() for s in scales]
+            step_sizes = StepSizes(q.scale for q in act_quantizers)
             try:
-                _train(block, data, targets, context, device,
-                       [{"params": [s], "lr": step_size_lr(s0, options.act_lr)} for s, s0 in zip(scales, initial)],
-                       options.act_iterations, options.batch_size, generator, after_step=keep_positive)
+                _train(block, data, targets, context, device, step_sizes.start(options.act_lr),
+                       options.act_iterations, options.batch_size, generator, step_sizes=step_sizes)
             finally:
-                for s in scales:
-                    s.requires_grad_(False)
+                step_sizes.stop()
             result.act_loss = _dataset_loss(block, data, targets, context, device, options.batch_size)
             if result.act_loss > result.act_init_loss:  # LSQ made the block worse on its own data: keep the start
-                with torch.no_grad():
-                    for s, s0 in zip(scales, initial):
-                        s.copy_(s0)
+                step_sizes.revert()
                 result.act_reverted = True
                 result.act_loss = result.act_init_loss
     result.seconds = time.perf_counter() - start

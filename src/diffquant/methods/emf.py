@@ -35,7 +35,7 @@ from torch import nn
 
 from ..distributed import rank_and_size
 from ..models.adapters import get_adapter
-from ..nn import QuantState, quantized_layers, set_quant_enabled, set_state
+from ..nn import QuantState, quantized_layers, set_quant_enabled, set_state, unwrap_layer
 from ..quant import TimestepGroups
 from ..learning import (
     QATConfig,
@@ -88,18 +88,6 @@ class EMFOptions(QATConfig):
     def qat(self, seed: int = 0) -> QATConfig:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(QATConfig)}
         return QATConfig(**{**shared, "freeze_at": list(self.freeze_at), "seed": seed})
-
-
-def _to_float(denoiser: nn.Module, name: str) -> None:
-    """Replace a quantized Linear/Conv2d by the plain float layer over the same parameters."""
-    q = denoiser.get_submodule(name)
-    if isinstance(q, nn.Linear):
-        layer = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
-    else:
-        layer = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size, stride=q.stride, padding=q.padding, dilation=q.dilation,
-                          groups=q.groups, bias=q.bias is not None, padding_mode=q.padding_mode, device="meta")
-    layer.weight, layer.bias = q.weight, q.bias
-    denoiser.set_submodule(name, layer)
 
 
 def _spread(n: int, k: int) -> torch.Tensor:
@@ -173,7 +161,7 @@ class EMF(Method):
         ranked = rank_layers(errors) if errors else []
         float_picked = ranked[: opts.mixed_precision_layers]
         for name in float_picked:
-            _to_float(denoiser, name)
+            unwrap_layer(denoiser, name)
             record.float_layers[name] = f"EMF mixed precision: among the {opts.mixed_precision_layers} most sensitive layers"
         sensitive = list(opts.sensitive_layers) or [n for n in ranked if n not in float_picked][: opts.distill_layers]
 

@@ -228,10 +228,10 @@ class PCR(Method):
         for q in activation_quantizers(job.denoiser):
             for s in steps:
                 g = group_of_step[s]
-                q.bits[g] = max(int(q.bits[g]), bits)
+                q.set_group_bits(g, max(q.group_bits(g), bits))
 
     @staticmethod
     def _step_bits(job: QuantJob, group: int) -> float:
         """Mean activation width of one step's group over every activation quantizer."""
         quantizers = activation_quantizers(job.denoiser)
-        return sum(int(q.bits[group]) for q in quantizers) / len(quantizers)
+        return sum(q.group_bits(group) for q in quantizers) / len(quantizers)

@@ -3,7 +3,7 @@
 from .attention import QuantAttnProcessor, QuantJointAttnProcessor
 from .base import QuantModule
 from .layers import QuantConv2d, QuantLinear
-from .lifecycle import quantized_layers, set_quant_enabled, set_state, states
+from .lifecycle import quantized_layers, set_quant_enabled, set_state, states, unwrap_layer
 from .state import QuantState
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "set_quant_enabled",
     "set_state",
     "states",
+    "unwrap_layer",
 ]

@@ -31,11 +31,40 @@ class QuantModule(nn.Module):
     def activation_quantizers(self) -> list[ActivationQuantizer]:
         return [m for m in self.children() if isinstance(m, ActivationQuantizer)]
 
-    def set_state(self, state: QuantState, seed: int = 0) -> None:
-        """Move to ``state``: calibrating starts observers; learning/frozen finish them."""
+    def set_state(self, state: QuantState | str, seed: int = 0, fit_activations_later: bool = False) -> None:
+        """Move to ``state`` (``QuantState.TRANSITIONS``): calibrating starts observers; learning/frozen finish them.
+
+        Raises ValueError naming the fix for a move the lifecycle does not allow, and for entering ``learning``/
+        ``frozen`` while an activation quantizer was never calibrated, unless ``fit_activations_later``: the caller
+        fits every group itself before it is used (PCR's progressive calibration, on quantized weights).
+        """
         state = QuantState(state)
+        self.check_move(state, fit_activations_later)
+        self._apply_state(state, seed)
+
+    def check_move(self, state: QuantState, fit_activations_later: bool = False) -> None:
+        """Raise (naming the fix) unless ``set_state(state)`` is a lifecycle move from the current state."""
         if state is QuantState.CONVERTED:
             raise ValueError("convert with diffquant.convert(model); set_state cannot produce integer modules")
+        if not self.state.can_move_to(state):
+            allowed = ", ".join(s.value for s in QuantState if self.state.can_move_to(s))
+            raise ValueError(f"{self.state.value} -> {state.value} is not a lifecycle move (from {self.state.value}: "
+                             f"{allowed}); to calibrate again, wrap the float model again (wrap_denoiser)")
+        if state in (QuantState.LEARNING, QuantState.FROZEN) and not fit_activations_later:
+            pending = [q for q in self.activation_quantizers() if q.mode != "observe" and not q.calibrated]
+            if pending:
+                raise ValueError(
+                    f"{pending[0].name or type(self).__name__}: activations were never calibrated, so {self.state.value} -> "
+                    f"{state.value} would quantize them with scale 1.0; set_state(model, 'calibrating') and run calibration "
+                    "data first (or quantize weights only: abits=None)")
+
+    def restore_state(self, state: QuantState | str) -> None:
+        """Enter ``state`` with parameters loaded from a saved model (they count as calibrated)."""
+        for q in self.activation_quantizers():
+            q.calibrated = True
+        self._apply_state(QuantState(state), 0)
+
+    def _apply_state(self, state: QuantState, seed: int) -> None:
         for i, q in enumerate(self.activation_quantizers()):
             if state is QuantState.WRAPPED:
                 q.mode = "off"
@@ -67,6 +96,27 @@ class QuantModule(nn.Module):
         if q.mode == "observe" or self.act_quant_enabled:
             return q(x)
         return x
+
+    # -- saving: each module says how it is stored, so serialization needs no module classes ----
+    def saved_weight_codes(self) -> torch.Tensor | None:
+        """Integer codes saved in place of the float weight (``<name>.weight_codes``); None saves the state dict as is."""
+        return None if self.weight_quantizer is None else self.weight_quantizer.integer_codes(self.weight)
+
+    @torch.no_grad()
+    def restore_weight_codes(self, codes: torch.Tensor) -> None:
+        """Inverse of ``saved_weight_codes``: the weight becomes exactly the grid values the codes name."""
+        self.weight.copy_(self.weight_quantizer.dequantize(codes).to(self.weight.dtype))
+
+    @torch.no_grad()
+    def bake_rounding(self) -> None:
+        """Make the weight the grid values its learned rounding chose, then drop the rounding (end of AdaRound)."""
+        self.restore_weight_codes(self.weight_quantizer.integer_codes(self.weight))
+        self.weight_quantizer.rounding = None
+
+    def converted_form(self) -> dict | None:
+        """JSON that rebuilds this module from the wrapped model's one at load (``diffquant.registry.CONVERTED``
+        keyed by its ``kind``); None when the wrapped model's own module is this module."""
+        return None
 
     def refresh_weight_cache(self) -> None:
         """Recompute the cached quantized weight after the float weight or its scales changed."""

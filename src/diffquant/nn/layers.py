@@ -39,6 +39,12 @@ class QuantLinear(nn.Linear, QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self._quantize_activation(self.input_quantizer, x), self._weight(), self.bias)
 
+    def to_float(self) -> nn.Linear:
+        """The plain float layer over the same parameters (the layer leaves quantization)."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer
+
 
 class QuantConv2d(nn.Conv2d, QuantModule):
     """``nn.Conv2d`` with quantized weight and input; ``input_splits`` quantizes a concatenated
@@ -77,3 +83,11 @@ class QuantConv2d(nn.Conv2d, QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._quantize_activation(self.input_quantizer, x), self._weight(), self.bias)
+
+    def to_float(self) -> nn.Conv2d:
+        """The plain float layer over the same parameters (the layer leaves quantization)."""
+        layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+                          dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+                          padding_mode=self.padding_mode, device="meta")
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer

@@ -16,12 +16,27 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantModule]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantModule)}
 
 
-def set_state(model: nn.Module, state: QuantState | str, names: Iterable[str] | None = None, seed: int = 0) -> None:
-    """Move the named quantized modules (all if ``names`` is None) to ``state``."""
+def set_state(model: nn.Module, state: QuantState | str, names: Iterable[str] | None = None, seed: int = 0,
+              fit_activations_later: bool = False) -> None:
+    """Move the named quantized modules (all if ``names`` is None) to ``state``; every module's move is checked
+    (``QuantModule.set_state``) before any module moves."""
+    state = QuantState(state)
     layers = quantized_layers(model)
     selected = layers if names is None else {n: layers[n] for n in names}
+    for module in selected.values():
+        module.check_move(state, fit_activations_later)
     for i, module in enumerate(selected.values()):
-        module.set_state(QuantState(state), seed=seed + 1000 * i)
+        module.set_state(state, seed=seed + 1000 * i, fit_activations_later=fit_activations_later)
+
+
+def unwrap_layer(model: nn.Module, name: str) -> nn.Module:
+    """Put the plain float layer back in place of quantized layer ``name`` (same parameters); returns it."""
+    layer = model.get_submodule(name)
+    if not hasattr(layer, "to_float"):
+        raise ValueError(f"{name} is not a quantized Linear/Conv2d; see diffquant.quantized_layers(model)")
+    plain = layer.to_float()
+    model.set_submodule(name, plain)
+    return plain
 
 
 def set_quant_enabled(

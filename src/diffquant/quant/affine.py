@@ -74,15 +74,3 @@ def qparams_from_range(
     scale = torch.clamp((hi - lo) / (2**bits - 1), min=eps)
     zero_point = torch.clamp(torch.round(-lo / scale), 0 * bits, 2**bits - 1)
     return scale, zero_point
-
-
-def step_size_lr(scale: torch.Tensor, relative_lr: float) -> float:
-    """Adam learning rate for learning one step-size tensor (LSQ): ``relative_lr`` x its mean magnitude.
-
-    Adam moves every parameter by about its learning rate per step whatever the gradient's size, so an
-    absolute rate means different things for step sizes of 1e-3 and 1e-1: measured, an absolute 1e-4
-    moved the mini models' step sizes by 5-150 % in 100 steps and made held-out images worse (EMF:
-    docs/emf.md; Q-Diffusion: docs/results-methods.md). Relative to the tensor, every quantizer moves
-    by at most about ``relative_lr`` of its size per step.
-    """
-    return relative_lr * float(scale.detach().abs().mean().clamp_min(1e-8))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
+from .adaround import AdaRound
 from .affine import fake_quantize, qrange, quantize_to_int, round_ste
 from .observers import ActivationObserver, estimate_qparams
 from .spec import QuantSpec
@@ -84,6 +86,15 @@ class WeightQuantizer(nn.Module):
     def _expanded(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scale[:, self.seg_index], self.zero_point[:, self.seg_index]
 
+    def expanded_scale(self) -> torch.Tensor:
+        """The scale of every weight element, as ``[out, in_flat]``."""
+        return self._expanded()[0]
+
+    def learn_rounding(self, weight: torch.Tensor) -> AdaRound:
+        """Round ``weight`` with a learned AdaRound from now on (until ``QuantModule.bake_rounding``); returns it."""
+        self.rounding = AdaRound(weight.reshape(self.weight_shape[0], -1), self.expanded_scale())
+        return self.rounding
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self._expanded()
         w2 = weight.reshape(self.weight_shape[0], -1)
@@ -146,6 +157,8 @@ class ActivationQuantizer(nn.Module):
         self.mode = "off"
         self.observer: ActivationObserver | None = None
         self.name = ""
+        # True once the parameters come from data (observed, or loaded with a saved model); not saved itself.
+        self.calibrated = False
 
     @property
     def num_groups(self) -> int:
@@ -201,6 +214,35 @@ class ActivationQuantizer(nn.Module):
                 self.zero_point[g] = self.zero_point[nearest]
         self.observer = None
         self.mode = "quantize"
+        self.calibrated = True
+
+    @torch.no_grad()
+    def refit_group(self, group: int) -> None:
+        """``finish_observing`` for timestep group ``group`` alone: the other groups keep their parameters."""
+        others = torch.ones(self.num_groups, dtype=torch.bool)
+        others[group] = False
+        scale, zero_point = self.scale.detach().clone(), self.zero_point.clone()
+        self.finish_observing()
+        self.scale[others] = scale[others].to(self.scale.device)
+        self.zero_point[others] = zero_point[others].to(self.zero_point.device)
+
+    def group_params(self, group: int) -> dict[str, torch.Tensor]:
+        """Scale and zero point of one timestep group (one value per channel segment)."""
+        return {"scale": self.scale[group].detach(), "zero_point": self.zero_point[group]}
+
+    @torch.no_grad()
+    def set_group_params(self, group: int, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale[group] = scale.to(self.scale.device)
+        self.zero_point[group] = zero_point.to(self.zero_point.device)
+        self.calibrated = True
+
+    def group_bits(self, group: int) -> int:
+        return int(self.bits[group])
+
+    def set_group_bits(self, group: int, bits: int) -> None:
+        """Quantize timestep group ``group`` at ``bits`` (e.g. PCR's relaxed steps); refit or rescale the group after."""
+        dataclasses.replace(self.spec, bits=bits)  # validates the width with QuantSpec's one-line error
+        self.bits[group] = bits
 
     def broadcast_param(self, param: torch.Tensor, x: torch.Tensor, per_sample: bool) -> torch.Tensor:
         """Broadcast a per-(group,segment) parameter picked for this call over ``x``."""

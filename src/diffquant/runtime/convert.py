@@ -140,13 +140,13 @@ def _autotune(
         timings = {}
         for b in integer_backends(candidate) + ["float"]:
             candidate.backend = b
-            candidate._cache = {}
+            candidate.clear_cache()
             timings[b] = _time_ms(candidate, x, repeats)
             if b != "float":
                 errors[name] = max(errors.get(name, 0.0), _rel_err(candidate(x), reference))
         best = _choose(timings)
         candidate.backend = best
-        candidate._cache = {}
+        candidate.clear_cache()
         if best == "float":
             ints = {b: t for b, t in timings.items() if b != "float"}
             detail = ", ".join(f"{b} {t:.2f} ms" for b, t in ints.items()) or "no integer kernel"

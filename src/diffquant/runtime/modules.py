@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear, QuantModule, QuantState
 from ..quant.affine import fake_quantize, qrange
+from ..registry import register_converted
 from .packing import pack_int4, unpack_int4
 
 BACKENDS = ("onednn", "int_mm", "float")
@@ -113,10 +113,45 @@ class _IntLayer(QuantModule):
         self._export = False
         self._export_params: list[tuple[float, int, int, int]] = []
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    def set_state(self, state: QuantState, seed: int = 0) -> None:
+    # -- lifecycle and saving ----------------------------------------------------------------
+    kind: ClassVar[str] = ""
+    source_type: ClassVar[type] = QuantModule
+
+    def check_move(self, state: QuantState, fit_activations_later: bool = False) -> None:
         if QuantState(state) is not QuantState.CONVERTED:
             raise ValueError("a converted layer cannot go back to fake quantization; load the unconverted model instead")
+
+    def set_state(self, state: QuantState, seed: int = 0, fit_activations_later: bool = False) -> None:
+        self.check_move(state)
+
+    def saved_weight_codes(self) -> None:
+        return None  # ``qweight`` in the state dict already holds the codes
+
+    def converted_form(self) -> dict:
+        return {"kind": self.kind, "backend": self.backend}
+
+    @classmethod
+    def from_saved(cls, source: QuantModule, info: dict) -> _IntLayer:
+        """An integer layer shaped like ``source`` whose tensors a state dict will fill (loading a converted model)."""
+        if not isinstance(source, cls.source_type):
+            raise ValueError(f"saved as an integer {cls.kind} layer but the model has a {type(source).__name__}")
+        placeholder = torch.zeros(source.weight.shape, dtype=torch.int8, device=source.weight.device)
+        return cls(source, info["backend"], codes=placeholder)
+
+    def clear_cache(self) -> None:
+        """Drop packed weights and looked-up activation parameters (rebuilt on the next call)."""
+        self._cache = {}
+
+    def begin_export(self, group: int) -> None:
+        """Emit Q/DQ ops with timestep group ``group``'s parameters as constants (ONNX export) until ``end_export``."""
+        self._export_params = [self._act_params(group, s) for s in range(len(self._segments()))]
+        for i, (c0, c1, w_seg, _) in enumerate(self.blocks()):
+            self._cache[f"qdq{i}"] = (self._block_codes(c0, c1), self._weight_scales(w_seg))
+        self._export = True
+
+    def end_export(self) -> None:
+        self._export = False
+        self._cache = {k: v for k, v in self._cache.items() if not k.startswith("qdq")}
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -277,6 +312,9 @@ class _IntLayer(QuantModule):
 class IntLinear(_IntLayer):
     """Converted ``QuantLinear``: uint8 activations x int8 (or packed int4) weights."""
 
+    kind = "linear"
+    source_type = QuantLinear
+
     def __init__(self, source: QuantLinear, backend: str = "onednn", codes: torch.Tensor | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = source.in_features, source.out_features
@@ -323,6 +361,9 @@ class IntLinear(_IntLayer):
 
 class IntConv2d(_IntLayer):
     """Converted ``QuantConv2d``: uint8 activations x int8 (or packed int4) weights."""
+
+    kind = "conv2d"
+    source_type = QuantConv2d
 
     def __init__(self, source: QuantConv2d, backend: str = "onednn", codes: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -391,19 +432,6 @@ class IntConv2d(_IntLayer):
         return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
-def restore_int_layers(denoiser: nn.Module, converted: dict[str, dict]) -> None:
-    """Swap the named (freshly wrapped) layers for integer layers whose tensors a state dict will fill."""
-    from ..wrap import set_submodule
-
-    for name, info in converted.items():
-        source = denoiser.get_submodule(name)
-        cls = IntLinear if info["kind"] == "linear" else IntConv2d
-        if not isinstance(source, QuantLinear if cls is IntLinear else QuantConv2d):
-            raise ValueError(f"saved layer {name} is a {info['kind']} but the model has {type(source).__name__}; save the model again")
-        placeholder = torch.zeros(source.weight.shape, dtype=torch.int8, device=source.weight.device)
-        set_submodule(denoiser, name, cls(source, info["backend"], codes=placeholder))
-
-
 def integer_backends(layer: _IntLayer) -> list[str]:
     """Integer backends that can run ``layer`` on this build (oneDNN needs a CPU build with it)."""
     names = layer.integer_backends() if isinstance(layer, IntConv2d) else ["onednn", "int_mm"]
@@ -413,5 +441,8 @@ def integer_backends(layer: _IntLayer) -> list[str]:
 
 
 __all__ = [
-    "BACKENDS", "IntConv2d", "IntLinear", "int_mm", "integer_backends", "onednn_available", "quantize_u8", "restore_int_layers",
+    "BACKENDS", "IntConv2d", "IntLinear", "int_mm", "integer_backends", "onednn_available", "quantize_u8",
 ]
+
+for _layer in (IntLinear, IntConv2d):
+    register_converted(_layer.kind, _layer.from_saved)

@@ -43,10 +43,7 @@ def export_mode(denoiser: nn.Module, group: int):
     quantizers = [q for q in denoiser.modules() if isinstance(q, ActivationQuantizer) and q.mode == "quantize"]
     record.context.force(group)
     for m in layers:
-        m._export_params = [m._act_params(group, s) for s in range(m.input_quantizer.scale.shape[1])]
-        for i, (c0, c1, w_seg, _) in enumerate(m.blocks()):
-            m._cache[f"qdq{i}"] = (m._block_codes(c0, c1), m._weight_scales(w_seg))
-        m._export = True
+        m.begin_export(group)
     for q in quantizers:  # constants instead of buffer lookups: the exporter cannot branch on tensor values
         q.forward = _constant_fake_quant(q, group)
     try:
@@ -55,8 +52,7 @@ def export_mode(denoiser: nn.Module, group: int):
         for q in quantizers:
             del q.forward
         for m in layers:
-            m._export = False
-            m._cache = {k: v for k, v in m._cache.items() if not k.startswith("qdq")}
+            m.end_export()
         record.context.force(None)
 
 
