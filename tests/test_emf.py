@@ -12,6 +12,7 @@ from diffquant import QuantConfig, QuantState
 from diffquant.models.adapters import get_adapter
 from diffquant.nn import quantized_layers, set_state
 from diffquant.quant import TimestepGroups
+from diffquant.sampling import SamplingSettings
 from diffquant.learning import (
     QATConfig,
     QATTrainer,
@@ -26,7 +27,7 @@ from tinyutil import PROMPTS, calibration_config, sample_latents
 
 # 16x16 images (8x8 latents) keep the fake-quantized attention cheap in the training tests.
 SMALL = dict(height=16, width=16)
-DATASET = SerialDatasetConfig(steps_per_prompt=2, num_inference_steps=4, guidance_scale=5.0, height=16, width=16, batch_size=4)
+DATASET = SerialDatasetConfig(SamplingSettings(steps=4, guidance=5.0, height=16, width=16), steps_per_prompt=2, batch_size=4)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..wrap import get_denoiser
-from .paired import GenSettings
+from ..sampling import SamplingSettings
 
 
 def _zoo():
@@ -32,16 +31,8 @@ def load_model(spec: str, device: str = "cpu"):
     return pipe
 
 
-def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None, height: int | None, width: int | None) -> GenSettings:
-    """Explicit options win, then the mini zoo's defaults for ``spec``, then SD-like defaults from the pipeline's config."""
-    defaults: dict = {}
-    if spec in zoo_names():
-        defaults = dict(_zoo().DEFAULTS[spec])
-    denoiser = get_denoiser(pipe)
-    native = int(denoiser.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    return GenSettings(
-        steps=steps or defaults.get("num_inference_steps", 25),
-        guidance=guidance if guidance is not None else defaults.get("guidance_scale", 7.5),
-        height=height or defaults.get("height", native),
-        width=width or defaults.get("width", native),
-    )
+def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None, height: int | None,
+                     width: int | None) -> SamplingSettings:
+    """Explicit options win, then the mini zoo's defaults for ``spec``, then the pipeline's (``diffquant.sampling``)."""
+    registered = dict(_zoo().DEFAULTS[spec]) if spec in zoo_names() else {}
+    return SamplingSettings(steps, guidance, height, width).resolve(pipe, registered)
