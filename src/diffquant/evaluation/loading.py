@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..api import sampling_defaults
 from ..sampling import SamplingSettings
 
 
@@ -33,6 +34,7 @@ def load_model(spec: str, device: str = "cpu"):
 
 def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None, height: int | None,
                      width: int | None) -> SamplingSettings:
-    """Explicit options win, then the mini zoo's defaults for ``spec``, then the pipeline's (``diffquant.sampling``)."""
-    registered = dict(_zoo().DEFAULTS[spec]) if spec in zoo_names() else {}
+    """Explicit options win, then the mini zoo's defaults for ``spec`` (or those registered for ``pipe``), then the
+    pipeline's own (``diffquant.sampling``)."""
+    registered = dict(_zoo().DEFAULTS[spec]) if spec in zoo_names() else sampling_defaults(pipe)
     return SamplingSettings(steps, guidance, height, width).resolve(pipe, registered)
