@@ -12,7 +12,6 @@ from diffquant import QuantConfig, QuantState
 from diffquant.models.adapters import get_adapter
 from diffquant.nn import quantized_layers, set_state
 from diffquant.quant import TimestepGroups
-from diffquant.sampling import SamplingSettings
 from diffquant.learning import (
     QATConfig,
     QATTrainer,
@@ -21,6 +20,7 @@ from diffquant.learning import (
     generate_serial_dataset,
     record_features,
 )
+from diffquant.sampling import SamplingSettings
 from diffquant.wrap import float_layer_reasons, wrap_denoiser
 
 from tinyutil import PROMPTS, calibration_config, sample_latents

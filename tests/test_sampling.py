@@ -3,7 +3,9 @@ settings as plain JSON, one defaults policy."""
 
 from __future__ import annotations
 
+import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,6 +81,11 @@ def test_one_defaults_policy(tiny_pipes):
     registered = {"num_inference_steps": 25, "guidance_scale": 5.0, "height": 16, "width": 16}
     assert default_settings(sd, registered) == SamplingSettings(25, 5.0, 16, 16)
     assert SamplingSettings(steps=4, seed=2).resolve(sd, registered) == SamplingSettings(4, 5.0, 16, 16, seed=2)
+    # A quantized model samples like its source did: the defaults recorded at quantization time.
+    quantized = copy.copy(sd)
+    quantized.unet = copy.copy(sd.unet)
+    quantized.unet.diffquant = SimpleNamespace(report={"sampling_defaults": registered})
+    assert default_settings(quantized) == SamplingSettings(25, 5.0, 16, 16)
 
 
 def test_calibration_config_reads_as_sampling_settings_and_old_json_loads():

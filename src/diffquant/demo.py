@@ -22,7 +22,7 @@ def _source_pipeline(echo: Callable[[str], None]):
         from . import zoo
 
         pipe = zoo.load_pipeline("mini-sd")
-        settings = default_settings(pipe, zoo.DEFAULTS["mini-sd"])
+        settings = default_settings(pipe)
         return pipe, settings, zoo.calibration_prompts(8), zoo.heldout_prompts(4), "mini-sd"
     except (ImportError, AttributeError, FileNotFoundError) as e:
         echo(f"note: mini-sd unavailable ({e}); using a tiny random-weight SD pipeline (images are noise-like)")

@@ -7,9 +7,9 @@ defaults policy and one denoiser hook serve them all, and a check on what the de
 (e.g. a NaN guard) has one place to go: an ``after`` callback of ``denoiser_calls`` or ``sample``.
 
 Defaults policy (``default_settings``): a value set in the settings wins; then the defaults
-registered for the pipeline (the mini zoo's, handed in by the caller as ``registered`` — this module
-does not know the zoo); then the pipeline's own: its ``__call__`` defaults for steps and guidance
-(SD 1.x 50 steps at 7.5, SDXL 50 at 5.0, SD3 28 at 7.0) and its native size
+registered for the pipeline (``diffquant.registry``: a bundled mini-zoo model's, or those a quantized
+model recorded when it was quantized); then the pipeline's own: its ``__call__`` defaults for steps and
+guidance (SD 1.x 50 steps at 7.5, SDXL 50 at 5.0, SD3 and Flux 28 at 7.0 and 3.5) and its native size
 (``default_sample_size`` or the denoiser's ``sample_size``, times ``vae_scale_factor``).
 """
 
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .models.adapters import get_adapter, get_denoiser
+from .registry import sampling_defaults
 
 DEFAULT_STEPS = 50  # only for a pipeline whose __call__ names no default step count
 _REGISTERED_KEYS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "height": "height", "width": "width"}
@@ -104,10 +105,21 @@ def native_size(pipe: Any) -> int | None:
     return int(base) * int(getattr(pipe, "vae_scale_factor", 8))
 
 
+def registered_defaults(pipe: Any) -> dict:
+    """Defaults registered for ``pipe`` (keys as pipeline kwargs: ``num_inference_steps`` ...): its bundled model's,
+    else those recorded in its quantized denoiser's report (the source model's, at quantization time), else {}."""
+    found = sampling_defaults(pipe)
+    if not found and pipe is not None:
+        record = getattr(get_denoiser(pipe), "diffquant", None)
+        found = dict(getattr(record, "report", {}).get("sampling_defaults") or {})
+    return found
+
+
 def default_settings(pipe: Any, registered: dict | None = None) -> SamplingSettings:
-    """The one defaults policy (module docstring). ``registered``: defaults registered for this pipeline
-    (``diffquant.api.sampling_defaults(pipe)``, keys as pipeline kwargs: ``num_inference_steps`` ...)."""
-    given = {_REGISTERED_KEYS[k]: v for k, v in (registered or {}).items() if k in _REGISTERED_KEYS and v is not None}
+    """The one defaults policy (module docstring). ``registered`` replaces ``registered_defaults(pipe)`` when given
+    (a caller that knows more, e.g. the zoo name a user typed)."""
+    registered = registered_defaults(pipe) if registered is None else registered
+    given = {_REGISTERED_KEYS[k]: v for k, v in registered.items() if k in _REGISTERED_KEYS and v is not None}
     side = native_size(pipe)
     steps = given.get("steps", _call_default(pipe, "num_inference_steps") or DEFAULT_STEPS)
     return SamplingSettings(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..api import sampling_defaults
+from ..registry import MODELS
 from ..sampling import SamplingSettings
 
 
@@ -34,7 +34,7 @@ def load_model(spec: str, device: str = "cpu"):
 
 def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None, height: int | None,
                      width: int | None) -> SamplingSettings:
-    """Explicit options win, then the mini zoo's defaults for ``spec`` (or those registered for ``pipe``), then the
-    pipeline's own (``diffquant.sampling``)."""
-    registered = dict(_zoo().DEFAULTS[spec]) if spec in zoo_names() else sampling_defaults(pipe)
+    """Explicit options win, then the bundled model's defaults when ``spec`` names one, then the defaults policy of
+    ``diffquant.sampling`` (those registered for ``pipe``, else the pipeline's own)."""
+    registered = dict(MODELS[spec].sampling) if spec in MODELS else None
     return SamplingSettings(steps, guidance, height, width).resolve(pipe, registered)
