@@ -94,15 +94,15 @@ def tune_allocator() -> None:
 
 
 def load_fp(name: str, folder: str | None):
-    """(pipeline, GenSettings, source) for a mini-zoo model, a diffusers folder, or a tiny random pipeline."""
-    from diffquant.evaluation import GenSettings
+    """(pipeline, SamplingSettings, source) for a mini-zoo model, a diffusers folder, or a tiny random pipeline."""
+    from diffquant.sampling import SamplingSettings
 
     if name in TINY:
         from diffquant.models import tiny
 
         pipe = getattr(tiny, TINY[name])()
         pipe.set_progress_bar_config(disable=True)
-        return pipe, GenSettings(steps=8, guidance=5.0, height=32, width=32), "random tiny pipeline (smoke run only)"
+        return pipe, SamplingSettings(steps=8, guidance=5.0, height=32, width=32), "random tiny pipeline (smoke run only)"
     from diffquant import zoo
     from diffquant.evaluation.loading import load_model, resolve_settings
 
@@ -137,14 +137,13 @@ def make_config(variant: str, wbits: int, abits: int, settings, calib_prompts: l
 
     method, overrides, extra = VARIANTS[variant]
     overrides = {k: (settings.steps if v == "steps" else v) for k, v in overrides.items()}
-    calib = CalibrationConfig(num_prompts=len(calib_prompts), num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                              height=settings.height, width=settings.width, batch_size=batch_size)
+    calib = CalibrationConfig.from_sampling(settings, num_prompts=len(calib_prompts), batch_size=batch_size)
     return QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib,
                        options={**method_options.get(method, {}), **extra}, **overrides)
 
 
 def row_key(fp_fingerprint: str, variant: str, cfg, settings, n_prompts: int, calib_eval: int, calib_prompts: list[str]) -> str:
-    payload = json.dumps({"fp": fp_fingerprint, "variant": variant, "config": cfg.to_dict(), "settings": vars(settings),
+    payload = json.dumps({"fp": fp_fingerprint, "variant": variant, "config": cfg.to_dict(), "settings": {k: v for k, v in settings.to_dict().items() if k != "seed"},
                           "prompts": n_prompts, "calib_eval": calib_eval, "calib": calib_prompts}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -250,30 +249,23 @@ def error_dynamics(fp_pipe, q_pipe, items, settings) -> dict:
     |sum_i e_i|^2 / sum_i |e_i|^2 over the steps, averaged (1: the steps' errors are uncorrelated; up to the
     number of steps: the same error at every step, which adds up instead of averaging out).
     """
-    from diffquant.evaluation.paired import get_denoiser, initial_noise
+    from diffquant.sampling import denoiser_calls, initial_noise, prediction, sample
+    from diffquant.wrap import get_denoiser
 
-    def sample(pipe, hook=None):
+    def trajectory(pipe, after=None):
         lat: list[torch.Tensor] = []
 
         def keep(p, i, t, kw):
             lat.append(kw["latents"].detach().float().clone())
             return {}
 
-        handle = get_denoiser(fp_pipe).register_forward_hook(hook, with_kwargs=True) if hook else None
-        try:
-            pipe(prompt=[it.prompt for it in items], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                 height=settings.height, width=settings.width, latents=initial_noise(pipe, [it.seed for it in items], settings),
-                 output_type="latent", callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
-        finally:
-            if handle is not None:
-                handle.remove()
+        with denoiser_calls(pipe, after=after):
+            sample(pipe, [it.prompt for it in items], settings, latents=initial_noise(pipe, [it.seed for it in items], settings),
+                   callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
         return lat
 
     def rel(a, b):
         return float(((a - b) ** 2).sum() / (b ** 2).sum().clamp_min(1e-20))
-
-    def out(o):
-        return (o[0] if isinstance(o, (tuple, list)) else o.sample).float()
 
     def guided(x):
         if settings.guidance > 1 and x.shape[0] == 2 * len(items):
@@ -284,12 +276,12 @@ def error_dynamics(fp_pipe, q_pipe, items, settings) -> dict:
     q_denoiser = get_denoiser(q_pipe)
     errors: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def hook(module, args, kwargs, output):
-        ref = guided(out(output))
-        errors.append((guided(out(q_denoiser(*args, **kwargs))) - ref, ref))
+    def compare(call):
+        ref = guided(call.prediction.float())
+        errors.append((guided(prediction(q_denoiser(*call.args, **call.kwargs)).float()) - ref, ref))
 
-    fp_lat = sample(fp_pipe, hook)
-    q_lat = sample(q_pipe)
+    fp_lat = trajectory(fp_pipe, compare)
+    q_lat = trajectory(q_pipe)
     e = torch.stack([err for err, _ in errors])  # [steps, B, C, H, W]
     energy = (e ** 2).sum(dim=(2, 3, 4))  # [steps, B]
     dc = (e.mean(dim=(3, 4)) ** 2).sum(dim=2) * e.shape[3] * e.shape[4]
@@ -304,9 +296,10 @@ def activation_clipping(q_pipe, items, settings, top: int = 12) -> dict:
     """Per activation quantizer, on the quantized model's own sampling of ``items``: its range in use, the share of
     entries outside it, and its error split into clipping and rounding (each relative to the input's energy).
     Returns the ``top`` quantizers by total relative error (which quantizers dominate, and whether by clipping)."""
-    from diffquant.evaluation.paired import get_denoiser, initial_noise
     from diffquant.quant.affine import qrange
     from diffquant.quant.quantizers import ActivationQuantizer
+    from diffquant.sampling import initial_noise, sample
+    from diffquant.wrap import get_denoiser
 
     stats: dict[str, dict] = {}
 
@@ -332,9 +325,7 @@ def activation_clipping(q_pipe, items, settings, top: int = 12) -> dict:
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in denoiser.named_modules()
                if isinstance(m, ActivationQuantizer)]
     try:
-        q_pipe(prompt=[it.prompt for it in items], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-               height=settings.height, width=settings.width, latents=initial_noise(q_pipe, [it.seed for it in items], settings),
-               output_type="latent")
+        sample(q_pipe, [it.prompt for it in items], settings, latents=initial_noise(q_pipe, [it.seed for it in items], settings))
     finally:
         for h in handles:
             h.remove()

@@ -20,13 +20,14 @@ from diffquant.learning import (
     generate_serial_dataset,
     record_features,
 )
+from diffquant.sampling import SamplingSettings
 from diffquant.wrap import float_layer_reasons, wrap_denoiser
 
 from tinyutil import PROMPTS, calibration_config, sample_latents
 
 # 16x16 images (8x8 latents) keep the fake-quantized attention cheap in the training tests.
 SMALL = dict(height=16, width=16)
-DATASET = SerialDatasetConfig(steps_per_prompt=2, num_inference_steps=4, guidance_scale=5.0, height=16, width=16, batch_size=4)
+DATASET = SerialDatasetConfig(SamplingSettings(steps=4, guidance=5.0, height=16, width=16), steps_per_prompt=2, batch_size=4)
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,13 @@ import torch
 
 import diffquant
 from diffquant import CalibrationConfig, QuantConfig
-from diffquant.evaluation import GenSettings, PromptItem, frechet_distance, generate, load_prompts, model_fingerprint, parse_seeds, psnr, ssim
+from diffquant.evaluation import PromptItem, frechet_distance, generate, load_prompts, model_fingerprint, parse_seeds, psnr, ssim
 from diffquant.evaluation.metrics import LPIPS, ClipScorer, InceptionFeatures, MetricUnavailable
 from diffquant.models.tiny import tiny_sd_pipeline
+from diffquant.sampling import SamplingSettings
 
 CHROMIUM = Path("/usr/bin/chromium")
-SETTINGS = GenSettings(steps=2, guidance=7.5, height=32, width=32)
+SETTINGS = SamplingSettings(steps=2, guidance=7.5, height=32, width=32)
 PROMPTS = ["a red circle on the left", "a large blue square at the top", "a small green triangle"]
 
 
@@ -213,7 +214,7 @@ def test_cache_reused_and_keyed(tmp_path, fp_pipe, q_pipe):
     pipe.unet.forward = no_generation
     again, stats = generate(pipe, items, SETTINGS, tmp_path, batch_size=2)
     assert (stats.generated, stats.cached) == (0, 4) and torch.equal(first, again)
-    _, stats = generate(fp_pipe, items[:1], GenSettings(3, 7.5, 32, 32), tmp_path)  # other steps: a new key
+    _, stats = generate(fp_pipe, items[:1], SamplingSettings(3, 7.5, 32, 32), tmp_path)  # other steps: a new key
     assert stats.generated == 1
     assert model_fingerprint(q_pipe) != model_fingerprint(fp_pipe)  # quantized images never come from the FP cache
 

@@ -18,6 +18,7 @@ LAYERS: list[set[str]] = [
     {"quant"},
     {"nn"},
     {"models"},
+    {"sampling"},
     {"config"},
     {"wrap"},
     {"calibration"},

@@ -12,14 +12,15 @@ import torch
 import diffquant
 from diffquant import QuantConfig
 from diffquant.calibration import progressive
-from diffquant.calibration.progressive import SamplingRun, activation_quantizers, per_step_hook
+from diffquant.calibration.progressive import activation_quantizers
 from diffquant.calibration.sensitivity import most_sensitive_steps
 from diffquant.nn import states
+from diffquant.sampling import SamplingSettings, denoiser_calls, sample
 
 from tinyutil import PROMPTS, calibration_config
 
 STEPS = 3
-RUN = SamplingRun(tuple(PROMPTS[:1]), STEPS, 5.0, 32, 32, seed=0)  # what calibration_config below samples
+RUN = SamplingSettings(STEPS, 5.0, 32, 32, seed=0)  # what calibration_config below samples, on PROMPTS[:1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,11 +37,11 @@ def _config(**options) -> QuantConfig:
                        options={"sensitivity_prompts": 1, **options})
 
 
-def _trajectory_inputs(pipe, run: SamplingRun = RUN) -> list[torch.Tensor]:
+def _trajectory_inputs(pipe, run: SamplingSettings = RUN) -> list[torch.Tensor]:
     """The latents each denoiser call receives while ``pipe`` samples ``run``."""
     seen: list[torch.Tensor] = []
-    with per_step_hook(diffquant.get_denoiser(pipe), lambda step, args, kwargs: seen.append(args[0].clone())):
-        run(pipe)
+    with denoiser_calls(pipe, before=lambda call: seen.append(call.args[0].clone())):
+        sample(pipe, PROMPTS[:1], run)
     return seen
 
 
@@ -107,7 +108,7 @@ def test_relaxed_steps_run_at_higher_bits_and_others_do_not(pcr_sd):
 
     handle = quantizer.register_forward_hook(count_levels)
     try:
-        RUN(pcr_sd["pipe"])
+        sample(pcr_sd["pipe"], PROMPTS[:1], RUN)
     finally:
         handle.remove()
     for step, count in enumerate(levels):
@@ -136,9 +137,8 @@ def test_other_step_count_maps_to_nearest_calibrated_step(pcr_sd):
     record = diffquant.quant_record(unet)
     calibrated = record.report["pcr"]["calibration_timesteps"]
     seen: list[tuple[float, int]] = []
-    run7 = SamplingRun(RUN.prompts, 7, RUN.guidance_scale, RUN.height, RUN.width)
-    with per_step_hook(unet, lambda step, args, kwargs: seen.append((float(args[1]), int(record.context.group)))):
-        run7(pcr_sd["pipe"])
+    with denoiser_calls(unet, before=lambda call: seen.append((float(call.args[1]), int(record.context.group)))):
+        sample(pcr_sd["pipe"], PROMPTS[:1], RUN.replace(steps=7))
     assert len(seen) == 7
     for t, group in seen:
         nearest = min(range(STEPS), key=lambda s: abs(calibrated[s] - t))

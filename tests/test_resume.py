@@ -24,7 +24,8 @@ import torch
 
 import diffquant
 from diffquant import QuantConfig
-from diffquant.evaluation import GenSettings, PromptItem, generate
+from diffquant.evaluation import PromptItem, generate
+from diffquant.sampling import SamplingSettings
 from diffquant.evaluation.paired import GenStats
 from diffquant.models.tiny import tiny_sd_pipeline
 
@@ -106,7 +107,7 @@ def _qat_kill_point():
     return QATTrainer, "save_checkpoint"  # one call per iteration here (checkpoint_every=1)
 
 
-GENERATION = GenSettings(steps=2, guidance=7.5, height=32, width=32)
+GENERATION = SamplingSettings(steps=2, guidance=7.5, height=32, width=32)
 ITEMS = [PromptItem(p, seed) for p in PROMPTS[:3] for seed in (0, 1)]  # three batches of two images
 
 

@@ -144,22 +144,16 @@ def generate(
     """Generate one image."""
 
     def body():
-        import torch
-
         from diffquant.pipelines import load_pipeline
+        from diffquant.sampling import SamplingSettings, sample
 
         if not prompt.strip():
             raise ValueError("the prompt is empty; pass --prompt \"a red circle on the left\"")
         _quiet()
         pipe = load_pipeline(model, device=device)
-        defaults = _sampling_defaults(pipe)
-        kwargs = {k: v for k, v in dict(
-            num_inference_steps=steps or defaults.get("num_inference_steps"),
-            guidance_scale=guidance if guidance is not None else defaults.get("guidance_scale"),
-            height=height or defaults.get("height"), width=width or defaults.get("width"),
-        ).items() if v is not None}
+        settings = SamplingSettings(steps, guidance, height, width, seed).resolve(pipe)
         pipe.set_progress_bar_config(disable=False, desc="sampling")
-        image = pipe(prompt, generator=torch.Generator(device="cpu").manual_seed(seed), **kwargs).images[0]
+        image = sample(pipe, [prompt], settings, output_type="pil")[0]
         out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out)
         typer.echo(f"wrote {out}")
@@ -173,12 +167,8 @@ def _convert_pipeline(pipe, prompts: list[str] | None) -> None:
     from diffquant import CalibrationConfig
     from diffquant.runtime import convert
 
-    defaults = _sampling_defaults(pipe)
     prompt = (prompts or ["a photo"])[:1]
-    calib = diffquant.record_denoiser_calls(
-        pipe, prompt, CalibrationConfig(num_prompts=1, num_inference_steps=2, guidance_scale=defaults.get("guidance_scale"),
-                                        height=defaults.get("height"), width=defaults.get("width")), progress=False,
-    )
+    calib = diffquant.record_denoiser_calls(pipe, prompt, CalibrationConfig(num_prompts=1, num_inference_steps=2), progress=False)
     denoiser = diffquant.get_denoiser(pipe)
     param = next(denoiser.parameters())
     convert(pipe, example_inputs=calib.calls[0].kwargs(device=param.device, dtype=param.dtype))
@@ -215,16 +205,6 @@ def export(
         typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
     _run(body)
-
-
-def _sampling_defaults(pipe) -> dict:
-    import diffquant
-
-    denoiser = diffquant.get_denoiser(pipe)
-    record = getattr(denoiser, "diffquant", None)
-    if record is not None and record.report.get("sampling_defaults"):
-        return record.report["sampling_defaults"]
-    return diffquant.api.sampling_defaults(pipe)
 
 
 @app.command()

@@ -8,6 +8,7 @@ from typing import Any
 
 from .registry import method as registered_method
 from .quant import QuantSpec
+from .sampling import SamplingSettings
 
 CONFIG_VERSION = 1
 
@@ -18,7 +19,9 @@ class CalibrationConfig:
 
     Every ``every_k``-th denoising step of ``num_prompts`` prompts is kept (conditional and
     unconditional halves when guidance is on), at most ``samples_per_step`` rows per step.
-    ``None`` for steps/guidance/size means the pipeline's (or mini zoo model's) defaults.
+    ``num_inference_steps``/``guidance_scale``/``height``/``width``/``seed`` are the sampling part, read as
+    one ``SamplingSettings`` through ``sampling`` (flat here, so saved configs of every version load);
+    ``None`` means the defaults policy of ``diffquant.sampling`` (the mini zoo's, else the pipeline's).
     """
 
     num_prompts: int = 8
@@ -35,6 +38,19 @@ class CalibrationConfig:
         for name in ("num_prompts", "every_k", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+        self.sampling  # validates steps and size with the sampling core's messages
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.height, self.width, self.seed)
+
+    @classmethod
+    def from_sampling(cls, settings: SamplingSettings, **calibration) -> CalibrationConfig:
+        """Calibrate with the same sampling as ``settings`` (e.g. an evaluation's); ``calibration``: the other fields."""
+        if settings.extras:
+            raise ValueError(f"calibration cannot carry sampling extras yet ({sorted(settings.extras)}); drop them")
+        return cls(num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=settings.height,
+                   width=settings.width, seed=settings.seed, **calibration)
 
 
 @dataclass

@@ -7,13 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 import diffquant
 
 from .config import CalibrationConfig, QuantConfig
 from .inspect import describe
+from .sampling import SamplingSettings, default_settings, sample
 
 
 def _source_pipeline(echo: Callable[[str], None]):
@@ -22,14 +22,15 @@ def _source_pipeline(echo: Callable[[str], None]):
         from . import zoo
 
         pipe = zoo.load_pipeline("mini-sd")
-        return pipe, zoo.DEFAULTS["mini-sd"], zoo.calibration_prompts(8), zoo.heldout_prompts(4), "mini-sd"
+        settings = default_settings(pipe)
+        return pipe, settings, zoo.calibration_prompts(8), zoo.heldout_prompts(4), "mini-sd"
     except (ImportError, AttributeError, FileNotFoundError) as e:
         echo(f"note: mini-sd unavailable ({e}); using a tiny random-weight SD pipeline (images are noise-like)")
         from .models.tiny import tiny_sd_pipeline
 
         prompts = ["a red circle on the left", "a blue square at the top", "a small green star", "a large yellow triangle"]
-        defaults = dict(num_inference_steps=10, guidance_scale=5.0, height=32, width=32)
-        return tiny_sd_pipeline(), defaults, prompts * 2, prompts, "tiny-sd (random weights)"
+        settings = SamplingSettings(steps=10, guidance=5.0, height=32, width=32)
+        return tiny_sd_pipeline(), settings, prompts * 2, prompts, "tiny-sd (random weights)"
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -40,14 +41,12 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def run_demo(out: Path, wbits: int = 8, abits: int = 8, echo: Callable[[str], None] = print) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe, defaults, calib, prompts, name = _source_pipeline(echo)
+    pipe, settings, calib, prompts, name = _source_pipeline(echo)
     echo(f"model: {name}; calibrating on {len(calib)} prompts, evaluating on {len(prompts)} held-out prompts")
     fp = copy.deepcopy(pipe)
     cfg = QuantConfig(
         method="rtn", wbits=wbits, abits=abits,
-        calibration=CalibrationConfig(num_prompts=len(calib), num_inference_steps=defaults["num_inference_steps"],
-                                      guidance_scale=defaults["guidance_scale"], height=defaults.get("height"),
-                                      width=defaults.get("width")),
+        calibration=CalibrationConfig.from_sampling(settings, num_prompts=len(calib)),
     )
     diffquant.quantize(pipe, cfg, calibration=calib)
     folder = out / cfg.label
@@ -58,10 +57,7 @@ def run_demo(out: Path, wbits: int = 8, abits: int = 8, echo: Callable[[str], No
     results = []
     tiles = []
     for i, prompt in enumerate(prompts):
-        images = []
-        for p in (fp, loaded):
-            g = torch.Generator().manual_seed(i)
-            images.append(np.asarray(p(prompt, generator=g, **defaults).images[0]))
+        images = [np.asarray(sample(p, [prompt], settings.replace(seed=i), output_type="pil")[0]) for p in (fp, loaded)]
         results.append(_psnr(images[0], images[1]))
         tiles.append(np.concatenate(images, axis=0))
         echo(f"  {prompt!r}: PSNR to float {results[-1]:.2f} dB")

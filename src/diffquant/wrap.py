@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import QuantConfig
-from .models.adapters import DenoiserAdapter, get_adapter, matches_any
+from .models.adapters import DenoiserAdapter, get_adapter, get_denoiser, matches_any  # noqa: F401  (get_denoiser re-exported)
 from .nn import QuantAttnProcessor, QuantConv2d, QuantJointAttnProcessor, QuantLinear
 from .quant import TimestepContext, TimestepGroups
 
@@ -124,17 +124,6 @@ def wrap_denoiser(
     record = QuantRecord(config, adapter.family, groups, context, reasons, splits)
     denoiser.diffquant = record
     return record
-
-
-def get_denoiser(pipe_or_denoiser) -> nn.Module:
-    """The denoiser of a diffusers pipeline (``unet`` or ``transformer``), or the module itself."""
-    if isinstance(pipe_or_denoiser, nn.Module):
-        return pipe_or_denoiser
-    for attr in ("unet", "transformer"):
-        module = getattr(pipe_or_denoiser, attr, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise TypeError(f"{type(pipe_or_denoiser).__name__} has no `unet` or `transformer` component to quantize")
 
 
 def quant_record(denoiser: nn.Module) -> QuantRecord:

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from ..config import CalibrationConfig
 from ..io import atomic_save_tensors, atomic_write_json
+from ..models.adapters import get_denoiser
+from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, sample
 
 _META_KEYS = ("__step__", "__num_steps__")
 
@@ -159,6 +161,8 @@ def record_denoiser_calls(
 ) -> CalibrationSet:
     """Sample ``prompts`` with the float pipeline and keep the denoiser inputs of every k-th step.
 
+    Unset sampling settings come from ``defaults`` (the registered ones) and the pipeline
+    (``SamplingSettings.resolve``).
     With ``cache_dir`` every prompt batch is written as a shard when done, and a rerun with the same
     settings loads finished batches instead of sampling them again: an interrupted recording
     resumes and ends with the same data (each batch has its own seeded generator).
@@ -170,65 +174,45 @@ def record_denoiser_calls(
         raise ValueError("sharded recording needs a cache_dir shared by all processes")
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
-    denoiser: nn.Module = pipe.unet if hasattr(pipe, "unet") and pipe.unet is not None else pipe.transformer
-    signature = inspect.signature(denoiser.forward)
-    defaults = dict(defaults or {})
-    steps = config.num_inference_steps or defaults.get("num_inference_steps", 50)
-    guidance = config.guidance_scale if config.guidance_scale is not None else defaults.get("guidance_scale", 7.5)
-    size = {k: v for k, v in (("height", config.height or defaults.get("height")), ("width", config.width or defaults.get("width"))) if v}
+    signature = inspect.signature(get_denoiser(pipe).forward)
+    settings = config.sampling.resolve(pipe, defaults)
     calls: list[DenoiserCall] = []
-    state = {"step": 0}
     sampler = torch.Generator().manual_seed(config.seed)
+    pending: dict[int, tuple[DenoiserCall, torch.Tensor | None]] = {}  # step -> record and rows kept, output to come
 
-    def pre_hook(module, args, kwargs):
-        step = state["step"]
-        state["step"] += 1
-        if step % config.every_k != 0:
+    def before(call: DenoiserStep) -> None:
+        if call.step % config.every_k != 0:
             return
-        flat = _flatten_call(signature, args, kwargs)
+        flat = _flatten_call(signature, call.args, call.kwargs)
         batch = next(v.shape[0] for k, v in flat.items() if k != "timestep" and v.dim() > 0)
+        rows = None
         if config.samples_per_step is not None and config.samples_per_step < batch:
             rows = torch.randperm(batch, generator=sampler)[: config.samples_per_step].sort().values
             flat = _select_rows(flat, rows, batch)
-            state["rows"] = rows
-        else:
-            state["rows"] = None
-        calls.append(DenoiserCall(flat, step, steps))
-        state["pending"] = calls[-1]
+        calls.append(DenoiserCall(flat, call.step, settings.steps))
+        pending[call.step] = (calls[-1], rows)
 
-    def post_hook(module, args, kwargs, output):
-        call = state.pop("pending", None)
-        if call is None or not keep_outputs:
-            return
-        out = output[0] if isinstance(output, (tuple, list)) else output.sample
-        rows = state.get("rows")
-        call.output = (out if rows is None else out[rows]).detach().clone()
+    def after(call: DenoiserStep) -> None:
+        record, rows = pending.pop(call.step, (None, None))
+        if record is not None and keep_outputs:
+            out = call.prediction
+            record.output = (out if rows is None else out[rows]).detach().clone()
 
-    handles = [
-        denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True),
-        denoiser.register_forward_hook(post_hook, with_kwargs=True),
-    ]
     batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
-    cache = _prepare_cache(cache_dir, prompts, config, steps, guidance, size, keep_outputs)
-    try:
-        for b, batch in enumerate(tqdm(batches, desc="recording calibration trajectories", disable=not progress)):
-            if b % num_shards != index:
-                continue
-            path = None if cache is None else cache / f"batch-{b:05d}.safetensors"
-            if path is not None and path.is_file():
-                calls.extend(_read_shard(path))
-                continue
-            first = len(calls)
-            state["step"] = 0
-            sampler.manual_seed(config.seed + 7919 * (b + 1))
-            generator = torch.Generator(device="cpu").manual_seed(config.seed + b)
-            with torch.no_grad():
-                pipe(batch, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="latent", **size)
-            if path is not None:
-                _write_shard(calls[first:], path)
-    finally:
-        for h in handles:
-            h.remove()
+    cache = _prepare_cache(cache_dir, prompts, config, settings, keep_outputs)
+    for b, batch in enumerate(tqdm(batches, desc="recording calibration trajectories", disable=not progress)):
+        if b % num_shards != index:
+            continue
+        path = None if cache is None else cache / f"batch-{b:05d}.safetensors"
+        if path is not None and path.is_file():
+            calls.extend(_read_shard(path))
+            continue
+        first = len(calls)
+        sampler.manual_seed(config.seed + 7919 * (b + 1))
+        with denoiser_calls(pipe, before, after):
+            sample(pipe, batch, settings.replace(seed=config.seed + b))
+        if path is not None:
+            _write_shard(calls[first:], path)
     if cache is not None and num_shards == 1:
         atomic_write_json(cache / INDEX, {
             "shards": [f"batch-{b:05d}.safetensors" for b in range(len(batches))], "calls": len(calls),
@@ -237,7 +221,7 @@ def record_denoiser_calls(
     return CalibrationSet(calls)
 
 
-def _prepare_cache(cache_dir, prompts, config: CalibrationConfig, steps, guidance, size, keep_outputs) -> Path | None:
+def _prepare_cache(cache_dir, prompts, config: CalibrationConfig, settings: SamplingSettings, keep_outputs) -> Path | None:
     """Create or check a recording cache: its settings must match, or resuming would mix data."""
     if cache_dir is None:
         return None
@@ -245,7 +229,7 @@ def _prepare_cache(cache_dir, prompts, config: CalibrationConfig, steps, guidanc
     cache.mkdir(parents=True, exist_ok=True)
     fingerprint = {
         "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "config": asdict(config),
-        "steps": steps, "guidance": guidance, "size": size, "keep_outputs": keep_outputs,
+        "sampling": settings.to_dict(), "keep_outputs": keep_outputs,
     }
     marker = cache / "recording.json"
     if marker.is_file():

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,55 +33,8 @@ from tqdm.auto import tqdm
 from ..io import atomic_save_tensors, atomic_write_json
 from ..nn import QuantState, quantized_layers, set_state
 from ..quant import ActivationQuantizer
-from ..wrap import quant_record
-
-
-@dataclass(frozen=True)
-class SamplingRun:
-    """One deterministic sampling call of a pipeline: prompts, schedule, guidance, size and seed."""
-
-    prompts: tuple[str, ...]
-    num_inference_steps: int
-    guidance_scale: float
-    height: int | None = None
-    width: int | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.prompts:
-            raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
-        if self.num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-
-    @torch.no_grad()
-    def __call__(self, pipe, output_type: str = "latent") -> torch.Tensor:
-        """Sample all prompts as one batch; returns latents (or images with ``output_type='pt'``)."""
-        size = {k: v for k, v in (("height", self.height), ("width", self.width)) if v}
-        out = pipe(
-            list(self.prompts), num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-            generator=torch.Generator().manual_seed(self.seed), output_type=output_type, **size,
-        )
-        return out.images.float()
-
-
-@contextmanager
-def per_step_hook(denoiser: nn.Module, fn: Callable[[int, tuple, dict], None]) -> Iterator[None]:
-    """Call ``fn(step_index, args, kwargs)`` before each denoiser call (one call per sampling step).
-
-    The step counter restarts whenever the context is entered; use one context per sampling run.
-    Registered after ``wrap_denoiser``'s timestep hook, so the timestep context is already set.
-    """
-    step = [0]
-
-    def hook(module, args, kwargs):
-        fn(step[0], args, kwargs)
-        step[0] += 1
-
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, sample
+from ..wrap import get_denoiser, quant_record
 
 
 def activation_quantizers(denoiser: nn.Module) -> list[ActivationQuantizer]:
@@ -148,34 +98,39 @@ def _restore_steps(folder: Path, steps: list[dict], quantizers: list[ActivationQ
 
 def progressive_calibrate(
     pipe,
-    run: SamplingRun,
+    prompts: list[str],
+    settings: SamplingSettings,
     *,
     start_step: int = 0,
     seed: int = 0,
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
-    settings: dict | None = None,
+    depends_on: dict | None = None,
 ) -> list[float]:
     """Fit each step's activation group on the trajectory of the already-quantized earlier steps.
 
-    The denoiser must be wrapped with one timestep group per step of ``run`` (``TimestepGroups.per_step``).
+    All ``prompts`` are sampled as one batch with the resolved ``settings`` (``settings.resolve(pipe, ...)``).
+    The denoiser must be wrapped with one timestep group per sampling step (``TimestepGroups.per_step``).
     Steps before ``start_step`` run quantized with their existing parameters (re-calibrating only
     from the first step whose bit width changed). Returns the timestep of every step, in order.
     Ends with every quantized module frozen. ``checkpoint_dir`` makes the pass resumable (module
-    docstring); ``settings`` (JSON) names what else the result depends on, e.g. the observers.
+    docstring); ``depends_on`` (JSON) names what else the result depends on, e.g. the observers.
     """
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    if not prompts:
+        raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
+    denoiser = get_denoiser(pipe)
     record = quant_record(denoiser)
-    if len(record.groups) != run.num_inference_steps:
+    steps = settings.steps
+    if len(record.groups) != steps:
         raise ValueError(
-            f"progressive calibration needs one timestep group per step ({run.num_inference_steps}), "
+            f"progressive calibration needs one timestep group per step ({steps}), "
             f"the denoiser has {len(record.groups)}; wrap it with TimestepGroups.per_step(timesteps)"
         )
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     done: list[dict] = []
     if folder is not None:
-        fingerprint = state_fingerprint(denoiser, {"run": asdict(run), "start_step": start_step, "seed": seed,
-                                                   "settings": settings or {}})
+        fingerprint = state_fingerprint(denoiser, {"prompts": list(prompts), "sampling": settings.to_dict(),
+                                                   "start_step": start_step, "seed": seed, "settings": depends_on or {}})
         saved = load_progress(folder, fingerprint, "a progressive calibration")
         done = saved["steps"] if saved else []
     # Quantized weights now; each step's activation group is fitted below before that step runs quantized.
@@ -183,15 +138,15 @@ def progressive_calibrate(
     quantizers = activation_quantizers(denoiser)
     if done:
         _restore_steps(folder, done, quantizers)
-    if len(done) == run.num_inference_steps:
+    if len(done) == steps:
         return [entry["timestep"] for entry in done]
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     timesteps: list[float] = []
-    bar = tqdm(total=run.num_inference_steps, desc="pcr: progressive calibration", disable=not progress)
+    bar = tqdm(total=steps, desc="pcr: progressive calibration", disable=not progress)
 
-    def calibrate_step(step: int, args: tuple, kwargs: dict) -> None:
-        context = record.context
+    def calibrate_step(call: DenoiserStep) -> None:
+        step, args, kwargs, context = call.step, call.args, call.kwargs, record.context
         timesteps.append(float(context.timestep.flatten()[0]))
         group = int(context.group)
         if step >= len(done):
@@ -207,8 +162,8 @@ def progressive_calibrate(
         bar.update(1)
 
     try:
-        with per_step_hook(denoiser, calibrate_step):
-            run(pipe)
+        with denoiser_calls(denoiser, before=calibrate_step):
+            sample(pipe, prompts, settings)
     finally:
         bar.close()
     return timesteps

@@ -15,11 +15,11 @@ Works on any frozen quantized denoiser (not only PCR's): the result is a plain J
 from __future__ import annotations
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.adapters import get_denoiser
 from ..nn import set_quant_enabled
-from .progressive import SamplingRun, per_step_hook
+from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, sample
 
 SENSITIVITY_METRICS = ("final", "step")
 
@@ -28,54 +28,40 @@ def _rel_mse(q: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((q.float() - ref.float()) ** 2).mean() / (ref.float() ** 2).mean().clamp_min(1e-20))
 
 
-def _denoiser(pipe) -> nn.Module:
-    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-
-
-def _output(output) -> torch.Tensor:
-    return (output[0] if isinstance(output, (tuple, list)) else output.sample).detach().float()
-
-
 @torch.no_grad()
-def step_sensitivity(pipe, run: SamplingRun, *, progress: bool = True) -> dict:
-    """Sample ``run`` once in float and once per step with only that step quantized.
+def step_sensitivity(pipe, prompts: list[str], settings: SamplingSettings, *, progress: bool = True) -> dict:
+    """Sample ``prompts`` (one batch, resolved ``settings``) once in float and once per step with only that step quantized.
 
     Returns ``{"metrics": {...}, "steps": [{"step", "timestep", "final_rel_mse", "step_rel_mse"}, ...]}``
-    with one entry per sampling step. Costs (steps + 1) sampling runs of ``run``'s prompts.
+    with one entry per sampling step. Costs (steps + 1) sampling runs of ``prompts``.
     """
-    denoiser = _denoiser(pipe)
+    denoiser = get_denoiser(pipe)
     outputs: dict[int, torch.Tensor] = {}
     timesteps: dict[int, float] = {}
-    state = {"step": -1, "watch": None}
 
-    def capture(module, args, kwargs, output):
-        if state["watch"] is None or state["step"] == state["watch"]:
-            outputs[state["step"]] = _output(output)
+    def keep_output(watch: int | None):
+        def after(call: DenoiserStep) -> None:
+            if watch is None or call.step == watch:
+                outputs[call.step] = call.prediction.detach().float()
+                timesteps[call.step] = call.timestep
+        return after
 
-    def float_pass(step: int, args: tuple, kwargs: dict) -> None:
-        state["step"] = step
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        timesteps[step] = float(torch.as_tensor(t).flatten()[0])
-
-    handle = denoiser.register_forward_hook(capture, with_kwargs=True)
     try:
         set_quant_enabled(denoiser, False)
-        with per_step_hook(denoiser, float_pass):
-            reference = run(pipe, output_type="pt")
+        with denoiser_calls(denoiser, after=keep_output(None)):
+            reference = sample(pipe, prompts, settings, output_type="pt").float()
         fp_outputs = dict(outputs)
         entries = []
-        for s in tqdm(range(run.num_inference_steps), desc="pcr: per-step sensitivity", disable=not progress):
+        for s in tqdm(range(settings.steps), desc="pcr: per-step sensitivity", disable=not progress):
             outputs.clear()
-            state["watch"] = s
 
-            def only_step_s(step: int, args: tuple, kwargs: dict, s: int = s) -> None:
-                state["step"] = step
-                if step in (s, s + 1):
-                    set_quant_enabled(denoiser, step == s)
+            def only_step_s(call: DenoiserStep, s: int = s) -> None:
+                if call.step in (s, s + 1):
+                    set_quant_enabled(denoiser, call.step == s)
 
             set_quant_enabled(denoiser, False)
-            with per_step_hook(denoiser, only_step_s):
-                final = run(pipe, output_type="pt")
+            with denoiser_calls(denoiser, before=only_step_s, after=keep_output(s)):
+                final = sample(pipe, prompts, settings, output_type="pt").float()
             entries.append({
                 "step": s,
                 "timestep": timesteps[s],
@@ -83,14 +69,13 @@ def step_sensitivity(pipe, run: SamplingRun, *, progress: bool = True) -> dict:
                 "step_rel_mse": _rel_mse(outputs[s], fp_outputs[s]),
             })
     finally:
-        handle.remove()
         set_quant_enabled(denoiser, True)
     return {
         "metrics": {
             "final_rel_mse": "rel. MSE of the final image vs float when only this step is quantized",
             "step_rel_mse": "rel. MSE of this step's denoiser output vs float (same inputs)",
         },
-        "prompts": list(run.prompts),
+        "prompts": list(prompts),
         "steps": entries,
     }
 

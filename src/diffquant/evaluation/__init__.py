@@ -6,10 +6,10 @@ methods, bit widths and peer baselines; ``cli`` exposes both as ``diffquant eval
 
 from .harness import METRICS, EvalOptions, Evaluation, parse_metrics
 from .metrics import MetricUnavailable, frechet_distance, psnr, ssim
-from .paired import GenSettings, generate, model_fingerprint
+from .paired import generate, model_fingerprint
 from .prompts import PromptItem, load_prompts, parse_seeds
 
 __all__ = [
-    "METRICS", "EvalOptions", "Evaluation", "GenSettings", "MetricUnavailable", "PromptItem", "frechet_distance",
+    "METRICS", "EvalOptions", "Evaluation", "MetricUnavailable", "PromptItem", "frechet_distance",
     "generate", "load_prompts", "model_fingerprint", "parse_metrics", "parse_seeds", "psnr", "ssim",
 ]

@@ -12,10 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from .harness import EvalOptions, Evaluation
-from .paired import GenSettings, get_denoiser
+from ..config import CalibrationConfig
+from ..sampling import SamplingSettings, sample
+from ..wrap import get_denoiser
 from .peers import PEERS, PeakMemory, PeerUnavailable, apply_peer, saved_size_bytes
 from .prompts import PromptItem
 
@@ -38,30 +39,26 @@ def _folder_bytes(folder: Path, denoiser_names: tuple[str, ...] = ("unet", "tran
     return sum(p.stat().st_size for p in (denoiser_files or files))
 
 
-def _sampler(pipe, settings: GenSettings, batch_size: int):
-    @torch.no_grad()
+def _sampler(pipe, settings: SamplingSettings, batch_size: int):
     def run(prompts: list[str]) -> None:
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            pipe(prompt=chunk, num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=settings.height,
-                 width=settings.width, generator=torch.Generator("cpu").manual_seed(i), output_type="latent")
+            sample(pipe, prompts[i:i + batch_size], settings.replace(seed=i))
     return run
 
 
-def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: GenSettings, options: EvalOptions,
+def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: SamplingSettings, options: EvalOptions,
               methods: list[str], bits: list[tuple[int, int]], peers: list[str], calibration: list[str],
               prompts_spec: str = "") -> Evaluation:
     """Quantize copies of ``fp_pipe`` with every (method, bits) and peer, score each on the pairs, return the evaluation."""
     import diffquant
-    from diffquant import CalibrationConfig, QuantConfig
+    from diffquant import QuantConfig
 
     ev = Evaluation(fp_pipe, model_spec, items, settings, options, prompts_spec=prompts_spec)
     ev.reference["summary"]["denoiser_mib"] = saved_size_bytes(get_denoiser(fp_pipe)) / 2**20
     for method in methods:
         for wbits, abits in bits:
             # Calibrate with the bench's own sampling settings, as the peers do.
-            calib_cfg = CalibrationConfig(num_prompts=len(calibration), num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                                          height=settings.height, width=settings.width, batch_size=options.batch_size)
+            calib_cfg = CalibrationConfig.from_sampling(settings, num_prompts=len(calibration), batch_size=options.batch_size)
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib_cfg)
             pipe = copy.deepcopy(fp_pipe)
             start = time.perf_counter()

@@ -7,64 +7,38 @@ over steps (the paired images measure that drift).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from tqdm.auto import tqdm
 
-from .paired import GenSettings, get_denoiser, initial_noise
+from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, initial_noise, prediction, sample
+from ..wrap import get_denoiser
 from .prompts import PromptItem
-
-
-def _out(output) -> torch.Tensor:
-    """The predicted noise/velocity from a denoiser's output (tuple or ``*Output`` dataclass)."""
-    return (output[0] if isinstance(output, (tuple, list)) else output.sample).float()
 
 
 def _rel_mse(q: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((q - ref) ** 2).mean() / (ref ** 2).mean().clamp_min(1e-20))
 
 
-def _timestep(args: tuple, kwargs: dict) -> float:
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-
-
-@contextmanager
-def _hook(module: torch.nn.Module, fn) -> Iterator[None]:
-    handle = module.register_forward_hook(fn, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _run_fp(pipe, items: list[PromptItem], settings: GenSettings) -> None:
-    latents = initial_noise(pipe, [it.seed for it in items], settings).to(next(get_denoiser(pipe).parameters()).device)
-    pipe(prompt=[it.prompt for it in items], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-         height=settings.height, width=settings.width, latents=latents, output_type="latent")
+def _run_fp(pipe, items: list[PromptItem], settings: SamplingSettings) -> None:
+    sample(pipe, [it.prompt for it in items], settings, latents=initial_noise(pipe, [it.seed for it in items], settings))
 
 
 @torch.no_grad()
-def timestep_error(fp_pipe, q_denoiser: torch.nn.Module, items: list[PromptItem], settings: GenSettings,
+def timestep_error(fp_pipe, q_denoiser: torch.nn.Module, items: list[PromptItem], settings: SamplingSettings,
                    batch_size: int = 4) -> dict[str, list[float]]:
     """Relative MSE ||ε_q − ε_fp||² / ||ε_fp||² of one denoiser call per sampling step, averaged over ``items``.
 
-    The quantized denoiser is called inside a hook on the FP denoiser, with the FP call's own arguments.
+    The quantized denoiser is called after each FP denoiser call, with the FP call's own arguments.
     """
     records: dict[int, list[tuple[float, float, float]]] = {}
-    calls = [0]
 
-    def hook(module, args, kwargs, output):
-        ref, q = _out(output), _out(q_denoiser(*args, **kwargs))
-        records.setdefault(calls[0], []).append((_timestep(args, kwargs), float(((q - ref) ** 2).mean()), _rel_mse(q, ref)))
-        calls[0] += 1
+    def compare(call: DenoiserStep) -> None:
+        ref, q = call.prediction.float(), prediction(q_denoiser(*call.args, **call.kwargs)).float()
+        records.setdefault(call.step, []).append((call.timestep, float(((q - ref) ** 2).mean()), _rel_mse(q, ref)))
 
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    with _hook(get_denoiser(fp_pipe), hook):
-        for batch in tqdm(batches, desc="per-timestep error", unit="batch"):
-            calls[0] = 0
+    for batch in tqdm(batches, desc="per-timestep error", unit="batch"):
+        with denoiser_calls(fp_pipe, after=compare):
             _run_fp(fp_pipe, batch, settings)
     steps = sorted(records)
     return {
@@ -86,7 +60,7 @@ def _clone(value):
 
 
 @torch.no_grad()
-def layer_sensitivity(fp_pipe, q_denoiser: torch.nn.Module, items: list[PromptItem], settings: GenSettings,
+def layer_sensitivity(fp_pipe, q_denoiser: torch.nn.Module, items: list[PromptItem], settings: SamplingSettings,
                       n_steps: int = 3, max_layers: int | None = None) -> dict:
     """Relative output error of the denoiser when only one layer is quantized, per quantized layer.
 
@@ -106,19 +80,17 @@ def layer_sensitivity(fp_pipe, q_denoiser: torch.nn.Module, items: list[PromptIt
         layers = layers[:max_layers]
     keep = {round(i * (settings.steps - 1) / max(n_steps - 1, 1)) for i in range(min(n_steps, settings.steps))}
     captured: list[tuple[tuple, dict, torch.Tensor]] = []
-    calls = [0]
 
-    def hook(module, args, kwargs, output):
-        if calls[0] in keep:
-            captured.append((_clone(args), _clone(kwargs), _out(output).clone()))
-        calls[0] += 1
+    def keep_call(call: DenoiserStep) -> None:
+        if call.step in keep:
+            captured.append((_clone(call.args), _clone(call.kwargs), call.prediction.float().clone()))
 
     fp_denoiser = get_denoiser(fp_pipe)
-    with _hook(fp_denoiser, hook):
+    with denoiser_calls(fp_denoiser, after=keep_call):
         _run_fp(fp_pipe, items, settings)
 
     def error() -> float:
-        return sum(_rel_mse(_out(q_denoiser(*a, **k)), ref) for a, k, ref in captured) / len(captured)
+        return sum(_rel_mse(prediction(q_denoiser(*a, **k)).float(), ref) for a, k, ref in captured) / len(captured)
 
     q_state = q_denoiser.state_dict()
     fp_weights = {k: v for k, v in fp_denoiser.state_dict().items()

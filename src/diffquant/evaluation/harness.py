@@ -18,7 +18,9 @@ import diffquant
 
 from . import metrics as M
 from .curves import layer_sensitivity, timestep_error
-from .paired import GenSettings, generate, get_denoiser, model_fingerprint
+from ..sampling import SamplingSettings
+from ..wrap import get_denoiser
+from .paired import generate, model_fingerprint
 from .prompts import PromptItem
 from .report import markdown_table, render_html, write_json
 
@@ -58,7 +60,7 @@ def _mean(t: torch.Tensor) -> float:
 class Evaluation:
     """Reference images and metric state shared by every model scored against one FP pipeline."""
 
-    def __init__(self, reference_pipe, reference_spec: str, items: list[PromptItem], settings: GenSettings,
+    def __init__(self, reference_pipe, reference_spec: str, items: list[PromptItem], settings: SamplingSettings,
                  options: EvalOptions, prompts_spec: str = "", reference_label: str = "FP") -> None:
         self.pipe, self.items, self.settings, self.options = reference_pipe, items, settings, options
         self.prompts = [it.prompt for it in items]
@@ -74,7 +76,8 @@ class Evaluation:
         self.images[reference_label] = fp_images
         self.reference = {"label": reference_label, "spec": reference_spec, "fingerprint": fingerprint,
                           "generation": vars(stats), "summary": {}}
-        self.settings_record = {"prompts": prompts_spec, "n_images": len(items), **vars(settings), "batch_size": options.batch_size}
+        sampling = {k: v for k, v in settings.to_dict().items() if k != "seed"}  # each item carries its own seed
+        self.settings_record = {"prompts": prompts_spec, "n_images": len(items), **sampling, "batch_size": options.batch_size}
 
         self.lpips = self._try("lpips", self._make_lpips)
         self.clip = self._try("clip", self._make_clip)

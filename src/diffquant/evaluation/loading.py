@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..wrap import get_denoiser
-from .paired import GenSettings
+from ..registry import MODELS
+from ..sampling import SamplingSettings
 
 
 def _zoo():
@@ -32,16 +32,9 @@ def load_model(spec: str, device: str = "cpu"):
     return pipe
 
 
-def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None, height: int | None, width: int | None) -> GenSettings:
-    """Explicit options win, then the mini zoo's defaults for ``spec``, then SD-like defaults from the pipeline's config."""
-    defaults: dict = {}
-    if spec in zoo_names():
-        defaults = dict(_zoo().DEFAULTS[spec])
-    denoiser = get_denoiser(pipe)
-    native = int(denoiser.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
-    return GenSettings(
-        steps=steps or defaults.get("num_inference_steps", 25),
-        guidance=guidance if guidance is not None else defaults.get("guidance_scale", 7.5),
-        height=height or defaults.get("height", native),
-        width=width or defaults.get("width", native),
-    )
+def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None, height: int | None,
+                     width: int | None) -> SamplingSettings:
+    """Explicit options win, then the bundled model's defaults when ``spec`` names one, then the defaults policy of
+    ``diffquant.sampling`` (those registered for ``pipe``, else the pipeline's own)."""
+    registered = dict(MODELS[spec].sampling) if spec in MODELS else None
+    return SamplingSettings(steps, guidance, height, width).resolve(pipe, registered)

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +26,8 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
-from ..wrap import get_denoiser
+from ..sampling import SamplingSettings, initial_noise, sample
 from .prompts import PromptItem
-
-
-@dataclass(frozen=True)
-class GenSettings:
-    """Sampling settings shared by both sides of a pair; part of every cache key."""
-
-    steps: int
-    guidance: float
-    height: int
-    width: int
 
 
 @dataclass
@@ -80,19 +70,11 @@ def model_fingerprint(pipe) -> str:
     return h.hexdigest()[:24]
 
 
-def cache_key(item: PromptItem, settings: GenSettings) -> str:
-    payload = json.dumps({"prompt": item.prompt, "seed": item.seed, **asdict(settings)}, sort_keys=True)
+def cache_key(item: PromptItem, settings: SamplingSettings) -> str:
+    """Hash of the prompt, the item's seed and the settings (``settings.seed`` is unused: each item has its own)."""
+    fields = {k: v for k, v in settings.to_dict().items() if k != "seed"}
+    payload = json.dumps({"prompt": item.prompt, "seed": item.seed, **fields}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
-def initial_noise(pipe, item_seeds: list[int], settings: GenSettings) -> torch.Tensor:
-    """Initial latents [B, C, h, w], each row drawn from its own seed so batching never changes an image."""
-    denoiser = get_denoiser(pipe)
-    channels = denoiser.config.in_channels
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    shape = (1, channels, settings.height // scale, settings.width // scale)
-    dtype = next(p.dtype for p in pipe.vae.parameters() if p.is_floating_point())
-    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in item_seeds]).to(dtype)
 
 
 def _write_png(path: Path, image: np.ndarray, item: PromptItem) -> None:
@@ -109,12 +91,8 @@ def _write_png(path: Path, image: np.ndarray, item: PromptItem) -> None:
         raise
 
 
-def _device(pipe) -> torch.device:
-    return next(get_denoiser(pipe).parameters()).device
-
-
 @torch.no_grad()
-def cache_paths(cache_dir: str | Path, fingerprint: str, items: list[PromptItem], settings: GenSettings) -> list[Path]:
+def cache_paths(cache_dir: str | Path, fingerprint: str, items: list[PromptItem], settings: SamplingSettings) -> list[Path]:
     """Where the PNG of each item rendered by the model with ``fingerprint`` lives in the cache."""
     folder = Path(cache_dir) / fingerprint
     return [folder / f"{cache_key(item, settings)}.png" for item in items]
@@ -126,7 +104,7 @@ def load_images(paths: list[Path]) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
 
 
-def render(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: str | Path, batch_size: int = 4,
+def render(pipe, items: list[PromptItem], settings: SamplingSettings, cache_dir: str | Path, batch_size: int = 4,
            label: str = "model", fingerprint: str | None = None, shard: tuple[int, int] = (0, 1)) -> tuple[list[Path], GenStats]:
     """Write the missing cache PNGs of this shard's batches; returns every item's PNG path and the counts of this shard."""
     index, num_shards = shard
@@ -137,10 +115,9 @@ def render(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: str 
     todo = [batch for batch in mine if not all(paths[i].exists() for i in batch)]
     stats = GenStats(cached=sum(len(batch) for batch in mine))
     for batch in tqdm(todo, desc=f"generate {label}", unit="batch", disable=not todo):
-        latents = initial_noise(pipe, [items[i].seed for i in batch], settings).to(_device(pipe))
-        out = pipe(prompt=[items[i].prompt for i in batch], num_inference_steps=settings.steps, guidance_scale=settings.guidance,
-                   height=settings.height, width=settings.width, latents=latents, output_type="np")
-        images = np.clip(np.round(np.asarray(out.images, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+        latents = initial_noise(pipe, [items[i].seed for i in batch], settings)
+        out = sample(pipe, [items[i].prompt for i in batch], settings, latents=latents, output_type="np")
+        images = np.clip(np.round(np.asarray(out, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
         for i, image in zip(batch, images):
             if not paths[i].exists():
                 _write_png(paths[i], image, items[i])
@@ -149,7 +126,7 @@ def render(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: str 
     return paths, stats
 
 
-def generate(pipe, items: list[PromptItem], settings: GenSettings, cache_dir: str | Path, batch_size: int = 4,
+def generate(pipe, items: list[PromptItem], settings: SamplingSettings, cache_dir: str | Path, batch_size: int = 4,
              label: str = "model", fingerprint: str | None = None) -> tuple[torch.Tensor, GenStats]:
     """Images for ``items`` as float [N, 3, H, W] in [0, 1] (from the 8-bit PNGs, cached or fresh) and hit counts."""
     paths, stats = render(pipe, items, settings, cache_dir, batch_size, label, fingerprint)

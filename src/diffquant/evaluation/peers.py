@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .paired import get_denoiser
+from ..wrap import get_denoiser
 
 PEERS: dict[str, str] = {
     "torchao-w8a8": "torchao Int8DynamicActivationInt8WeightConfig (int8 dynamic activations, int8 weights; Linear layers)",

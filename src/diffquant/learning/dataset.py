@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,6 +32,7 @@ from ..calibration import CalibrationSet
 from ..calibration.collect import DenoiserCall, _flatten_call
 from ..distributed import barrier, is_main, rank_and_size
 from ..io import atomic_save_tensors, atomic_write_json
+from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, sample
 from ..wrap import get_denoiser
 
 _META = ("__output__", "__step__", "__prompt__")
@@ -39,22 +40,26 @@ _META = ("__output__", "__step__", "__prompt__")
 
 @dataclass
 class SerialDatasetConfig:
-    """Which trajectories to sample and how many of their steps to keep per prompt."""
+    """Which trajectories to sample (``sampling``, resolved: steps set; batch ``b`` uses seed ``sampling.seed + b``)
+    and how many of their steps to keep per prompt."""
 
+    sampling: SamplingSettings
     steps_per_prompt: int = 4
-    num_inference_steps: int = 25
-    guidance_scale: float = 5.0
-    height: int | None = None
-    width: int | None = None
     batch_size: int = 8
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.steps_per_prompt <= self.num_inference_steps:
-            raise ValueError(f"steps_per_prompt must be in 1..num_inference_steps ({self.num_inference_steps}), got {self.steps_per_prompt}")
+        if isinstance(self.sampling, dict):
+            self.sampling = SamplingSettings.from_dict(self.sampling)
+        if self.sampling.steps is None:
+            raise ValueError("the serial dataset needs a step count; resolve the sampling settings first (settings.resolve(pipe))")
+        if not 1 <= self.steps_per_prompt <= self.sampling.steps:
+            raise ValueError(f"steps_per_prompt must be in 1..steps ({self.sampling.steps}), got {self.steps_per_prompt}")
+
+    def to_dict(self) -> dict:
+        return {"sampling": self.sampling.to_dict(), "steps_per_prompt": self.steps_per_prompt, "batch_size": self.batch_size}
 
     def fingerprint(self, prompts: list[str]) -> str:
-        payload = json.dumps({"config": asdict(self), "prompts": prompts}, sort_keys=True)
+        payload = json.dumps({"config": self.to_dict(), "prompts": prompts}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -155,19 +160,17 @@ def _rows_for_step(chosen: list[set[int]], step: int, batch: int) -> list[int]:
 
 
 def _sample_batch(pipe, prompts: list[str], first_prompt: int, config: SerialDatasetConfig, seed: int) -> SerialDataset:
-    denoiser = get_denoiser(pipe)
-    signature = inspect.signature(denoiser.forward)
+    signature = inspect.signature(get_denoiser(pipe).forward)
+    steps = config.sampling.steps
     g = torch.Generator().manual_seed(seed)
-    chosen = [set(torch.randperm(config.num_inference_steps, generator=g)[: config.steps_per_prompt].tolist()) for _ in prompts]
+    chosen = [set(torch.randperm(steps, generator=g)[: config.steps_per_prompt].tolist()) for _ in prompts]
     parts: list[SerialDataset] = []
-    state: dict = {"step": 0}
+    pending: dict[int, tuple] = {}  # step -> (inputs, steps, prompt ids, rows), output to come
 
-    def pre_hook(module, args, kwargs):
-        step, state["step"] = state["step"], state["step"] + 1
-        flat = _flatten_call(signature, args, kwargs)
+    def before(call: DenoiserStep) -> None:
+        flat = _flatten_call(signature, call.args, call.kwargs)
         batch = next(v.shape[0] for k, v in flat.items() if k != "timestep" and v.dim() > 0)
-        rows = _rows_for_step(chosen, step, batch)
-        state["rows"] = rows
+        rows = _rows_for_step(chosen, call.step, batch)
         if not rows:
             return
         index = torch.tensor(rows)
@@ -179,27 +182,17 @@ def _sample_batch(pipe, prompts: list[str], first_prompt: int, config: SerialDat
                 raise ValueError(f"denoiser argument {key} has no batch dimension; the serial dataset cannot split it into rows")
             inputs[key] = value[index].clone()
         prompt_ids = torch.tensor([first_prompt + r % len(prompts) for r in rows])
-        state["pending"] = (inputs, torch.full((len(rows),), step), prompt_ids)
+        pending[call.step] = (inputs, torch.full((len(rows),), call.step), prompt_ids, index)
 
-    def post_hook(module, args, kwargs, output):
-        pending = state.pop("pending", None)
-        if pending is None:
-            return
-        out = output[0] if isinstance(output, (tuple, list)) else output.sample
-        inputs, steps, prompt_ids = pending
-        parts.append(SerialDataset(inputs, out[torch.tensor(state["rows"])].detach().clone(), steps, prompt_ids))
+    def after(call: DenoiserStep) -> None:
+        if call.step in pending:
+            inputs, step_ids, prompt_ids, index = pending.pop(call.step)
+            parts.append(SerialDataset(inputs, call.prediction[index].detach().clone(), step_ids, prompt_ids))
 
-    size = {k: v for k, v in (("height", config.height), ("width", config.width)) if v}
-    handles = [denoiser.register_forward_pre_hook(pre_hook, with_kwargs=True), denoiser.register_forward_hook(post_hook, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            pipe(prompts, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-                 generator=torch.Generator().manual_seed(seed), output_type="latent", **size)
-    finally:
-        for h in handles:
-            h.remove()
-    if state["step"] != config.num_inference_steps:
-        raise RuntimeError(f"the pipeline called its denoiser {state['step']} times for {config.num_inference_steps} steps; "
+    with denoiser_calls(pipe, before, after) as seen:
+        sample(pipe, prompts, config.sampling.replace(seed=seed))
+    if seen.calls != steps:
+        raise RuntimeError(f"the pipeline called its denoiser {seen.calls} times for {steps} steps; "
                            "the serial dataset needs one call per step")
     return SerialDataset.concat(parts)
 
@@ -235,14 +228,14 @@ def generate_serial_dataset(
     for b in tqdm(mine, desc="emf: serial dataset (FP sampling)", disable=not progress or rank != 0):
         if folder is not None and _finished(folder / names[b], fingerprint):
             continue
-        parts[b] = _sample_batch(pipe, batches[b], b * config.batch_size, config, config.seed + b)
+        parts[b] = _sample_batch(pipe, batches[b], b * config.batch_size, config, config.sampling.seed + b)
         if folder is not None:
             atomic_save_tensors(parts[b]._tensors(), folder / names[b], metadata={"fingerprint": fingerprint})
     if world > 1:
         barrier()
     if folder is not None and rank == 0:
         atomic_write_json(folder / "dataset.json", {"fingerprint": fingerprint, "shards": names, "batches": len(batches),
-                                                    "config": asdict(config), "prompts": len(prompts)})
+                                                    "config": config.to_dict(), "prompts": len(prompts)})
     return SerialDataset.concat([parts[b] if b in parts else SerialDataset._from_tensors(load_file(str(folder / names[b])))
                                  for b in range(len(batches))])
 

@@ -12,6 +12,7 @@ from torch import nn
 if TYPE_CHECKING:
     from ..calibration import CalibrationSet
     from ..config import QuantConfig
+    from ..sampling import SamplingSettings
 
 
 @dataclass
@@ -31,6 +32,10 @@ class QuantJob:
     sampling_defaults: dict = field(default_factory=dict)
     workdir: Path | None = None
     progress: bool = True
+
+    def sampling(self) -> SamplingSettings:
+        """The calibration sampling settings, resolved: the config's, else the registered defaults, else the pipeline's."""
+        return self.config.calibration.sampling.resolve(self.pipeline, self.sampling_defaults)
 
     def calibration_set(self, keep_outputs: bool = False) -> CalibrationSet:
         """The recorded calibration calls: given, or recorded now from the float pipeline."""

@@ -112,13 +112,8 @@ class EMF(Method):
     def _dataset(self, job: QuantJob, opts: EMFOptions, folder: Path | None) -> SerialDataset:
         if job.pipeline is None or not job.prompts:
             return SerialDataset.from_calibration(job.calibration_set(keep_outputs=True))
-        calib, defaults = job.config.calibration, job.sampling_defaults
-        guidance = calib.guidance_scale if calib.guidance_scale is not None else defaults.get("guidance_scale", 7.5)
-        config = SerialDatasetConfig(
-            steps_per_prompt=opts.steps_per_prompt, num_inference_steps=calib.num_inference_steps or defaults.get("num_inference_steps", 50),
-            guidance_scale=guidance, height=calib.height or defaults.get("height"), width=calib.width or defaults.get("width"),
-            batch_size=calib.batch_size, seed=calib.seed,
-        )
+        calib = job.config.calibration
+        config = SerialDatasetConfig(job.sampling(), steps_per_prompt=opts.steps_per_prompt, batch_size=calib.batch_size)
         return generate_serial_dataset(job.pipeline, job.prompts[: calib.num_prompts], config, folder=folder, progress=job.progress)
 
     def run(self, job: QuantJob) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,10 +37,8 @@ import torch
 from ..calibration import replay
 from ..calibration.progressive import (
     PROGRESS_FILE,
-    SamplingRun,
     activation_quantizers,
     load_progress,
-    per_step_hook,
     progressive_calibrate,
     state_fingerprint,
 )
@@ -48,6 +46,7 @@ from ..calibration.sensitivity import SENSITIVITY_METRICS, most_sensitive_steps,
 from ..io import atomic_write_json
 from ..nn import QuantState, set_state
 from ..quant import TimestepGroups
+from ..sampling import SamplingSettings, denoiser_calls, sample
 from ..wrap import average_bits, wrap_denoiser
 from .base import Method, QuantJob
 
@@ -86,30 +85,11 @@ class PCROptions:
                              "or give relax_steps=[...] or relax_fraction=0")
 
 
-def sampling_run(job: QuantJob, prompts: list[str]) -> SamplingRun:
-    """The calibration sampling settings: the config's, else the pipeline's (mini zoo) defaults."""
-    cfg, defaults = job.config.calibration, job.sampling_defaults
-    return SamplingRun(
-        prompts=tuple(prompts),
-        num_inference_steps=cfg.num_inference_steps or defaults.get("num_inference_steps", 50),
-        guidance_scale=cfg.guidance_scale if cfg.guidance_scale is not None else defaults.get("guidance_scale", 7.5),
-        height=cfg.height or defaults.get("height"),
-        width=cfg.width or defaults.get("width"),
-        seed=cfg.seed,
-    )
-
-
-def schedule_timesteps(pipe, run: SamplingRun) -> list[float]:
-    """The timestep of every denoiser call of ``run``, read from one float sampling of its first prompt."""
-    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+def schedule_timesteps(pipe, settings: SamplingSettings, prompt: str) -> list[float]:
+    """The timestep of every denoiser call of ``settings``, read from one float sampling of ``prompt``."""
     seen: list[float] = []
-
-    def record(step: int, args: tuple, kwargs: dict) -> None:
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        seen.append(float(torch.as_tensor(t).flatten()[0]))
-
-    with per_step_hook(denoiser, record):
-        SamplingRun(run.prompts[:1], run.num_inference_steps, run.guidance_scale, run.height, run.width, run.seed)(pipe)
+    with denoiser_calls(pipe, before=lambda call: seen.append(call.timestep)):
+        sample(pipe, [prompt], settings)
     return seen
 
 
@@ -161,8 +141,9 @@ class PCR(Method):
             raise ValueError("pcr calibrates activations per step; set abits (e.g. --abits 8) or use --method rtn for weight-only")
         if not job.prompts:
             raise ValueError("pcr needs calibration prompts: pass calibration=<list of prompts> or --prompts FILE")
-        run = sampling_run(job, job.prompts[: job.config.calibration.num_prompts])
-        timesteps = schedule_timesteps(job.pipeline, run)
+        prompts = job.prompts[: job.config.calibration.num_prompts]
+        sampling = job.sampling()
+        timesteps = schedule_timesteps(job.pipeline, sampling, prompts[0])
         steps = len(timesteps)
         if options.relax_steps and options.relax_steps[-1] >= steps:
             raise ValueError(f"pcr relax_steps {options.relax_steps} out of range: calibration has {steps} steps (0..{steps - 1})")
@@ -179,20 +160,19 @@ class PCR(Method):
             self._relax(job, group_of_step, relaxed, options.relax_bits)
         work = job.workdir / "pcr" if job.workdir else None
         settings = {"config": job.config.to_dict()}
-        progressive_calibrate(job.pipeline, run, seed=job.config.seed, progress=job.progress,
-                              checkpoint_dir=work / "pass-1" if work else None, settings=settings)
+        progressive_calibrate(job.pipeline, prompts, sampling, seed=job.config.seed, progress=job.progress,
+                              checkpoint_dir=work / "pass-1" if work else None, depends_on=settings)
         report["progressive_passes"] = 1
         sensitivity = None
         if options.sensitivity_prompts > 0:
-            sens_run = sampling_run(job, job.prompts[: options.sensitivity_prompts])
-            sensitivity = self._sensitivity(job, sens_run, work, settings)
+            sensitivity = self._sensitivity(job, job.prompts[: options.sensitivity_prompts], sampling, work, settings)
             sensitivity["measured_on"] = "relaxed model" if relaxed is not None else f"a{job.config.abits} model before relaxing"
         if relaxed is None:
             relaxed = most_sensitive_steps(sensitivity, options.relax_fraction, options.sensitivity_metric) if sensitivity else []
             if relaxed:
                 self._relax(job, group_of_step, relaxed, options.relax_bits)
-                progressive_calibrate(job.pipeline, run, start_step=relaxed[0], seed=job.config.seed, progress=job.progress,
-                                      checkpoint_dir=work / "pass-2" if work else None, settings=settings)
+                progressive_calibrate(job.pipeline, prompts, sampling, start_step=relaxed[0], seed=job.config.seed,
+                                      progress=job.progress, checkpoint_dir=work / "pass-2" if work else None, depends_on=settings)
                 report["progressive_passes"] = 2
         step_bits = [self._step_bits(job, group_of_step[s]) for s in range(steps)]
         report.update({
@@ -208,16 +188,16 @@ class PCR(Method):
         job.denoiser.diffquant.report.update(average_bits(job.denoiser))
 
     @staticmethod
-    def _sensitivity(job: QuantJob, run: SamplingRun, work: Path | None, settings: dict) -> dict:
+    def _sensitivity(job: QuantJob, prompts: list[str], sampling: SamplingSettings, work: Path | None, settings: dict) -> dict:
         """``step_sensitivity`` of the current model, kept in ``work/sensitivity/`` so a rerun skips it."""
         if work is None:
-            return step_sensitivity(job.pipeline, run, progress=job.progress)
+            return step_sensitivity(job.pipeline, prompts, sampling, progress=job.progress)
         folder = work / "sensitivity"
-        fingerprint = state_fingerprint(job.denoiser, {"run": asdict(run), "settings": settings})
+        fingerprint = state_fingerprint(job.denoiser, {"prompts": prompts, "sampling": sampling.to_dict(), "settings": settings})
         saved = load_progress(folder, fingerprint, "a per-step sensitivity")
         if saved is not None:
             return saved["sensitivity"]
-        sensitivity = step_sensitivity(job.pipeline, run, progress=job.progress)
+        sensitivity = step_sensitivity(job.pipeline, prompts, sampling, progress=job.progress)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / PROGRESS_FILE, {"fingerprint": fingerprint, "sensitivity": sensitivity})
         return sensitivity

@@ -161,5 +161,16 @@ def get_adapter(model: nn.Module, warn: bool = True) -> DenoiserAdapter:
     return DenoiserAdapter(model)
 
 
+def get_denoiser(pipe_or_denoiser) -> nn.Module:
+    """The denoiser of a diffusers pipeline (``unet`` or ``transformer``), or the module itself."""
+    if isinstance(pipe_or_denoiser, nn.Module):
+        return pipe_or_denoiser
+    for attr in ("unet", "transformer"):
+        module = getattr(pipe_or_denoiser, attr, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise TypeError(f"{type(pipe_or_denoiser).__name__} has no `unet` or `transformer` component to quantize")
+
+
 def matches_any(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
     return any(fnmatch(name, p) for p in patterns)

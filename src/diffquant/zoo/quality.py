@@ -10,19 +10,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..sampling import SamplingSettings, default_settings, sample
 from . import DEFAULTS, MODEL_NAMES, data
 from .evaluator import ATTRIBUTES, Evaluator, evaluate_evaluator, load_evaluator
 
 FLOOR = {"evaluator": 0.95, "model": 0.80}  # evaluator: every attribute on real data; models: shape and colour
 
 
-def generate(pipe, prompts: list[str], seeds: list[int], batch_size: int = 64, **settings) -> torch.Tensor:
+def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSettings, batch_size: int = 64) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1], one fixed-seed generator per prompt (same noise whatever the batching)."""
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
-        gens = [torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch_size]]
-        res = pipe(prompt=prompts[i:i + batch_size], generator=gens, output_type="pt", **settings)
-        out.append(res.images.float().cpu())
+        images = sample(pipe, prompts[i:i + batch_size], settings, seeds=seeds[i:i + batch_size], output_type="pt")
+        out.append(images.float().cpu())
     return torch.cat(out)
 
 
@@ -36,13 +36,14 @@ def evaluate_model(name: str, pipe=None, n: int = 256, evaluator: Evaluator | No
     pipe = pipe if pipe is not None else load_pipeline(name)
     ev = evaluator or load_evaluator()
     settings = {**DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    sampling = default_settings(pipe, settings)
     prompts = data.heldout_prompts(n)
     t0 = time.time()
-    images = generate(pipe, prompts, list(range(n)), batch_size=batch_size, **settings)
+    images = generate(pipe, prompts, list(range(n)), sampling, batch_size=batch_size)
     wall = time.time() - t0
     acc = ev.attribute_accuracy(images, prompts)
     calib = data.calibration_prompts(min(n, 64))
-    acc_train = ev.attribute_accuracy(generate(pipe, calib, list(range(len(calib))), batch_size, **settings), calib)
+    acc_train = ev.attribute_accuracy(generate(pipe, calib, list(range(len(calib))), sampling, batch_size), calib)
     recon = ev.attribute_accuracy(vae_round_trip(pipe, prompts), prompts)
     if save_grid is not None:
         save_image_grid(images[:64], save_grid)
