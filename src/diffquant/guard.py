@@ -1,6 +1,6 @@
-"""NaN/Inf caught where they appear: a forward hook on the denoiser, and a per-layer locator run only after a failure.
+"""NaN/Inf caught where they appear: a check after every denoiser call, and a per-layer locator run only after a failure.
 
-``with nonfinite_guard(denoiser, "sampling"):`` around any pipeline call (generation, evaluation,
+``with nonfinite_guard(pipe, "sampling"):`` around any pipeline call (generation, evaluation,
 calibration recording) turns the first non-finite denoiser output into one ``NonFiniteError`` line:
 which denoiser call (step) and timestep, the first layer whose output is non-finite (found by
 re-running that one call with a hook on every layer), and the cause — NaN/Inf weights (a broken
@@ -16,8 +16,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .models.adapters import get_denoiser
 from .nn import QuantModule
 from .quant.quantizers import OVERFLOW_FIX, NonFiniteError
+from .sampling import DenoiserStep, denoiser_calls
 
 
 def _first_tensor(output) -> torch.Tensor | None:
@@ -64,7 +66,8 @@ def diagnose(model: nn.Module, layer: str | None = None, quantized: bool | None 
 
 
 def locate(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
-    """Re-run one call of ``model`` and return the first layer (in execution order) whose output is non-finite."""
+    """Re-run one call of ``model`` (``forward``: no model-level hooks) and return the first layer, in execution
+    order, whose output is non-finite."""
     found: list[str] = []
 
     def hook(name: str):
@@ -77,7 +80,7 @@ def locate(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
     handles = [m.register_forward_hook(hook(n)) for n, m in named]
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            model.forward(*args, **kwargs)
     except Exception:  # the locator only adds detail; the original failure is reported either way
         pass
     finally:
@@ -87,58 +90,44 @@ def locate(model: nn.Module, args: tuple, kwargs: dict) -> str | None:
 
 
 @contextmanager
-def nonfinite_guard(denoiser: nn.Module, what: str = "sampling", quantized: bool | None = None) -> Iterator[None]:
+def nonfinite_guard(pipe_or_denoiser, what: str = "sampling", quantized: bool | None = None) -> Iterator[None]:
     """Raise ``NonFiniteError`` at the first denoiser call whose output holds NaN/Inf (see the module doc).
 
-    A ``NonFiniteError`` raised inside by other code (e.g. an activation observer during calibration)
-    gets the same diagnosis of its cause. ``quantized`` as for :func:`diagnose`.
+    Built on the sampling core's ``denoiser_calls`` hook. A ``NonFiniteError`` raised inside by other code
+    (e.g. an activation observer during calibration) gets the same diagnosis of its cause. ``quantized``
+    as for :func:`diagnose`.
     """
-    from .models.adapters import get_adapter
+    denoiser = get_denoiser(pipe_or_denoiser)
 
-    calls = [0]
-    busy = [False]
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if busy[0]:
+    def check(call: DenoiserStep) -> None:
+        if _finite(call.output):
             return
-        calls[0] += 1
-        if _finite(output):
-            return
-        busy[0] = True
-        try:
-            layer = locate(module, args, kwargs)
-        finally:
-            busy[0] = False
-        t = get_adapter(module, warn=False).timestep(args, kwargs)
-        t = t.flatten()[0].item() if isinstance(t, torch.Tensor) and t.numel() else t
-        where = f"the denoiser output at {what} step {calls[0]} (timestep {t})"
+        layer = locate(denoiser, call.args, call.kwargs)
+        where = f"the denoiser output at {what} step {call.step + 1} (timestep {call.timestep})"
         if layer is not None:
             where += f", first in the output of {layer}"
-        error = NonFiniteError(where, diagnose(module, layer, quantized))
+        error = NonFiniteError(where, diagnose(denoiser, layer, quantized))
         error.diagnosed = True
         raise error
 
-    handle = denoiser.register_forward_hook(hook, with_kwargs=True)
     try:
-        yield
+        with denoiser_calls(denoiser, after=check):
+            yield
     except NonFiniteError as e:
         if getattr(e, "diagnosed", False):
             raise
         error = NonFiniteError(e.where, diagnose(denoiser, quantized=quantized))
         error.diagnosed = True
         raise error from None
-    finally:
-        handle.remove()
 
 
 def guard_pipeline(pipe, what: str = "sampling"):
     """:func:`nonfinite_guard` on ``pipe``'s torch denoiser; no guard for a pipeline without one (another engine)."""
-    from .wrap import get_denoiser
-
     try:
-        return nonfinite_guard(get_denoiser(pipe), what)
+        get_denoiser(pipe)
     except TypeError:
         return nullcontext()
+    return nonfinite_guard(pipe, what)
 
 
 __all__ = ["NonFiniteError", "diagnose", "guard_pipeline", "locate", "nonfinite_guard", "nonfinite_weights"]
