@@ -262,7 +262,7 @@ def bench_model(name: str, variants: list[str], args, out: dict, save) -> None:
             fake = model(**inputs)[0]
         attempt(f"fake_quant_{tag}", lambda: record(f"fake_quant_{tag}", caller(model), weight_mb(model)))
         start = time.perf_counter()
-        convert(model, example_inputs=inputs if args.autotune else None, repeats=args.autotune_repeats, progress=False)
+        convert(model, example_inputs=inputs, autotune=args.autotune, repeats=args.autotune_repeats, progress=False)
         result["notes"][f"convert_{tag}_s"] = time.perf_counter() - start
         runtime = diffquant.quant_record(model).report["runtime"]
         result["notes"][f"converted_{tag}"] = {

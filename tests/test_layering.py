@@ -14,13 +14,13 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "diffquant"
 MAX_LINES = 500
 
 LAYERS: list[set[str]] = [
-    {"io", "distributed", "tokenizers", "registry", "prompts", "plots"},
+    {"io", "distributed", "tokenizers", "registry", "prompts", "plots", "determinism", "typed"},
     {"quant"},
     {"nn"},
     {"models"},
     {"sampling"},
     {"config"},
-    {"wrap"},
+    {"wrap", "guard"},
     {"calibration"},
     {"learning"},
     {"methods"},
@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"serialization", "pipelines", "inspect"},
     {"zoo"},
     {"evaluation"},
-    {"demo", "cli", ""},
+    {"demo", "cli", "cli_common", ""},
 ]
 # Command-line entry points: they assemble everything below, so they rank with the CLI.
 COMMANDS = {"diffquant.calibration.record", "diffquant.evaluation.cli", "diffquant.zoo.cli"}

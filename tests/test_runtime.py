@@ -138,7 +138,7 @@ def test_convert_whole_model_close_to_fake_quant_and_lifecycle(tiny_pipes):
     inputs = unet_inputs()
     with torch.no_grad():
         fake, fp = pipe.unet(**inputs)[0], tiny_pipes["sd"].unet(**inputs)[0]
-    converted = convert(copy.deepcopy(pipe), example_inputs=inputs, repeats=1, progress=False)
+    converted = convert(copy.deepcopy(pipe), example_inputs=inputs, autotune=True, repeats=1, progress=False)
     with torch.no_grad():
         out = converted.unet(**inputs)[0]
     runtime = diffquant.quant_record(converted.unet).report["runtime"]

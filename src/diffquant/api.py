@@ -10,8 +10,9 @@ from torch import nn
 
 from .calibration import CalibrationSet
 from .config import QuantConfig
+from .guard import nonfinite_guard
 from .methods import QuantJob
-from .prompts import prompt_list
+from .prompts import prompt_list, warn_truncated
 from .registry import method as registered_method, model_for, sampling_defaults
 from .wrap import get_denoiser
 
@@ -45,12 +46,15 @@ def quantize(
             raise ValueError("calibration prompts must be non-empty strings")
     elif pipeline is not None:
         prompts = _default_prompts(pipeline)
+    if pipeline is not None and prompts:
+        warn_truncated(pipeline, prompts)
     job = QuantJob(
         denoiser=denoiser, config=config, pipeline=pipeline, prompts=prompts, calibration=calib_set,
         sampling_defaults=sampling_defaults(pipeline), workdir=Path(workdir) if workdir else None, progress=progress,
     )
     start = time.perf_counter()
-    registered_method(config.method).run(job)
+    with nonfinite_guard(denoiser, "calibration", quantized=False):
+        registered_method(config.method).run(job)
     record = denoiser.diffquant
     record.report.setdefault("calibration_seconds", time.perf_counter() - start)
     record.report.setdefault("sampling_defaults", job.sampling_defaults)

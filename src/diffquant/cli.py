@@ -9,13 +9,15 @@ from typing import Optional
 
 import typer
 
+from . import cli_common
+from .cli_common import check_device, check_positive, check_writable, field_option, parse_method_options
+from .cli_common import run as _run
+from .config import CalibrationConfig, QuantConfig
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Quantize text-to-image diffusion models (Stable Diffusion via diffusers) and run them.",
 )
-
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, FloatingPointError, NotADirectoryError)
-
 
 def _quiet() -> None:
     import diffusers
@@ -26,75 +28,46 @@ def _quiet() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=2)
-
-
-def _run(fn):
-    """Run a command body; user errors become one line naming the fix, OOM suggests smaller batches."""
-    import torch
-
-    try:
-        return fn()
-    except torch.OutOfMemoryError:
-        _fail("out of memory; lower --batch-size or --num-prompts, or use a smaller --height/--width")
-    except MemoryError:
-        _fail("out of memory; lower --batch-size or --num-prompts, or use a smaller --height/--width")
-    except _USER_ERRORS as e:
-        _fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            _fail(f"--option expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
-
-
 @app.command()
 def quantize(
     model: str = typer.Option(..., "--model", "-m", help="Diffusers pipeline folder or bundled model name (mini-sd, mini-sd3)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the quantized pipeline to."),
     method: str = typer.Option("rtn", help="Quantization method: rtn, qdiffusion, pcr, emf (those installed)."),
-    wbits: int = typer.Option(8, help="Weight bits (2-16)."),
-    abits: Optional[int] = typer.Option(8, help="Activation bits (2-16); 0 for weight-only."),
+    wbits: int = field_option(QuantConfig, "wbits", help="Weight bits (2-16)."),
+    abits: Optional[int] = field_option(QuantConfig, "abits", help="Activation bits (2-16); 0 for weight-only."),
     prompts: Optional[str] = typer.Option(None, help="Calibration prompts: .txt (one per line) or .json; zoo:calibration for the bundled set."),
-    num_prompts: int = typer.Option(8, help="How many calibration prompts to sample."),
+    num_prompts: int = field_option(CalibrationConfig, "num_prompts", help="How many calibration prompts to sample."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps while recording calibration data (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, help="Guidance scale while recording (default: the model's)."),
-    batch_size: int = typer.Option(8, help="Prompts per calibration sampling batch."),
-    timestep_groups: int = typer.Option(1, help="Activation parameter sets over the timestep range."),
-    granularity: str = typer.Option("per_channel", help="Weight granularity: per_tensor, per_channel, per_group."),
-    group_size: int = typer.Option(128, help="Input elements per group with --granularity per_group."),
-    weight_observer: str = typer.Option("minmax", help="Weight range: minmax, percentile, mse."),
-    act_observer: str = typer.Option("minmax", help="Activation range: minmax, percentile, mse."),
+    batch_size: int = field_option(CalibrationConfig, "batch_size", help="Prompts per calibration sampling batch."),
+    timestep_groups: int = field_option(QuantConfig, "timestep_groups", help="Activation parameter sets over the timestep range."),
+    granularity: str = field_option(QuantConfig, "weight_granularity", "--granularity",
+                                    help="Weight granularity: per_tensor, per_channel, per_group."),
+    group_size: int = field_option(QuantConfig, "group_size", help="Input elements per group with --granularity per_group."),
+    weight_observer: str = field_option(QuantConfig, "weight_observer", help="Weight range: minmax, percentile, mse."),
+    act_observer: str = field_option(QuantConfig, "act_observer", help="Activation range: minmax, percentile, mse."),
     keep_float: list[str] = typer.Option([], help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),
     preset: Optional[str] = typer.Option(None, help="Method preset, e.g. 'paper' (Q-Diffusion's paper-sized calibration)."),
     config: Optional[Path] = typer.Option(None, help="A QuantConfig JSON file; other flags are ignored when given."),
-    device: str = typer.Option("cpu", help="Device to run on (cpu, cuda)."),
-    seed: int = typer.Option(0, help="Seed for calibration sampling."),
+    device: str = cli_common.DEVICE,
+    seed: int = field_option(QuantConfig, "seed", help="Seed for calibration sampling."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists (otherwise refuse)."),
-    convert: bool = typer.Option(False, "--convert", help="Convert to integer kernels (int8/int4 weights) before saving; each layer keeps its fastest measured form."),
+    convert: bool = typer.Option(False, "--convert", help="Convert to integer kernels (int8/int4 weights) before saving (oneDNN on CPU, int_mm on CUDA)."),
 ):
     """Quantize a pipeline's denoiser and save the quantized pipeline."""
 
     def body():
         import diffquant
-        from diffquant import CalibrationConfig, QuantConfig
         from diffquant.distributed import launch_state
         from diffquant.pipelines import load_pipeline
         from diffquant.prompts import prompt_list
 
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise FileExistsError(f"{out} already exists and is not empty; choose a new --out or pass --overwrite")
+        check_writable(out)
+        check_positive(steps=steps, num_prompts=num_prompts, batch_size=batch_size)
+        check_device(device)
         if config is not None:
             if not config.is_file():
                 raise FileNotFoundError(f"config file {config} not found")
@@ -103,7 +76,8 @@ def quantize(
             cfg = QuantConfig(
                 method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
                 weight_observer=weight_observer, act_observer=act_observer, timestep_groups=timestep_groups,
-                keep_float=keep_float, options={**({"preset": preset} if preset else {}), **_parse_options(option)}, seed=seed,
+                keep_float=keep_float, seed=seed,
+                options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},
                 calibration=CalibrationConfig(num_prompts=num_prompts, num_inference_steps=steps, guidance_scale=guidance,
                                               batch_size=batch_size, seed=seed),
             )
@@ -121,7 +95,7 @@ def quantize(
         if state is not None and not state.is_main_process:
             return
         if convert:
-            _convert_pipeline(pipe, calib)
+            _convert_pipeline(pipe)
         diffquant.save(pipe, out, overwrite=overwrite)
         report = diffquant.quant_record(diffquant.get_denoiser(pipe)).report
         typer.echo(f"saved {out} ({cfg.label}, calibration {report.get('calibration_seconds', 0):.1f} s)")
@@ -135,25 +109,29 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text prompt."),
     out: Path = typer.Option(Path("image.png"), "--out", "-o", help="Image file to write (PNG)."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the model's)."),
-    height: Optional[int] = typer.Option(None, help="Image height in pixels."),
-    width: Optional[int] = typer.Option(None, help="Image width in pixels."),
-    device: str = typer.Option("cpu", help="Device (cpu, cuda)."),
+    steps: Optional[int] = cli_common.STEPS, guidance: Optional[float] = cli_common.GUIDANCE,
+    height: Optional[int] = cli_common.HEIGHT, width: Optional[int] = cli_common.WIDTH, device: str = cli_common.DEVICE,
 ):
     """Generate one image."""
 
     def body():
+        from diffquant.guard import guard_pipeline
         from diffquant.pipelines import load_pipeline
+        from diffquant.prompts import warn_truncated
         from diffquant.sampling import SamplingSettings, sample
 
         if not prompt.strip():
             raise ValueError("the prompt is empty; pass --prompt \"a red circle on the left\"")
+        check_positive(steps=steps, height=height, width=width)
+        check_writable(out)
+        check_device(device)
         _quiet()
         pipe = load_pipeline(model, device=device)
+        warn_truncated(pipe, [prompt])
         settings = SamplingSettings(steps, guidance, height, width, seed).resolve(pipe)
         pipe.set_progress_bar_config(disable=False, desc="sampling")
-        image = sample(pipe, [prompt], settings, output_type="pil")[0]
+        with guard_pipeline(pipe, "sampling"):
+            image = sample(pipe, [prompt], settings, output_type="pil")[0]
         out.parent.mkdir(parents=True, exist_ok=True)
         image.save(out)
         typer.echo(f"wrote {out}")
@@ -161,18 +139,13 @@ def generate(
     _run(body)
 
 
-def _convert_pipeline(pipe, prompts: list[str] | None) -> None:
-    """Convert to integer layers, timing each on the inputs of one recorded denoiser call."""
+def _convert_pipeline(pipe) -> None:
+    """Convert to integer layers with the fixed per-device kernel rule (reproducible; see diffquant.runtime.convert)."""
     import diffquant
-    from diffquant import CalibrationConfig
     from diffquant.runtime import convert
 
-    prompt = (prompts or ["a photo"])[:1]
-    calib = diffquant.record_denoiser_calls(pipe, prompt, CalibrationConfig(num_prompts=1, num_inference_steps=2), progress=False)
-    denoiser = diffquant.get_denoiser(pipe)
-    param = next(denoiser.parameters())
-    convert(pipe, example_inputs=calib.calls[0].kwargs(device=param.device, dtype=param.dtype))
-    runtime = diffquant.quant_record(denoiser).report["runtime"]
+    convert(pipe, progress=False)
+    runtime = diffquant.quant_record(diffquant.get_denoiser(pipe)).report["runtime"]
     typer.echo(f"converted {sum(b != 'float' for b in runtime['backends'].values())} layers to integer kernels; "
                f"{len(runtime['float_fallback'])} stay float (see `diffquant info`)")
 
@@ -196,11 +169,13 @@ def export(
             raise ValueError(f"unknown export format {fmt!r}; use --format onnx")
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+        check_writable(out)
         _quiet()
         pipe = load_pipeline(model)
         tokenizer = getattr(pipe, "tokenizer", None)
         seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
-        inputs = example_unet_inputs(pipe.unet if hasattr(pipe, "unet") else pipe, batch=batch_size, seq_len=seq_len)
+        # Families without a UNet get no example inputs: export_onnx refuses them in one line.
+        inputs = example_unet_inputs(pipe.unet, batch=batch_size, seq_len=seq_len) if hasattr(pipe, "unet") else None
         path = export_onnx(pipe, out, group=group, inputs=inputs)
         typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from safetensors import safe_open
 
-from .serialization import MANIFEST, QUANT_CONFIG, QUANT_WEIGHTS, verify
+from .serialization import MANIFEST, QUANT_CONFIG, QUANT_WEIGHTS, read_denoiser_meta, verify
 
 
 def _denoiser_dir(folder: Path) -> Path:
@@ -23,7 +22,7 @@ def describe(folder: str | Path) -> dict:
     folder = Path(folder)
     manifest = verify(folder)
     den = _denoiser_dir(folder)
-    meta = json.loads((den / QUANT_CONFIG).read_text())
+    meta = read_denoiser_meta(den)
     cfg = meta["quant_config"]
     layers: dict[str, dict] = {}
     float_params = code_params = 0
@@ -58,8 +57,11 @@ def describe(folder: str | Path) -> dict:
         "quantized_layers": len(layers),
         "float_layers": plan["float_layers"],
         "skip_splits": plan["skip_splits"],
-        "average_weight_bits": (cfg["wbits"] * code_params + 16 * float_params) / max(code_params + float_params, 1),
-        "average_activation_bits": sum(act_bits) / len(act_bits) if act_bits else None,
+        # Written at save time by diffquant.average_bits (what `eval` reports); older folders: estimated from the file.
+        "average_weight_bits": meta.get("average_bits", {}).get(
+            "weight_bits", (cfg["wbits"] * code_params + 16 * float_params) / max(code_params + float_params, 1)),
+        "average_activation_bits": meta.get("average_bits", {}).get(
+            "activation_bits", sum(act_bits) / len(act_bits) if act_bits else None),
         "denoiser_file_bytes": weight_file,
         "fp16_denoiser_bytes": fp16_bytes,
         "size_ratio_vs_fp16": weight_file / max(fp16_bytes, 1),
@@ -70,7 +72,7 @@ def describe(folder: str | Path) -> dict:
         f"{folder}: {summary['class']} ({summary['family']}), {summary['label']}",
         f"  quantized layers: {len(layers)}; kept float: {len(plan['float_layers'])}; timestep groups: {summary['timestep_groups']}",
         f"  average bits: weights {summary['average_weight_bits']:.2f}"
-        + (f", activations {summary['average_activation_bits']:.2f}" if act_bits else ", activations float"),
+        + (f", activations {summary['average_activation_bits']:.2f}" if summary["average_activation_bits"] else ", activations float"),
         f"  denoiser file: {weight_file / 1e6:.2f} MB ({summary['size_ratio_vs_fp16']:.2f}x of fp16 {fp16_bytes / 1e6:.2f} MB)",
     ]
     if plan["skip_splits"]:

@@ -4,7 +4,9 @@ registered prompt set such as the mini zoo's (``zoo:heldout[:N]``, ``zoo:calibra
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import Any
 
 from .registry import PROMPT_SETS
 
@@ -37,7 +39,7 @@ def read_prompts(source: str | Path) -> list[tuple[str, int | None]]:
             raise PromptFileNotFound(f"prompt file {path} not found; pass a .txt (one prompt per line), a .json list "
                                      f"or zoo:heldout")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the first prompt
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read prompt file {path} ({e}); save it as UTF-8 text") from None
         pairs = _parse_json(path, text) if path.suffix.lower() == ".json" else [
@@ -70,3 +72,22 @@ def _parse_json(path: Path, text: str) -> list[tuple[str, int | None]]:
 
 def prompt_list(source: str | Path) -> list[str]:
     return [p for p, _ in read_prompts(source)]
+
+
+def warn_truncated(pipe: Any, prompts: list[str]) -> int:
+    """Warn once when prompts exceed the pipeline's text-encoder limit (they are truncated); returns how many do.
+
+    The limit is that of the pipeline's longest-reaching tokenizer (SD3's T5 reads past CLIP's 77 tokens).
+    """
+    limits = [(t.model_max_length, t) for t in (getattr(pipe, a, None) for a in ("tokenizer", "tokenizer_2", "tokenizer_3"))
+              if t is not None and 0 < getattr(t, "model_max_length", 0) < 100_000]
+    if not limits or not prompts:
+        return 0
+    limit, tokenizer = max(limits, key=lambda pair: pair[0])
+    lengths = [len(tokenizer(p, truncation=False)["input_ids"]) for p in prompts]
+    long = [p for p, n in zip(prompts, lengths) if n > limit]
+    if long:
+        logging.getLogger("diffquant").warning(
+            "warning: %d of %d prompts are longer than the text encoder's %d-token limit and are truncated (first: %r)",
+            len(long), len(prompts), limit, long[0][:60] + ("..." if len(long[0]) > 60 else ""))
+    return len(long)

@@ -20,6 +20,7 @@ layers with the kernel each one chose.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -32,11 +33,12 @@ from torch import nn
 
 from . import __version__
 from .config import QuantConfig
+from .determinism import TIMINGS, canonical_safetensors_header, merge_timings, split_timings
 from .io import atomic_save_tensors, atomic_write_json, file_table, refuse_pickles, verify_files
 from .nn import QuantState, quantized_layers
 from .quant import TimestepGroups
 from .registry import CONVERTED
-from .wrap import get_denoiser, quant_record, set_submodule, wrap_denoiser
+from .wrap import average_bits, get_denoiser, quant_record, set_submodule, wrap_denoiser
 
 FORMAT_VERSION = 1
 CONVERTED_FORMAT_VERSION = 2
@@ -79,6 +81,8 @@ def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
     if converted:
         tensors = {k: _fp16_if_exact(v) for k, v in tensors.items()}
         extra["converted"] = converted
+    report, timings = split_timings(record.report)
+    atomic_write_json(folder / TIMINGS, timings)
     atomic_write_json(folder / QUANT_CONFIG, {
         **extra,
         "format_version": CONVERTED_FORMAT_VERSION if converted else FORMAT_VERSION,
@@ -87,9 +91,12 @@ def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
         "quant_config": record.config.to_dict(),
         "plan": record.plan(),
         "states": {name: m.state.value for name, m in layers.items()},
-        "report": record.report,
+        "report": report,
+        # The one average-bits figure: `info` reads it from here, `eval` computes it with the same function.
+        "average_bits": {k: v if math.isfinite(v) else None for k, v in average_bits(denoiser).items()},
     })
     atomic_save_tensors(tensors, folder / QUANT_WEIGHTS, metadata={"format": "diffquant", "version": __version__})
+    canonical_safetensors_header(folder / QUANT_WEIGHTS)
 
 
 def _fp16_if_exact(t: torch.Tensor) -> torch.Tensor:
@@ -124,7 +131,7 @@ def save(pipe_or_denoiser: Any, folder: str | Path, *, overwrite: bool = False) 
                     component.save_pretrained(tmp / name)
             pipe.save_config(tmp)
             _save_denoiser(denoiser, tmp / attr)
-        table = file_table(tmp)
+        table = file_table(tmp, exclude=tuple(p.relative_to(tmp).as_posix() for p in tmp.rglob(TIMINGS)))
         import transformers
 
         atomic_write_json(tmp / MANIFEST, {
@@ -155,18 +162,33 @@ def verify(folder: str | Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         raise ValueError(f"{manifest_path} is corrupted (not JSON); save the model again") from None
+    check_format(manifest, manifest_path, FORMAT_VERSION)
     verify_files(folder, manifest["files"])
     return manifest
+
+
+def check_format(meta: dict, path: Path, newest: int) -> None:
+    """Refuse a file marked with a format version newer than this diffquant reads (load and ``info`` alike)."""
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > newest:
+        raise ValueError(f"{path} has format version {version}, newer than this diffquant reads ({newest}); upgrade diffquant")
 
 
 def is_quantized_folder(folder: str | Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
-def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module:
+def read_denoiser_meta(folder: Path) -> dict:
+    """A saved denoiser's ``diffquant_config.json``, its format checked and this run's timings merged into the report."""
     meta = json.loads((folder / QUANT_CONFIG).read_text())
-    if meta.get("format_version", 0) > CONVERTED_FORMAT_VERSION:
-        raise ValueError(f"{folder} was saved by a newer diffquant (format {meta['format_version']}); upgrade diffquant")
+    check_format(meta, folder / QUANT_CONFIG, CONVERTED_FORMAT_VERSION)
+    timings = folder / TIMINGS
+    meta["report"] = merge_timings(meta.get("report", {}), json.loads(timings.read_text()) if timings.is_file() else {})
+    return meta
+
+
+def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module:
+    meta = read_denoiser_meta(folder)
     cls = getattr(diffusers, meta["class"], None)
     if cls is None or not issubclass(cls, diffusers.ModelMixin):
         raise ValueError(f"{folder}: unsupported denoiser class {meta['class']!r}")

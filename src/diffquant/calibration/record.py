@@ -16,27 +16,30 @@ from typing import Optional
 import torch
 import typer
 
+from ..cli_common import field_option, handled
+from ..config import CalibrationConfig
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command()
+@handled
 def record(
     model: str = typer.Option(..., help="Diffusers pipeline folder or bundled model name."),
     out: Path = typer.Option(..., help="Folder for the calibration shards (shared by all processes)."),
     prompts: str = typer.Option("zoo:calibration", help="Prompt file (.txt/.json) or zoo:calibration."),
-    num_prompts: int = typer.Option(8, help="How many prompts to sample."),
+    num_prompts: int = field_option(CalibrationConfig, "num_prompts", help="How many prompts to sample."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
     guidance: Optional[float] = typer.Option(None, help="Guidance scale (default: the model's)."),
     batch_size: int = typer.Option(4, help="Prompts per sampling batch (the unit of sharding and resume)."),
-    every_k: int = typer.Option(1, help="Keep every k-th step."),
-    samples_per_step: Optional[int] = typer.Option(None, help="Rows kept per step (default: all)."),
+    every_k: int = field_option(CalibrationConfig, "every_k", help="Keep every k-th step."),
+    samples_per_step: Optional[int] = field_option(CalibrationConfig, "samples_per_step", help="Rows kept per step (default: all)."),
     keep_outputs: bool = typer.Option(False, help="Also store the float denoiser outputs."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    seed: int = field_option(CalibrationConfig, "seed", help="Sampling seed."),
 ) -> None:
     """Record float-model denoiser inputs along real sampling trajectories."""
     from accelerate import PartialState
 
-    from ..config import CalibrationConfig
     from ..pipelines import load_pipeline
     from ..prompts import prompt_list
     from ..registry import sampling_defaults
@@ -45,12 +48,8 @@ def record(
     state = PartialState(cpu=not torch.cuda.is_available())
     config = CalibrationConfig(num_prompts=num_prompts, num_inference_steps=steps, guidance_scale=guidance,
                                batch_size=batch_size, every_k=every_k, samples_per_step=samples_per_step, seed=seed)
-    try:
-        texts = prompt_list(prompts)[:num_prompts]
-        pipe = load_pipeline(model, device=str(state.device))
-    except (ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    texts = prompt_list(prompts)[:num_prompts]
+    pipe = load_pipeline(model, device=str(state.device))
     defaults = sampling_defaults(pipe)
     record_denoiser_calls(pipe, texts, config, keep_outputs=keep_outputs, defaults=defaults, cache_dir=out,
                           shard=(state.process_index, state.num_processes), progress=state.is_main_process)

@@ -39,6 +39,14 @@ def _folder_bytes(folder: Path, denoiser_names: tuple[str, ...] = ("unet", "tran
     return sum(p.stat().st_size for p in (denoiser_files or files))
 
 
+def _shipped_bytes(pipe) -> int:
+    """The float denoiser's size as shipped (its files in the folder it was loaded from), else its safetensors re-save."""
+    origin = str(getattr(pipe.config, "_name_or_path", "") or getattr(pipe, "name_or_path", "") or "")
+    if origin and Path(origin).is_dir():
+        return _folder_bytes(Path(origin))
+    return saved_size_bytes(get_denoiser(pipe))
+
+
 def _sampler(pipe, settings: SamplingSettings, batch_size: int):
     def run(prompts: list[str]) -> None:
         for i in range(0, len(prompts), batch_size):
@@ -54,7 +62,7 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     from diffquant import QuantConfig
 
     ev = Evaluation(fp_pipe, model_spec, items, settings, options, prompts_spec=prompts_spec)
-    ev.reference["summary"]["denoiser_mib"] = saved_size_bytes(get_denoiser(fp_pipe)) / 2**20
+    ev.reference["summary"]["denoiser_mib"] = _shipped_bytes(fp_pipe) / 2**20
     for method in methods:
         for wbits, abits in bits:
             # Calibrate with the bench's own sampling settings, as the peers do.

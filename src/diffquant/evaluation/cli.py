@@ -7,29 +7,26 @@ from typing import Optional
 
 import typer
 
+from ..cli_common import DEVICE as _DEVICE
+from ..cli_common import GUIDANCE as _GUIDANCE
+from ..cli_common import HEIGHT as _HEIGHT
+from ..cli_common import STEPS as _STEPS
+from ..cli_common import WIDTH as _WIDTH
+from ..cli_common import check_device, check_positive, check_writable, field_option, run
 from .harness import EvalOptions, parse_metrics
 from .prompts import load_prompts, parse_seeds
 
 _PROMPTS = typer.Option("zoo:heldout:16", "--prompts", help="Prompt file (.txt one per line, .json [{prompt, seed}]) or zoo:heldout[:N] / zoo:calibration[:N].")
 _SEEDS = typer.Option("0", "--seeds", help="Seeds for prompts without their own: '0,1,2' or '0-3'.")
-_STEPS = typer.Option(None, "--steps", help="Sampling steps (default: the zoo model's, else 25).")
-_GUIDANCE = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the zoo model's, else 7.5).")
-_HEIGHT = typer.Option(None, "--height", help="Image height (default: the model's native size).")
-_WIDTH = typer.Option(None, "--width", help="Image width (default: the model's native size).")
-_BATCH = typer.Option(4, "--batch-size", min=1, help="Images per generation batch.")
-_CACHE = typer.Option(Path("runs/cache"), "--cache-dir", help="Image cache, keyed by model fingerprint, prompt, seed, steps, guidance, size.")
+_BATCH = field_option(EvalOptions, "batch_size", "--batch-size", min=1, help="Images per generation batch.")
+_CACHE = field_option(EvalOptions, "cache_dir", "--cache-dir",
+                      help="Image cache, keyed by model fingerprint, prompt, seed, steps, guidance, size.")
 _INCEPTION = typer.Option(None, "--inception-weights", help="TorchScript Inception file for FID (e.g. clean-fid's inception-2015-12-05.pt).")
 _CLIP = typer.Option(None, "--clip-model", help="Local transformers CLIPModel folder for CLIP score.")
 _LPIPS = typer.Option(None, "--lpips-weights", help="torchvision AlexNet weights (.pth/.safetensors) for LPIPS.")
 _REF_IMAGES = typer.Option(None, "--reference-images", help="Folder of reference images for Fréchet distance to a reference set (zoo prompts default to their rendered scenes).")
 _METRICS = typer.Option("all", "--metrics", help="Comma list of psnr,ssim,lpips,fd_fp,fd_ref,clip,attributes,timestep,sensitivity, or 'all'.")
-_DEVICE = typer.Option("cpu", "--device", help="torch device for all models, e.g. cpu or cuda.")
 _SENS_LAYERS = typer.Option(None, "--sensitivity-max-layers", min=1, help="Measure only the first N quantized layers (per-layer sensitivity costs a few denoiser calls per layer).")
-
-
-def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _options(metrics: str, cache_dir: Path, batch_size: int, inception_weights, clip_model, lpips_weights, reference_images,
@@ -56,32 +53,43 @@ def eval_command(
     Under ``accelerate launch --num_processes N`` the processes share the image generation (batches
     ``b % N == rank`` into the shared --cache-dir); the main process then scores and writes the report.
     """
+    run(lambda: _eval(reference, model, prompts, seeds, steps, guidance, height, width, batch_size, out, label, device,
+                      _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
+                               sensitivity_max_layers)))
+
+
+def _eval(reference: str, model: str, prompts: str, seeds: str, steps, guidance, height, width, batch_size: int, out: Path,
+          label: str | None, device: str, options: EvalOptions) -> None:
     from ..distributed import launch_state
+    from ..prompts import warn_truncated
     from .harness import Evaluation
-    from .loading import load_model, resolve_settings
+    from .loading import check_same_architecture, load_model, resolve_settings
     from .paired import render
 
-    state = launch_state(device)
+    check_positive(steps=steps, height=height, width=width)
+    check_writable(out)
+    state = launch_state(check_device(device))
     if state is not None:
         device = str(state.device)
-    try:
-        options = _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
-                           sensitivity_max_layers)
-        items = load_prompts(prompts, parse_seeds(seeds))
-        fp_pipe = load_model(reference, device)
-        settings = resolve_settings(fp_pipe, reference, steps, guidance, height, width)
-        q_pipe = load_model(model, device)
-    except ValueError as e:
-        _fail(e)
+    items = load_prompts(prompts, parse_seeds(seeds))
+    fp_pipe = load_model(reference, device)
+    settings = resolve_settings(fp_pipe, reference, steps, guidance, height, width)
+    q_pipe = load_model(model, device)
+    check_same_architecture(fp_pipe, q_pipe)
+    warn_truncated(fp_pipe, sorted({it.prompt for it in items}))
     if state is not None:
         for pipe, name in ((fp_pipe, "FP"), (q_pipe, label or Path(model).name)):
-            render(pipe, items, settings, cache_dir, batch_size, name, shard=(state.process_index, state.num_processes))
+            render(pipe, items, settings, options.cache_dir, batch_size, name, shard=(state.process_index, state.num_processes))
         state.wait_for_everyone()
         if not state.is_main_process:
             return
     ev = Evaluation(fp_pipe, reference, items, settings, options, prompts_spec=prompts)
     ev.add(label or Path(model).name, q_pipe, spec=model)
-    paths = ev.write(out, f"diffquant eval: {label or Path(model).name} vs {reference}")
+    _write(ev, out, f"diffquant eval: {label or Path(model).name} vs {reference}")
+
+
+def _write(ev, out: Path, title: str) -> None:
+    paths = ev.write(out, title)
     typer.echo(paths["markdown"].read_text())
     for key, path in paths.items():
         typer.echo(f"{key}: {path}")
@@ -103,14 +111,16 @@ def bench_command(
     sensitivity_max_layers: Optional[int] = _SENS_LAYERS, device: str = _DEVICE,
 ) -> None:
     """Several methods, bit widths and peer baselines on the same pairs: one table (markdown + JSON) and an HTML report."""
-    from ..distributed import launch_state
-    from .bench import parse_bits, run_bench
-    from .loading import load_model, resolve_settings
-    from .peers import parse_peers
+    def body() -> None:
+        from ..distributed import launch_state
+        from .bench import parse_bits, run_bench
+        from .loading import load_model, resolve_settings
+        from .peers import parse_peers
 
-    if launch_state(device) is not None:
-        _fail(ValueError("bench runs in one process; under accelerate launch run diffquant eval for each model"))
-    try:
+        if launch_state(check_device(device)) is not None:
+            raise ValueError("bench runs in one process; under accelerate launch run diffquant eval for each model")
+        check_positive(steps=steps, height=height, width=width)
+        check_writable(out)
         options = _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
                            sensitivity_max_layers)
         method_list = [] if methods.strip() == "none" else [m.strip() for m in methods.split(",") if m.strip()]
@@ -121,12 +131,9 @@ def bench_command(
         fp_pipe = load_model(model, device)
         settings = resolve_settings(fp_pipe, model, steps, guidance, height, width)
         ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration, prompts_spec=prompts)
-    except ValueError as e:
-        _fail(e)
-    paths = ev.write(out, f"diffquant bench: {model}")
-    typer.echo(paths["markdown"].read_text())
-    for key, path in paths.items():
-        typer.echo(f"{key}: {path}")
+        _write(ev, out, f"diffquant bench: {model}")
+
+    run(body)
 
 
 if __name__ == "__main__":

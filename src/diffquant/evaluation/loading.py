@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..models.adapters import get_denoiser
 from ..registry import MODELS
 from ..sampling import SamplingSettings
 
@@ -38,3 +39,16 @@ def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None,
     ``diffquant.sampling`` (those registered for ``pipe``, else the pipeline's own)."""
     registered = dict(MODELS[spec].sampling) if spec in MODELS else None
     return SamplingSettings(steps, guidance, height, width).resolve(pipe, registered)
+
+
+def check_same_architecture(reference, model, names: tuple[str, str] = ("--reference", "--model")) -> None:
+    """Refuse a pair whose denoisers differ in class or config before any image is generated."""
+    ref, other = get_denoiser(reference), get_denoiser(model)
+    if type(ref).__name__ != type(other).__name__:
+        raise ValueError(f"{names[0]} is a {type(ref).__name__} but {names[1]} a {type(other).__name__}; "
+                         "evaluate a model against the float model it was quantized from")
+    a, b = dict(ref.config), dict(other.config)
+    for key in sorted(k for k in set(a) | set(b) if not k.startswith("_")):
+        if a.get(key) != b.get(key):
+            raise ValueError(f"{names[0]} and {names[1]} differ in denoiser {key} ({a.get(key)} vs {b.get(key)}); "
+                             "evaluate a model against the float model it was quantized from")

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from ..guard import guard_pipeline
 from ..sampling import SamplingSettings, initial_noise, sample
 from .prompts import PromptItem
 
@@ -116,7 +117,8 @@ def render(pipe, items: list[PromptItem], settings: SamplingSettings, cache_dir:
     stats = GenStats(cached=sum(len(batch) for batch in mine))
     for batch in tqdm(todo, desc=f"generate {label}", unit="batch", disable=not todo):
         latents = initial_noise(pipe, [items[i].seed for i in batch], settings)
-        out = sample(pipe, [items[i].prompt for i in batch], settings, latents=latents, output_type="np")
+        with guard_pipeline(pipe, f"'{label}' sampling"):
+            out = sample(pipe, [items[i].prompt for i in batch], settings, latents=latents, output_type="np")
         images = np.clip(np.round(np.asarray(out, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
         for i, image in zip(batch, images):
             if not paths[i].exists():

@@ -28,6 +28,8 @@ def parse_seeds(spec: str | None) -> list[int]:
         if not m:
             raise ValueError(f"bad --seeds value {spec!r}: use integers like '0,1,2' or a range like '0-3'")
         lo = int(m.group(1))
+        if m.group(2) and int(m.group(2)) < lo:
+            raise ValueError(f"empty --seeds range {part.strip()!r}: write the smaller seed first, e.g. '{m.group(2)}-{lo}'")
         seeds.extend(range(lo, int(m.group(2)) + 1) if m.group(2) else [lo])
     return seeds
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..typed import conforms, field_types, type_name
+
 if TYPE_CHECKING:
     from ..calibration import CalibrationSet
     from ..config import QuantConfig
@@ -70,6 +72,10 @@ class Method:
             raise ValueError(
                 f"unknown {self.name} options {sorted(unknown)}; valid: {', '.join(sorted(known)) or 'none'}"
             )
+        types = field_types(self.Options)
+        for key, value in config.options.items():
+            if not conforms(value, types[key]):
+                raise ValueError(f"{self.name} option {key}={value!r}: expected {type_name(types[key])}")
         return self.Options(**config.options)
 
     def run(self, job: QuantJob) -> None:

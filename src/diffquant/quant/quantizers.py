@@ -14,6 +14,16 @@ from .observers import ActivationObserver, estimate_qparams
 from .spec import QuantSpec
 from .timestep import TimestepContext
 
+OVERFLOW_FIX = "the model overflows here; run in float32 (torch_dtype=torch.float32) or lower the guidance scale"
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN/Inf found in ``where``; ``diffquant.guard`` replaces the generic ``fix`` by the diagnosed cause."""
+
+    def __init__(self, where: str, fix: str = OVERFLOW_FIX) -> None:
+        self.where = where
+        super().__init__(f"NaN/Inf in {where}: {fix}")
+
 
 def code_dtype(qmin: int, qmax: int) -> torch.dtype:
     """The smallest integer dtype holding the grid ``[qmin, qmax]``."""
@@ -185,10 +195,7 @@ class ActivationQuantizer(nn.Module):
                     self.observer.observe(g, s, part)
                 except FloatingPointError:
                     t = None if self.context is None or self.context.timestep is None else self.context.timestep.flatten()[0].item()
-                    raise FloatingPointError(
-                        f"NaN/Inf in the input of {self.name or 'a quantized layer'} at timestep {t}: the float model "
-                        "overflows here; run calibration in float32 (torch_dtype=torch.float32) or lower the guidance scale"
-                    ) from None
+                    raise NonFiniteError(f"the input of {self.name or 'a quantized layer'} at timestep {t}") from None
 
     @torch.no_grad()
     def finish_observing(self) -> None:

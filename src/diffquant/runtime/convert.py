@@ -1,4 +1,4 @@
-"""``diffquant.convert``: frozen fake-quant layers -> integer layers, each on its fastest measured kernel."""
+"""``diffquant.convert``: frozen fake-quant layers -> integer layers, on a fixed kernel per device (or timed, on request)."""
 
 from __future__ import annotations
 
@@ -76,17 +76,20 @@ def convert(
     *,
     example_inputs: dict | None = None,
     backend: str | None = None,
+    autotune: bool = False,
     repeats: int = 3,
     progress: bool = True,
 ) -> Any:
     """Turn every frozen quantized Linear/Conv2d of ``model`` (pipeline or denoiser) into an integer layer, in place.
 
-    With ``example_inputs`` (keyword arguments of one denoiser call, e.g. ``CalibrationSet`` call
-    kwargs), every layer is timed on its real input in each form it can take (oneDNN, ``torch._int_mm``,
-    float; fastest of ``repeats`` calls) and keeps the default integer kernel unless another form is
-    clearly faster (``SWITCH_MARGIN``); a layer whose integer form is slower stays float and is listed
-    with the timings. Without them every layer takes ``backend`` (default: oneDNN on CPU, else int_mm).
-    The choices and reasons go to ``quant_record(denoiser).report["runtime"]`` and are saved with it.
+    By default every layer takes ``backend`` (default: oneDNN on CPU, else int_mm), float only where that
+    kernel cannot run the layer: a fixed rule, so two conversions of the same model give the same layers
+    and bit-identical images. With ``autotune=True`` and ``example_inputs`` (keyword arguments of one
+    denoiser call, e.g. ``CalibrationSet`` call kwargs), every layer is timed on its real input in each
+    form it can take (oneDNN, ``torch._int_mm``, float; fastest of ``repeats`` calls) and keeps the default
+    integer kernel unless another form is clearly faster (``SWITCH_MARGIN``). Timings on a loaded machine
+    scatter, so autotuned runs may pick differently (on mini-sd the fixed rule ran within a few percent of
+    the autotuned choice, docs/runtime.md). Choices and reasons go to ``quant_record(denoiser).report["runtime"]``.
     """
     denoiser = get_denoiser(model)
     record = quant_record(denoiser)
@@ -104,7 +107,9 @@ def convert(
             runtime["float_fallback"][name] = reason
     chosen: dict[str, _IntLayer] = {}
     bar = tqdm(total=len(todo), desc="convert", disable=not progress)
-    if example_inputs is None:
+    if autotune and example_inputs is None:
+        raise ValueError("autotune=True times each layer on a real denoiser call; pass example_inputs=")
+    if not autotune:
         fixed = backend or default_backend(device)
         for name, layer in todo.items():
             int_layer = _int_layer(layer, fixed)

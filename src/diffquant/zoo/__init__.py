@@ -12,6 +12,7 @@ stock ``from_pretrained`` code paths:
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import torch
@@ -57,6 +58,15 @@ def load_pipeline(name: str, torch_dtype: torch.dtype = torch.float32, device: s
         pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def float32_text_encoders(folder: Path) -> None:
+    """Mark the text encoders' configs float32 (weights stay fp16): transformers loads a model in its config's
+    dtype, diffusers in float32, so plain ``from_pretrained(folder)`` would otherwise mix fp16 and fp32."""
+    for config in sorted(Path(folder).glob("text_encoder*/config.json")):
+        data = json.loads(config.read_text())
+        data["dtype"] = "float32"
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # The core finds the bundled models, their defaults and prompt sets here (the package root imports the zoo).

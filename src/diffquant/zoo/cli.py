@@ -10,15 +10,13 @@ from typing import Optional
 
 import typer
 
+from ..cli_common import fail as _fail
+from ..cli_common import check_device, handled
+
 app = typer.Typer(help="The mini zoo: small models trained here, the default for demo, tests and benchmarks.",
                   no_args_is_help=True)
 
 TRAINABLE = ("mini-sd", "mini-sd3", "evaluator", "vae")
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command("list")
@@ -35,6 +33,7 @@ def list_models() -> None:
 
 
 @app.command()
+@handled
 def train(
     name: str = typer.Argument(..., help="mini-sd, mini-sd3, evaluator or vae"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/zoo/NAME)"),
@@ -69,10 +68,7 @@ def train(
         _fail(f"--steps must be >= 1, got {steps}")
     if vae is not None and not (vae / "config.json").exists():
         _fail(f"--vae {vae} holds no AutoencoderKL (config.json missing); pass a folder written by `zoo train vae`")
-    try:
-        device = pick_device(device)
-    except ValueError as e:
-        _fail(str(e))
+    device = pick_device(device if device == "auto" else check_device(device))
     if threads > 0:
         torch.set_num_threads(threads)
     out = out or Path("runs/zoo") / name
@@ -105,6 +101,7 @@ def train(
 
 
 @app.command("eval")
+@handled
 def eval_cmd(
     name: str = typer.Argument(..., help="mini-sd, mini-sd3 or evaluator"),
     n: int = typer.Option(256, help="number of held-out captions (seeds 0..n-1)"),

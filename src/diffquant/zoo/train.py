@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, float32_text_encoders
 from .architectures import (
     ZeroTokenJointAttnProcessor, build_sd3_pipeline, build_sd_pipeline, build_tokenizer, build_vae, zero_t5_stub,
 )
@@ -452,6 +452,7 @@ def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, ou
     tmp = out / "pipeline.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
+    float32_text_encoders(tmp)  # one dtype under plain from_pretrained
     if record is not None:
         (tmp / "training.json").write_text(json.dumps(record, indent=2))
     shutil.rmtree(target, ignore_errors=True)

@@ -1,0 +1,162 @@
+"""What every ``diffquant`` command shares: one error handler, typed ``--option`` values, device and
+output checks made before any model loads, and options whose defaults come from the config dataclasses.
+
+The four apps (``cli.py``, ``evaluation/cli.py``, ``zoo/cli.py`` and the commands they register) call
+:func:`run` around their bodies, so a user error always ends as exit code 2 and one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from .typed import field_types, parse_as, type_name
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, FloatingPointError, NotADirectoryError)
+_OOM = "out of memory; lower --batch-size or --num-prompts, or use a smaller --height/--width"
+
+
+def fail(message: str) -> typing.NoReturn:
+    """Print ``error: message`` on stderr and end the command with exit code 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _os_message(e: OSError) -> str | None:
+    where = f" writing {e.filename}" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device{where}; free some space or choose --out on another disk (published outputs are unchanged)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}; choose an --out folder you can write to"
+    return None
+
+
+def run(fn: Callable[[], Any]) -> Any:
+    """Run a command body; user errors become one line naming the fix, OOM suggests smaller batches."""
+    import torch
+
+    try:
+        return fn()
+    except (torch.OutOfMemoryError, MemoryError):
+        fail(_OOM)
+    except USER_ERRORS as e:
+        fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+    except OSError as e:
+        message = _os_message(e)
+        if message is None:
+            raise
+        fail(message)
+
+
+def handled(command: Callable) -> Callable:
+    """Decorator form of :func:`run` for a typer command (its signature, hence its options, is kept)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return run(lambda: command(*args, **kwargs))
+
+    return wrapper
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it; a one-line error (before any model loads) otherwise."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from None
+    if kind not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+    backend = getattr(torch, kind, None) if kind != "cpu" else None
+    if backend is not None and not backend.is_available():
+        raise ValueError(f"--device {device}: no {kind} device is visible on this machine; use --device cpu")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0")
+    return device
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``--out`` whose nearest existing folder cannot be written to, before work starts."""
+    folder = Path(out).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--out {out}: {folder} is a file, not a folder; choose another --out")
+    try:
+        if not os.access(folder, os.W_OK):
+            raise PermissionError
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".diffquant-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        raise ValueError(f"--out {out}: folder {folder} is not writable; choose an --out folder you can write to") from None
+
+
+def check_positive(**values: int | None) -> None:
+    """Refuse ``--steps 0``, ``--height -8`` and the like (``None`` means the model's default)."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+# --- typed --option values --------------------------------------------------------------------------
+
+def parse_method_options(method: str, pairs: list[str]) -> dict[str, Any]:
+    """``--option key=value`` strings parsed by the field types of the registered method's ``Options``.
+
+    Unknown keys are left for the method's own check (it lists the valid ones); a value that is not of
+    its field's type is refused here, before any model loads, naming the option, value and type.
+    """
+    from .registry import METHODS
+
+    types_ = field_types(METHODS[method].Options) if method in METHODS else {}
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--option expects key=value, got {pair!r}")
+        key, value = (s.strip() for s in pair.split("=", 1))
+        tp = types_.get(key)
+        if tp is None:
+            options[key] = value
+            continue
+        try:
+            options[key] = parse_as(value, tp)
+        except ValueError:
+            raise ValueError(f"--option {key}={value!r}: {method} expects {type_name(tp)} for {key}") from None
+    return options
+
+
+# --- options every sampling command shares (generate, eval, bench) ------------------------------------
+
+STEPS = typer.Option(None, "--steps", help="Sampling steps (default: the model's own).")
+GUIDANCE = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: the model's own).")
+HEIGHT = typer.Option(None, "--height", help="Image height in pixels (default: the model's native size).")
+WIDTH = typer.Option(None, "--width", help="Image width in pixels (default: the model's native size).")
+DEVICE = typer.Option("cpu", "--device", help="torch device: cpu, cuda or cuda:N (checked before any model loads).")
+
+
+# --- options mirroring config fields -------------------------------------------------------------------
+
+def field_option(cls: type, name: str, *param_decls: str, help: str, **kwargs: Any) -> Any:
+    """A ``typer.Option`` whose default is the dataclass field's, so the CLI and the config cannot drift."""
+    field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if field is None:
+        raise AttributeError(f"{cls.__name__} has no field {name!r}")
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+    return typer.Option(default, *param_decls, help=help, **kwargs)
+
+
+__all__ = [
+    "DEVICE", "GUIDANCE", "HEIGHT", "STEPS", "USER_ERRORS", "WIDTH", "check_device", "check_positive", "check_writable", "fail", "field_option", "handled",
+    "parse_method_options", "run",
+]
