@@ -7,20 +7,6 @@ from ..registry import MODELS
 from ..sampling import SamplingSettings
 
 
-def _zoo():
-    try:
-        from diffquant import zoo
-
-        return zoo
-    except ImportError:
-        return None
-
-
-def zoo_names() -> list[str]:
-    zoo = _zoo()
-    return list(getattr(zoo, "MODEL_NAMES", [])) if zoo else []
-
-
 def load_model(spec: str, device: str = "cpu"):
     """A pipeline for ``spec`` on ``device`` (see :func:`diffquant.pipelines.load_pipeline`); errors are ValueErrors."""
     from ..pipelines import load_pipeline
