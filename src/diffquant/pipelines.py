@@ -8,8 +8,13 @@ from typing import Any
 import torch
 
 
-def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.dtype = torch.float32) -> Any:
+def load_pipeline(
+    spec: str | Path, *, device: str = "cpu", torch_dtype: torch.dtype = torch.float32, backend: str = "torch"
+) -> Any:
     """A pipeline from a zoo name (``mini-sd``), a ``diffquant.save`` folder, or a diffusers pipeline folder.
+
+    ``backend="openvino"`` runs the denoiser of a quantized folder (or an ``export --format openvino`` folder)
+    on OpenVINO; an exported folder always does.
 
     Float pipelines load with ``use_safetensors=True``: pickled ``.bin`` weights are never unpickled.
     """
@@ -19,6 +24,8 @@ def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.d
 
     name = str(spec)
     zoo_names = _zoo_names()
+    if backend != "torch" and (name in zoo_names or not is_quantized_folder(spec)):
+        raise ValueError(f"--backend {backend} runs a quantized model; pass a folder written by `diffquant quantize` or `export`")
     if name in zoo_names:
         from . import zoo
 
@@ -28,7 +35,7 @@ def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.d
         hint = f" or a bundled model ({', '.join(zoo_names)})" if zoo_names else ""
         raise FileNotFoundError(f"model folder {path} not found; pass a diffusers pipeline folder{hint}")
     if is_quantized_folder(path):
-        pipe = load(path, device=device)
+        pipe = load(path, device=device, backend=backend)
     elif (path / "model_index.json").is_file():
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
