@@ -222,8 +222,8 @@ def _onnx_layer_values(graph, layer_names: list[str]) -> dict[str, tuple[str, st
     for node in graph.node:  # in execution order
         meta = {m.key: m.value for m in node.metadata_props}
         for scope in ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]")):
-            if scope.removeprefix("unet.") in members:
-                members[scope.removeprefix("unet.")].append(node)
+            if scope.removeprefix("denoiser.") in members:
+                members[scope.removeprefix("denoiser.")].append(node)
     found = {}
     for name, nodes in members.items():
         (op,) = [n for n in nodes if n.op_type in ("Conv", "MatMul", "Gemm")]
@@ -238,11 +238,12 @@ def test_onnx_export_has_qdq_and_onnxruntime_matches(tiny_pipes, tmp_path):
     """ONNX Runtime runs the Q/DQ graph; fed ONNX Runtime's own input, every PyTorch integer layer gives its output."""
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    from diffquant.runtime.onnx import example_unet_inputs, export_onnx
+    from diffquant.runtime.flat import example_inputs
+    from diffquant.runtime.onnx import export_onnx
 
     pipe = quantized(tiny_pipes, quantize_attention=False)
     convert(pipe, progress=False)
-    inputs = example_unet_inputs(pipe.unet, batch=1, seq_len=16)
+    inputs = example_inputs(pipe.unet, batch=1, seq_len=16)
     path = export_onnx(pipe, tmp_path / "unet.onnx", inputs=inputs)
     model = onnx.load(str(path))
     graph = model.graph
@@ -257,7 +258,7 @@ def test_onnx_export_has_qdq_and_onnxruntime_matches(tiny_pipes, tmp_path):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = dict(zip(["sample", "timestep", "encoder_hidden_states"], (t.numpy() for t in inputs), strict=True))
+    feeds = {k: t.numpy() for k, t in inputs.items()}
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
     for name, (x, y) in values.items():
         with torch.no_grad():
@@ -265,8 +266,8 @@ def test_onnx_export_has_qdq_and_onnxruntime_matches(tiny_pipes, tmp_path):
         assert rel_err(torch.from_numpy(outputs[y]).reshape(ref.shape), ref) < 1e-5, name
     # End to end the two differ only where float sums round an activation to the neighbouring code (see docs/runtime.md).
     with torch.no_grad():
-        ref = pipe.unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)[0]
-        fp = tiny_pipes["sd"].unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2], return_dict=False)[0]
+        ref = pipe.unet(*inputs.values(), return_dict=False)[0]
+        fp = tiny_pipes["sd"].unet(*inputs.values(), return_dict=False)[0]
     assert rel_err(torch.from_numpy(outputs["noise_pred"]), ref) < rel_err(ref, fp)
 
 

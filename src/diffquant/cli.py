@@ -111,6 +111,7 @@ def generate(
     seed: int = typer.Option(0, help="Seed of the initial noise."),
     steps: Optional[int] = cli_common.STEPS, guidance: Optional[float] = cli_common.GUIDANCE,
     height: Optional[int] = cli_common.HEIGHT, width: Optional[int] = cli_common.WIDTH, device: str = cli_common.DEVICE,
+    backend: str = typer.Option("torch", help="Denoiser engine: torch, or openvino (a quantized or exported folder)."),
 ):
     """Generate one image."""
 
@@ -126,7 +127,7 @@ def generate(
         check_writable(out)
         check_device(device)
         _quiet()
-        pipe = load_pipeline(model, device=device)
+        pipe = load_pipeline(model, device=device, backend=backend)
         warn_truncated(pipe, [prompt])
         settings = SamplingSettings(steps, guidance, height, width, seed).resolve(pipe)
         pipe.set_progress_bar_config(disable=False, desc="sampling")
@@ -152,31 +153,36 @@ def _convert_pipeline(pipe) -> None:
 
 @app.command()
 def export(
-    model: Path = typer.Option(..., "--model", "-m", help="A converted folder written by `diffquant quantize --convert`."),
-    out: Path = typer.Option(..., "--out", "-o", help="ONNX file to write."),
-    fmt: str = typer.Option("onnx", "--format", help="Export format (onnx)."),
+    model: Path = typer.Option(..., "--model", "-m", help="A folder written by `diffquant quantize` (onnx: with --convert)."),
+    out: Path = typer.Option(..., "--out", "-o", help="ONNX file, or OpenVINO folder (loads with --backend openvino), to write."),
+    fmt: str = typer.Option("onnx", "--format", help="Export format: onnx, openvino."),
     group: Optional[int] = typer.Option(None, help="Timestep group to export (needed when the model has several)."),
     batch_size: int = typer.Option(2, help="Batch size the graph is traced with."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
-    """Export a converted denoiser to ONNX with QuantizeLinear/DequantizeLinear nodes (runs in ONNX Runtime)."""
+    """Export a quantized denoiser: ONNX with QuantizeLinear/DequantizeLinear nodes, or an OpenVINO IR folder."""
 
     def body():
         from diffquant.pipelines import load_pipeline
-        from diffquant.runtime.onnx import example_unet_inputs, export_onnx
+        from diffquant.runtime.onnx import export_onnx
 
-        if fmt != "onnx":
-            raise ValueError(f"unknown export format {fmt!r}; use --format onnx")
+        if fmt not in ("onnx", "openvino"):
+            raise ValueError(f"unknown export format {fmt!r}; use --format onnx or --format openvino")
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
         check_writable(out)
         _quiet()
         pipe = load_pipeline(model)
+        if fmt == "openvino":
+            from diffquant.runtime.openvino import export_openvino
+
+            path = export_openvino(pipe, out, overwrite=overwrite)
+            size = sum(f.stat().st_size for f in path.rglob("*.bin"))
+            typer.echo(f"wrote {path} (OpenVINO IR, {size / 1e6:.2f} MB of graphs); run it with --backend openvino")
+            return
         tokenizer = getattr(pipe, "tokenizer", None)
         seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
-        # Families without a UNet get no example inputs: export_onnx refuses them in one line.
-        inputs = example_unet_inputs(pipe.unet, batch=batch_size, seq_len=seq_len) if hasattr(pipe, "unet") else None
-        path = export_onnx(pipe, out, group=group, inputs=inputs)
+        path = export_onnx(pipe, out, group=group, batch=batch_size, seq_len=min(int(seq_len), 77))
         typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
     _run(body)

@@ -64,9 +64,11 @@ def file_table(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict[str, d
 
 
 def refuse_pickles(folder: str | Path) -> None:
-    """Raise if any pickle-format file sits in ``folder``: diffquant never unpickles."""
+    """Raise if any pickle-format file sits in ``folder``: diffquant never unpickles. (An OpenVINO ``.bin``
+    beside its ``.xml`` holds raw graph constants, read by OpenVINO only.)"""
     for path in Path(folder).rglob("*"):
-        if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES:
+        openvino_weights = path.suffix == ".bin" and path.with_suffix(".xml").is_file()
+        if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES and not openvino_weights:
             raise ValueError(
                 f"refusing to load {path}: pickle files can run arbitrary code and are never loaded; "
                 "remove it (diffquant reads only safetensors and JSON)"

@@ -10,8 +10,13 @@ import torch
 from .registry import MODELS
 
 
-def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.dtype = torch.float32) -> Any:
+def load_pipeline(
+    spec: str | Path, *, device: str = "cpu", torch_dtype: torch.dtype = torch.float32, backend: str = "torch"
+) -> Any:
     """A pipeline from a zoo name (``mini-sd``), a ``diffquant.save`` folder, or a diffusers pipeline folder.
+
+    ``backend="openvino"`` runs the denoiser of a quantized folder (or an ``export --format openvino`` folder)
+    on OpenVINO; an exported folder always does.
 
     Float pipelines load with ``use_safetensors=True``: pickled ``.bin`` weights are never unpickled.
     """
@@ -20,6 +25,8 @@ def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.d
     from .serialization import is_quantized_folder, load
 
     name = str(spec)
+    if backend != "torch" and (name in MODELS or not is_quantized_folder(spec)):
+        raise ValueError(f"--backend {backend} runs a quantized model; pass a folder written by `diffquant quantize` or `export`")
     if name in MODELS:
         return MODELS[name].load(torch_dtype=torch_dtype, device=device)
     path = Path(spec)
@@ -27,7 +34,7 @@ def load_pipeline(spec: str | Path, *, device: str = "cpu", torch_dtype: torch.d
         hint = f" or a bundled model ({', '.join(MODELS)})" if MODELS else ""
         raise FileNotFoundError(f"model folder {path} not found; pass a diffusers pipeline folder{hint}")
     if is_quantized_folder(path):
-        pipe = load(path, device=device)
+        pipe = load(path, device=device, backend=backend)
     elif (path / "model_index.json").is_file():
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)

@@ -107,6 +107,14 @@ def _fp16_if_exact(t: torch.Tensor) -> torch.Tensor:
     return half if torch.equal(half.to(torch.float32), t) else t
 
 
+def save_components(pipe: Any, folder: Path, *, skip: nn.Module) -> None:
+    """Every component of ``pipe`` but ``skip`` (the denoiser, saved in its own form), plus model_index.json."""
+    for name, component in pipe.components.items():
+        if component is not None and component is not skip and hasattr(component, "save_pretrained"):
+            component.save_pretrained(folder / name)
+    pipe.save_config(folder)
+
+
 def save(pipe_or_denoiser: Any, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Write a quantized pipeline (or denoiser) to ``folder``; the folder appears only when complete."""
     folder = Path(folder)
@@ -124,12 +132,7 @@ def save(pipe_or_denoiser: Any, folder: str | Path, *, overwrite: bool = False) 
         else:
             pipe = pipe_or_denoiser
             attr = _denoiser_attr(pipe, denoiser)
-            for name, component in pipe.components.items():
-                if component is None or component is denoiser:
-                    continue
-                if hasattr(component, "save_pretrained"):
-                    component.save_pretrained(tmp / name)
-            pipe.save_config(tmp)
+            save_components(pipe, tmp, skip=denoiser)
             _save_denoiser(denoiser, tmp / attr)
         table = file_table(tmp, exclude=tuple(p.relative_to(tmp).as_posix() for p in tmp.rglob(TIMINGS)))
         import transformers
@@ -231,9 +234,22 @@ def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module
     return denoiser.to(device) if device is not None else denoiser
 
 
-def load(folder: str | Path, *, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None) -> Any:
-    """Load what ``save`` wrote: a pipeline that generates (or the bare denoiser), after verifying hashes."""
+def load(
+    folder: str | Path, *, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
+    backend: str = "torch",
+) -> Any:
+    """Load what ``save`` wrote: a pipeline that generates (or the bare denoiser), after verifying hashes.
+
+    ``backend="openvino"`` returns the pipeline with its denoiser on OpenVINO (``runtime.openvino``); a folder
+    written by ``export_openvino`` always loads that way.
+    """
+    from .runtime.openvino import is_openvino_folder, load_openvino
+
     folder = Path(folder)
+    if backend not in ("torch", "openvino"):
+        raise ValueError(f"unknown backend {backend!r}; choose torch or openvino")
+    if backend == "openvino" or is_openvino_folder(folder):
+        return load_openvino(folder)
     verify(folder)
     if not (folder / "model_index.json").is_file():
         return _load_denoiser(folder, device)

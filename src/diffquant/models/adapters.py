@@ -21,11 +21,16 @@ class DenoiserAdapter:
     """Generic fallback: every Linear/Conv2d is a unit of its own; no skips, no time layers."""
 
     family = "generic"
+    model_class: str | None = None  # the diffusers class name this adapter knows; None: any
     block_types: tuple[str, ...] = ()
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return True
+        return cls.supports_name(type(model).__name__)
+
+    @classmethod
+    def supports_name(cls, class_name: str) -> bool:
+        return cls.model_class is None or class_name == cls.model_class
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -81,6 +86,22 @@ class DenoiserAdapter:
             return args[self._timestep_index]
         return None
 
+    # -- the denoiser call, flattened to named tensors (export and deployed runtimes) -------------
+    input_names: tuple[str, ...] = ()
+
+    def example_inputs(self, batch: int = 2, size: int | None = None, seq_len: int = 77) -> dict[str, torch.Tensor]:
+        """Named example tensors of one denoiser call (``input_names`` order); ``size`` is the latent side."""
+        raise ValueError(f"no export support for {type(self.model).__name__}; supported: UNet2DConditionModel, SD3Transformer2DModel")
+
+    @classmethod
+    def flat_inputs(cls, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """The diffusers call ``denoiser(*args, **kwargs)`` as ``{input name: tensor}`` (timestep as float [B])."""
+        raise ValueError(f"{cls.__name__} names no denoiser inputs")
+
+    def call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run the (torch) denoiser on ``flat_inputs``-style named tensors; returns the prediction."""
+        raise ValueError(f"{type(self).__name__} names no denoiser inputs")
+
     def describe(self) -> dict:
         return {
             "family": self.family,
@@ -91,15 +112,22 @@ class DenoiserAdapter:
         }
 
 
+def _batched_timestep(t, sample: torch.Tensor) -> torch.Tensor:
+    """The timestep as float32 [B] (pipelines pass a 0-d tensor, a [B] tensor or a number)."""
+    t = torch.as_tensor(t, device=sample.device).float().flatten()
+    return t.expand(sample.shape[0]) if t.numel() == 1 else t
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 class UNet2DConditionAdapter(DenoiserAdapter):
     """UNet2DConditionModel: SD 1.x/2.x, and SDXL (``text_time`` added conditioning, deeper transformers)."""
 
     family = "unet2d-condition"
+    model_class = "UNet2DConditionModel"
     block_types = ("ResnetBlock2D", "BasicTransformerBlock", "Downsample2D", "Upsample2D")
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return type(model).__name__ == "UNet2DConditionModel"
 
     def skip_splits(self) -> dict[str, list[int]]:
         """Up-block ResNets see cat([deep, skip]); their 1x1 ``conv_shortcut`` reads the raw concatenation."""
@@ -125,17 +153,44 @@ class UNet2DConditionAdapter(DenoiserAdapter):
     def io_layers(self) -> list[str]:
         return [n for n in ("conv_in", "conv_out") if n in self.layers()]
 
+    @property
+    def input_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        base = ("sample", "timestep", "encoder_hidden_states")
+        return base + ("text_embeds", "time_ids") if self.model.config.addition_embed_type == "text_time" else base
+
+    def example_inputs(self, batch: int = 2, size: int | None = None, seq_len: int = 77) -> dict[str, torch.Tensor]:
+        cfg, g = self.model.config, _gen()
+        size = size or cfg.sample_size
+        out = {"sample": torch.randn(batch, cfg.in_channels, size, size, generator=g),
+               "timestep": torch.full((batch,), 500.0),
+               "encoder_hidden_states": torch.randn(batch, seq_len, cfg.cross_attention_dim, generator=g)}
+        if cfg.addition_embed_type == "text_time":  # SDXL: pooled text + 6 size/crop ids, concatenated by add_embedding
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            out["text_embeds"] = torch.randn(batch, pooled, generator=g)
+            out["time_ids"] = torch.tensor([[8.0 * size, 8.0 * size, 0, 0, 8.0 * size, 8.0 * size]]).expand(batch, 6).contiguous()
+        return out
+
+    @classmethod
+    def flat_inputs(cls, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        named = dict(zip(("sample", "timestep", "encoder_hidden_states"), args))
+        named.update({k: kwargs[k] for k in ("sample", "timestep", "encoder_hidden_states") if k in kwargs})
+        out = {**named, "timestep": _batched_timestep(named["timestep"], named["sample"])}
+        out.update(kwargs.get("added_cond_kwargs") or {})
+        return out
+
+    def call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs} or None
+        return self.model(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                          added_cond_kwargs=added, return_dict=False)[0]
+
 
 class SD3TransformerAdapter(DenoiserAdapter):
     """SD3Transformer2DModel (MMDiT): blocks are the joint transformer blocks; adaLN modulations are time layers."""
 
     family = "sd3-transformer"
+    model_class = "SD3Transformer2DModel"
     block_types = ("JointTransformerBlock",)
     _ada_norms = ("AdaLayerNormZero", "AdaLayerNormContinuous", "SD35AdaLayerNormZeroX", "AdaLayerNormZeroSingle")
-
-    @classmethod
-    def supports(cls, model: nn.Module) -> bool:
-        return type(model).__name__ == "SD3Transformer2DModel"
 
     def time_layers(self) -> list[str]:
         ada = {n for n, m in self.model.named_modules() if type(m).__name__ in self._ada_norms}
@@ -143,6 +198,26 @@ class SD3TransformerAdapter(DenoiserAdapter):
 
     def io_layers(self) -> list[str]:
         return [n for n in ("pos_embed.proj", "proj_out") if n in self.layers()]
+
+    input_names = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+
+    def example_inputs(self, batch: int = 2, size: int | None = None, seq_len: int = 77) -> dict[str, torch.Tensor]:
+        cfg, g = self.model.config, _gen()
+        size = size or cfg.sample_size
+        return {"hidden_states": torch.randn(batch, cfg.in_channels, size, size, generator=g),
+                "timestep": torch.full((batch,), 500.0),
+                "encoder_hidden_states": torch.randn(batch, seq_len, cfg.joint_attention_dim, generator=g),
+                "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g)}
+
+    @classmethod
+    def flat_inputs(cls, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        out = dict(zip(cls.input_names, args))
+        out.update({k: kwargs[k] for k in cls.input_names if k in kwargs})
+        out["timestep"] = _batched_timestep(out["timestep"], out["hidden_states"])
+        return out
+
+    def call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**{k: inputs[k] for k in self.input_names}, return_dict=False)[0]
 
 
 ADAPTERS: tuple[type[DenoiserAdapter], ...] = (UNet2DConditionAdapter, SD3TransformerAdapter)
@@ -170,6 +245,11 @@ def get_denoiser(pipe_or_denoiser) -> nn.Module:
         if isinstance(module, nn.Module):
             return module
     raise TypeError(f"{type(pipe_or_denoiser).__name__} has no `unet` or `transformer` component to quantize")
+
+
+def adapter_class(class_name: str) -> type[DenoiserAdapter]:
+    """The adapter class for a denoiser class name (a deployed denoiser has no torch model to inspect)."""
+    return next((cls for cls in ADAPTERS if cls.supports_name(class_name)), DenoiserAdapter)
 
 
 def matches_any(name: str, patterns: list[str] | tuple[str, ...]) -> bool:

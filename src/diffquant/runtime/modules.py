@@ -236,7 +236,7 @@ class _IntLayer(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         iq = self.input_quantizer
         group = 0 if iq.context is None or iq.num_groups == 1 else iq.context.group
-        if self.backend == "float":
+        if self.backend == "float" and not self._export:  # exported graphs keep int8 weights with Q/DQ
             return self._float_forward(iq(x))
         if isinstance(group, int):
             return self._group_forward(x, group)

@@ -3,8 +3,9 @@
 Each integer layer becomes ``QuantizeLinear(x, s_x, z_x) -> DequantizeLinear`` on its input,
 ``DequantizeLinear(int8 codes, per-channel s_w)`` on its weight, then the float Conv/MatMul: the
 standard QDQ form that ONNX Runtime fuses into integer kernels where it can. The timestep group is
-fixed at export (``group``); a model with several groups exports one file per group. Layers that
-run in float (and timestep groups wider than 8 bits) export their fake-quant arithmetic as float ops.
+fixed at export (``group``); a model with several groups exports one file per group (OpenVINO serves all
+groups from one graph: openvino.py). Layers that run in float (and timestep groups wider than 8 bits)
+export their fake-quant arithmetic as float ops.
 """
 
 from __future__ import annotations
@@ -19,18 +20,8 @@ from torch import nn
 from ..quant import ActivationQuantizer
 from ..quant.affine import fake_quantize, qrange
 from ..wrap import get_denoiser, quant_record
+from .flat import FlatCall, example_inputs
 from .modules import _IntLayer
-
-
-class _UNetCall(nn.Module):
-    """``unet(sample, timestep, encoder_hidden_states)`` as a plain positional module for the exporter."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
 @contextlib.contextmanager
@@ -57,11 +48,21 @@ def export_mode(denoiser: nn.Module, group: int):
 
 
 def _constant_fake_quant(q: ActivationQuantizer, group: int):
-    """``q``'s fake quantization for one timestep group with its parameters as Python numbers."""
+    """``q``'s fake quantization for one timestep group with its parameters as Python numbers: a
+    QuantizeLinear/DequantizeLinear pair (uint8 grid) when it fits 8 bits and one scale, else float ops."""
     bits = int(q.bits[group])
     qmin, qmax = (int(v) for v in qrange(bits, q.spec.symmetric, q.spec.unsigned))
     scale = q.scale[group].detach().clone()
     zero_point = q.zero_point[group].detach().clone()
+    if bits <= 8 and q.seg_index is None:
+        s, zp, top = float(scale[0]), int(round(float(zero_point[0]))) - qmin, qmax - qmin
+
+        def qdq(x: torch.Tensor) -> torch.Tensor:
+            qd = torch.ops.quantized_decomposed
+            codes = qd.quantize_per_tensor(x.float(), s, zp, 0, top, torch.uint8)
+            return qd.dequantize_per_tensor(codes, s, zp, 0, top, torch.uint8).to(x.dtype)
+
+        return qdq
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         shape = [1] * x.dim()
@@ -74,29 +75,20 @@ def _constant_fake_quant(q: ActivationQuantizer, group: int):
     return forward
 
 
-def example_unet_inputs(denoiser: nn.Module, batch: int = 2, seq_len: int = 77, size: int | None = None) -> tuple:
-    """(sample, timestep, encoder_hidden_states) for a UNet2DConditionModel from its config."""
-    cfg = denoiser.config
-    size = size or cfg.sample_size
-    dtype = next(denoiser.parameters()).dtype
-    g = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, cfg.in_channels, size, size, generator=g).to(dtype)
-    context = torch.randn(batch, seq_len, cfg.cross_attention_dim, generator=g).to(dtype)
-    return sample, torch.tensor(500.0), context
-
-
 def export_onnx(
-    model: Any, path: str | Path, *, group: int | None = None, inputs: tuple | None = None, opset: int = 18
+    model: Any, path: str | Path, *, group: int | None = None, inputs: dict[str, torch.Tensor] | None = None,
+    batch: int = 2, seq_len: int = 77, opset: int = 18, dynamic: bool = True,
 ) -> Path:
     """Write the (converted) denoiser of ``model`` to ``path`` as ONNX with Q/DQ nodes; returns the path.
 
-    ``inputs`` = (sample, timestep, encoder_hidden_states) fixes the traced shapes (default: batch 2,
-    77 tokens, the config's sample size). Only ``UNet2DConditionModel`` (SD 1.x/2.x) is supported.
+    Any family an adapter knows exports (SD 1.x/2.x and SDXL UNets, SD3 MMDiT): the graph's inputs are
+    the adapter's named tensors (``inputs``; default: its example inputs at ``batch`` and ``seq_len``
+    tokens), output ``noise_pred``. With ``dynamic`` the batch dimension is symbolic (every input's
+    first axis); latent size and sequence length stay as traced (the UNet's and MMDiT's shape-dependent
+    Python branches pin them). Attention matmul inputs of <= 8 bits are Q/DQ pairs too.
     """
     denoiser = get_denoiser(model)
     record = quant_record(denoiser)
-    if type(denoiser).__name__ != "UNet2DConditionModel" or getattr(denoiser.config, "addition_embed_type", None):
-        raise ValueError(f"ONNX export supports SD 1.x/2.x UNets; {type(denoiser).__name__} with added conditioning is not supported yet")
     groups = len(record.groups)
     if group is None:
         if groups > 1:
@@ -108,12 +100,15 @@ def export_onnx(
         raise ValueError("the model is not converted; run diffquant.convert (or `quantize --convert`) before exporting")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    inputs = inputs or example_unet_inputs(denoiser)
+    inputs = inputs or example_inputs(denoiser, batch=batch, seq_len=seq_len)
+    dtype = next(denoiser.parameters()).dtype
+    tensors = tuple(v.to(dtype) if v.is_floating_point() else v for v in inputs.values())
+    shapes = tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in tensors) if dynamic else None
     tmp = path.with_name(f".{path.name}.partial")
     with export_mode(denoiser, group), torch.no_grad():
         program = torch.onnx.export(
-            _UNetCall(denoiser).eval(), inputs, input_names=["sample", "timestep", "encoder_hidden_states"],
-            output_names=["noise_pred"], opset_version=opset, dynamo=True,
+            FlatCall(denoiser, list(inputs)).eval(), tensors, input_names=list(inputs), output_names=["noise_pred"],
+            opset_version=opset, dynamo=True, dynamic_shapes=shapes,
         )
     program.save(str(tmp), external_data=_needs_external_data(denoiser))
     for extra in tmp.parent.glob(f"{tmp.name}.data"):
@@ -128,4 +123,4 @@ def _needs_external_data(denoiser: nn.Module) -> bool:
     return size > 1.5 * 2**30
 
 
-__all__ = ["example_unet_inputs", "export_mode", "export_onnx"]
+__all__ = ["export_mode", "export_onnx"]

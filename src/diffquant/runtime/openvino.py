@@ -1,0 +1,266 @@
+"""Deploy a quantized denoiser on OpenVINO with diffquant's own calibrated scales (no re-calibration).
+
+``export_openvino(model, folder)`` writes ``denoiser.xml/.bin`` (the int8 graph, every <= 8-bit timestep
+group served by one compiled model through runtime scalars: ovgraph.py) plus ``denoiser_float.xml/.bin``
+when some groups are wider than 8 bits (PCR's relaxed steps run that float graph), and, for a pipeline,
+its other components so the folder loads as a generating pipeline. ``OVDenoiser`` wraps compiled models
+behind the diffusers denoiser call, picking the timestep group from the scheduler's timestep the same
+way the torch model does (nearest group centre). Text encoders and the VAE stay torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io import atomic_write_json
+from ..models.adapters import adapter_class
+from ..quant import TimestepGroups
+from ..wrap import get_denoiser, quant_record
+from .flat import example_inputs
+from .ovgraph import GROUP_INPUT, quantized_models
+
+OV_CONFIG = "openvino_config.json"
+GRAPHS = {"int": "denoiser.xml", "float": "denoiser_float.xml"}
+
+
+def _frozen_config(config: dict) -> Any:
+    from diffusers.configuration_utils import FrozenDict
+
+    return FrozenDict({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+class _Stub:
+    """Attribute access for the few module fields pipelines read off the denoiser (SDXL's ``add_embedding``)."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.__dict__.update(fields)
+
+
+class OVDenoiser(nn.Module):
+    """A compiled OpenVINO denoiser behind the diffusers call: ``denoiser(sample, t, ..., return_dict=False)``.
+
+    ``models``: ``{"int": ov.Model | path, "float": ...}`` (export_openvino's graphs) or one ``ov.Model`` (e.g.
+    NNCF's INT8 or a float peer, run for every step). ``graph``: ``int`` (int8 kernels; groups in
+    ``float_groups`` still run the float graph), ``float`` (exact fake-quant arithmetic, int8 weights
+    decompressed), or ``auto``: int where the CPU has VNNI/AMX, float elsewhere (without VNNI, x86 int8
+    kernels sum u8 x s8 pairs in int16 and saturate on full-range weights: 8% error measured, and no faster).
+    ``timestep_group`` is fed when a graph takes it. ``precision``: OpenVINO's inference precision hint
+    (``f32`` keeps the float parts exact; ``bf16`` is faster where the CPU has it). ``threads``: default
+    torch's thread count.
+    """
+
+    def __init__(
+        self,
+        models: Any,
+        config: dict,
+        class_name: str,
+        *,
+        groups: TimestepGroups | None = None,
+        float_groups: list[int] | tuple[int, ...] = (),
+        graph: str = "auto",
+        precision: str = "f32",
+        threads: int | None = None,
+    ) -> None:
+        super().__init__()
+        import openvino as ov
+
+        if graph not in ("auto", "int", "float"):
+            raise ValueError(f"unknown graph {graph!r}; choose auto, int or float")
+        models = models if isinstance(models, dict) else {"given": models}
+        if graph == "auto":
+            graph = "int" if "int" in models and cpu_has_vnni() else "float"
+        if "given" not in models:
+            if graph not in models:
+                raise ValueError(f"no {graph} graph among {sorted(models)}; pass graph='float'")
+            keep = {graph} | ({"float"} if graph == "int" and float_groups else set())
+            models = {k: m for k, m in models.items() if k in keep}
+        self.graph = graph
+        properties = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "INFERENCE_PRECISION_HINT": precision}
+        core = ov.Core()
+        self.compiled = {k: core.compile_model(m if not isinstance(m, (str, Path)) else str(m), "CPU", properties)
+                         for k, m in models.items()}
+        self._inputs = {k: [next(iter(p.get_names())) for p in c.inputs] for k, c in self.compiled.items()}
+        self.class_name = class_name
+        self.adapter = adapter_class(class_name)
+        self.groups = groups
+        self.float_groups = set(float_groups)
+        self.precision = precision
+        self.config = _frozen_config(config)
+        if "projection_class_embeddings_input_dim" in self.config:
+            self.add_embedding = _Stub(linear_1=_Stub(in_features=self.config["projection_class_embeddings_input_dim"]))
+        self.calls: list[int] = []  # the timestep group of every call (tests and reports read it)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def group_of(self, timestep: torch.Tensor) -> int:
+        """The timestep group of a call (one per call: pipelines give every sample the same t)."""
+        if self.groups is None or len(self.groups) == 1:
+            return 0
+        index = self.groups.index(timestep.flatten())
+        if not bool((index == index[0]).all()):
+            raise ValueError("a batch mixing timestep groups cannot run on one OpenVINO call; give every sample the same t")
+        return int(index[0])
+
+    def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        """The numpy inputs of one diffusers call, keyed by graph input name (also NNCF calibration items)."""
+        flat = self.adapter.flat_inputs(args, kwargs)
+        feeds = {k: v.detach().float().cpu().numpy() for k, v in flat.items()}
+        feeds[GROUP_INPUT] = np.array([self.group_of(flat["timestep"])], dtype=np.int64)
+        return feeds
+
+    def forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        feeds = self.feeds(*args, **kwargs)
+        group = int(feeds[GROUP_INPUT][0])
+        self.calls.append(group)
+        graph = "float" if group in self.float_groups or self.graph == "float" else self.graph
+        graph = graph if graph in self.compiled else "given"
+        compiled = self.compiled[graph]
+        missing = [n for n in self._inputs[graph] if n not in feeds]
+        if missing:
+            raise ValueError(f"the OpenVINO denoiser needs inputs {missing}; pass them as the diffusers call does")
+        out = compiled({n: feeds[n] for n in self._inputs[graph]})[0]
+        sample = next(a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor))
+        out = torch.from_numpy(np.ascontiguousarray(out)).to(sample.dtype)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+    @classmethod
+    def from_denoiser(cls, model: Any, *, inputs: dict[str, torch.Tensor] | None = None, **options: Any) -> OVDenoiser:
+        """Trace a quantized denoiser (or the pipeline's) into OpenVINO in memory and compile it (``options``: graph,
+        precision, threads)."""
+        denoiser = get_denoiser(model)
+        models, plan = quantized_models(denoiser, inputs or _pipeline_inputs(model))
+        return cls(models, dict(denoiser.config), type(denoiser).__name__, groups=quant_record(denoiser).groups,
+                   float_groups=plan.float_groups, **options)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **options: Any) -> OVDenoiser:
+        """Compile what ``export_openvino`` wrote into ``folder`` (``options``: graph, precision, threads)."""
+        folder = Path(folder)
+        meta = json.loads((folder / OV_CONFIG).read_text())
+        sub = folder / meta["denoiser_folder"]
+        models = {k: sub / GRAPHS[k] for k in meta["graphs"]}
+        return cls(models, meta["config"], meta["class"], groups=TimestepGroups.from_dict(meta["groups"]),
+                   float_groups=meta["float_groups"], **options)
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU multiplies u8 x s8 without int16 saturation (AVX-512 VNNI, AVX-VNNI or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _pipeline_inputs(model: Any) -> dict[str, torch.Tensor]:
+    """Example inputs sized like the pipeline's own calls (its tokenizer's sequence length)."""
+    denoiser = get_denoiser(model)
+    tokenizer = getattr(model, "tokenizer", None)
+    seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
+    return example_inputs(denoiser, batch=2, seq_len=min(int(seq_len), 77))
+
+
+def _denoiser_attr(pipe: Any, denoiser: nn.Module) -> str:
+    return next(a for a in ("unet", "transformer") if getattr(pipe, a, None) is denoiser)
+
+
+def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``model``'s quantized denoiser as OpenVINO IR (with the pipeline's other components) to ``folder``.
+
+    Scales are diffquant's own (weights int8 codes with per-channel scales, activations FakeQuantize with
+    the calibrated ranges); every timestep group survives (ovgraph.py). Batch and latent size stay
+    dynamic where the traced graph allows (batch always; latent size for the UNets and the MMDiT up to
+    its position-embedding size). Returns the folder; it appears only when complete.
+    """
+    from ..io import file_table
+    from ..serialization import MANIFEST, save_components
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} already exists and is not empty; choose a new folder or pass --overwrite")
+    denoiser = get_denoiser(model)
+    record = quant_record(denoiser)
+    models, plan = quantized_models(denoiser, _pipeline_inputs(model))
+    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        attr = "denoiser"
+        if not isinstance(model, nn.Module):
+            attr = _denoiser_attr(model, denoiser)
+            save_components(model, tmp, skip=denoiser)
+        _write_graphs(models, tmp / attr)
+        atomic_write_json(tmp / OV_CONFIG, {
+            "format": "diffquant-openvino", "class": type(denoiser).__name__, "denoiser_folder": attr,
+            "config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
+            "groups": record.groups.to_dict(), "graphs": sorted(models), "int_groups": plan.int_groups,
+            "float_groups": plan.float_groups, "quant_config": record.config.to_dict(),
+        })
+        atomic_write_json(tmp / MANIFEST, {"format_version": 1, "files": file_table(tmp), "backend": "openvino"})
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _write_graphs(models: dict[str, Any], folder: Path) -> None:
+    import openvino as ov
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for graph, model in models.items():
+        ov.save_model(model, str(folder / GRAPHS[graph]), compress_to_fp16=False)  # fp16 would round the scales
+
+
+def is_openvino_folder(folder: str | Path) -> bool:
+    return (Path(folder) / OV_CONFIG).is_file()
+
+
+def load_openvino(folder: str | Path, **options: Any) -> Any:
+    """A generating pipeline whose denoiser is an ``OVDenoiser``: from ``export_openvino``'s folder, or traced in
+    memory from a ``diffquant.save`` folder. Text encoders and VAE stay torch."""
+    import diffusers
+
+    from ..serialization import load, verify
+
+    folder = Path(folder)
+    if not is_openvino_folder(folder):
+        pipe = load(folder)
+        if isinstance(pipe, nn.Module):
+            return OVDenoiser.from_denoiser(pipe, **options)
+        denoiser = get_denoiser(pipe)
+        attr = _denoiser_attr(pipe, denoiser)
+        setattr(pipe, attr, OVDenoiser.from_denoiser(pipe, **options))
+        return pipe
+    verify(folder)
+    ov_denoiser = OVDenoiser.from_folder(folder, **options)
+    meta = json.loads((folder / OV_CONFIG).read_text())
+    if not (folder / "model_index.json").is_file():
+        return ov_denoiser
+    index = json.loads((folder / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
+    attr = meta["denoiser_folder"]  # diffusers type-checks passed components: load without it, then attach
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **absent, **{attr: None}, use_safetensors=True)
+    setattr(pipe, attr, ov_denoiser)
+    return pipe
+
+
+__all__ = ["OVDenoiser", "export_openvino", "is_openvino_folder", "load_openvino"]

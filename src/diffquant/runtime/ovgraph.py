@@ -1,0 +1,266 @@
+"""The OpenVINO graph of a converted denoiser: FakeQuantize activations, int8 weight constants, all timestep groups.
+
+OpenVINO runs a linear layer on int8 kernels when its input comes from a FakeQuantize with constant
+ranges and its weight is an int8 constant with a per-channel ``Convert -> Multiply``; a scale fed as a
+graph input (or gathered at run time) before the layer loses the int8 kernel (measured 3.4x slower,
+docs/runtime.md). Timestep groups therefore keep one constant grid per layer, that of a reference
+group ``g0`` with scale ``s0`` and zero point ``z0``, and reach group ``g`` (``s, z``) by runtime scalars
+gathered from per-layer tables with a ``timestep_group`` input:
+
+    x' = x / r + d,   r = s / s0,  d = s0 (z - z0)      ->  FakeQuantize(x'; s0, z0) gives group g's codes
+    y  = r * (op(x_hat') - d * op(1)) + bias             ->  group g's exact output
+
+``op(1)`` is the layer applied to ones: the weight's row sums for a Linear, a one-channel convolution
+of a ones map (exact at zero-padded borders too) for a Conv2d; both vanish when zero points do not
+change with t (symmetric activations). One compiled model then serves every group at full int8 speed.
+Groups wider than 8 bits (PCR's relaxed steps) cannot share the 8-bit grid: a second, float graph serves
+them, with every quantizer's parameters gathered by group (float arithmetic, exact). Quantizers outside
+integer layers (attention matmuls, float-fallback layers) are constant FakeQuantize when one grid serves
+all groups, else float fake quantization with gathered parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant import ActivationQuantizer
+from ..quant.affine import qrange
+from ..wrap import get_denoiser, quant_record
+from .convert import convert, is_converted
+from .flat import FlatCall, example_inputs
+from .modules import IntConv2d, _IntLayer
+
+GROUP_INPUT = "timestep_group"
+OUTPUT = "out_sample"
+
+
+@dataclass
+class GroupPlan:
+    """Which timestep groups the int8 graph serves and which need the float graph."""
+
+    num_groups: int
+    int_groups: list[int]
+    float_groups: list[int] = field(default_factory=list)
+
+    @property
+    def ref(self) -> int:
+        return self.int_groups[0] if self.int_groups else 0
+
+
+def plan_groups(denoiser: nn.Module) -> GroupPlan:
+    """A group is relaxed (float graph) when any quantizer holds more bits there than its lowest."""
+    record = quant_record(denoiser)
+    relaxed: set[int] = set()
+    for q in _quantizers(denoiser):
+        low = int(q.bits.min())
+        relaxed |= {g for g in range(q.num_groups) if int(q.bits[g]) > low}
+    groups = range(len(record.groups))
+    return GroupPlan(len(record.groups), [g for g in groups if g not in relaxed], sorted(relaxed))
+
+
+def _quantizers(denoiser: nn.Module) -> list[ActivationQuantizer]:
+    return [q for q in denoiser.modules() if isinstance(q, ActivationQuantizer) and q.mode == "quantize"]
+
+
+class _State:
+    """The traced group-index input, read by every rendered layer."""
+
+    def __init__(self, plan: GroupPlan, graph: str) -> None:
+        self.plan, self.graph = plan, graph
+        self.group: torch.Tensor | None = None
+
+    def pick(self, table: torch.Tensor) -> torch.Tensor:
+        return table.index_select(0, self.group)
+
+    @property
+    def groups(self) -> list[int]:
+        return self.plan.int_groups if self.graph == "int" else list(range(self.plan.num_groups))
+
+
+def _varies(values: torch.Tensor, groups: list[int]) -> bool:
+    return len(groups) > 1 and not bool((values[groups] == values[groups[0]]).all())
+
+
+class _Gathered:
+    """Float fake quantization with one quantizer's parameters gathered by group (exact; no int8 kernel)."""
+
+    def __init__(self, q: ActivationQuantizer, st: _State, varying: bool) -> None:
+        ranges = [qrange(int(q.bits[g]), q.spec.symmetric, q.spec.unsigned) for g in range(q.num_groups)]
+        self.lo = torch.tensor([float(a) for a, _ in ranges])
+        self.hi = torch.tensor([float(b) for _, b in ranges])
+        self.scale, self.zero_point = q.scale.detach().float().clone(), q.zero_point.detach().float().clone()
+        self.q, self.st, self.ref = q, st, st.groups[0]
+        self.pick = st.pick if varying and st.plan.num_groups > 1 else (lambda t: t[self.ref : self.ref + 1])
+
+    def __call__(self, x: torch.Tensor, segment: int | None = None) -> torch.Tensor:
+        """Fake-quantize ``x`` (one channel segment of the input when ``segment`` is given)."""
+        s, z, a, b = self.pick(self.scale)[0], self.pick(self.zero_point)[0], self.pick(self.lo), self.pick(self.hi)
+        if segment is not None:
+            s, z = s[segment : segment + 1], z[segment : segment + 1]
+        elif self.q.seg_index is not None:
+            shape = [1] * x.dim()
+            shape[self.q.channel_axis] = x.shape[self.q.channel_axis]
+            s, z = s[self.q.seg_index].reshape(shape), z[self.q.seg_index].reshape(shape)
+        else:
+            s, z = s[:1], z[:1]
+        codes = torch.minimum(torch.maximum(torch.round(x.float() / s) + z, a), b)
+        return ((codes - z) * s).to(x.dtype)
+
+
+def _quantizer_forward(q: ActivationQuantizer, st: _State):
+    """Int graph: FakeQuantize with group g0's constants when one grid serves its groups; otherwise (and in the
+    float graph, where a FakeQuantize would pull in int8 kernels) float arithmetic with gathered parameters."""
+    groups, ref = st.groups, st.groups[0]
+    bits = int(q.bits[ref])
+    qmin, qmax = (int(v) for v in qrange(bits, q.spec.symmetric, q.spec.unsigned))
+    varying = _varies(q.scale.detach(), groups) or _varies(q.zero_point, groups) or _varies(q.bits, groups)
+    if st.graph == "int" and not varying and bits <= 8 and q.seg_index is None:
+        scale, zp = float(q.scale[ref, 0]), int(round(float(q.zero_point[ref, 0]))) - qmin
+
+        def fake_quant(x: torch.Tensor) -> torch.Tensor:
+            return torch.fake_quantize_per_tensor_affine(x.float(), scale, zp, 0, qmax - qmin).to(x.dtype)
+
+        return fake_quant
+    return _Gathered(q, st, varying)
+
+
+def _ones_op(layer: _IntLayer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The layer (no bias) applied to an all-ones input: row sums, or a ones map convolved (exact at borders)."""
+    if not isinstance(layer, IntConv2d):
+        return w.sum(1)
+    ones, padding = torch.ones_like(x[:1, :1]), layer.padding
+    if layer.padding_mode != "zeros":
+        ones, padding = F.pad(ones, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), 0
+    return F.conv2d(ones, w.sum(1, keepdim=True), None, layer.stride, padding, layer.dilation)
+
+
+def _int_layer_forward(layer: _IntLayer, st: _State):
+    """Int graph: FakeQuantize(x / r + d) -> int8-weight op per kernel block -> r * (y - d * op(1)) + bias.
+    Float graph: gathered float fake quantization -> the same int8-weight ops (OpenVINO decompresses them)."""
+    iq, groups, ref = layer.input_quantizer, st.groups, st.groups[0]
+    gathered = _Gathered(iq, st, varying=True) if st.graph == "float" else None
+    segments, blocks = layer._segments(), layer.blocks()
+    grids, tables = [], []
+    for s in range(len(segments)):
+        scale0, zp0, qmax, _ = layer._act_params(ref, s)
+        r = torch.ones(st.plan.num_groups)
+        d = torch.zeros(st.plan.num_groups)
+        for g in groups:
+            r[g] = float(iq.scale[g, s]) / scale0
+            d[g] = scale0 * (float(iq.zero_point[g, s]) - float(iq.zero_point[ref, s]))
+        grids.append((scale0, zp0, qmax))
+        tables.append((r if bool((r != 1).any()) else None, d if bool((d != 0).any()) else None))
+    weights = []
+    for c0, c1, w_seg, _ in blocks:
+        codes, w_scale = layer._block_codes(c0, c1), layer._weight_scales(w_seg)
+        weights.append((codes, w_scale.reshape([-1] + [1] * (codes.dim() - 1))))
+    bias = None if layer.bias is None else layer.bias.detach().float().clone()
+    whole = (0, layer.weight_shape[1])
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for s, (a, b) in enumerate(segments):
+            scale0, zp0, qmax = grids[s]
+            xs = x.float() if (a, b) == whole else layer._channels(x.float(), a, b)
+            if gathered is not None:
+                r = d = None
+                x_hat = gathered(xs, segment=s)
+            else:
+                r, d = (None if t is None else st.pick(t) for t in tables[s])
+                if r is not None:
+                    xs = xs / r
+                if d is not None:
+                    xs = xs + d
+                x_hat = torch.fake_quantize_per_tensor_affine(xs, scale0, zp0, 0, qmax)
+            for i, (c0, c1, _, a_seg) in enumerate(blocks):
+                if a_seg != s:
+                    continue
+                codes, w_scale = weights[i]
+                w = codes.float() * w_scale
+                xb = x_hat if (c0, c1) == (a, b) else layer._channels(x_hat, c0 - a, c1 - a)
+                y = layer._float_op(xb, w, None)
+                if d is not None:  # r and d are [1]: they broadcast over any output
+                    y = y - d * _ones_op(layer, xb, w)
+                if r is not None:
+                    y = y * r
+                out = y if out is None else out + y
+        if bias is not None:
+            out = out + (bias.reshape(-1, 1, 1) if isinstance(layer, IntConv2d) else bias)
+        return out.to(x.dtype)
+
+    return forward
+
+
+@contextlib.contextmanager
+def graph_mode(denoiser: nn.Module, st: _State):
+    """Every quantizer (and, in the int graph, every integer layer) renders its OpenVINO form."""
+    record = quant_record(denoiser)
+    patched: list[nn.Module] = []
+    for q in _quantizers(denoiser):
+        q.forward = _quantizer_forward(q, st)
+        patched.append(q)
+    for m in denoiser.modules():
+        if isinstance(m, _IntLayer):
+            m.forward = _int_layer_forward(m, st)
+            patched.append(m)
+    record.context.force(st.groups[0])
+    try:
+        yield
+    finally:
+        record.context.force(None)
+        for m in patched:
+            del m.forward
+
+
+def trace(module: nn.Module, names: list[str], inputs: tuple) -> Any:
+    """``ov.convert_model`` of ``module`` (TorchScript trace) with named inputs and output."""
+    import openvino as ov
+
+    with torch.no_grad():
+        model = ov.convert_model(module, example_input=inputs)
+    for port, name in zip(model.inputs, names, strict=True):
+        port.get_tensor().set_names({name})
+    model.outputs[0].get_tensor().set_names({OUTPUT})
+    return model
+
+
+def float_model(denoiser: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Any:
+    """An ``ov.Model`` of a float (or fake-quant) denoiser with the same named inputs: FP peers, NNCF's input."""
+    inputs = inputs or example_inputs(denoiser)
+    names = list(inputs)
+    return trace(FlatCall(denoiser, names).eval(), names, tuple(inputs.values()))
+
+
+def quantized_models(model: Any, inputs: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], GroupPlan]:
+    """``{"int": ov.Model[, "float": ov.Model]}`` of a quantized (frozen or converted) denoiser, and the group plan.
+
+    A frozen model is converted on a float32 copy first (no kernel timing: the graph ignores kernels).
+    The graphs take the adapter's inputs, plus ``timestep_group`` (int64 [1]) when the model has
+    several timestep groups.
+    """
+    denoiser = get_denoiser(model)
+    quant_record(denoiser)
+    work = copy.deepcopy(denoiser).float()
+    if not is_converted(work):
+        convert(work, backend="float", progress=False)
+    plan = plan_groups(work)
+    inputs = inputs or example_inputs(work)
+    names = list(inputs)
+    models = {}
+    for graph in ("int", "float") if plan.int_groups else ("float",):
+        st = _State(plan, graph)
+        extra = (torch.tensor([st.groups[0]]),) if plan.num_groups > 1 else ()
+        with graph_mode(work, st):
+            models[graph] = trace(FlatCall(work, names, st).eval(), names + [GROUP_INPUT] * bool(extra),
+                                  tuple(inputs.values()) + extra)
+    return models, plan
+
+
+__all__ = ["GROUP_INPUT", "OUTPUT", "GroupPlan", "float_model", "plan_groups", "quantized_models", "trace"]

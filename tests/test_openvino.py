@@ -1,0 +1,163 @@
+"""Deployment on OpenVINO (and ONNX Q/DQ) with diffquant's own scales, every family, every timestep group."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import diffquant
+from diffquant import QuantConfig
+from diffquant.models.adapters import get_adapter
+from diffquant.quant import ActivationQuantizer
+from diffquant.quant.affine import qrange
+
+from tinyutil import PROMPTS, calibration_config
+
+ov = pytest.importorskip("openvino")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def fake_quant_out(denoiser, inputs: dict, group: int) -> torch.Tensor:
+    """The torch fake-quant prediction with timestep group ``group`` forced."""
+    context = diffquant.quant_record(denoiser).context
+    context.force(group)
+    try:
+        with torch.no_grad():
+            return get_adapter(denoiser).call(inputs)
+    finally:
+        context.force(None)
+
+
+@pytest.fixture(scope="module")
+def two_groups(tiny_pipes):
+    """Tiny SD, RTN W8A8 with two timestep groups whose scales and zero points differ on purpose."""
+    pipe = copy.deepcopy(tiny_pipes["sd"])
+    cfg = QuantConfig(method="rtn", wbits=8, abits=8, timestep_groups=2, calibration=calibration_config(num_prompts=2))
+    diffquant.quantize(pipe, cfg, calibration=PROMPTS[:2], progress=False)
+    with torch.no_grad():
+        for q in pipe.unet.modules():
+            if isinstance(q, ActivationQuantizer) and q.mode == "quantize":
+                qmin, qmax = (float(v) for v in qrange(int(q.bits[1]), q.spec.symmetric, q.spec.unsigned))
+                q.scale[1] = q.scale[0] * 1.5
+                if not q.spec.unsigned:
+                    q.zero_point[1] = (q.zero_point[0] + 7).clamp(qmin, qmax)
+    return pipe
+
+
+def sd_inputs(unet, t: float) -> dict:
+    from diffquant.runtime.flat import example_inputs
+
+    inputs = example_inputs(unet, batch=2, seq_len=16)
+    inputs["timestep"] = torch.full((2,), t)
+    return inputs
+
+
+def test_graphs_reach_every_group_layer_by_layer(two_groups):
+    """Each integer layer's OpenVINO form (int graph: constant FakeQuantize of group 0 with x / r + d before and
+    r * (y - d op(1)) after; float graph: gathered fake quantization), run in torch on the layer's real input,
+    gives that group's fake-quant output, for both groups (zero points differ, so the shift terms are live)."""
+    from diffquant.runtime.modules import _IntLayer
+    from diffquant.runtime.ovgraph import _int_layer_forward, _State, convert, plan_groups
+
+    work = copy.deepcopy(two_groups.unet)
+    convert(work, backend="float", progress=False)
+    plan = plan_groups(work)
+    assert plan.int_groups == [0, 1] and plan.float_groups == []
+    errors: dict[tuple, float] = {}
+    for graph in ("int", "float"):
+        st = _State(plan, graph)
+        for group in (0, 1):
+            st.group = torch.tensor([group])
+
+            def check(layer, args, out, graph=graph, group=group, st=st):
+                rendered = _int_layer_forward(layer, st)(args[0])
+                errors[(graph, group, id(layer))] = rel_err(rendered, out)
+
+            hooks = [m.register_forward_hook(check) for m in work.modules() if isinstance(m, _IntLayer)]
+            try:
+                fake_quant_out(work, sd_inputs(work, 500.0), group)
+            finally:
+                for h in hooks:
+                    h.remove()
+    # x / r rounds once more than x / s: a code can land on its neighbour (a few elements in a million)
+    assert len(errors) > 4 * 30 and max(errors.values()) < 1e-3
+    assert sum(e > 1e-5 for e in errors.values()) < 0.05 * len(errors)
+
+
+@pytest.fixture(scope="module")
+def exported(two_groups, tmp_path_factory):
+    from diffquant.runtime.openvino import export_openvino
+
+    folder = tmp_path_factory.mktemp("ov") / "q-ov"
+    return export_openvino(two_groups, folder)
+
+
+def test_openvino_denoiser_uses_each_steps_group(two_groups, exported):
+    """Loaded from the exported IR, the denoiser picks the group from the timestep and gives that group's
+    fake-quant output, not the other's. (The tiny model has random weights: one rounding flip moves its output
+    by ~1%, so "near" is relative; layer-level exactness is the test above, image PSNR is in docs/runtime.md.)"""
+    from diffquant.runtime.openvino import OVDenoiser, cpu_has_vnni
+
+    assert (exported / "unet" / "denoiser.xml").is_file() and (exported / "model_index.json").is_file()
+    graphs = ["float"] + (["int"] if cpu_has_vnni() else [])  # without VNNI int8 kernels saturate (docs/runtime.md)
+    for graph in graphs:
+        den = OVDenoiser.from_folder(exported, graph=graph, threads=1)
+        assert den.config.in_channels == two_groups.unet.config.in_channels
+        for t, group in ((900.0, 1), (100.0, 0)):
+            inputs = sd_inputs(two_groups.unet, t)
+            out = den(inputs["sample"], torch.tensor(t), encoder_hidden_states=inputs["encoder_hidden_states"]).sample
+            own = fake_quant_out(two_groups.unet, inputs, group)
+            other = fake_quant_out(two_groups.unet, inputs, 1 - group)
+            assert den.calls[-1] == group
+            assert rel_err(out, own) < 0.4 * rel_err(out, other), (graph, t)
+
+
+def test_generate_backend_openvino_writes_an_image(exported, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    out = tmp_path / "img.png"
+    result = CliRunner().invoke(app, ["generate", "--model", str(exported), "--backend", "openvino", "--prompt",
+                                      "a red circle", "--steps", "2", "--height", "32", "--width", "32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(out).size == (32, 32)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_sdxl_and_sd3_export_to_onnx_and_openvino(rtn_results, family, tmp_path):
+    """Every adapter family exports: ONNX Q/DQ (run by ONNX Runtime) and OpenVINO, both near the fake-quant output."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from diffquant.runtime import convert
+    from diffquant.runtime.flat import example_inputs
+    from diffquant.runtime.onnx import export_onnx
+    from diffquant.runtime.openvino import OVDenoiser
+
+    pipe = rtn_results[(family, 8)]["pipe"]
+    denoiser = diffquant.get_denoiser(pipe)
+    inputs = example_inputs(denoiser, batch=2, seq_len=16)
+    with torch.no_grad():
+        ref = get_adapter(denoiser).call(inputs)
+        fp = get_adapter(diffquant.get_denoiser(rtn_results[(family, 4)]["pipe"])).call(inputs)
+    gap = rel_err(fp, ref)  # the W4 model's distance: a scale for "near"
+    den = OVDenoiser.from_denoiser(pipe, inputs=inputs, graph="float", threads=1)
+    flat = {k: v for k, v in inputs.items() if k not in ("text_embeds", "time_ids")}
+    added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
+    out = den(*flat.values(), added_cond_kwargs=added or None, return_dict=False)[0]
+    assert rel_err(out, ref) < 0.25 * gap
+    converted = copy.deepcopy(denoiser)
+    convert(converted, progress=False)
+    path = export_onnx(converted, tmp_path / "d.onnx", inputs=inputs)
+    graph = onnx.load(str(path)).graph
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
+    assert rel_err(onnx_out, ref) < 0.25 * gap
