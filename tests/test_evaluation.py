@@ -260,6 +260,7 @@ def test_eval_writes_results(eval_run):
     assert len(sens["layers"]) == 8 and sens["none_quantized"] == 0.0 and sens["all_quantized"] > 0
     assert "lpips-weights" in results["skipped"]["lpips"] and "Inception" in results["feature_space"]
     assert "PSNR" in result.output  # the markdown table is printed
+    assert "reused from --cache-dir" not in result.output  # nothing was cached before
 
 
 def test_eval_bad_input_is_one_line(tmp_path):
@@ -311,7 +312,8 @@ def test_bench_methods_and_peers(eval_run):
         "--cache-dir", str(root / "cache")])
     assert result.exit_code == 0, result.output
     results = json.loads((root / "bench" / "results.json").read_text())
-    assert results["reference"]["generation"]["generated"] == 0  # FP images come from eval's cache
+    assert results["reference"]["generation"]["generated"] == 0  # FP images come from eval's cache, and it says so
+    assert f"reused from --cache-dir: the images of FP ({len(PROMPTS)} images)" in result.output
     rows = {m["label"]: m for m in results["models"]}
     assert list(rows) == ["rtn-w8a8", "pcr-w8a8", "torchao-w8a8", "torchao-w4"]
     fp_mib = results["reference"]["summary"]["denoiser_mib"]

@@ -244,7 +244,7 @@ def test_killed_run_resumes_to_identical_weights(tiny_pipes, tmp_path, monkeypat
     assert all(torch.equal(state[k], reference[k]) for k in reference)
     blocks = diffquant.quant_record(resumed).report["qdiffusion"]["blocks"]
     assert len(blocks) == len({b["name"] for b in blocks}) > 3
-    with pytest.raises(ValueError, match="another model, data or options"):
+    with pytest.raises(ValueError, match="another model, prompts or config"):
         quantize(pipe, "qdiffusion", workdir=work, **{**options, "iterations": 4})
 
 

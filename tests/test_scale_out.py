@@ -96,17 +96,18 @@ def test_two_process_emf_training_matches_one_process_and_converges(fp_folder, t
     (tmp_path / "config.json").write_text(EMF.to_json())
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     _launch_two("diffquant.cli", "quantize", "--model", str(fp_folder), "--config", str(tmp_path / "config.json"),
-                "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "two"))
+                "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "two"), "--keep-work")
     # One process computing each batch in the same two halves (micro-batches) as the two processes.
     config = copy.deepcopy(EMF)
     config.options["micro_batches"] = 2
     one = diffquant.quantize(load_pipeline(str(fp_folder)), config, calibration=PROMPTS, workdir=tmp_path / "one", progress=False)
     diffquant.save(one, tmp_path / "one-saved")
 
+    (two_dataset,) = (tmp_path / ".two.work").glob("*/emf/dataset")  # the work folder keyed by the settings, kept
     shards = sorted((tmp_path / "one" / "emf" / "dataset").glob("serial-*.safetensors"))
     assert len(shards) == 2  # one per process
     for shard in shards:  # the serial dataset sampled by two processes equals one process's
-        a, b = load_file(shard), load_file(tmp_path / ".two.work" / "emf" / "dataset" / shard.name)
+        a, b = load_file(shard), load_file(two_dataset / shard.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     one, two = (diffquant.load(tmp_path / name).unet for name in ("one-saved", "two"))

@@ -12,6 +12,7 @@ import typer
 from . import cli_common
 from .cli_common import check_device, check_positive, check_writable, field_option, parse_method_options
 from .cli_common import run as _run
+from .cli_common import run_writing as _run_writing
 from .config import CalibrationConfig, QuantConfig
 
 app = typer.Typer(
@@ -53,18 +54,18 @@ def quantize(
     device: str = cli_common.DEVICE,
     seed: int = field_option(QuantConfig, "seed", help="Seed for calibration sampling."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists (otherwise refuse)."),
+    keep_work: bool = typer.Option(False, "--keep-work", help="Keep the resumable work folder (.<out>.work/<settings>) after success."),
     convert: bool = typer.Option(False, "--convert", help="Convert to integer kernels (int8/int4 weights) before saving (oneDNN on CPU, int_mm on CUDA)."),
 ):
     """Quantize a pipeline's denoiser and save the quantized pipeline."""
 
-    def body():
+    def body(output):
         import diffquant
+        from diffquant.checkpoint import finish_work_folder, folder_identity, resume_log, work_folder
         from diffquant.distributed import launch_state
         from diffquant.pipelines import load_pipeline
         from diffquant.prompts import prompt_list
 
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; choose a new --out or pass --overwrite")
         check_writable(out)
         check_positive(steps=steps, num_prompts=num_prompts, batch_size=batch_size)
         check_device(device)
@@ -91,16 +92,23 @@ def quantize(
         if calib is None and not diffquant.api.sampling_defaults(pipe):
             raise ValueError("calibration prompts needed: pass --prompts FILE (one prompt per line)")
         typer.echo(f"quantizing with {cfg.label}")
-        diffquant.quantize(pipe, cfg, calibration=calib, workdir=out.parent / f".{out.name}.work")
+        work = work_folder(out, {"model": folder_identity(model), "config": cfg.to_dict(), "prompts": calib})
+        with resume_log() as reused:
+            diffquant.quantize(pipe, cfg, calibration=calib, workdir=work)
         if state is not None and not state.is_main_process:
             return
+        if reused:
+            typer.echo(f"resumed from {work}: reused {', '.join(reused)}")
         if convert:
             _convert_pipeline(pipe)
         diffquant.save(pipe, out, overwrite=overwrite)
         report = diffquant.quant_record(diffquant.get_denoiser(pipe)).report
         typer.echo(f"saved {out} ({cfg.label}, calibration {report.get('calibration_seconds', 0):.1f} s)")
+        note = finish_work_folder(work, keep=keep_work)
+        if note:
+            typer.echo(note)
 
-    _run(body)
+    _run_writing(out, overwrite, body)
 
 
 @app.command()
@@ -112,10 +120,11 @@ def generate(
     steps: Optional[int] = cli_common.STEPS, guidance: Optional[float] = cli_common.GUIDANCE,
     height: Optional[int] = cli_common.HEIGHT, width: Optional[int] = cli_common.WIDTH, device: str = cli_common.DEVICE,
     backend: str = typer.Option("torch", help="Denoiser engine: torch, or openvino (a quantized or exported folder)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists (otherwise refuse)."),
 ):
     """Generate one image."""
 
-    def body():
+    def body(output):
         from diffquant.guard import guard_pipeline
         from diffquant.pipelines import load_pipeline
         from diffquant.prompts import warn_truncated
@@ -133,11 +142,11 @@ def generate(
         pipe.set_progress_bar_config(disable=False, desc="sampling")
         with guard_pipeline(pipe, "sampling"):
             image = sample(pipe, [prompt], settings, output_type="pil")[0]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        image.save(out)
+        image.save(output.tmp, format=out.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
+        output.publish()
         typer.echo(f"wrote {out}")
 
-    _run(body)
+    _run_writing(out, overwrite, body)
 
 
 def _convert_pipeline(pipe) -> None:
@@ -162,14 +171,12 @@ def export(
 ):
     """Export a quantized denoiser: ONNX with QuantizeLinear/DequantizeLinear nodes, or an OpenVINO IR folder."""
 
-    def body():
+    def body(output):
         from diffquant.pipelines import load_pipeline
         from diffquant.runtime.onnx import export_onnx
 
         if fmt not in ("onnx", "openvino"):
             raise ValueError(f"unknown export format {fmt!r}; use --format onnx or --format openvino")
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
         check_writable(out)
         _quiet()
         pipe = load_pipeline(model)
@@ -182,10 +189,10 @@ def export(
             return
         tokenizer = getattr(pipe, "tokenizer", None)
         seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
-        path = export_onnx(pipe, out, group=group, batch=batch_size, seq_len=min(int(seq_len), 77))
+        path = export_onnx(pipe, out, group=group, batch=batch_size, seq_len=min(int(seq_len), 77))  # atomic itself
         typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
-    _run(body)
+    _run_writing(out, overwrite, body)
 
 
 @app.command()

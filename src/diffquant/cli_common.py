@@ -56,6 +56,19 @@ def run(fn: Callable[[], Any]) -> Any:
         fail(message)
 
 
+def run_writing(out: Path, overwrite: bool, body: Callable[[Any], Any]) -> Any:
+    """:func:`run` of ``body(output)`` with ``out`` claimed first (``diffquant.outputs``): refused when present
+    without --overwrite or while another process writes it. Under ``accelerate launch`` only the main process
+    claims (``output`` is None in the others, which never write ``--out``)."""
+    from .outputs import claim_main_output
+
+    def claimed() -> Any:
+        with claim_main_output(out, overwrite=overwrite) as output:
+            return body(output)
+
+    return run(claimed)
+
+
 def handled(command: Callable) -> Callable:
     """Decorator form of :func:`run` for a typer command (its signature, hence its options, is kept)."""
 

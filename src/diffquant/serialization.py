@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from .config import QuantConfig
 from .determinism import TIMINGS, canonical_safetensors_header, merge_timings, split_timings
 from .io import atomic_save_tensors, atomic_write_json, file_table, refuse_pickles, verify_files
 from .nn import QuantState, quantized_layers
+from .outputs import claim_output
 from .quant import TimestepGroups
 from .registry import CONVERTED
 from .wrap import average_bits, get_denoiser, quant_record, set_submodule, wrap_denoiser
@@ -116,17 +115,14 @@ def save_components(pipe: Any, folder: Path, *, skip: nn.Module) -> None:
 
 
 def save(pipe_or_denoiser: Any, folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a quantized pipeline (or denoiser) to ``folder``; the folder appears only when complete."""
+    """Write a quantized pipeline (or denoiser) to ``folder``; it appears (or replaces the old one, with
+    ``overwrite``) only when complete, and a concurrent writer of the same folder is refused (``outputs``)."""
     folder = Path(folder)
     denoiser = get_denoiser(pipe_or_denoiser)
     quant_record(denoiser)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise FileExistsError(f"{folder} already exists and is not empty; choose a new folder or pass overwrite=True (--overwrite)")
-    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with claim_output(folder, overwrite=overwrite, flag="overwrite=True (--overwrite)") as output:
+        tmp = output.tmp
+        tmp.mkdir()
         if isinstance(pipe_or_denoiser, nn.Module):
             _save_denoiser(denoiser, tmp)
         else:
@@ -143,12 +139,7 @@ def save(pipe_or_denoiser: Any, folder: str | Path, *, overwrite: bool = False) 
             "versions": {"diffquant": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
         })
-        if folder.exists():
-            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        output.publish()
     return folder
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoint import Checkpoint, fingerprint
 from ..config import CalibrationConfig
 from ..io import atomic_save_tensors, atomic_write_json
 from ..models.adapters import get_denoiser
@@ -200,12 +201,14 @@ def record_denoiser_calls(
 
     batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
     cache = _prepare_cache(cache_dir, prompts, config, settings, keep_outputs)
+    reused = 0
     for b, batch in enumerate(tqdm(batches, desc="recording calibration trajectories", disable=not progress)):
         if b % num_shards != index:
             continue
-        path = None if cache is None else cache / f"batch-{b:05d}.safetensors"
+        path = None if cache is None else cache.path(f"batch-{b:05d}.safetensors")
         if path is not None and path.is_file():
             calls.extend(_read_shard(path))
+            reused += 1
             continue
         first = len(calls)
         sampler.manual_seed(config.seed + 7919 * (b + 1))
@@ -214,30 +217,21 @@ def record_denoiser_calls(
         if path is not None:
             _write_shard(calls[first:], path)
     if cache is not None and num_shards == 1:
-        atomic_write_json(cache / INDEX, {
-            "shards": [f"batch-{b:05d}.safetensors" for b in range(len(batches))], "calls": len(calls),
-            "fingerprint": json.loads((cache / "recording.json").read_text()),
-        })
+        cache.reused(reused, "batch", "batches")
+        cache.save_json(INDEX, {"shards": [f"batch-{b:05d}.safetensors" for b in range(len(batches))], "calls": len(calls),
+                                "fingerprint": cache.fingerprint})
     return CalibrationSet(calls)
 
 
-def _prepare_cache(cache_dir, prompts, config: CalibrationConfig, settings: SamplingSettings, keep_outputs) -> Path | None:
-    """Create or check a recording cache: its settings must match, or resuming would mix data."""
+def _prepare_cache(cache_dir, prompts, config: CalibrationConfig, settings: SamplingSettings, keep_outputs) -> Checkpoint | None:
+    """Open the recording's checkpoint: its settings must match, or resuming would mix data."""
     if cache_dir is None:
         return None
-    cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    fingerprint = {
+    key = {
         "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest(), "config": asdict(config),
         "sampling": settings.to_dict(), "keep_outputs": keep_outputs,
     }
-    marker = cache / "recording.json"
-    if marker.is_file():
-        if json.loads(marker.read_text()) != json.loads(json.dumps(fingerprint)):
-            raise ValueError(f"{cache} holds calibration data recorded with other settings; use another folder or delete it")
-    else:
-        atomic_write_json(marker, fingerprint)
-    return cache
+    return Checkpoint(cache_dir, fingerprint(key), "calibration data").open()
 
 
 def replay(

@@ -11,8 +11,8 @@ All calibration prompts go through the pipeline as one batch: every group must b
 prompts before the next step runs, which a sequence of batches cannot do without re-running the
 earlier steps. Memory therefore grows with the number of calibration prompts.
 
-Resume: with ``checkpoint_dir`` every fitted step writes its group's activation parameters
-(``step-NNNN.safetensors``) and then ``progress.json``, both atomically. A rerun with the same
+Resume (``diffquant.checkpoint``): with ``checkpoint_dir`` every fitted step writes its group's
+activation parameters (``step-NNNN.safetensors``) and then its done marker. A rerun with the same
 model state, run and settings restores the finished steps' parameters, replays those steps
 quantized (one denoiser call each, nothing re-fitted) to rebuild the trajectory, and fits from
 the first unfinished step on, ending bit-identical to an uninterrupted run. A folder written for
@@ -21,16 +21,14 @@ another model, run or config is refused.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import atomic_save_tensors, atomic_write_json
+from ..checkpoint import Checkpoint, fingerprint
+from ..io import atomic_save_tensors
 from ..nn import QuantState, quantized_layers, set_state
 from ..quant import ActivationQuantizer
 from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, sample
@@ -58,27 +56,10 @@ def fit_group_from_call(denoiser: nn.Module, group: int, args: tuple, kwargs: di
         q.refit_group(group)
 
 
-PROGRESS_FILE = "progress.json"
-
-
-def state_fingerprint(denoiser: nn.Module, settings: dict) -> str:
-    """Hash of the denoiser's tensors (weights, quantizer parameters and bit widths) and JSON ``settings``."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for key, value in denoiser.state_dict().items():
-        digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
-
-
-def load_progress(folder: Path, fingerprint: str, what: str) -> dict | None:
-    """The progress record in ``folder`` if it was written for ``fingerprint``; refuses another run's folder."""
-    path = folder / PROGRESS_FILE
-    if not path.is_file():
-        return None
-    progress = json.loads(path.read_text())
-    if progress.get("fingerprint") != fingerprint:
-        raise ValueError(f"{folder} holds {what} of another model, prompts or config; delete it or pass a fresh workdir")
-    return progress
+def state_checkpoint(folder: Path, denoiser: nn.Module, settings: dict, what: str) -> Checkpoint:
+    """The checkpoint in ``folder`` of work on ``denoiser``'s current tensors (weights, quantizer parameters and
+    bit widths) under JSON ``settings``."""
+    return Checkpoint(folder, fingerprint(settings, denoiser.state_dict()), what).open()
 
 
 def _step_file(step: int) -> str:
@@ -86,12 +67,12 @@ def _step_file(step: int) -> str:
 
 
 @torch.no_grad()
-def _restore_steps(folder: Path, steps: list[dict], quantizers: list[ActivationQuantizer]) -> None:
+def _restore_steps(checkpoint: Checkpoint, steps: list[dict], quantizers: list[ActivationQuantizer]) -> None:
     """Put the saved group parameters of every fitted step back into ``quantizers``."""
     for entry in steps:
         if not entry["fitted"]:
             continue
-        tensors = load_file(str(folder / _step_file(entry["step"])))
+        tensors = checkpoint.load_tensors(_step_file(entry["step"]))
         for k, q in enumerate(quantizers):
             q.set_group_params(entry["group"], tensors[f"{k}/scale"], tensors[f"{k}/zero_point"])
 
@@ -126,22 +107,18 @@ def progressive_calibrate(
             f"progressive calibration needs one timestep group per step ({steps}), "
             f"the denoiser has {len(record.groups)}; wrap it with TimestepGroups.per_step(timesteps)"
         )
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    done: list[dict] = []
-    if folder is not None:
-        fingerprint = state_fingerprint(denoiser, {"prompts": list(prompts), "sampling": settings.to_dict(),
-                                                   "start_step": start_step, "seed": seed, "settings": depends_on or {}})
-        saved = load_progress(folder, fingerprint, "a progressive calibration")
-        done = saved["steps"] if saved else []
+    checkpoint = None if checkpoint_dir is None else state_checkpoint(
+        Path(checkpoint_dir), denoiser, {"prompts": list(prompts), "sampling": settings.to_dict(), "start_step": start_step,
+                                         "seed": seed, "settings": depends_on or {}}, "a progressive calibration")
+    done: list[dict] = list(checkpoint.done().values()) if checkpoint is not None else []
     # Quantized weights now; each step's activation group is fitted below before that step runs quantized.
     set_state(denoiser, QuantState.FROZEN, fit_activations_later=True)
     quantizers = activation_quantizers(denoiser)
     if done:
-        _restore_steps(folder, done, quantizers)
+        checkpoint.reused(len(done), "step")
+        _restore_steps(checkpoint, done, quantizers)
     if len(done) == steps:
         return [entry["timestep"] for entry in done]
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
     timesteps: list[float] = []
     bar = tqdm(total=steps, desc="pcr: progressive calibration", disable=not progress)
 
@@ -153,12 +130,11 @@ def progressive_calibrate(
             fitted = step >= start_step
             if fitted:
                 fit_group_from_call(denoiser, group, args, kwargs, seed=seed + 7919 * step)
-            if folder is not None:
+            if checkpoint is not None:
                 if fitted:
                     atomic_save_tensors({f"{k}/{name}": value for k, q in enumerate(quantizers)
-                                         for name, value in q.group_params(group).items()}, folder / _step_file(step))
-                done.append({"step": step, "group": group, "timestep": timesteps[-1], "fitted": fitted})
-                atomic_write_json(folder / PROGRESS_FILE, {"fingerprint": fingerprint, "steps": done})
+                                         for name, value in q.group_params(group).items()}, checkpoint.path(_step_file(step)))
+                checkpoint.mark_done(f"step-{step:04d}", {"step": step, "group": group, "timestep": timesteps[-1], "fitted": fitted})
         bar.update(1)
 
     try:

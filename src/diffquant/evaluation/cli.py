@@ -12,7 +12,7 @@ from ..cli_common import GUIDANCE as _GUIDANCE
 from ..cli_common import HEIGHT as _HEIGHT
 from ..cli_common import STEPS as _STEPS
 from ..cli_common import WIDTH as _WIDTH
-from ..cli_common import check_device, check_positive, check_writable, field_option, run
+from ..cli_common import check_device, check_positive, check_writable, field_option, run_writing
 from .harness import EvalOptions, parse_metrics
 from .prompts import load_prompts, parse_seeds
 
@@ -26,6 +26,7 @@ _CLIP = typer.Option(None, "--clip-model", help="Local transformers CLIPModel fo
 _LPIPS = typer.Option(None, "--lpips-weights", help="torchvision AlexNet weights (.pth/.safetensors) for LPIPS.")
 _REF_IMAGES = typer.Option(None, "--reference-images", help="Folder of reference images for Fréchet distance to a reference set (zoo prompts default to their rendered scenes).")
 _METRICS = typer.Option("all", "--metrics", help="Comma list of psnr,ssim,lpips,fd_fp,fd_ref,clip,attributes,timestep,sensitivity, or 'all'.")
+_OVERWRITE = typer.Option(False, "--overwrite", help="Replace --out if it exists (otherwise refuse).")
 _SENS_LAYERS = typer.Option(None, "--sensitivity-max-layers", min=1, help="Measure only the first N quantized layers (per-layer sensitivity costs a few denoiser calls per layer).")
 
 
@@ -46,20 +47,22 @@ def eval_command(
     lpips_weights: Optional[str] = _LPIPS, reference_images: Optional[str] = _REF_IMAGES, metrics: str = _METRICS,
     sensitivity_max_layers: Optional[int] = _SENS_LAYERS,
     label: Optional[str] = typer.Option(None, "--label", help="Name of the model in the report (default: the folder name)."),
-    device: str = _DEVICE,
+    device: str = _DEVICE, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Paired evaluation of one model against its FP reference: results.json plus a self-contained report.html.
 
     Under ``accelerate launch --num_processes N`` the processes share the image generation (batches
     ``b % N == rank`` into the shared --cache-dir); the main process then scores and writes the report.
     """
-    run(lambda: _eval(reference, model, prompts, seeds, steps, guidance, height, width, batch_size, out, label, device,
-                      _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
-                               sensitivity_max_layers)))
+    run_writing(out, overwrite, lambda output: _eval(
+        reference, model, prompts, seeds, steps, guidance, height, width, batch_size, out, label, device,
+        _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
+                 sensitivity_max_layers), output))
 
 
 def _eval(reference: str, model: str, prompts: str, seeds: str, steps, guidance, height, width, batch_size: int, out: Path,
-          label: str | None, device: str, options: EvalOptions) -> None:
+          label: str | None, device: str, options: EvalOptions, output) -> None:
+    from ..checkpoint import resume_log
     from ..distributed import launch_state
     from ..prompts import warn_truncated
     from .harness import Evaluation
@@ -83,13 +86,19 @@ def _eval(reference: str, model: str, prompts: str, seeds: str, steps, guidance,
         state.wait_for_everyone()
         if not state.is_main_process:
             return
-    ev = Evaluation(fp_pipe, reference, items, settings, options, prompts_spec=prompts)
-    ev.add(label or Path(model).name, q_pipe, spec=model)
-    _write(ev, out, f"diffquant eval: {label or Path(model).name} vs {reference}")
+    with resume_log() as reused:
+        ev = Evaluation(fp_pipe, reference, items, settings, options, prompts_spec=prompts)
+        ev.add(label or Path(model).name, q_pipe, spec=model)
+    _write(ev, output, reused, f"diffquant eval: {label or Path(model).name} vs {reference}")
 
 
-def _write(ev, out: Path, title: str) -> None:
-    paths = ev.write(out, title)
+def _write(ev, output, reused: list[str], title: str) -> None:
+    """Write the report at the claimed output's temporary folder, publish it (``diffquant.outputs``), then print
+    what the image cache gave back, the table and the paths."""
+    paths = {key: output.path / path.relative_to(output.tmp) for key, path in ev.write(output.tmp, title).items()}
+    output.publish()
+    if reused:
+        typer.echo(f"reused from --cache-dir: {', '.join(reused)}")
     typer.echo(paths["markdown"].read_text())
     for key, path in paths.items():
         typer.echo(f"{key}: {path}")
@@ -108,10 +117,11 @@ def bench_command(
     lpips_weights: Optional[str] = _LPIPS, reference_images: Optional[str] = _REF_IMAGES,
     metrics: str = typer.Option("psnr,ssim,lpips,fd_fp,fd_ref,clip,attributes,timestep", "--metrics",
                                 help="As for eval; per-layer sensitivity is off by default here (add 'sensitivity')."),
-    sensitivity_max_layers: Optional[int] = _SENS_LAYERS, device: str = _DEVICE,
+    sensitivity_max_layers: Optional[int] = _SENS_LAYERS, device: str = _DEVICE, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Several methods, bit widths and peer baselines on the same pairs: one table (markdown + JSON) and an HTML report."""
-    def body() -> None:
+    def body(output) -> None:
+        from ..checkpoint import resume_log
         from ..distributed import launch_state
         from .bench import parse_bits, run_bench
         from .loading import load_model, resolve_settings
@@ -130,10 +140,12 @@ def bench_command(
         calibration = [it.prompt for it in load_prompts(calib_prompts)]
         fp_pipe = load_model(model, device)
         settings = resolve_settings(fp_pipe, model, steps, guidance, height, width)
-        ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration, prompts_spec=prompts)
-        _write(ev, out, f"diffquant bench: {model}")
+        with resume_log() as reused:
+            ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration,
+                           prompts_spec=prompts)
+        _write(ev, output, reused, f"diffquant bench: {model}")
 
-    run(body)
+    run_writing(out, overwrite, body)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Paired generation: every model renders the same (prompt, seed) from the same initial noise, cached on disk.
 
-Images are cached as PNG under ``cache_dir/<model fingerprint>/<key>.png``, the key hashing prompt,
+Images are cached as PNG under ``cache_dir/<model fingerprint>/<key>.png`` (a ``diffquant.checkpoint``
+folder keyed by the fingerprint; each PNG written atomically), the key hashing prompt,
 seed, steps, guidance and size, so re-running an evaluation (or a bench that shares the FP model)
 generates nothing it already has. The fingerprint hashes every weight, buffer and the module
 structure of the pipeline, so a quantized model never hits the FP model's cache entries.
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,9 @@ import torch
 from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
+from ..checkpoint import Checkpoint
 from ..guard import guard_pipeline
+from ..io import atomic_path
 from ..sampling import SamplingSettings, initial_noise, sample
 from .prompts import PromptItem
 
@@ -82,14 +83,8 @@ def _write_png(path: Path, image: np.ndarray, item: PromptItem) -> None:
     info = PngImagePlugin.PngInfo()
     info.add_text("prompt", item.prompt)
     info.add_text("seed", str(item.seed))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 @torch.no_grad()
@@ -110,8 +105,8 @@ def render(pipe, items: list[PromptItem], settings: SamplingSettings, cache_dir:
     """Write the missing cache PNGs of this shard's batches; returns every item's PNG path and the counts of this shard."""
     index, num_shards = shard
     fingerprint = fingerprint or model_fingerprint(pipe)
-    (Path(cache_dir) / fingerprint).mkdir(parents=True, exist_ok=True)
-    paths = cache_paths(cache_dir, fingerprint, items, settings)
+    checkpoint = Checkpoint.keyed(cache_dir, fingerprint, f"the images of {label}").open()
+    paths = cache_paths(checkpoint.folder.parent, fingerprint, items, settings)
     mine = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)][index::num_shards]
     todo = [batch for batch in mine if not all(paths[i].exists() for i in batch)]
     stats = GenStats(cached=sum(len(batch) for batch in mine))
@@ -125,6 +120,7 @@ def render(pipe, items: list[PromptItem], settings: SamplingSettings, cache_dir:
                 _write_png(paths[i], image, items[i])
                 stats.generated += 1
                 stats.cached -= 1
+    checkpoint.reused(stats.cached, "image")
     return paths, stats
 
 

@@ -7,31 +7,31 @@ quantized model sees both at inference) are kept with the FP output. So x_t has 
 statistics, not forward-noised ones. FP features of the sensitive layers are added later
 (``record_features``), once a sensitivity measurement has named the layers.
 
-On disk: one safetensors shard per prompt batch, stamped with the settings' fingerprint, plus an
-index ``dataset.json``; a rerun with the same settings skips the shards already written
-(resumable), and a finished folder is reused as is. Under ``accelerate launch`` process ``i`` of
-``n`` samples batches ``b % n == i`` into the shared folder and, after a barrier, every process
-loads all shards in batch order: the same dataset as one process (each batch has its own seed).
+On disk (a ``diffquant.checkpoint`` folder for the settings' fingerprint): one safetensors shard per
+prompt batch plus an index ``dataset.json``; a rerun with the same settings skips the shards already
+written (resumable), a finished folder is reused as is, and a folder of other settings is refused.
+Under ``accelerate launch`` process ``i`` of ``n`` samples batches ``b % n == i`` into the shared
+folder and, after a barrier, every process loads all shards in batch order: the same dataset as one
+process (each batch has its own seed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationSet
 from ..calibration.collect import DenoiserCall, _flatten_call
+from ..checkpoint import Checkpoint, fingerprint
 from ..distributed import barrier, is_main, rank_and_size
-from ..io import atomic_save_tensors, atomic_write_json
+from ..io import atomic_save_tensors
 from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, sample
 from ..wrap import get_denoiser
 
@@ -59,8 +59,7 @@ class SerialDatasetConfig:
         return {"sampling": self.sampling.to_dict(), "steps_per_prompt": self.steps_per_prompt, "batch_size": self.batch_size}
 
     def fingerprint(self, prompts: list[str]) -> str:
-        payload = json.dumps({"config": self.to_dict(), "prompts": prompts}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return fingerprint({"config": self.to_dict(), "prompts": prompts})
 
 
 class SerialDataset:
@@ -197,14 +196,6 @@ def _sample_batch(pipe, prompts: list[str], first_prompt: int, config: SerialDat
     return SerialDataset.concat(parts)
 
 
-def _finished(path: Path, fingerprint: str) -> bool:
-    """Whether ``path`` is a shard written for ``fingerprint`` (complete: shards are written atomically)."""
-    if not path.is_file():
-        return False
-    with safe_open(str(path), "pt") as f:
-        return (f.metadata() or {}).get("fingerprint") == fingerprint
-
-
 def generate_serial_dataset(
     pipe, prompts: list[str], config: SerialDatasetConfig, folder: str | Path | None = None, progress: bool = True
 ) -> SerialDataset:
@@ -216,27 +207,25 @@ def generate_serial_dataset(
     """
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
-    fingerprint = config.fingerprint(prompts)
-    folder = Path(folder) if folder is not None else None
+    checkpoint = Checkpoint(folder, config.fingerprint(prompts), "an EMF serial dataset").open() if folder is not None else None
     rank, world = rank_and_size() if folder is not None else (0, 1)
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
     batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
     names = [f"serial-{b:05d}.safetensors" for b in range(len(batches))]
     parts: dict[int, SerialDataset] = {}
     mine = range(rank, len(batches), world)
     for b in tqdm(mine, desc="emf: serial dataset (FP sampling)", disable=not progress or rank != 0):
-        if folder is not None and _finished(folder / names[b], fingerprint):
+        if checkpoint is not None and checkpoint.has(names[b]):
             continue
         parts[b] = _sample_batch(pipe, batches[b], b * config.batch_size, config, config.sampling.seed + b)
-        if folder is not None:
-            atomic_save_tensors(parts[b]._tensors(), folder / names[b], metadata={"fingerprint": fingerprint})
+        if checkpoint is not None:
+            checkpoint.save_tensors(names[b], parts[b]._tensors())
     if world > 1:
         barrier()
-    if folder is not None and rank == 0:
-        atomic_write_json(folder / "dataset.json", {"fingerprint": fingerprint, "shards": names, "batches": len(batches),
-                                                    "config": config.to_dict(), "prompts": len(prompts)})
-    return SerialDataset.concat([parts[b] if b in parts else SerialDataset._from_tensors(load_file(str(folder / names[b])))
+    if checkpoint is not None and rank == 0:
+        checkpoint.reused(sum(b not in parts for b in mine), "batch", "batches")
+        checkpoint.save_json("dataset.json", {"fingerprint": checkpoint.fingerprint, "shards": names, "batches": len(batches),
+                                              "config": config.to_dict(), "prompts": len(prompts)})
+    return SerialDataset.concat([parts[b] if b in parts else SerialDataset._from_tensors(checkpoint.load_tensors(names[b]))
                                  for b in range(len(batches))])
 
 

@@ -26,20 +26,17 @@ are batched, so runs with other chunkings differ a little (not only by rounding)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_sum, broadcast_from_main, check_same_everywhere, rank_and_size
-from ..io import atomic_save_tensors, atomic_write_json
+from ..checkpoint import Checkpoint, fingerprint
 from ..nn import QuantModule, quantized_layers
 from ..quant.lsq import StepSizes, step_size_parameters
 from .dataset import SerialDataset
@@ -92,8 +89,7 @@ class QATConfig:
                              f"{self.micro_batches} micro-batches; raise batch_size or lower micro_batches")
 
     def fingerprint(self, extra: dict) -> str:
-        payload = json.dumps({"qat": asdict(self), **extra}, sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return fingerprint({"qat": asdict(self), **extra})
 
 
 def _nmse(out: torch.Tensor, ref: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -137,34 +133,31 @@ class QATTrainer:
         self.freeze_steps = {max(1, round(f * config.iterations)): r for r, f in enumerate(sorted(config.freeze_at))}
         self.history: dict = {"loss": [], "output_loss": [], "flip_rate": [], "freeze_events": [], "seconds": 0.0}
         self.iteration = 0
-        self.fingerprint = config.fingerprint({"rows": len(dataset), "sensitive": self.sensitive, "params": sorted(self.params)})
-        # One sub-folder per run fingerprint: a run with other data or knobs sharing the workdir (e.g. the
+        # Keyed by the run's fingerprint: a run with other data or knobs sharing the workdir (e.g. the
         # serial/parallel ablation) neither resumes from nor overwrites another run's checkpoint.
-        self.checkpoint_dir = Path(checkpoint_dir) / self.fingerprint if checkpoint_dir else None
+        key = config.fingerprint({"rows": len(dataset), "sensitive": self.sensitive, "params": sorted(self.params)})
+        self.checkpoint = Checkpoint.keyed(checkpoint_dir, key, "an EMF training run") if checkpoint_dir else None
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        if self.checkpoint_dir is None or self.rank != 0:
+        if self.checkpoint is None or self.rank != 0:
             return
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"param/{n}": p.detach() for n, p in self.params.items()}
         for n, p in self.params.items():
             for key, value in self.optimizer.state.get(p, {}).items():
                 tensors[f"adam/{n}/{key}"] = torch.as_tensor(value).detach().reshape(-1) if key == "step" else value.detach()
         tensors.update({f"freezer/{k}": v for k, v in self.freezer.tensors().items()})
-        atomic_save_tensors(tensors, self.checkpoint_dir / CHECKPOINT_TENSORS)
-        atomic_write_json(self.checkpoint_dir / CHECKPOINT_JSON, {
-            "fingerprint": self.fingerprint, "iteration": self.iteration, "freezer_steps": self.freezer.steps, "history": self.history,
+        self.checkpoint.open().save_tensors(CHECKPOINT_TENSORS, tensors)
+        self.checkpoint.save_json(CHECKPOINT_JSON, {
+            "iteration": self.iteration, "freezer_steps": self.freezer.steps, "history": self.history,
         })
 
     def try_resume(self) -> bool:
         """Load this run's checkpoint (same fingerprint, so same folder), if one exists; returns whether it did."""
-        if self.checkpoint_dir is None or not (self.checkpoint_dir / CHECKPOINT_JSON).is_file():
+        if self.checkpoint is None or not self.checkpoint.has(CHECKPOINT_JSON):
             return False
-        meta = json.loads((self.checkpoint_dir / CHECKPOINT_JSON).read_text())
-        if meta.get("fingerprint") != self.fingerprint:
-            return False
-        tensors = load_file(str(self.checkpoint_dir / CHECKPOINT_TENSORS))
+        meta = self.checkpoint.open().load_json(CHECKPOINT_JSON)
+        tensors = self.checkpoint.load_tensors(CHECKPOINT_TENSORS)
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(tensors[f"param/{n}"])
@@ -174,6 +167,8 @@ class QATTrainer:
                     self.optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in state.items()}
         self.freezer.load_tensors({k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("freezer/")}, meta["freezer_steps"])
         self.iteration, self.history = meta["iteration"], meta["history"]
+        of_all = f"of {self.config.iterations} iterations"
+        self.checkpoint.reused(self.iteration, of_all, of_all)
         return True
 
     # ------------------------------------------------------------------ training

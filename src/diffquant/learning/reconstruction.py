@@ -25,8 +25,8 @@ blocks, transformer blocks, samplers, then every remaining quantized layer on it
    held-out images worse than RTN's: docs/results-methods.md). If the
    learned step sizes give a higher loss on the block's data than the calibrated ones, the calibrated
    ones are kept (a guard we added; the report marks such blocks ``act_reverted``).
-4. Checkpoint. The block's tensors go to ``workdir/block-NNNN.safetensors`` and the progress file is
-   rewritten atomically; a killed run restarted with the same workdir loads finished blocks and
+4. Checkpoint (``diffquant.checkpoint``). The block's tensors go to ``workdir/block-NNNN.safetensors``,
+   then its done marker; a killed run restarted with the same workdir loads finished blocks and
    continues at the next one, ending bit-identical to an uninterrupted run (each block seeds its own
    mini-batch sampler).
 
@@ -38,28 +38,22 @@ rounding is learned, as in AdaRound.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import CalibrationSet
-from ..io import atomic_save_tensors, atomic_write_json
+from ..checkpoint import Checkpoint, fingerprint
 from ..models.adapters import get_adapter
 from ..nn import QuantModule, QuantState, quantized_layers, set_quant_enabled
 from ..quant.adaround import BetaSchedule
 from ..quant.lsq import StepSizes
 from .loop import optimizer_step
-
-PROGRESS_FILE = "progress.json"
-
 
 @dataclass
 class ReconstructionOptions:
@@ -286,38 +280,22 @@ def _members(layers: dict[str, QuantModule], block: str) -> dict[str, QuantModul
     return {n: m for n, m in layers.items() if n == block or n.startswith(block + ".")}
 
 
-def _fingerprint(fp_denoiser: nn.Module, qdenoiser: nn.Module, calibration: CalibrationSet, options: ReconstructionOptions,
-                 order: list[str]) -> str:
-    """Hash of everything a checkpoint depends on: float weights, quantizer init, data, options, block order."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"options": asdict(options), "order": order}, sort_keys=True).encode())
-    tensors = [fp_denoiser.state_dict(), {k: v for k, v in qdenoiser.state_dict().items() if "quantizer" in k}]
-    tensors += [c.inputs for c in calibration]
-    for table in tensors:
-        for key in sorted(table):
-            digest.update(key.encode())
-            digest.update(table[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:32]
+def _checkpoint(workdir: Path, fp_denoiser: nn.Module, qdenoiser: nn.Module, calibration: CalibrationSet,
+                options: ReconstructionOptions, order: list[str]) -> Checkpoint:
+    """Keyed by everything a block depends on: float weights, quantizer init, data, options, block order."""
+    key = fingerprint({"options": asdict(options), "order": order}, fp_denoiser.state_dict(),
+                      {k: v for k, v in qdenoiser.state_dict().items() if "quantizer" in k},
+                      *(c.inputs for c in calibration))
+    return Checkpoint(workdir, key, "a reconstruction").open()
 
 
 def _block_file(index: int) -> str:
     return f"block-{index:04d}.safetensors"
 
 
-def _load_progress(workdir: Path, fingerprint: str) -> list[dict]:
-    path = workdir / PROGRESS_FILE
-    if not path.is_file():
-        return []
-    progress = json.loads(path.read_text())
-    if progress.get("fingerprint") != fingerprint:
-        raise ValueError(f"{workdir} holds a reconstruction of another model, data or options; "
-                         "delete it or pass a fresh workdir")
-    return progress["blocks"]
-
-
-def _save_checkpoint(workdir: Path, index: int, block: nn.Module, fingerprint: str, done: list[dict]) -> None:
-    atomic_save_tensors(dict(block.state_dict()), workdir / _block_file(index))
-    atomic_write_json(workdir / PROGRESS_FILE, {"fingerprint": fingerprint, "blocks": done})
+def _save_checkpoint(checkpoint: Checkpoint, index: int, block: nn.Module, stats: BlockStats) -> None:
+    checkpoint.save_tensors(_block_file(index), block.state_dict())
+    checkpoint.mark_done(f"block-{index:04d}", asdict(stats))
 
 
 def _freeze(members: dict[str, QuantModule]) -> None:
@@ -361,19 +339,17 @@ def reconstruct_blocks(
             module.set_state(QuantState.LEARNING)
     set_quant_enabled(qdenoiser, False)
     order = execution_order(qdenoiser, calibration)
-    workdir = Path(workdir) if workdir is not None else None
-    done: list[dict] = []
-    if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        fingerprint = _fingerprint(fp_denoiser, qdenoiser, calibration, options, order)
-        done = _load_progress(workdir, fingerprint)
+    checkpoint = _checkpoint(Path(workdir), fp_denoiser, qdenoiser, calibration, options, order) if workdir is not None else None
+    done = list(checkpoint.done().values()) if checkpoint is not None else []
+    if checkpoint is not None:
+        checkpoint.reused(len(done), "block")
     stats = [BlockStats(**d) for d in done]
     try:
         for index, name in enumerate(tqdm(order, desc="qdiffusion: block reconstruction", disable=not progress)):
             block = qdenoiser.get_submodule(name)
             members = _members(layers, name)
             if index < len(done):
-                block.load_state_dict(load_file(str(workdir / _block_file(index))), strict=True)
+                block.load_state_dict(checkpoint.load_tensors(_block_file(index)), strict=True)
                 _freeze(members)
                 set_quant_enabled(qdenoiser, True, names=members)
                 continue
@@ -381,9 +357,8 @@ def reconstruct_blocks(
             stats.append(result)
             _freeze(members)
             set_quant_enabled(qdenoiser, True, names=members)
-            if workdir is not None:
-                done.append(asdict(result))
-                _save_checkpoint(workdir, index, block, fingerprint, done)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, index, block, result)
     finally:
         for n, p in qdenoiser.named_parameters():
             p.requires_grad_(requires_grad.get(n, False))

@@ -24,8 +24,6 @@ Readings of details the paper's abstract leaves open are in each module's docstr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import Checkpoint, fingerprint
 from ..distributed import rank_and_size
 from ..models.adapters import get_adapter
 from ..nn import QuantState, quantized_layers, set_quant_enabled, set_state, unwrap_layer
@@ -198,14 +197,15 @@ class EMF(Method):
     def _sensitivity(self, denoiser: nn.Module, dataset: SerialDataset, opts: EMFOptions, config, workdir: Path | None,
                      progress: bool) -> dict[str, float]:
         setting = {k: v for k, v in config.to_dict().items() if k != "options"}  # training knobs do not change it
-        key = hashlib.sha256(json.dumps([setting, len(dataset), opts.sensitivity_rows, opts.timestep_groups], sort_keys=True,
-                                        default=str).encode()).hexdigest()[:16]
-        path = workdir / "sensitivity.json" if workdir else None
-        if path is not None and path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("key") == key:
-                return saved["layers"]
+        checkpoint = None if workdir is None else Checkpoint(
+            workdir / "sensitivity", fingerprint([setting, len(dataset), opts.sensitivity_rows, opts.timestep_groups]),
+            "an EMF layer sensitivity").open()
+        saved = checkpoint.load_json("layers.json") if checkpoint is not None else None
+        if saved is not None:
+            checkpoint.reused(1, "measurement")
+            return saved
         errors = measure_layer_sensitivity(denoiser, dataset, _spread(len(dataset), opts.sensitivity_rows), progress=progress)
-        if workdir is not None:
-            save_sensitivity(errors, workdir, key=key)
+        if checkpoint is not None:
+            checkpoint.save_json("layers.json", errors)
+            save_sensitivity(errors, workdir, key=checkpoint.fingerprint)  # the ranking and bar chart, for the reader
         return errors

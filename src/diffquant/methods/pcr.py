@@ -36,14 +36,11 @@ import torch
 
 from ..calibration import replay
 from ..calibration.progressive import (
-    PROGRESS_FILE,
     activation_quantizers,
-    load_progress,
     progressive_calibrate,
-    state_fingerprint,
+    state_checkpoint,
 )
 from ..calibration.sensitivity import SENSITIVITY_METRICS, most_sensitive_steps, step_sensitivity
-from ..io import atomic_write_json
 from ..nn import QuantState, set_state
 from ..quant import TimestepGroups
 from ..sampling import SamplingSettings, denoiser_calls, sample
@@ -192,14 +189,15 @@ class PCR(Method):
         """``step_sensitivity`` of the current model, kept in ``work/sensitivity/`` so a rerun skips it."""
         if work is None:
             return step_sensitivity(job.pipeline, prompts, sampling, progress=job.progress)
-        folder = work / "sensitivity"
-        fingerprint = state_fingerprint(job.denoiser, {"prompts": prompts, "sampling": sampling.to_dict(), "settings": settings})
-        saved = load_progress(folder, fingerprint, "a per-step sensitivity")
+        checkpoint = state_checkpoint(work / "sensitivity", job.denoiser,
+                                      {"prompts": prompts, "sampling": sampling.to_dict(), "settings": settings},
+                                      "a per-step sensitivity")
+        saved = checkpoint.load_json("sensitivity.json")
         if saved is not None:
-            return saved["sensitivity"]
+            checkpoint.reused(1, "measurement")
+            return saved
         sensitivity = step_sensitivity(job.pipeline, prompts, sampling, progress=job.progress)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / PROGRESS_FILE, {"fingerprint": fingerprint, "sensitivity": sensitivity})
+        checkpoint.save_json("sensitivity.json", sensitivity)
         return sensitivity
 
     @staticmethod

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..calibration import CalibrationSet, record_denoiser_calls, replay
+from ..checkpoint import Checkpoint, fingerprint
 from ..config import CalibrationConfig, QuantConfig
-from ..io import atomic_write_json
 from ..nn import QuantState, set_state
 from ..learning.reconstruction import ReconstructionOptions, reconstruct_blocks
 from ..wrap import wrap_denoiser
@@ -128,27 +127,25 @@ def record_calibration(job: QuantJob, overrides: dict, folder: Path | None) -> C
     cfg = dataclasses.replace(job.config.calibration, **overrides)
     prompts = job.prompts[: cfg.num_prompts]
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
-    meta = {"prompts": prompts, "calibration": dataclasses.asdict(cfg), "defaults": job.sampling_defaults}
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        meta_path = folder / "recording.json"
-        if meta_path.is_file() and json.loads(meta_path.read_text()) != json.loads(json.dumps(meta, default=str)):
-            raise ValueError(f"{folder} holds calibration data recorded with other prompts or settings; "
-                             "delete it or use another workdir")
-        atomic_write_json(meta_path, meta)
-    calls = []
+    settings = {"prompts": prompts, "calibration": dataclasses.asdict(cfg), "defaults": job.sampling_defaults}
+    checkpoint = Checkpoint(folder, fingerprint(settings), "calibration data").open() if folder is not None else None
+    calls, reused = [], 0
     for b, batch in enumerate(batches):
-        part_dir = folder / f"batch-{b:05d}" if folder is not None else None
-        if part_dir is not None and (part_dir / "calibration.json").is_file():
-            part = CalibrationSet.load(part_dir)
+        name = f"batch-{b:05d}"
+        if checkpoint is not None and checkpoint.is_done(name):
+            part = CalibrationSet.load(checkpoint.path(name))
+            reused += 1
         else:
             part = record_denoiser_calls(
                 job.pipeline, batch, dataclasses.replace(cfg, seed=cfg.seed + b), progress=False,
                 defaults=job.sampling_defaults,
             )
-            if part_dir is not None:
-                part.save(part_dir)
+            if checkpoint is not None:
+                part.save(checkpoint.path(name))
+                checkpoint.mark_done(name)
         calls.extend(part.calls)
+    if checkpoint is not None:
+        checkpoint.reused(reused, "batch", "batches")
     job.calibration = CalibrationSet(calls)
     return job.calibration
 

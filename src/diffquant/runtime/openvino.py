@@ -11,8 +11,6 @@ way the torch model does (nearest group centre). Text encoders and the VAE stay 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from torch import nn
 
 from ..io import atomic_write_json
 from ..models.adapters import adapter_class
+from ..outputs import claim_output
 from ..quant import TimestepGroups
 from ..wrap import get_denoiser, quant_record
 from .flat import example_inputs
@@ -192,15 +191,12 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) 
     from ..serialization import MANIFEST, save_components
 
     folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} already exists and is not empty; choose a new folder or pass --overwrite")
-    denoiser = get_denoiser(model)
-    record = quant_record(denoiser)
-    models, plan = quantized_models(denoiser, _pipeline_inputs(model))
-    tmp = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with claim_output(folder, overwrite=overwrite) as output:  # refused at once if present or being written
+        denoiser = get_denoiser(model)
+        record = quant_record(denoiser)
+        models, plan = quantized_models(denoiser, _pipeline_inputs(model))
+        tmp = output.tmp
+        tmp.mkdir()
         attr = "denoiser"
         if not isinstance(model, nn.Module):
             attr = _denoiser_attr(model, denoiser)
@@ -213,12 +209,7 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) 
             "float_groups": plan.float_groups, "quant_config": record.config.to_dict(),
         })
         atomic_write_json(tmp / MANIFEST, {"format_version": 1, "files": file_table(tmp), "backend": "openvino"})
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        output.publish()
     return folder
 
 

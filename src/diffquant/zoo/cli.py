@@ -35,6 +35,7 @@ def list_models() -> None:
 @app.command()
 @handled
 def train(
+    ctx: typer.Context,
     name: str = typer.Argument(..., help="mini-sd, mini-sd3, evaluator or vae"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/zoo/NAME)"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the recipe's)"),
@@ -55,10 +56,12 @@ def train(
     high_noise_from: Optional[int] = typer.Option(None, help="mini-sd: step from which the loss is also weighted "
                                                   "by clamp(1/SNR, 1, 20) (default: the recipe's)"),
     install: bool = typer.Option(False, help="copy the result into the package (src/diffquant/zoo/models/NAME)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the run's finished result if it exists"),
 ) -> None:
     """Train NAME from a seed; checkpoints regularly and resumes a killed run."""
     import torch
 
+    from ..outputs import claim_output
     from . import MODELS_DIR
     from .train import finetune_decoder, pick_device, train_denoiser, train_vae
 
@@ -73,6 +76,8 @@ def train(
         torch.set_num_threads(threads)
     out = out or Path("runs/zoo") / name
     out.mkdir(parents=True, exist_ok=True)
+    result = out / {"evaluator": "evaluator", "vae": "vae_decoder" if decoder_steps > 0 else "vae"}.get(name, "pipeline")
+    ctx.with_resource(claim_output(result, overwrite=overwrite))  # held until the command ends: refused at start
     t0 = time.time()
     if name == "evaluator":
         from .evaluator import train_evaluator
@@ -95,8 +100,9 @@ def train(
     typer.echo(f"{name}: wrote {result} ({time.time() - t0:.0f} s this session)")
     if install:
         target = MODELS_DIR / name
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(result, target)
+        with claim_output(target, overwrite=True) as output:  # --install is the request to replace it
+            shutil.copytree(result, output.tmp)
+            output.publish()
         typer.echo(f"installed into {target}")
 
 

@@ -215,6 +215,7 @@ def train_evaluator(out: str | Path, steps: int = 2000, seed: int = 0, batch_siz
                     resume: bool = True, device: str = "cpu", checkpoint_every: int = 250, width: int = 32,
                     install: Path | None = None) -> dict:
     """Train the evaluator on fresh procedural batches (any split: it must read every composition)."""
+    from ..outputs import claim_output
     from .train import autocast, load_checkpoint, lr_at, save_checkpoint
 
     out = Path(out)
@@ -245,9 +246,11 @@ def train_evaluator(out: str | Path, steps: int = 2000, seed: int = 0, batch_siz
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             save_checkpoint(out / "checkpoint", step + 1, {"net": net}, opt, {"loss": loss_v})
     net = net.float().cpu().eval()
-    save_evaluator(net, out / "evaluator")
-    metrics = evaluate_evaluator(load_evaluator(out / "evaluator"))
-    (out / "evaluator" / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with claim_output(out / "evaluator", overwrite=True) as output:  # appears whole (diffquant.outputs)
+        save_evaluator(net, output.tmp)
+        metrics = evaluate_evaluator(load_evaluator(output.tmp))
+        (output.tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        output.publish()
     return metrics
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..outputs import claim_output, recover_output
 from . import data, float32_text_encoders
 from .architectures import (
     ZeroTokenJointAttnProcessor, build_sd3_pipeline, build_sd_pipeline, build_tokenizer, build_vae, zero_t5_stub,
@@ -76,11 +76,16 @@ class EMA:
 
 def save_checkpoint(folder: Path, step: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
                     extra: dict | None = None, ema: EMA | None = None) -> None:
-    """Atomically write weights, EMA, AdamW state (safetensors) and the step (JSON) to ``folder``."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    """Atomically write weights, EMA, AdamW state (safetensors) and the step (JSON) to ``folder`` (a folder swap
+    through ``diffquant.outputs``: the previous checkpoint stays whole until the new one replaces it)."""
+    with claim_output(folder, overwrite=True) as output:
+        _write_checkpoint(output.tmp, step, modules, optimizer, extra, ema)
+        output.publish()
+
+
+def _write_checkpoint(tmp: Path, step: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
+                      extra: dict | None, ema: EMA | None) -> None:
+    tmp.mkdir()
     tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in modules.items() for k, v in m.state_dict().items()}
     save_file(tensors, str(tmp / "model.safetensors"))
     if ema is not None:
@@ -96,23 +101,15 @@ def save_checkpoint(folder: Path, step: int, modules: dict[str, nn.Module], opti
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     meta = {"step": step, "optimizer_steps": opt_steps, "time": time.time(), **(extra or {})}
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None,
                     ema: EMA | None = None) -> int:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its step (0 when there is none)."""
     folder = Path(folder)
+    recover_output(folder)  # a checkpoint swap killed half-way
     if not (folder / "state.json").exists():
-        old = folder.with_name(folder.name + ".old")  # killed between the two renames
-        if not (old / "state.json").exists():
-            return 0
-        folder = old
+        return 0
     meta = json.loads((folder / "state.json").read_text())
     tensors = load_file(str(folder / "model.safetensors"))
     for n, m in modules.items():
@@ -183,10 +180,12 @@ def train_vae(out: Path, steps: int = 2500, seed: int = 0, batch_size: int = 64,
         rec = vae.decode(z).sample
     std = float(z.std())
     vae.register_to_config(scaling_factor=1.0 / std)
-    vae.save_pretrained(str(final), safe_serialization=True)
-    (final / "metrics.json").write_text(json.dumps({"latent_std": std, "latent_mean": float(z.mean()),
-                                                     "recon_mse_[-1,1]": float(F.mse_loss(rec, x)), "steps": steps,
-                                                     "batch_size": batch_size, "seed": seed}, indent=2))
+    with claim_output(final, overwrite=True) as output:  # `final` appears only complete (resume tests for it)
+        vae.save_pretrained(str(output.tmp), safe_serialization=True)
+        (output.tmp / "metrics.json").write_text(json.dumps({"latent_std": std, "latent_mean": float(z.mean()),
+                                                              "recon_mse_[-1,1]": float(F.mse_loss(rec, x)), "steps": steps,
+                                                              "batch_size": batch_size, "seed": seed}, indent=2))
+        output.publish()
     return final
 
 
@@ -236,10 +235,12 @@ def finetune_decoder(vae_dir: Path, out: Path, steps: int = 1500, seed: int = 0,
     with torch.no_grad():
         x, _ = _images(seed + 1, 0, 512, "cpu")
         rec = vae.decode(vae.encode(x).latent_dist.mean).sample
-    vae.save_pretrained(str(final), safe_serialization=True)
     prev = json.loads((Path(vae_dir) / "metrics.json").read_text()) if (Path(vae_dir) / "metrics.json").exists() else {}
     prev.update({"decoder_steps": steps, "decoder_batch_size": batch_size, "recon_mse_[-1,1]": float(F.mse_loss(rec, x))})
-    (final / "metrics.json").write_text(json.dumps(prev, indent=2))
+    with claim_output(final, overwrite=True) as output:
+        vae.save_pretrained(str(output.tmp), safe_serialization=True)
+        (output.tmp / "metrics.json").write_text(json.dumps(prev, indent=2))
+        output.publish()
     return final
 
 
@@ -448,16 +449,12 @@ def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, ou
     pipe.to("cpu", torch.float16)
     for m in modules.values():
         m.eval()
-    target = out / "pipeline"
-    tmp = out / "pipeline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    float32_text_encoders(tmp)  # one dtype under plain from_pretrained
-    if record is not None:
-        (tmp / "training.json").write_text(json.dumps(record, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    with claim_output(out / "pipeline", overwrite=True) as output:
+        pipe.save_pretrained(str(output.tmp), safe_serialization=True)
+        float32_text_encoders(output.tmp)  # one dtype under plain from_pretrained
+        if record is not None:
+            (output.tmp / "training.json").write_text(json.dumps(record, indent=2))
+        return output.publish()
 
 
 def load_pipeline_folder(name: str, folder: Path, torch_dtype: torch.dtype = torch.float32):
