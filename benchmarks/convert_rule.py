@@ -2,8 +2,8 @@
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/convert_rule.py [--repeats 30] [--autotunes 2]
 
-Quantizes mini-sd (RTN W8A8, 4 prompts), converts one copy with the fixed rule and ``--autotunes``
-copies with timing, then times one denoiser call of each, interleaved, and prints medians and how
+Quantizes mini-sd (RTN W8A8, 4 prompts), converts one copy with the fixed rule (as ``quantize --convert``),
+one with the device's kernel on every layer and ``--autotunes`` copies with timing, then times one denoiser call of each, interleaved, and prints medians and how
 many layers each autotuned copy placed differently from the fixed rule.
 """
 
@@ -19,6 +19,7 @@ import torch
 import diffquant
 from diffquant import CalibrationConfig, QuantConfig
 from diffquant.runtime import convert
+from diffquant.runtime.convert import default_backend
 
 
 def main() -> None:
@@ -34,7 +35,8 @@ def main() -> None:
     calib = diffquant.record_denoiser_calls(zoo.load_pipeline("mini-sd"), ["a red circle"],
                                             CalibrationConfig(num_prompts=1, num_inference_steps=2), progress=False)
     inputs = calib.calls[0].kwargs(device="cpu", dtype=torch.float32)
-    models = {"fixed": convert(copy.deepcopy(pipe.unet), progress=False)}
+    models = {"fixed": convert(copy.deepcopy(pipe.unet), example_inputs=inputs, progress=False),
+              "kernel-only": convert(copy.deepcopy(pipe.unet), backend=default_backend(), progress=False)}
     for i in range(args.autotunes):
         models[f"autotune-{i}"] = convert(copy.deepcopy(pipe.unet), example_inputs=inputs, autotune=True, progress=False)
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -51,7 +53,7 @@ def main() -> None:
         backends = diffquant.quant_record(m).report["runtime"]["backends"]
         differ = sum(backends[n] != fixed[n] for n in fixed)
         counts = {b: sum(v == b for v in backends.values()) for b in sorted(set(backends.values()))}
-        print(f"{name:11s} median {statistics.median(times[name]):7.2f} ms/call  min {min(times[name]):7.2f}  "
+        print(f"{name:12s} median {statistics.median(times[name]):7.2f} ms/call  min {min(times[name]):7.2f}  "
               f"layers {counts}  differ from fixed: {differ}/{len(fixed)}")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from typer.testing import CliRunner
 
 from diffquant.cli import app
@@ -53,3 +55,30 @@ def test_timings_split_and_merge_back():
     stable, timings = split_timings(report)
     assert stable == {"runtime": {"backends": {"x": "onednn"}}, "pcr": {"relaxed_steps": [1]}}
     assert merge_timings(stable, timings) == report
+
+
+def test_fixed_rule_sizes_int_mm_on_cpu(tiny_pipes, monkeypatch):
+    """int_mm on a CPU: layers below the multiply-add threshold stay float, the others take int_mm, every time."""
+    import copy
+
+    import diffquant
+    from diffquant import QuantConfig
+    import importlib
+
+    convert_module = importlib.import_module("diffquant.runtime.convert")
+    from tinyutil import PROMPTS, calibration_config
+
+    pipe = copy.deepcopy(tiny_pipes["sd"])
+    diffquant.quantize(pipe, QuantConfig(calibration=calibration_config(num_prompts=1, num_inference_steps=2)),
+                       calibration=PROMPTS[:1], progress=False)
+    calib = diffquant.record_denoiser_calls(pipe, PROMPTS[:1], calibration_config(num_prompts=1, num_inference_steps=2),
+                                            progress=False)
+    inputs = calib.calls[0].kwargs(device="cpu", dtype=torch.float32)
+    monkeypatch.setattr(convert_module, "default_backend", lambda device="cpu": "int_mm")
+    choices = []
+    for threshold in (10**12, 0, 200_000):
+        monkeypatch.setattr(convert_module, "INT_MM_CPU_MIN_MACS", threshold)
+        unet = convert_module.convert(copy.deepcopy(pipe.unet), example_inputs=inputs, progress=False)
+        choices.append(diffquant.quant_record(unet).report["runtime"]["backends"])
+    assert set(choices[0].values()) == {"float"} and "int_mm" in set(choices[1].values())
+    assert {"float", "int_mm"} <= set(choices[2].values())  # a threshold inside the tiny UNet's range splits it

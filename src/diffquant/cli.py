@@ -100,7 +100,7 @@ def quantize(
         if reused:
             typer.echo(f"resumed from {work}: reused {', '.join(reused)}")
         if convert:
-            _convert_pipeline(pipe)
+            _convert_pipeline(pipe, calib)
         diffquant.save(pipe, out, overwrite=overwrite)
         report = diffquant.quant_record(diffquant.get_denoiser(pipe)).report
         typer.echo(f"saved {out} ({cfg.label}, calibration {report.get('calibration_seconds', 0):.1f} s)")
@@ -149,13 +149,18 @@ def generate(
     _run_writing(out, overwrite, body)
 
 
-def _convert_pipeline(pipe) -> None:
-    """Convert to integer layers with the fixed per-device kernel rule (reproducible; see diffquant.runtime.convert)."""
+def _convert_pipeline(pipe, prompts: list[str] | None) -> None:
+    """Convert to integer layers with the fixed kernel rule (reproducible; see diffquant.runtime.convert), sized on
+    the shapes of one recorded denoiser call."""
     import diffquant
     from diffquant.runtime import convert
 
-    convert(pipe, progress=False)
-    runtime = diffquant.quant_record(diffquant.get_denoiser(pipe)).report["runtime"]
+    calib = diffquant.record_denoiser_calls(pipe, (prompts or ["a photo"])[:1],
+                                            CalibrationConfig(num_prompts=1, num_inference_steps=2), progress=False)
+    denoiser = diffquant.get_denoiser(pipe)
+    param = next(denoiser.parameters())
+    convert(pipe, example_inputs=calib.calls[0].kwargs(device=param.device, dtype=param.dtype), progress=False)
+    runtime = diffquant.quant_record(denoiser).report["runtime"]
     typer.echo(f"converted {sum(b != 'float' for b in runtime['backends'].values())} layers to integer kernels; "
                f"{len(runtime['float_fallback'])} stay float (see `diffquant info`)")
 

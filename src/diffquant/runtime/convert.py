@@ -18,6 +18,9 @@ ATTENTION_REASON = "attention matmuls stay fake-quant in float (no integer atten
 # Another form replaces the default integer kernel only when it is this much faster: single timings on a
 # busy machine scatter by more, and a float layer also holds a float copy of its weight.
 SWITCH_MARGIN = 0.9
+# The fixed rule on a CPU without oneDNN int8 (no VNNI): torch._int_mm there beats float only on large products
+# (mini-sd's layers, <= ~5M multiply-adds per call, all ran faster in float; SD 1.5's run 0.1-8G).
+INT_MM_CPU_MIN_MACS = 100_000_000
 
 
 def not_convertible(layer: QuantModule) -> str | None:
@@ -82,9 +85,10 @@ def convert(
 ) -> Any:
     """Turn every frozen quantized Linear/Conv2d of ``model`` (pipeline or denoiser) into an integer layer, in place.
 
-    By default every layer takes ``backend`` (default: oneDNN on CPU, else int_mm), float only where that
-    kernel cannot run the layer: a fixed rule, so two conversions of the same model give the same layers
-    and bit-identical images. With ``autotune=True`` and ``example_inputs`` (keyword arguments of one
+    By default a fixed rule: every layer takes ``backend`` (default: oneDNN on CPUs with VNNI, else int_mm),
+    float where that kernel cannot run the layer and, for int_mm on a CPU given ``example_inputs``, where the
+    layer's call does fewer than ``INT_MM_CPU_MIN_MACS`` multiply-adds; two conversions of the same model give
+    the same layers and bit-identical images. With ``autotune=True`` and ``example_inputs`` (keyword arguments of one
     denoiser call, e.g. ``CalibrationSet`` call kwargs), every layer is timed on its real input in each
     form it can take (oneDNN, ``torch._int_mm``, float; fastest of ``repeats`` calls) and keeps the default
     integer kernel unless another form is clearly faster (``SWITCH_MARGIN``). Timings on a loaded machine
@@ -111,11 +115,17 @@ def convert(
         raise ValueError("autotune=True times each layer on a real denoiser call; pass example_inputs=")
     if not autotune:
         fixed = backend or default_backend(device)
+        sized = fixed == "int_mm" and device.type == "cpu" and example_inputs is not None and backend is None
+        macs = _call_macs(denoiser, todo, example_inputs) if sized else {}
         for name, layer in todo.items():
             int_layer = _int_layer(layer, fixed)
             if fixed != "float" and fixed not in integer_backends(int_layer):
                 int_layer.backend = "float"
                 runtime["float_fallback"][name] = f"no {fixed} kernel for this layer (padding mode, groups or dilation)"
+            elif sized and macs.get(name, 0) < INT_MM_CPU_MIN_MACS:
+                int_layer.backend = "float"
+                runtime["float_fallback"][name] = (f"{macs.get(name, 0) / 1e6:.1f}M multiply-adds per call: below int_mm's "
+                                                   f"break-even on this CPU ({INT_MM_CPU_MIN_MACS / 1e6:.0f}M)")
             chosen[name] = int_layer
             bar.update()
     else:
@@ -126,6 +136,31 @@ def convert(
         set_submodule(denoiser, name, int_layer)
     runtime["onednn"] = onednn_available()
     return model
+
+
+def _call_macs(denoiser: nn.Module, todo: dict, example_inputs: dict) -> dict[str, int]:
+    """Multiply-adds of each layer in one denoiser call on ``example_inputs`` (shapes only: deterministic)."""
+    macs: dict[str, int] = {}
+    names = {id(m): n for n, m in todo.items()}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if isinstance(module, QuantLinear):
+            count = x.numel() // module.in_features * module.in_features * module.out_features
+        else:
+            (kh, kw), (sh, sw) = module.kernel_size, module.stride
+            count = (x.shape[0] * (x.shape[-2] // sh) * (x.shape[-1] // sw) * module.out_channels
+                     * module.in_channels // module.groups * kh * kw)
+        macs[names[id(module)]] = count
+
+    handles = [m.register_forward_pre_hook(hook) for m in todo.values()]
+    try:
+        with torch.no_grad():
+            denoiser(**example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return macs
 
 
 def _autotune(
