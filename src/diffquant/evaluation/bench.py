@@ -63,10 +63,10 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
 
     ev = Evaluation(fp_pipe, model_spec, items, settings, options, prompts_spec=prompts_spec)
     ev.reference["summary"]["denoiser_mib"] = _shipped_bytes(fp_pipe) / 2**20
+    # Methods and peers calibrate with the bench's own sampling settings.
+    calib_cfg = CalibrationConfig.from_sampling(settings, num_prompts=len(calibration), batch_size=options.batch_size)
     for method in methods:
         for wbits, abits in bits:
-            # Calibrate with the bench's own sampling settings, as the peers do.
-            calib_cfg = CalibrationConfig.from_sampling(settings, num_prompts=len(calibration), batch_size=options.batch_size)
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib_cfg)
             pipe = copy.deepcopy(fp_pipe)
             start = time.perf_counter()
@@ -83,12 +83,11 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
         pipe = copy.deepcopy(fp_pipe)
         try:
             with PeakMemory() as mem:
-                seconds = apply_peer(name, pipe, _sampler(pipe, settings, options.batch_size), calibration)
+                costs = apply_peer(name, pipe, _sampler(pipe, settings, options.batch_size), calibration, calib_cfg)
         except PeerUnavailable as e:
             ev.add_unavailable(name, str(e))
             continue
-        ev.add(name, pipe, spec=PEERS[name],
-               extra={"calibration_s": seconds, "peak_memory_mib": mem.mib,
-                      "denoiser_mib": saved_size_bytes(get_denoiser(pipe)) / 2**20})
+        costs.setdefault("denoiser_mib", saved_size_bytes(get_denoiser(pipe)) / 2**20)
+        ev.add(name, pipe, spec=PEERS[name], extra={"peak_memory_mib": mem.mib, **costs})
         del pipe
     return ev
