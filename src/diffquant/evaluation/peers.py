@@ -119,9 +119,9 @@ def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationC
     return costs
 
 
-def _flat_call(denoiser: torch.nn.Module, call) -> dict[str, torch.Tensor]:
-    """A recorded call as the named float tensors the traced OpenVINO graph takes (the adapter's input names)."""
-    return {k: v.float() for k, v in get_adapter(denoiser, warn=False).flat_inputs((), call.kwargs()).items()}
+def flat_call(denoiser: torch.nn.Module, kwargs: dict) -> dict[str, torch.Tensor]:
+    """A denoiser call's kwargs (``DenoiserCall.kwargs()``) as the named float tensors a traced graph takes (timestep [B])."""
+    return {k: v.float() for k, v in get_adapter(denoiser, warn=False).flat_inputs((), kwargs).items()}
 
 
 def nncf_int8(denoiser: torch.nn.Module, calls: CalibrationSet):
@@ -135,9 +135,9 @@ def nncf_int8(denoiser: torch.nn.Module, calls: CalibrationSet):
 
     from ..runtime.ovgraph import float_model
 
-    model = float_model(denoiser, _flat_call(denoiser, calls.calls[0]))
+    model = float_model(denoiser, flat_call(denoiser, calls.calls[0].kwargs()))
     names = [next(iter(port.get_names())) for port in model.inputs]
-    items = [{k: v.numpy() for k, v in _flat_call(denoiser, call).items() if k in names} for call in calls]
+    items = [{k: v.numpy() for k, v in flat_call(denoiser, call.kwargs()).items() if k in names} for call in calls]
     return nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
 
 
