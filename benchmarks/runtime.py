@@ -354,7 +354,7 @@ def markdown(out: dict) -> str:
         "Weights MB = parameters, buffers and packed integer weights held; peak = RSS growth during the timed calls.",
         "", f"Command: `{out['command']}`", "",
     ]
-    for res in out["models"].values():
+    for name, res in out["models"].items():
         lines += [f"## {res['label']}", "",
                   "| variant | ms / step | x FP32 | x BF16 | rel. err vs FP32 | vs fake-quant | weights MB | peak RSS growth MB | load |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -373,6 +373,8 @@ def markdown(out: dict) -> str:
             lines += ["", f"Top operators of one `{variant}` call (self CPU time):", "", "| op | ms | share | calls |", "|---|---|---|---|"]
             lines += [f"| `{o['op']}` | {o['self_ms']} | {o['share']:.1%} | {o['calls']} |" for o in ops]
         lines += ["", "Notes:", ""] + [f"- {line}" for line in note_lines(res["notes"])] + [""]
+        targets = engines.target_lines(name, res)
+        lines += ["Targets (issue 14):", ""] + [f"- {line}" for line in targets] + [""] if targets else []
     return "\n".join(lines)
 
 

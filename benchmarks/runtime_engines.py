@@ -110,3 +110,29 @@ def pt2e_int8(unet: nn.Module, calib: CalibrationSet, inputs: dict):
     weights = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
     return (lambda: compiled(*args)), weights, {"quantize_s": time.perf_counter() - start}
 
+
+
+TARGETS = (  # (model, variant, baseline, at least this speed-up, the issue's wording)
+    ("sd15", "openvino_w8a8", "openvino_nncf_int8", 1.0, "SD 1.5 W8A8 on OpenVINO at least as fast as NNCF INT8"),
+    ("sd15", "openvino_w8a8", "bf16_autocast", 3.0, "SD 1.5 W8A8 on OpenVINO at least 3x torch BF16 autocast"),
+    ("sd15", "openvino_w4a8", "openvino_w8a8", 1.0, "SD 1.5 W4A8 on OpenVINO no slower than W8A8"),
+    ("mini-sd", "openvino_w8a8", "fp32", 3.0, "mini-sd deployed W8A8 at least 3x torch FP32 eager"),
+)
+
+
+def target_lines(name: str, result: dict) -> list[str]:
+    """Issue 14's speed targets for this model: met or missed, by how much; the float-graph row beside the int8 one."""
+    rows = result["variants"]
+    lines = []
+    for model, variant, baseline, goal, text in TARGETS:
+        if model != name:
+            continue
+        for form in (variant, f"{variant}_float"):
+            if form not in rows or baseline not in rows:
+                missing = form if form not in rows else baseline
+                lines.append(f"{text} (`{form}`): not measured (`{missing}` has no row{': ' + str(result['notes'].get(missing)) if missing in result['notes'] else ''})")
+                continue
+            ratio = rows[baseline]["median_s"] / rows[form]["median_s"]
+            verdict = "met" if ratio >= goal else f"missed by {goal / ratio:.2f}x"
+            lines.append(f"{text} (`{form}` vs `{baseline}`): {ratio:.2f}x, target {goal:g}x: **{verdict}**")
+    return lines
