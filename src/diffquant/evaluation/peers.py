@@ -98,7 +98,7 @@ def apply_peer(name: str, pipe, run_prompts: Callable[[list[str]], None], calibr
 
 def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationConfig) -> dict:
     """Put the OpenVINO form of ``pipe``'s float denoiser (NNCF-quantized for ``nncf-int8``) in its place."""
-    from ..api import sampling_defaults
+    from ..registry import sampling_defaults
     from ..runtime.openvino import OVDenoiser
     from ..runtime.ovgraph import float_model
 
