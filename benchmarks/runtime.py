@@ -283,6 +283,14 @@ def bench_model(name: str, variants: list[str], args, out: dict, save) -> None:
         with torch.no_grad():
             fake = model(**inputs)[0]
         attempt(f"fake_quant_{tag}", lambda: record(f"fake_quant_{tag}", caller(model), weight_mb(model)))
+        with tempfile.TemporaryDirectory() as tmp:  # one export (of the frozen model) serves both graphs
+            for suffix, graph, precision in (("", "int", "bf16"), ("_float", "float", "f32")):
+                attempt(f"openvino_{tag}{suffix}", lambda: engine(
+                    f"openvino_{tag}{suffix}", lambda: engines.openvino_export(model, Path(tmp) / "ov", inputs, graph, precision), fake))
+        if not (any(f"converted_{tag}{s}" in variants for s in ("", "_bf16", "_compiled"))
+                or (tag == "w8a8" and "onnxruntime_int8_qdq" in variants)):
+            save()  # no torch-runtime row asked for: skip converting and its file-size note
+            return
         start = time.perf_counter()
         convert(model, example_inputs=inputs, autotune=args.autotune, repeats=args.autotune_repeats, progress=False)
         result["notes"][f"convert_{tag}_s"] = time.perf_counter() - start
@@ -301,10 +309,6 @@ def bench_model(name: str, variants: list[str], args, out: dict, save) -> None:
                     result["profiles"][f"converted_{tag}{suffix}"] = top_ops(caller(model, autocast))
         attempt(f"converted_{tag}_compiled", lambda: record(f"converted_{tag}_compiled", caller(torch.compile(model)), held, fake))
         torch._dynamo.reset()
-        with tempfile.TemporaryDirectory() as tmp:  # one export serves both precision hints
-            for suffix, graph, precision in (("", "int", "bf16"), ("_float", "float", "f32")):
-                attempt(f"openvino_{tag}{suffix}", lambda: engine(
-                    f"openvino_{tag}{suffix}", lambda: engines.openvino_export(model, Path(tmp) / "ov", inputs, graph, precision), fake))
         with tempfile.TemporaryDirectory() as tmp:
             diffquant.save(model, Path(tmp) / "q")
             fp16 = Path(tmp) / "fp16"
