@@ -33,14 +33,20 @@ from diffquant.io import atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def deploy_openvino(pipe):
-    """The same pipeline with its quantized denoiser on OpenVINO (diffquant's scales, f32 hint); ``pipe`` is untouched."""
+def deploy_openvino(graph: str):
+    """pipeline -> the same pipeline with its quantized denoiser on OpenVINO (diffquant's scales, ``graph``, f32 hint)."""
+    from diffquant.evaluation.paired import model_fingerprint
+    from diffquant.evaluation.peers import identify
     from diffquant.runtime.openvino import OVDenoiser
     from diffquant.wrap import get_denoiser
 
-    denoiser = get_denoiser(pipe)
-    attr = "unet" if getattr(pipe, "unet", None) is denoiser else "transformer"
-    return type(pipe)(**{**pipe.components, attr: OVDenoiser.from_denoiser(pipe, precision="f32")})
+    def deploy(pipe):
+        denoiser = get_denoiser(pipe)
+        attr = "unet" if getattr(pipe, "unet", None) is denoiser else "transformer"
+        deployed = OVDenoiser.from_denoiser(pipe, graph=graph, precision="f32")
+        identify(deployed, f"{model_fingerprint(pipe)}/{deployed.graph}/f32".encode())  # the source model's identity
+        return type(pipe)(**{**pipe.components, attr: deployed})
+    return deploy
 
 
 def targets(results: dict) -> list[str]:
@@ -76,6 +82,8 @@ def main() -> None:
     parser.add_argument("--metrics", default="psnr,ssim,fd_fp")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--graph", default="auto", choices=("auto", "int", "float"),
+                        help="OVDenoiser graph: int8 kernels, exact float, or auto (int where the CPU has VNNI/AMX)")
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "runs" / "cache")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "deploy-fidelity")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs" / "results-deploy-fidelity.md")
@@ -85,7 +93,7 @@ def main() -> None:
     calibration = [it.prompt for it in load_prompts(args.calib_prompts)]
     lines = ["# Fidelity of the deployed form (issue 14)", "",
              f"Command: `python {' '.join(sys.argv)}`", "",
-             f"{os.cpu_count()} cores (shared machine), {args.threads} thread(s). Each table is one `diffquant bench` run "
+             f"{os.cpu_count()} cores (shared machine), {args.threads} thread(s), OpenVINO graph `{args.graph}`. Each table is one `diffquant bench` run "
              "(same prompts, seeds and initial noise for every row); `-openvino` rows are the row above deployed on "
              "OpenVINO with diffquant's own scales (f32 precision hint); `nncf-int8` is NNCF's INT8 of the float "
              f"denoiser calibrated on the same {len(calibration)} prompts, on the same engine and hint.", ""]
@@ -96,7 +104,7 @@ def main() -> None:
         items = load_prompts(args.prompts)
         ev = run_bench(fp_pipe, name, items, settings, options, [m for m in args.methods.split(",") if m and m != "none"],
                        parse_bits(args.bits), parse_peers(args.peers), calibration, prompts_spec=args.prompts,
-                       deploy=deploy_openvino)
+                       deploy=deploy_openvino(args.graph))
         paths = ev.write(args.out / name, f"deployed fidelity: {name}")
         results = ev.results()
         lines += [f"## {name}", "", f"{len(items)} prompts from `{args.prompts}`, {settings.steps} steps, guidance "

@@ -113,10 +113,18 @@ def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationC
     size, digest = ir_file(model)
     costs["denoiser_mib"] = size / 2**20
     deployed = OVDenoiser(model, dict(denoiser.config), type(denoiser).__name__, precision=OV_PRECISION[name])
-    # The graph's digest and precision as state, so the image cache (keyed by model_fingerprint) tells peers apart.
-    deployed.register_buffer("graph_digest", torch.frombuffer(bytearray(digest + OV_PRECISION[name].encode()), dtype=torch.uint8))
-    setattr(pipe, "unet" if getattr(pipe, "unet", None) is denoiser else "transformer", deployed)
+    setattr(pipe, "unet" if getattr(pipe, "unet", None) is denoiser else "transformer", identify(deployed, digest + name.encode()))
     return costs
+
+
+def identify(module: torch.nn.Module, identity: bytes) -> torch.nn.Module:
+    """Give a module without weights (a compiled OpenVINO denoiser) ``identity`` as a buffer; returns it.
+
+    The image cache is keyed by ``model_fingerprint`` (weights, buffers, repr): two weightless wrappers
+    of different graphs would otherwise share one cache entry and one set of images.
+    """
+    module.register_buffer("identity", torch.frombuffer(bytearray(hashlib.sha256(identity).digest()), dtype=torch.uint8))
+    return module
 
 
 def flat_call(denoiser: torch.nn.Module, kwargs: dict) -> dict[str, torch.Tensor]:
