@@ -1,4 +1,4 @@
-"""Denoiser step latency and memory: FP32, BF16 autocast, fake-quant, converted W8A8/W4A8, ONNX Runtime, torchao.
+"""Denoiser step latency and memory: torch FP32/BF16, diffquant's runtime, OpenVINO (float, NNCF, diffquant's export), peers.
 
     .venv/bin/python benchmarks/runtime.py --models mini-sd,sd15 --repeats 5 --threads 2
 
@@ -17,6 +17,14 @@ kernels write bf16 and the float ops run in bf16; ``*_compiled`` = ``torch.compi
 excluded from the timings). For the converted W8A8 model (fp32 and bf16) the notes hold the
 top operators of one profiled call (``torch.profiler``), so the time split between integer kernels,
 attention and glue is visible.
+
+Other engines (runtime_engines.py): ``openvino_fp32`` / ``openvino_bf16`` = the float UNet on OpenVINO
+(``INFERENCE_PRECISION_HINT`` f32 / bf16, bf16 being its default on this CPU); ``openvino_nncf_int8`` =
+NNCF's INT8 (the ``nncf-int8`` peer's recipe) calibrated on the same recorded calls as diffquant's RTN,
+bf16 hint; ``openvino_w8a8`` / ``openvino_w4a8`` = diffquant's ``export_openvino`` of the RTN model (its own
+scales), int8 graph, bf16 hint (``*_float``: its float graph, f32 hint); ``pt2e_x86_int8_compiled`` = PyTorch's static int8
+(PT2E ``X86InductorQuantizer`` calibrated on those calls, then ``torch.compile``). Their notes name the
+kernel precision OpenVINO chose per layer type. Weights MB of an OpenVINO row is its IR weight file.
 """
 
 from __future__ import annotations
@@ -46,6 +54,9 @@ from diffquant.io import atomic_write_json, atomic_write_text
 from diffquant.runtime import convert
 from diffquant.runtime.modules import _IntLayer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import runtime_engines as engines  # noqa: E402  (sibling module: benchmarks/ is not a package)
+
 ROOT = Path(__file__).resolve().parents[1]
 SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -58,7 +69,7 @@ VARIANTS = (
     "fake_quant_w4a8", "converted_w4a8", "converted_w4a8_bf16",
     "fake_quant_w8a8_attn", "converted_w8a8_attn", "converted_w8a8_attn_bf16",
     "torchao_int8_dynamic", "torchao_int8_dynamic_compiled", "onnxruntime_fp32", "onnxruntime_int8_qdq",
-)
+) + engines.ENGINE_VARIANTS
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and v != "fake_quant_w4a8")
 QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn")
 
@@ -252,6 +263,17 @@ def bench_model(name: str, variants: list[str], args, out: dict, save) -> None:
     attempt("bf16_autocast_compiled", lambda: record("bf16_autocast_compiled", caller(torch.compile(unet), True), fp32_mb))
     torch._dynamo.reset()
 
+    def engine(variant: str, build, reference: torch.Tensor | None = None) -> None:
+        fn, weights, note = build()
+        result["notes"][variant] = note
+        record(variant, fn, weights, reference)
+
+    for precision in ("fp32", "bf16"):
+        attempt(f"openvino_{precision}", lambda: engine(
+            f"openvino_{precision}", lambda: engines.openvino_float(unet, calib, inputs, precision.replace("fp", "f"))))
+    attempt("openvino_nncf_int8", lambda: engine("openvino_nncf_int8", lambda: engines.openvino_nncf(unet, calib, inputs)))
+    gc.collect()
+
     keep: dict[str, nn.Module | torch.Tensor] = {}
 
     def quantized_variants(tag: str) -> None:
@@ -261,6 +283,14 @@ def bench_model(name: str, variants: list[str], args, out: dict, save) -> None:
         with torch.no_grad():
             fake = model(**inputs)[0]
         attempt(f"fake_quant_{tag}", lambda: record(f"fake_quant_{tag}", caller(model), weight_mb(model)))
+        with tempfile.TemporaryDirectory() as tmp:  # one export (of the frozen model) serves both graphs
+            for suffix, graph, precision in (("", "int", "bf16"), ("_float", "float", "f32")):
+                attempt(f"openvino_{tag}{suffix}", lambda: engine(
+                    f"openvino_{tag}{suffix}", lambda: engines.openvino_export(model, Path(tmp) / "ov", inputs, graph, precision), fake))
+        if not (any(f"converted_{tag}{s}" in variants for s in ("", "_bf16", "_compiled"))
+                or (tag == "w8a8" and "onnxruntime_int8_qdq" in variants)):
+            save()  # no torch-runtime row asked for: skip converting and its file-size note
+            return
         start = time.perf_counter()
         convert(model, example_inputs=inputs, autotune=args.autotune, repeats=args.autotune_repeats, progress=False)
         result["notes"][f"convert_{tag}_s"] = time.perf_counter() - start
@@ -311,20 +341,24 @@ def bench_model(name: str, variants: list[str], args, out: dict, save) -> None:
         attempt("onnxruntime_fp32", lambda: record("onnxruntime_fp32", onnx_session(unet, inputs, Path(tmp), False, threads), fp32_mb))
         attempt("onnxruntime_int8_qdq", lambda: record(
             "onnxruntime_int8_qdq", onnx_session(keep["w8a8"], inputs, Path(tmp), True, threads), None, keep.get("w8a8_fake")))
+    # last: its cold Inductor compile takes minutes, and every row above is saved before it starts
+    attempt("pt2e_x86_int8_compiled", lambda: engine("pt2e_x86_int8_compiled", lambda: engines.pt2e_int8(unet, calib, inputs)))
+    torch._dynamo.reset()
     result["total_s"] = time.perf_counter() - t0
     save()
 
 
 def markdown(out: dict) -> str:
     lines = [
-        "# Runtime benchmark (issue 8)", "",
+        "# Runtime benchmark (issues 8 and 14)", "",
         f"Machine: {out['machine']}; torch {out['torch']}; {out['threads']} threads; load average at start "
-        f"{', '.join(f'{v:.1f}' for v in out['load_avg_start'])}.",
+        f"{', '.join(f'{v:.1f}' for v in out['load_avg_start'])} (the machine is shared: compare rows of one run, "
+        "the load column says how busy it was during each row).",
         "Median of the timed denoiser calls after one warm-up; x FP32 / x BF16 = that median / this one (higher is faster).",
         "Weights MB = parameters, buffers and packed integer weights held; peak = RSS growth during the timed calls.",
         "", f"Command: `{out['command']}`", "",
     ]
-    for res in out["models"].values():
+    for name, res in out["models"].items():
         lines += [f"## {res['label']}", "",
                   "| variant | ms / step | x FP32 | x BF16 | rel. err vs FP32 | vs fake-quant | weights MB | peak RSS growth MB | load |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -343,6 +377,8 @@ def markdown(out: dict) -> str:
             lines += ["", f"Top operators of one `{variant}` call (self CPU time):", "", "| op | ms | share | calls |", "|---|---|---|---|"]
             lines += [f"| `{o['op']}` | {o['self_ms']} | {o['share']:.1%} | {o['calls']} |" for o in ops]
         lines += ["", "Notes:", ""] + [f"- {line}" for line in note_lines(res["notes"])] + [""]
+        targets = engines.target_lines(name, res)
+        lines += ["Targets (issue 14):", ""] + [f"- {line}" for line in targets] + [""] if targets else []
     return "\n".join(lines)
 
 
@@ -356,6 +392,10 @@ def note_lines(notes: dict) -> list[str]:
             lines.append(f"`{key}`: layers per backend: {backends}; {len(value['float_fallback'])} stay float because their "
                          "integer form timed slower (named in the JSON and by `diffquant info`)"
                          + ("" if err is None else f"; largest per-layer relative error vs fake quant {err:.1e}"))
+        elif isinstance(value, dict) and "kernels" in value:
+            kernels = ", ".join(f"{k} x{n}" for k, n in value["kernels"].items())
+            rest = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items() if k != "kernels")
+            lines.append(f"`{key}`: {rest}; compiled kernels: {kernels}")
         elif isinstance(value, float):
             lines.append(f"`{key}`: {value:.4g}")
         else:

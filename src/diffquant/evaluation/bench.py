@@ -11,12 +11,13 @@ import re
 import tempfile
 import time
 from pathlib import Path
-
+from typing import Any, Callable
 
 from .harness import EvalOptions, Evaluation
 from ..config import CalibrationConfig
 from ..sampling import SamplingSettings, sample
 from ..wrap import get_denoiser
+from .metrics import psnr
 from .peers import PEERS, PeakMemory, PeerUnavailable, apply_peer, saved_size_bytes
 from .prompts import PromptItem
 
@@ -56,17 +57,22 @@ def _sampler(pipe, settings: SamplingSettings, batch_size: int):
 
 def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: SamplingSettings, options: EvalOptions,
               methods: list[str], bits: list[tuple[int, int]], peers: list[str], calibration: list[str],
-              prompts_spec: str = "") -> Evaluation:
-    """Quantize copies of ``fp_pipe`` with every (method, bits) and peer, score each on the pairs, return the evaluation."""
+              prompts_spec: str = "", deploy: Callable[[Any], Any] | None = None, deploy_label: str = "openvino") -> Evaluation:
+    """Quantize copies of ``fp_pipe`` with every (method, bits) and peer, score each on the pairs, return the evaluation.
+
+    ``deploy`` (a quantized pipeline -> the same model on an engine, e.g. OpenVINO) adds a row
+    ``<label>-<deploy_label>`` after each method's fake-quant row, scored against FP like every row and
+    against the fake-quant images (``psnr_to_fake_quant``): does the deployed form keep the calibrated model?
+    """
     import diffquant
     from diffquant import QuantConfig
 
     ev = Evaluation(fp_pipe, model_spec, items, settings, options, prompts_spec=prompts_spec)
     ev.reference["summary"]["denoiser_mib"] = _shipped_bytes(fp_pipe) / 2**20
+    # Methods and peers calibrate with the bench's own sampling settings.
+    calib_cfg = CalibrationConfig.from_sampling(settings, num_prompts=len(calibration), batch_size=options.batch_size)
     for method in methods:
         for wbits, abits in bits:
-            # Calibrate with the bench's own sampling settings, as the peers do.
-            calib_cfg = CalibrationConfig.from_sampling(settings, num_prompts=len(calibration), batch_size=options.batch_size)
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib_cfg)
             pipe = copy.deepcopy(fp_pipe)
             start = time.perf_counter()
@@ -78,17 +84,20 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
                 size = _folder_bytes(Path(folder))
             ev.add(cfg.label, pipe, spec=f"diffquant {cfg.label}",
                    extra={"calibration_s": seconds, "peak_memory_mib": mem.mib, "denoiser_mib": size / 2**20})
+            if deploy is not None:
+                label = f"{cfg.label}-{deploy_label}"
+                entry = ev.add(label, deploy(pipe), spec=f"diffquant {cfg.label} deployed on {deploy_label}")
+                entry["summary"]["psnr_to_fake_quant"] = float(psnr(ev.images[label], ev.images[cfg.label]).double().mean())
             del pipe
     for name in peers:
         pipe = copy.deepcopy(fp_pipe)
         try:
             with PeakMemory() as mem:
-                seconds = apply_peer(name, pipe, _sampler(pipe, settings, options.batch_size), calibration)
+                costs = apply_peer(name, pipe, _sampler(pipe, settings, options.batch_size), calibration, calib_cfg)
         except PeerUnavailable as e:
             ev.add_unavailable(name, str(e))
             continue
-        ev.add(name, pipe, spec=PEERS[name],
-               extra={"calibration_s": seconds, "peak_memory_mib": mem.mib,
-                      "denoiser_mib": saved_size_bytes(get_denoiser(pipe)) / 2**20})
+        costs.setdefault("denoiser_mib", saved_size_bytes(get_denoiser(pipe)) / 2**20)
+        ev.add(name, pipe, spec=PEERS[name], extra={"peak_memory_mib": mem.mib, **costs})
         del pipe
     return ev

@@ -108,7 +108,7 @@ def bench_command(
     model: str = typer.Option(..., "--model", help="FP model: diffusers folder or mini-zoo name."),
     methods: str = typer.Option("rtn", "--methods", help="Comma list of diffquant methods, e.g. rtn,qdiffusion,pcr,emf ('none' for peers only)."),
     bits: str = typer.Option("w8a8", "--bits", help="Comma list of bit widths, e.g. w8a8,w4a8."),
-    peers: str = typer.Option("all", "--peers", help="Comma list of torchao-w8a8,torchao-w4,quanto-w8a8,quanto-w4, 'all' or 'none'."),
+    peers: str = typer.Option("all", "--peers", help="Comma list of torchao-w8a8,torchao-w4,quanto-w8a8,quanto-w4,nncf-int8,openvino-fp32,openvino-bf16, 'all' or 'none'."),
     calib_prompts: str = typer.Option("zoo:calibration:16", "--calib-prompts", help="Calibration prompts (same forms as --prompts)."),
     prompts: str = _PROMPTS, seeds: str = _SEEDS, steps: Optional[int] = _STEPS, guidance: Optional[float] = _GUIDANCE,
     height: Optional[int] = _HEIGHT, width: Optional[int] = _WIDTH, batch_size: int = _BATCH,

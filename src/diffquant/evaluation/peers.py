@@ -1,14 +1,21 @@
-"""Peer baselines (torchao, optimum-quanto) applied to a pipeline's denoiser, plus cost measurement helpers.
+"""Peer baselines (torchao, optimum-quanto, OpenVINO and its NNCF INT8) applied to a pipeline's denoiser, plus cost helpers.
 
 Peers run through the same paired harness as diffquant's methods, so their numbers are comparable.
 A peer that cannot run on this machine raises :class:`PeerUnavailable` with the library's reason;
 bench shows it as a row marked unavailable instead of dropping it silently.
+
+The OpenVINO peers replace the denoiser by ``OVDenoiser`` (runtime/openvino.py) around a
+traced float graph; ``nncf-int8`` first quantizes that graph the way optimum-intel quantizes Stable
+Diffusion's UNet (``nncf.quantize``, ``ModelType.TRANSFORMER`` so SmoothQuant is on, NNCF's default
+statistics), one NNCF sample per denoiser call recorded by ``record_denoiser_calls`` on the bench's
+calibration prompts and sampling settings: the same data diffquant's methods calibrate on.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import os
 import tempfile
 import threading
@@ -18,6 +25,9 @@ from typing import Callable
 
 import torch
 
+from ..calibration import CalibrationSet, record_denoiser_calls
+from ..config import CalibrationConfig
+from ..models.adapters import get_adapter
 from ..wrap import get_denoiser
 
 PEERS: dict[str, str] = {
@@ -25,7 +35,12 @@ PEERS: dict[str, str] = {
     "torchao-w4": "torchao Int4WeightOnlyConfig (int4 weight-only, group 128; Linear layers)",
     "quanto-w8a8": "optimum-quanto qint8 weights + qint8 activations, activation ranges from its Calibration over the calibration prompts",
     "quanto-w4": "optimum-quanto qint4 weights, float activations",
+    "nncf-int8": "OpenVINO INT8 by NNCF (nncf.quantize, ModelType.TRANSFORMER with SmoothQuant, one sample per recorded "
+                 "calibration call), run by OpenVINO at f32 precision hint like diffquant's deployed models",
+    "openvino-fp32": "the float denoiser on OpenVINO, f32 precision hint",
+    "openvino-bf16": "the float denoiser on OpenVINO, bf16 precision hint (its default on AVX-512 BF16 CPUs)",
 }
+OV_PRECISION = {"nncf-int8": "f32", "openvino-fp32": "f32", "openvino-bf16": "bf16"}
 
 
 class PeerUnavailable(RuntimeError):
@@ -42,17 +57,23 @@ def parse_peers(spec: str | None) -> list[str]:
     return names
 
 
-def apply_peer(name: str, pipe, run_prompts: Callable[[list[str]], None], calibration: list[str]) -> float:
-    """Quantize ``pipe``'s denoiser in place with peer ``name``; returns the seconds quantization and calibration took.
+def apply_peer(name: str, pipe, run_prompts: Callable[[list[str]], None], calibration: list[str],
+               calibration_config: CalibrationConfig | None = None) -> dict:
+    """Quantize (or move) ``pipe``'s denoiser in place with peer ``name``; returns its costs for the bench row.
 
-    ``run_prompts`` samples ``pipe`` on prompts with the bench's settings: over ``calibration`` for quanto's
-    activation ranges, then (untimed) on one prompt to prove the quantized model runs here (some kernels
-    fail only at the first forward).
+    The dict holds ``calibration_s`` (seconds quantization and calibration took) and, for the OpenVINO peers,
+    ``denoiser_mib`` (the IR's weight file) and NNCF's ``calibration_samples``. ``run_prompts`` samples ``pipe``
+    on prompts with the bench's settings: over ``calibration`` for quanto's activation ranges, then (untimed)
+    on one prompt to prove the quantized model runs here (some kernels fail only at the first forward).
+    ``calibration_config`` (the bench's sampling settings) drives NNCF's recording.
     """
     denoiser = get_denoiser(pipe)
+    costs: dict = {}
     try:
         start = time.perf_counter()
-        if name.startswith("torchao"):
+        if name in OV_PRECISION:
+            costs = _openvino_peer(name, pipe, calibration, calibration_config or CalibrationConfig(num_prompts=len(calibration)))
+        elif name.startswith("torchao"):
             from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, quantize_
 
             quantize_(denoiser, Int8DynamicActivationInt8WeightConfig() if name == "torchao-w8a8" else Int4WeightOnlyConfig())
@@ -66,13 +87,77 @@ def apply_peer(name: str, pipe, run_prompts: Callable[[list[str]], None], calibr
             else:
                 quantize(denoiser, weights=qint4)
             freeze(denoiser)
-        seconds = time.perf_counter() - start
+        costs["calibration_s"] = time.perf_counter() - start
         run_prompts(calibration[:1])
-        return seconds
+        return costs
     except ImportError as e:
         raise PeerUnavailable(f"{type(e).__name__}: {e}") from None
     except (RuntimeError, NotImplementedError, ValueError, AssertionError, TypeError) as e:
         raise PeerUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationConfig) -> dict:
+    """Put the OpenVINO form of ``pipe``'s float denoiser (NNCF-quantized for ``nncf-int8``) in its place."""
+    from ..registry import sampling_defaults
+    from ..runtime.openvino import OVDenoiser
+    from ..runtime.ovgraph import float_model
+
+    denoiser = get_denoiser(pipe)
+    costs: dict = {}
+    if name == "nncf-int8":
+        calls = record_denoiser_calls(pipe, calibration, config, progress=False, defaults=sampling_defaults(pipe))
+        model = nncf_int8(denoiser, calls)
+        costs["calibration_samples"] = len(calls)
+    else:
+        model = float_model(denoiser)
+    size, digest = ir_file(model)
+    costs["denoiser_mib"] = size / 2**20
+    deployed = OVDenoiser(model, dict(denoiser.config), type(denoiser).__name__, precision=OV_PRECISION[name])
+    setattr(pipe, "unet" if getattr(pipe, "unet", None) is denoiser else "transformer", identify(deployed, digest + name.encode()))
+    return costs
+
+
+def identify(module: torch.nn.Module, identity: bytes) -> torch.nn.Module:
+    """Give a module without weights (a compiled OpenVINO denoiser) ``identity`` as a buffer; returns it.
+
+    The image cache is keyed by ``model_fingerprint`` (weights, buffers, repr): two weightless wrappers
+    of different graphs would otherwise share one cache entry and one set of images.
+    """
+    module.register_buffer("identity", torch.frombuffer(bytearray(hashlib.sha256(identity).digest()), dtype=torch.uint8))
+    return module
+
+
+def flat_call(denoiser: torch.nn.Module, kwargs: dict) -> dict[str, torch.Tensor]:
+    """A denoiser call's kwargs (``DenoiserCall.kwargs()``) as the named float tensors a traced graph takes (timestep [B])."""
+    return {k: v.float() for k, v in get_adapter(denoiser, warn=False).flat_inputs((), kwargs).items()}
+
+
+def nncf_int8(denoiser: torch.nn.Module, calls: CalibrationSet):
+    """OpenVINO's own INT8 of the float denoiser: ``nncf.quantize`` as optimum-intel runs it for Stable Diffusion.
+
+    ``ModelType.TRANSFORMER`` turns SmoothQuant on (NNCF's default alphas) and keeps NNCF's default
+    statistics (min/max ranges, fast bias correction); ``subset_size`` takes every recorded call, each
+    one NNCF sample, so NNCF sees exactly the calibration data diffquant's methods see.
+    """
+    import nncf
+
+    from ..runtime.ovgraph import float_model
+
+    model = float_model(denoiser, flat_call(denoiser, calls.calls[0].kwargs()))
+    names = [next(iter(port.get_names())) for port in model.inputs]
+    items = [{k: v.numpy() for k, v in flat_call(denoiser, call.kwargs()).items() if k in names} for call in calls]
+    return nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
+
+
+def ir_file(model) -> tuple[int, bytes]:
+    """(bytes of the weight file, SHA-256 of graph and weights) of an ``ov.Model`` as ``ov.save_model`` writes it."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.xml"
+        ov.save_model(model, str(path), compress_to_fp16=False)
+        digest = hashlib.sha256(path.read_bytes() + path.with_suffix(".bin").read_bytes()).digest()
+        return path.with_suffix(".bin").stat().st_size, digest
 
 
 def _flat_tensors(prefix: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:

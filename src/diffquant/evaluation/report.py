@@ -25,6 +25,7 @@ from .prompts import PromptItem
 # Display names and formats of the per-model summary columns, in table order.
 COLUMNS: dict[str, tuple[str, str]] = {
     "psnr": ("PSNR to FP (dB) ↑", "{:.2f}"),
+    "psnr_to_fake_quant": ("PSNR to fake quant (dB) ↑", "{:.2f}"),
     "ssim": ("SSIM to FP ↑", "{:.4f}"),
     "lpips": ("LPIPS to FP ↓", "{:.4f}"),
     "fd_fp": ("Fréchet dist. to FP ↓", "{:.3f}"),
