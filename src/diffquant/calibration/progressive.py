@@ -106,6 +106,7 @@ def progressive_calibrate(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     depends_on: dict | None = None,
+    freeze: bool = True,
 ) -> list[float]:
     """Fit each step's activation group on the trajectory of the already-quantized earlier steps.
 
@@ -113,8 +114,10 @@ def progressive_calibrate(
     The denoiser must be wrapped with one timestep group per sampling step (``TimestepGroups.per_step``).
     Steps before ``start_step`` run quantized with their existing parameters (re-calibrating only
     from the first step whose bit width changed). Returns the timestep of every step, in order.
-    Ends with every quantized module frozen. ``checkpoint_dir`` makes the pass resumable (module
-    docstring); ``depends_on`` (JSON) names what else the result depends on, e.g. the observers.
+    Steps run in ``learning`` (weights fake-quantized from the kept float weight); with ``freeze`` the pass
+    ends with every quantized module frozen, without it the float weights stay for a float reference run
+    (PCR's per-step sensitivity switches quantization off, which a frozen weight cannot undo).
+    ``checkpoint_dir`` makes the pass resumable (module docstring); ``depends_on`` (JSON) names what else the result depends on, e.g. the observers.
     """
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
@@ -134,11 +137,13 @@ def progressive_calibrate(
         saved = load_progress(folder, fingerprint, "a progressive calibration")
         done = saved["steps"] if saved else []
     # Quantized weights now; each step's activation group is fitted below before that step runs quantized.
-    set_state(denoiser, QuantState.FROZEN, fit_activations_later=True)
+    set_state(denoiser, QuantState.LEARNING, fit_activations_later=True)
     quantizers = activation_quantizers(denoiser)
     if done:
         _restore_steps(folder, done, quantizers)
     if len(done) == steps:
+        if freeze:
+            set_state(denoiser, QuantState.FROZEN)
         return [entry["timestep"] for entry in done]
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -166,4 +171,6 @@ def progressive_calibrate(
             sample(pipe, prompts, settings)
     finally:
         bar.close()
+    if freeze:
+        set_state(denoiser, QuantState.FROZEN)
     return timesteps
