@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .calibration import CalibrationSet
@@ -24,14 +25,20 @@ def quantize(
     *,
     workdir: str | Path | None = None,
     progress: bool = True,
+    torch_dtype: torch.dtype | None = None,
 ) -> Any:
     """Quantize the denoiser of a diffusers pipeline (or a bare denoiser) in place and return it.
 
     ``calibration`` is a list of prompts or a prompt file (sampled with the float pipeline's own
     scheduler and guidance), or a recorded ``CalibrationSet`` (required for a bare denoiser when
     activations are quantized). ``workdir`` holds resumable intermediate state for long methods.
+    ``torch_dtype`` (as in diffusers: float32, bfloat16 or float16) casts the pipeline (or denoiser) in place
+    before calibrating, so recording and the forward passes run in it; observers, learned rounding and step
+    sizes stay float32 (the quantizers compute in float32 and cast back).
     """
     config = config or QuantConfig()
+    if torch_dtype is not None:
+        pipe_or_denoiser.to(dtype=check_dtype(torch_dtype))
     denoiser = get_denoiser(pipe_or_denoiser)
     pipeline = None if isinstance(pipe_or_denoiser, nn.Module) else pipe_or_denoiser
     prompts: list[str] | None = None
@@ -62,6 +69,17 @@ def quantize(
         record.report.setdefault("calibration_calls", len(job.calibration))
         record.report.setdefault("calibration_samples", job.calibration.num_samples())
     return pipe_or_denoiser
+
+
+CALIBRATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``dtype`` (a torch dtype or its name) if calibration can run in it; a one-line error otherwise."""
+    resolved = CALIBRATION_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in CALIBRATION_DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype!r} for calibration; pass --dtype (torch_dtype=) float32, bfloat16 or float16")
+    return resolved
 
 
 def _default_prompts(pipeline: Any) -> list[str] | None:

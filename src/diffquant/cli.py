@@ -52,6 +52,7 @@ def quantize(
     preset: Optional[str] = typer.Option(None, help="Method preset, e.g. 'paper' (Q-Diffusion's paper-sized calibration)."),
     config: Optional[Path] = typer.Option(None, help="A QuantConfig JSON file; other flags are ignored when given."),
     device: str = cli_common.DEVICE,
+    dtype: str = typer.Option("float32", "--dtype", help="Calibrate in float32, bfloat16 or float16 (the saved model keeps it)."),
     seed: int = field_option(QuantConfig, "seed", help="Seed for calibration sampling."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists (otherwise refuse)."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the resumable work folder (.<out>.work/<settings>) after success."),
@@ -69,6 +70,7 @@ def quantize(
         check_writable(out)
         check_positive(steps=steps, num_prompts=num_prompts, batch_size=batch_size)
         check_device(device)
+        torch_dtype = diffquant.api.check_dtype(dtype)
         if config is not None:
             if not config.is_file():
                 raise FileNotFoundError(f"config file {config} not found")
@@ -88,7 +90,7 @@ def quantize(
             raise ValueError(f"only --method emf runs across processes; run --method {cfg.method} without accelerate launch")
         _quiet()
         typer.echo(f"loading {model}")
-        pipe = load_pipeline(model, device=str(state.device) if state is not None else device)
+        pipe = load_pipeline(model, device=str(state.device) if state is not None else device, torch_dtype=torch_dtype)
         if calib is None and not diffquant.api.sampling_defaults(pipe):
             raise ValueError("calibration prompts needed: pass --prompts FILE (one prompt per line)")
         typer.echo(f"quantizing with {cfg.label}")

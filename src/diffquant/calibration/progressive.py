@@ -87,6 +87,7 @@ def progressive_calibrate(
     progress: bool = True,
     checkpoint_dir: str | Path | None = None,
     depends_on: dict | None = None,
+    freeze: bool = True,
 ) -> list[float]:
     """Fit each step's activation group on the trajectory of the already-quantized earlier steps.
 
@@ -94,8 +95,10 @@ def progressive_calibrate(
     The denoiser must be wrapped with one timestep group per sampling step (``TimestepGroups.per_step``).
     Steps before ``start_step`` run quantized with their existing parameters (re-calibrating only
     from the first step whose bit width changed). Returns the timestep of every step, in order.
-    Ends with every quantized module frozen. ``checkpoint_dir`` makes the pass resumable (module
-    docstring); ``depends_on`` (JSON) names what else the result depends on, e.g. the observers.
+    Steps run in ``learning`` (weights fake-quantized from the kept float weight); with ``freeze`` the pass
+    ends with every quantized module frozen, without it the float weights stay for a float reference run
+    (PCR's per-step sensitivity switches quantization off, which a frozen weight cannot undo).
+    ``checkpoint_dir`` makes the pass resumable (module docstring); ``depends_on`` (JSON) names what else the result depends on, e.g. the observers.
     """
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
@@ -112,12 +115,14 @@ def progressive_calibrate(
                                          "seed": seed, "settings": depends_on or {}}, "a progressive calibration")
     done: list[dict] = list(checkpoint.done().values()) if checkpoint is not None else []
     # Quantized weights now; each step's activation group is fitted below before that step runs quantized.
-    set_state(denoiser, QuantState.FROZEN, fit_activations_later=True)
+    set_state(denoiser, QuantState.LEARNING, fit_activations_later=True)
     quantizers = activation_quantizers(denoiser)
     if done:
         checkpoint.reused(len(done), "step")
         _restore_steps(checkpoint, done, quantizers)
     if len(done) == steps:
+        if freeze:
+            set_state(denoiser, QuantState.FROZEN)
         return [entry["timestep"] for entry in done]
     timesteps: list[float] = []
     bar = tqdm(total=steps, desc="pcr: progressive calibration", disable=not progress)
@@ -142,4 +147,6 @@ def progressive_calibrate(
             sample(pipe, prompts, settings)
     finally:
         bar.close()
+    if freeze:
+        set_state(denoiser, QuantState.FROZEN)
     return timesteps

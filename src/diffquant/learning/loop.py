@@ -29,3 +29,23 @@ def optimizer_step(
         step_sizes.clamp_()
     if after_step is not None:
         after_step()
+
+
+class FloatMasters:
+    """Half-precision trainable parameters held in float32 while learning (master copies in place).
+
+    Adam's updates to weights are far below bfloat16's resolution (8 significant bits), so learning them in the
+    model's dtype would lose most steps. The parameters themselves become float32 (same objects, so optimizer
+    state and checkpoints need nothing else); quantized layers cast them to the compute dtype in each forward;
+    ``restore`` returns them to their dtype when learning ends.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.dtypes = [(p, p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)]
+        for p, _ in self.dtypes:
+            p.data = p.data.float()
+
+    def restore(self) -> None:
+        for p, dtype in self.dtypes:
+            p.data = p.data.to(dtype)
+        self.dtypes = []

@@ -41,7 +41,7 @@ from ..nn import QuantModule, quantized_layers
 from ..quant.lsq import StepSizes, step_size_parameters
 from .dataset import SerialDataset
 from .freezing import SelectiveFreezer
-from .loop import optimizer_step
+from .loop import FloatMasters, optimizer_step
 from .lowrank import add_low_rank, base_weight, merge_low_rank
 
 CHECKPOINT_JSON = "qat-checkpoint.json"
@@ -127,6 +127,8 @@ class QATTrainer:
         self.step_sizes = StepSizes(step_size_parameters(denoiser).values())
         groups = self.step_sizes.start(config.lr_scales) + weight_groups
         self.params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
+        self.compute_dtype = next(denoiser.parameters()).dtype  # inputs stay in it while masters are float32
+        self.masters = FloatMasters(list(self.params.values()))
         self.optimizer = torch.optim.Adam(groups)
         self.freezer = SelectiveFreezer(self.layers)
         self.batches = dataset.batches(config.order, config.batch_size, config.iterations, config.seed)
@@ -180,7 +182,7 @@ class QATTrainer:
         hooks = [self.denoiser.get_submodule(n).register_forward_hook(lambda m, a, out, n=n: captured.__setitem__(n, out))
                  for n in self.sensitive if self.config.feature_weight]
         try:
-            out = self.denoiser(**self.dataset.kwargs(part, param.device, param.dtype))[0]
+            out = self.denoiser(**self.dataset.kwargs(part, param.device, self.compute_dtype))[0]
         finally:
             for h in hooks:
                 h.remove()
@@ -253,6 +255,7 @@ class QATTrainer:
 
     def finish(self) -> None:
         """Merge low-rank adapters into the weights and stop every gradient (ready to freeze and save)."""
+        self.masters.restore()
         for module in self.layers.values():
             merge_low_rank(module)
         for p in self.denoiser.parameters():

@@ -158,7 +158,7 @@ class PCR(Method):
         work = job.workdir / "pcr" if job.workdir else None
         settings = {"config": job.config.to_dict()}
         progressive_calibrate(job.pipeline, prompts, sampling, seed=job.config.seed, progress=job.progress,
-                              checkpoint_dir=work / "pass-1" if work else None, depends_on=settings)
+                              checkpoint_dir=work / "pass-1" if work else None, depends_on=settings, freeze=False)
         report["progressive_passes"] = 1
         sensitivity = None
         if options.sensitivity_prompts > 0:
@@ -171,6 +171,7 @@ class PCR(Method):
                 progressive_calibrate(job.pipeline, prompts, sampling, start_step=relaxed[0], seed=job.config.seed,
                                       progress=job.progress, checkpoint_dir=work / "pass-2" if work else None, depends_on=settings)
                 report["progressive_passes"] = 2
+        set_state(job.denoiser, QuantState.FROZEN)
         step_bits = [self._step_bits(job, group_of_step[s]) for s in range(steps)]
         report.update({
             "sensitivity": sensitivity,

@@ -26,7 +26,6 @@ class QuantModule(nn.Module):
         self.state = QuantState.WRAPPED
         self.weight_quant_enabled = True
         self.act_quant_enabled = True
-        self._cached_weight: torch.Tensor | None = None
 
     def activation_quantizers(self) -> list[ActivationQuantizer]:
         return [m for m in self.children() if isinstance(m, ActivationQuantizer)]
@@ -75,20 +74,33 @@ class QuantModule(nn.Module):
                 if q.mode == "observe":
                     q.finish_observing()
                 q.mode = "quantize"
-        self._cached_weight = None
         if state is QuantState.FROZEN and self.weight_quantizer is not None:
-            with torch.no_grad():
-                self._cached_weight = self.weight_quantizer(self.weight).detach()
+            self._quantize_weight_in_place()
         self.state = state
 
-    def _weight(self) -> torch.Tensor:
-        if self.weight_quantizer is None or not self.weight_quant_enabled:
-            return self.weight
-        if self.state is QuantState.FROZEN and self._cached_weight is not None:
-            return self._cached_weight
-        if self.state in (QuantState.LEARNING, QuantState.FROZEN):
-            return self.weight_quantizer(self.weight)
-        return self.weight
+    @torch.no_grad()
+    def _quantize_weight_in_place(self) -> None:
+        """Freezing: the weight becomes its fake-quantized values, so a frozen model holds one weight copy.
+
+        The values are those the learning forward computes (honouring a learned rounding, which is then
+        dropped), so frozen outputs equal fake quantization of the float weight bit for bit; re-freezing is
+        the identity (``fake_quantize`` of a grid value returns it), so saving and loading stay bit-exact.
+        """
+        self.weight.copy_(self.weight_quantizer(self.weight))
+        self.weight_quantizer.rounding = None
+
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight a forward uses, in the compute dtype ``dtype``: fake-quantized on the fly while learning, the
+        weight itself otherwise (frozen: it already holds the grid values, so switching weight quantization off
+        cannot restore float). Learning may keep the weight in float32 (QAT's master copies) under a half-precision
+        model; the cast is then the only copy in the compute dtype."""
+        w = self.weight
+        if self.weight_quantizer is not None and self.weight_quant_enabled and self.state is QuantState.LEARNING:
+            w = self.weight_quantizer(w)
+        return w.to(dtype)
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
 
     def _quantize_activation(self, q: ActivationQuantizer | None, x: torch.Tensor) -> torch.Tensor:
         if q is None or q.mode == "off":
@@ -117,8 +129,3 @@ class QuantModule(nn.Module):
         """JSON that rebuilds this module from the wrapped model's one at load (``diffquant.registry.CONVERTED``
         keyed by its ``kind``); None when the wrapped model's own module is this module."""
         return None
-
-    def refresh_weight_cache(self) -> None:
-        """Recompute the cached quantized weight after the float weight or its scales changed."""
-        if self.state is QuantState.FROZEN:
-            self.set_state(QuantState.FROZEN)

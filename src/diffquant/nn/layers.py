@@ -37,7 +37,7 @@ class QuantLinear(nn.Linear, QuantModule):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quantize_activation(self.input_quantizer, x), self._weight(), self.bias)
+        return F.linear(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
 
     def to_float(self) -> nn.Linear:
         """The plain float layer over the same parameters (the layer leaves quantization)."""
@@ -82,7 +82,7 @@ class QuantConv2d(nn.Conv2d, QuantModule):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quantize_activation(self.input_quantizer, x), self._weight(), self.bias)
+        return self._conv_forward(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
 
     def to_float(self) -> nn.Conv2d:
         """The plain float layer over the same parameters (the layer leaves quantization)."""
