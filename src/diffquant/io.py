@@ -110,3 +110,10 @@ def verify_files(folder: str | Path, table: dict[str, dict]) -> None:
             raise ValueError(f"{path} is truncated or altered ({size} bytes, manifest says {info['bytes']}); save the model again")
         if sha256(path) != info["sha256"]:
             raise ValueError(f"{path} is corrupted (hash differs from the manifest); save the model again")
+
+
+def null_components(folder: str | Path) -> dict[str, None]:
+    """Components a diffusers pipeline folder saved as null (SD3 without T5: ``text_encoder_3``), as ``None`` keyword
+    arguments: ``from_pretrained`` refuses such a folder unless they are passed explicitly."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return {k: None for k, v in index.items() if not k.startswith("_") and (v is None or v == [None, None])}

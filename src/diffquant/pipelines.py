@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .io import null_components
 from .registry import MODELS
 
 
@@ -37,7 +38,8 @@ def load_pipeline(
         pipe = load(path, device=device, backend=backend)
     elif (path / "model_index.json").is_file():
         try:
-            pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True)
+            pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype, use_safetensors=True,
+                                                     **null_components(path))
         except (OSError, EnvironmentError) as e:
             raise ValueError(f"cannot load {path} as a diffusers pipeline with safetensors weights ({str(e).splitlines()[0]})") from None
         pipe = pipe.to(device)

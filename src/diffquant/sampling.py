@@ -10,7 +10,9 @@ Defaults policy (``default_settings``): a value set in the settings wins; then t
 registered for the pipeline (``diffquant.registry``: a bundled mini-zoo model's, or those a quantized
 model recorded when it was quantized); then the pipeline's own: its ``__call__`` defaults for steps and
 guidance (SD 1.x 50 steps at 7.5, SDXL 50 at 5.0, SD3 and Flux 28 at 7.0 and 3.5) and its native size
-(``default_sample_size`` or the denoiser's ``sample_size``, times ``vae_scale_factor``).
+(``default_sample_size`` or the denoiser's ``sample_size``, times ``vae_scale_factor``). Extras the family's
+adapter needs (``sampling_extras``: PixArt/SANA without resolution bins for their size get
+``use_resolution_binning=False``) come under the extras the settings set.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class SamplingSettings:
         """These settings with every unset value taken from ``default_settings(pipe, registered)``."""
         base = default_settings(pipe, registered)
         return self.replace(**{name: getattr(base, name) for name in ("steps", "guidance", "height", "width")
-                               if getattr(self, name) is None})
+                               if getattr(self, name) is None}, extras={**base.extras, **self.extras})
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``pipe(...)``; unset values are left to the pipeline."""
@@ -125,6 +127,7 @@ def default_settings(pipe: Any, registered: dict | None = None) -> SamplingSetti
     return SamplingSettings(
         steps=int(steps), guidance=given.get("guidance", _call_default(pipe, "guidance_scale")),
         height=given.get("height", side), width=given.get("width", side),
+        extras=get_adapter(get_denoiser(pipe), warn=False).sampling_extras(pipe),
     )
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__
 from .config import QuantConfig
 from .determinism import TIMINGS, canonical_safetensors_header, merge_timings, split_timings
-from .io import atomic_save_tensors, atomic_write_json, file_table, refuse_pickles, verify_files
+from .io import atomic_save_tensors, atomic_write_json, file_table, null_components, refuse_pickles, verify_files
 from .nn import QuantState, quantized_layers
 from .outputs import claim_output
 from .quant import TimestepGroups
@@ -248,9 +248,7 @@ def load(
     if attr is None:
         raise ValueError(f"{folder} has a model_index.json but no quantized unet/ or transformer/ folder")
     denoiser = _load_denoiser(folder / attr, device)
-    index = json.loads((folder / "model_index.json").read_text())
-    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    kwargs: dict = {**absent, attr: denoiser, "use_safetensors": True}
+    kwargs: dict = {**null_components(folder), attr: denoiser, "use_safetensors": True}
     if torch_dtype is not None:
         kwargs["torch_dtype"] = torch_dtype
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **kwargs)

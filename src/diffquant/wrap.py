@@ -12,7 +12,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .models.adapters import DenoiserAdapter, get_adapter, get_denoiser, matches_any  # noqa: F401  (get_denoiser re-exported)
-from .nn import QuantAttnProcessor, QuantConv2d, QuantJointAttnProcessor, QuantLinear
+from .nn import PROCESSORS, QuantConv2d, QuantLinear
 from .quant import TimestepContext, TimestepGroups
 
 
@@ -93,7 +93,7 @@ def wrap_denoiser(
     if getattr(denoiser, "diffquant", None) is not None:
         raise ValueError("this denoiser is already quantized; start again from the float model")
     adapter = get_adapter(denoiser)
-    groups = groups or TimestepGroups.uniform(config.timestep_groups)
+    groups = groups or TimestepGroups.uniform(config.timestep_groups, adapter.timestep_range)
     context = TimestepContext(groups)
     reasons = float_layer_reasons(adapter, config, float_layers) if float_layers is None else dict(float_layers)
     splits = (adapter.skip_splits() if config.use_split_shortcut else {}) if skip_splits is None else skip_splits
@@ -113,7 +113,7 @@ def wrap_denoiser(
         set_submodule(denoiser, name, q)
     if config.quantize_attention and act_spec is not None:
         for name, kind in adapter.attention_modules().items():
-            cls = QuantJointAttnProcessor if kind == "joint" else QuantAttnProcessor
+            cls = PROCESSORS[kind]
             attention = denoiser.get_submodule(name)
             processor = cls(act_spec, config.softmax_spec(), context, num_groups).to(next(attention.parameters()).device)
             for q in processor.activation_quantizers():

@@ -36,6 +36,7 @@ from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, sample
 from ..wrap import get_denoiser
 
 _META = ("__output__", "__step__", "__prompt__")
+_SHARED = "__shared__/"  # key prefix, on disk, of the inputs every row shares
 
 
 @dataclass
@@ -63,10 +64,13 @@ class SerialDatasetConfig:
 
 
 class SerialDataset:
-    """Rows of denoiser inputs (flat kwargs, ``timestep`` one value per row), FP outputs, steps, prompt ids."""
+    """Rows of denoiser inputs (flat kwargs, ``timestep`` one value per row), FP outputs, steps, prompt ids.
+    ``shared``: inputs without a batch dimension, the same for every row (Flux's ``img_ids``/``txt_ids``)."""
 
-    def __init__(self, inputs: dict[str, torch.Tensor], output: torch.Tensor, step: torch.Tensor, prompt: torch.Tensor) -> None:
+    def __init__(self, inputs: dict[str, torch.Tensor], output: torch.Tensor, step: torch.Tensor, prompt: torch.Tensor,
+                 shared: dict[str, torch.Tensor] | None = None) -> None:
         self.inputs, self.output, self.step, self.prompt = inputs, output, step.long(), prompt.long()
+        self.shared = dict(shared or {})
         self.features: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -78,7 +82,7 @@ class SerialDataset:
 
     def kwargs(self, rows: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> dict:
         """``denoiser(**kwargs)`` arguments for ``rows`` (a batch that may mix timesteps and prompts)."""
-        call = DenoiserCall({k: v[rows] for k, v in self.inputs.items()}, 0, 0)
+        call = DenoiserCall({**self.shared, **{k: v[rows] for k, v in self.inputs.items()}}, 0, 0)
         return call.kwargs(device=device, dtype=dtype)
 
     def conditioning(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -104,17 +108,24 @@ class SerialDataset:
         return [stream[i * batch_size : (i + 1) * batch_size] for i in range(iterations)]
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {**self.inputs, "__output__": self.output, "__step__": self.step, "__prompt__": self.prompt}
+        return {**self.inputs, "__output__": self.output, "__step__": self.step, "__prompt__": self.prompt,
+                **{_SHARED + k: v for k, v in self.shared.items()}}
 
     @classmethod
     def _from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SerialDataset:
-        inputs = {k: v for k, v in tensors.items() if k not in _META}
-        return cls(inputs, tensors["__output__"], tensors["__step__"], tensors["__prompt__"])
+        inputs = {k: v for k, v in tensors.items() if k not in _META and not k.startswith(_SHARED)}
+        shared = {k[len(_SHARED):]: v for k, v in tensors.items() if k.startswith(_SHARED)}
+        return cls(inputs, tensors["__output__"], tensors["__step__"], tensors["__prompt__"], shared)
 
     @classmethod
     def concat(cls, parts: list[SerialDataset]) -> SerialDataset:
-        keys = parts[0]._tensors().keys()
-        return cls._from_tensors({k: torch.cat([p._tensors()[k] for p in parts]) for k in keys})
+        shared = parts[0].shared
+        for part in parts[1:]:
+            if part.shared.keys() != shared.keys() or not all(torch.equal(part.shared[k], v) for k, v in shared.items()):
+                raise ValueError(f"denoiser inputs {sorted(shared)} differ between batches; sample every batch at the same size")
+        keys = [k for k in parts[0]._tensors() if not k.startswith(_SHARED)]
+        return cls._from_tensors({**{k: torch.cat([p._tensors()[k] for p in parts]) for k in keys},
+                                  **{_SHARED + k: v for k, v in shared.items()}})
 
     @classmethod
     def from_calibration(cls, calibration: CalibrationSet) -> SerialDataset:
@@ -126,7 +137,8 @@ class SerialDataset:
             n = call.batch_size
             inputs = {k: (v.expand(n) if k == "timestep" and v.numel() == 1 else v) for k, v in call.inputs.items()}
             inputs["timestep"] = inputs["timestep"].reshape(n)
-            parts.append(cls(inputs, call.output, torch.full((n,), call.step), torch.full((n,), -1)))
+            shared = {k: inputs.pop(k) for k, v in list(inputs.items()) if v.dim() == 0 or v.shape[0] != n}
+            parts.append(cls(inputs, call.output, torch.full((n,), call.step), torch.full((n,), -1), shared))
         return cls.concat(parts)
 
     def save_features(self, folder: str | Path) -> None:
@@ -173,20 +185,21 @@ def _sample_batch(pipe, prompts: list[str], first_prompt: int, config: SerialDat
         if not rows:
             return
         index = torch.tensor(rows)
-        inputs = {}
+        inputs, shared = {}, {}
         for key, value in flat.items():
             if key == "timestep":
                 value = value.reshape(-1).expand(batch) if value.numel() == 1 else value.reshape(batch)
-            elif value.dim() == 0 or value.shape[0] != batch:
-                raise ValueError(f"denoiser argument {key} has no batch dimension; the serial dataset cannot split it into rows")
+            elif value.dim() == 0 or value.shape[0] != batch:  # e.g. Flux's img_ids: one for the whole batch
+                shared[key] = value.clone()
+                continue
             inputs[key] = value[index].clone()
         prompt_ids = torch.tensor([first_prompt + r % len(prompts) for r in rows])
-        pending[call.step] = (inputs, torch.full((len(rows),), call.step), prompt_ids, index)
+        pending[call.step] = (inputs, torch.full((len(rows),), call.step), prompt_ids, index, shared)
 
     def after(call: DenoiserStep) -> None:
         if call.step in pending:
-            inputs, step_ids, prompt_ids, index = pending.pop(call.step)
-            parts.append(SerialDataset(inputs, call.prediction[index].detach().clone(), step_ids, prompt_ids))
+            inputs, step_ids, prompt_ids, index, shared = pending.pop(call.step)
+            parts.append(SerialDataset(inputs, call.prediction[index].detach().clone(), step_ids, prompt_ids, shared))
 
     with denoiser_calls(pipe, before, after) as seen:
         sample(pipe, prompts, config.sampling.replace(seed=seed))

@@ -2,8 +2,10 @@
 
 Every layer the adapter names as time-dependent (UNet: the time-embedding MLP, SDXL's
 ``text_time`` add-embedding, each ResNet's ``time_emb_proj``; SD3: the timestep/pooled-text
-embedders and every adaLN modulation ``linear``) depends only on the timestep and, where the
-model has it, the per-prompt pooled conditioning. Its output is computed once per
+embedders and every adaLN modulation ``linear``; Flux the same plus guidance; PixArt/SANA the shared
+adaLN-single projection) depends only on the timestep and, where the model has it, the per-prompt
+pooled conditioning. The adapter runs that path alone (``time_path``) and names its inputs
+(``time_condition``). Its output is computed once per
 (timestep, conditioning) key in full precision and afterwards looked up, so those layers leave
 the quantized graph (they stay plain float ``nn.Linear``) and cost no matmul in the loop.
 
@@ -11,7 +13,8 @@ Readings chosen (the paper gives only figure captions):
 
 - Keys are ``(t rounded to 1e-3, digest of the sample's pooled conditioning rows)``; for SD 1.x/2.x
   the digest is empty, so one entry per step serves every prompt. SDXL keys on ``text_embeds`` and
-  ``time_ids``; SD3 on ``pooled_projections``.
+  ``time_ids``; SD3 on ``pooled_projections``, Flux on it and ``guidance``. t is put on a 0..1000 axis
+  first (Flux passes the scheduler's t / 1000).
 - Only the matmuls are replaced; the elementwise ops between them (sinusoidal projection, SiLU)
   still run, in float (they are cheap and never quantized).
 - ``precalculate`` fills the tables for given (t, conditioning) rows before a loop (training:
@@ -35,12 +38,6 @@ from ..models.adapters import get_adapter
 
 Key = tuple[float, str]
 
-_COND_ARGS = {
-    "unet2d-condition": ("added_cond_kwargs", "class_labels", "timestep_cond"),
-    "sd3-transformer": ("pooled_projections",),
-}
-_ADA_NORMS = ("AdaLayerNormZero", "AdaLayerNormContinuous", "SD35AdaLayerNormZeroX", "AdaLayerNormZeroSingle")
-
 
 def _flat_cond(bound: dict[str, Any], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     flat: dict[str, torch.Tensor] = {}
@@ -53,9 +50,9 @@ def _flat_cond(bound: dict[str, Any], names: tuple[str, ...]) -> dict[str, torch
     return flat
 
 
-def row_keys(timesteps: torch.Tensor, cond: dict[str, torch.Tensor], batch: int) -> list[Key]:
-    """One key per sample: the timestep and a digest of that sample's conditioning rows."""
-    t = torch.as_tensor(timesteps).detach().flatten().double().cpu()
+def row_keys(timesteps: torch.Tensor, cond: dict[str, torch.Tensor], batch: int, timestep_range: float = 1000.0) -> list[Key]:
+    """One key per sample: the timestep (on a 0..1000 axis, rounded to 1e-3) and a digest of that sample's conditioning rows."""
+    t = torch.as_tensor(timesteps).detach().flatten().double().cpu() * (1000.0 / timestep_range)
     if t.numel() == 1:
         t = t.expand(batch)
     rows = [hashlib.blake2b(digest_size=12) for _ in range(batch)]
@@ -98,9 +95,7 @@ class TimePrecalculation:
     """Lookup tables for a denoiser's time-dependent layers (see the module docstring)."""
 
     def __init__(self, denoiser: nn.Module) -> None:
-        adapter = get_adapter(denoiser)
-        if adapter.family not in _COND_ARGS:
-            raise ValueError(f"time precalculation supports UNet2DConditionModel and SD3Transformer2DModel, not {type(denoiser).__name__}")
+        self.adapter = adapter = get_adapter(denoiser)
         self.denoiser, self.family = denoiser, adapter.family
         self.layer_names = adapter.time_layers()
         self.keys: list[Key] | None = None
@@ -140,7 +135,7 @@ class TimePrecalculation:
     @property
     def condition_args(self) -> tuple[str, ...]:
         """The denoiser arguments (besides t) the time path reads: the keys' conditioning."""
-        return _COND_ARGS[self.family]
+        return self.adapter.time_condition
 
     def attach_scheduler(self, scheduler: Any) -> None:
         """Precalculate every step of ``scheduler.timesteps`` when a new prompt batch first calls the denoiser."""
@@ -159,12 +154,14 @@ class TimePrecalculation:
         if t is None:
             self.keys = None
             return
-        cond = _flat_cond(bound, _COND_ARGS[self.family])
-        self.keys = row_keys(torch.as_tensor(t), cond, first.shape[0])
+        cond = _flat_cond(bound, self.condition_args)
+        self.keys = row_keys(torch.as_tensor(t), cond, first.shape[0], self.adapter.timestep_range)
         if self.scheduler is not None and self._lookups:
             probe = next(iter(self._lookups.values())).table
             if any(k not in probe for k in self.keys):
                 steps = torch.as_tensor(self.scheduler.timesteps).flatten()
+                if self.adapter.timestep_range != 1000.0:  # as the pipeline computes it (Flux: float32 t / 1000)
+                    steps = steps.float() / (1000.0 / self.adapter.timestep_range)
                 batch = first.shape[0]
                 rows = {k: v.repeat_interleave(len(steps), dim=0) if v.dim() > 0 and v.shape[0] == batch else v
                         for k, v in cond.items()}
@@ -183,36 +180,10 @@ class TimePrecalculation:
         t = torch.as_tensor(timesteps).flatten().to(param.device)
         n = t.shape[0]
         cond = {k: v.to(param.device, param.dtype if v.is_floating_point() else None) for k, v in cond.items()}
-        self.keys = row_keys(t, cond, n)
+        self.keys = row_keys(t, cond, n, self.adapter.timestep_range)
         misses = self.misses  # filling is not a miss
         try:
-            if self.family == "unet2d-condition":
-                self._unet_time_path(t, cond)
-            else:
-                self._sd3_time_path(t, cond["pooled_projections"])
+            self.adapter.time_path(t, cond)
         finally:
             self.keys = None
             self.misses = misses
-
-    def _unet_time_path(self, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
-        unet = self.denoiser
-        if unet.config.addition_embed_type not in (None, "text_time") or unet.class_embedding is not None:
-            raise ValueError("time precalculation supports UNets without class embeddings and with addition_embed_type None or 'text_time'")
-        param = next(unet.parameters())
-        proxy = torch.empty(t.shape[0], 1, device=param.device, dtype=param.dtype)
-        emb = unet.time_embedding(unet.get_time_embed(sample=proxy, timestep=t), cond.get("timestep_cond"))
-        added = {k.split(".", 1)[1]: v for k, v in cond.items() if k.startswith("added_cond_kwargs.")}
-        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=None, added_cond_kwargs=added)
-        emb = emb + aug if aug is not None else emb
-        if unet.time_embed_act is not None:
-            emb = unet.time_embed_act(emb)
-        for module in unet.modules():
-            if type(module).__name__ == "ResnetBlock2D" and module.time_emb_proj is not None:
-                module.time_emb_proj(emb if module.skip_time_act else module.nonlinearity(emb))
-
-    def _sd3_time_path(self, t: torch.Tensor, pooled: torch.Tensor) -> None:
-        model = self.denoiser
-        temb = model.time_text_embed(t, pooled)
-        for module in model.modules():
-            if type(module).__name__ in _ADA_NORMS and getattr(module, "linear", None) is not None:
-                module.linear(module.silu(temb))

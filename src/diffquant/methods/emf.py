@@ -128,7 +128,7 @@ class EMF(Method):
         adapter = get_adapter(denoiser)
         time_layers = {n: "EMF time precalculation (float lookup table)" for n in adapter.time_layers()}
         num_groups = opts.timestep_groups or (config.timestep_groups if config.timestep_groups > 1 else 4)
-        record = wrap_denoiser(denoiser, config, groups=TimestepGroups.uniform(num_groups),
+        record = wrap_denoiser(denoiser, config, groups=TimestepGroups.uniform(num_groups, adapter.timestep_range),
                                float_layers=float_layer_reasons(adapter, config, time_layers))
         tables = TimePrecalculation.install(denoiser)
         tables.precalculate(dataset.timestep, dataset.conditioning(tables.condition_args))

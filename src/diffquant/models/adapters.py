@@ -1,8 +1,11 @@
 """Architecture knowledge, one adapter per denoiser family.
 
 An adapter names what the methods need and nothing else: the reconstruction blocks, the layers
-fed by a skip concatenation (and the channel split), the time-dependent projections, the first
-and last layers, which attention processors to swap, and where the timestep argument is.
+fed by a skip concatenation (and the channel split), the time-dependent projections and how to run
+them alone (EMF's precalculation), the first and last layers, which attention processors to swap,
+where the timestep argument is and its range, and the pipeline arguments its sampling needs.
+Families beyond the UNet and the SD3 MMDiT live in their own modules (``flux.py``, ``pixart.py``) and
+join ``ADAPTERS`` with ``register_adapter`` when ``diffquant.models`` is imported.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ class DenoiserAdapter:
     family = "generic"
     model_class: str | None = None  # the diffusers class name this adapter knows; None: any
     block_types: tuple[str, ...] = ()
+    timestep_range = 1000.0  # the denoiser's timestep argument spans [0, timestep_range] (Flux: scheduler t / 1000)
+    time_condition: tuple[str, ...] = ()  # forward arguments besides the timestep that the time layers read
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
@@ -78,6 +83,15 @@ class DenoiserAdapter:
                     found[name] = kind
         return found
 
+    def time_path(self, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        """Run only the time-dependent layers for timesteps ``t`` (denoiser-argument units) and the flat
+        ``time_condition`` tensors ``cond`` (one row per timestep): EMF fills its lookup tables this way."""
+        raise ValueError(f"time precalculation does not support {type(self.model).__name__} yet; use another method")
+
+    def sampling_extras(self, pipe) -> dict:
+        """Pipeline arguments this family needs by default (``SamplingSettings.extras``; given extras win)."""
+        return {}
+
     def timestep(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
         """The timestep argument of a forward call, or None when the model has none."""
         if "timestep" in kwargs:
@@ -110,6 +124,16 @@ class DenoiserAdapter:
             "skip_splits": self.skip_splits(),
             "time_layers": len(self.time_layers()),
         }
+
+
+ADA_NORMS = ("AdaLayerNormZero", "AdaLayerNormContinuous", "SD35AdaLayerNormZeroX", "AdaLayerNormZeroSingle")
+
+
+def run_ada_norms(model: nn.Module, temb: torch.Tensor) -> None:
+    """Every adaLN modulation of ``model`` on the time embedding ``temb`` (SD3, Flux: ``linear(silu(temb))``)."""
+    for module in model.modules():
+        if type(module).__name__ in ADA_NORMS and getattr(module, "linear", None) is not None:
+            module.linear(module.silu(temb))
 
 
 def _batched_timestep(t, sample: torch.Tensor) -> torch.Tensor:
@@ -146,9 +170,27 @@ class UNet2DConditionAdapter(DenoiserAdapter):
             prev = block.resnets[-1].out_channels
         return splits
 
+    time_condition = ("added_cond_kwargs", "class_labels", "timestep_cond")
+
     def time_layers(self) -> list[str]:
         heads = ("time_embedding.", "add_embedding.", "class_embedding.")
         return [n for n in self.layers() if n.startswith(heads) or n.endswith(".time_emb_proj")]
+
+    def time_path(self, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        unet = self.model
+        if unet.config.addition_embed_type not in (None, "text_time") or unet.class_embedding is not None:
+            raise ValueError("time precalculation supports UNets without class embeddings and with addition_embed_type None or 'text_time'")
+        param = next(unet.parameters())
+        proxy = torch.empty(t.shape[0], 1, device=param.device, dtype=param.dtype)
+        emb = unet.time_embedding(unet.get_time_embed(sample=proxy, timestep=t), cond.get("timestep_cond"))
+        added = {k.split(".", 1)[1]: v for k, v in cond.items() if k.startswith("added_cond_kwargs.")}
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=None, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        for module in unet.modules():
+            if type(module).__name__ == "ResnetBlock2D" and module.time_emb_proj is not None:
+                module.time_emb_proj(emb if module.skip_time_act else module.nonlinearity(emb))
 
     def io_layers(self) -> list[str]:
         return [n for n in ("conv_in", "conv_out") if n in self.layers()]
@@ -190,11 +232,14 @@ class SD3TransformerAdapter(DenoiserAdapter):
     family = "sd3-transformer"
     model_class = "SD3Transformer2DModel"
     block_types = ("JointTransformerBlock",)
-    _ada_norms = ("AdaLayerNormZero", "AdaLayerNormContinuous", "SD35AdaLayerNormZeroX", "AdaLayerNormZeroSingle")
+    time_condition = ("pooled_projections",)
 
     def time_layers(self) -> list[str]:
-        ada = {n for n, m in self.model.named_modules() if type(m).__name__ in self._ada_norms}
+        ada = {n for n, m in self.model.named_modules() if type(m).__name__ in ADA_NORMS}
         return [n for n in self.layers() if n.startswith("time_text_embed.") or n.rsplit(".", 1)[0] in ada]
+
+    def time_path(self, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        run_ada_norms(self.model, self.model.time_text_embed(t, cond["pooled_projections"]))
 
     def io_layers(self) -> list[str]:
         return [n for n in ("pos_embed.proj", "proj_out") if n in self.layers()]
@@ -220,7 +265,14 @@ class SD3TransformerAdapter(DenoiserAdapter):
         return self.model(**{k: inputs[k] for k in self.input_names}, return_dict=False)[0]
 
 
-ADAPTERS: tuple[type[DenoiserAdapter], ...] = (UNet2DConditionAdapter, SD3TransformerAdapter)
+ADAPTERS: list[type[DenoiserAdapter]] = [UNet2DConditionAdapter, SD3TransformerAdapter]
+
+
+def register_adapter(cls: type[DenoiserAdapter]) -> type[DenoiserAdapter]:
+    """Class decorator: ``get_adapter`` considers ``cls`` (a family module registers its adapter on import)."""
+    if cls not in ADAPTERS:
+        ADAPTERS.append(cls)
+    return cls
 
 
 def get_adapter(model: nn.Module, warn: bool = True) -> DenoiserAdapter:

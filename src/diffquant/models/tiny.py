@@ -1,7 +1,8 @@
-"""Tiny SD-, SDXL- and SD3-style pipelines built from configs with random weights.
+"""Tiny SD-, SDXL-, SD3/SD3.5-, Flux- and PixArt-Σ-style pipelines built from configs with random weights.
 
 They exercise the real diffusers code paths (cross-attention, skip concatenations, ``text_time``
-added conditioning, MMDiT joint attention) in seconds, for tests and for speed-free smoke runs.
+added conditioning, MMDiT joint and dual attention, Flux double/single-stream blocks with RoPE,
+adaLN-single) in seconds, for tests and for speed-free smoke runs. A CLIP tokenizer stands in for T5's.
 Random weights say nothing about fidelity; the mini zoo (``diffquant.zoo``) does.
 """
 
@@ -13,14 +14,19 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from ..tokenizers import build_clip_tokenizer
 
@@ -100,8 +106,15 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     return pipe
 
 
-def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
-    """SD3-style pipeline: SD3Transformer2DModel (MMDiT), two CLIP encoders, no T5, flow matching."""
+def _t5(vocab_size: int, d_model: int = 32) -> T5EncoderModel:
+    """A two-layer T5 encoder in eval mode (built from a config it would train: dropout 0.1 on every call)."""
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=2,
+                                   relative_attention_num_buckets=8, pad_token_id=vocab_size - 1, decoder_start_token_id=0)).eval()
+
+
+def tiny_sd3_pipeline(seed: int = 0, sd35: bool = False) -> StableDiffusion3Pipeline:
+    """SD3-style pipeline: SD3Transformer2DModel (MMDiT), two CLIP encoders, no T5, flow matching.
+    ``sd35``: the SD3.5 form (dual attention ``attn2`` in the first block, q/k RMS norm)."""
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
     text_encoder = CLIPTextModelWithProjection(_text_config(len(tokenizer), 16, projection=16))
@@ -109,12 +122,45 @@ def tiny_sd3_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
     transformer = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-        pos_embed_max_size=16,
+        pos_embed_max_size=16, **(dict(dual_attention_layers=(0,), qk_norm="rms_norm") if sd35 else {}),
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=_vae(shift_factor=0.0),
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """FLUX.1-dev-style pipeline: one double- and one single-stream block, RoPE, guidance embedding, CLIP + T5.
+    Sample it at 32x32 px (8x8 packed tokens) with ``max_sequence_length`` <= 16 for speed."""
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift_factor=0.0),
+        text_encoder=CLIPTextModel(_text_config(len(tokenizer), 16)), tokenizer=tokenizer,
+        text_encoder_2=_t5(len(tokenizer)), tokenizer_2=tokenizer, transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pixart_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
+    """PixArt-Σ-style pipeline: adaLN-single DiT with cross-attention to T5 features, learned sigma, DPM-Solver.
+    Its ``sample_size`` has no resolution bins: the adapter turns the pipeline's binning off."""
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    transformer = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, cross_attention_dim=16,
+        sample_size=8, patch_size=2, caption_channels=32, norm_num_groups=8, interpolation_scale=1,
+    )
+    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=_t5(len(tokenizer)), vae=_vae(), transformer=transformer,
+                               scheduler=DPMSolverMultistepScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe

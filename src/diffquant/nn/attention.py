@@ -1,7 +1,9 @@
 """Quantized attention matmuls through diffusers attention processors.
 
-The processors mirror diffusers' ``AttnProcessor2_0`` (UNet self/cross attention) and
-``JointAttnProcessor2_0`` (SD3 MMDiT joint attention) and quantize the inputs of the two matmuls:
+The processors mirror diffusers' ``AttnProcessor2_0`` (UNet and PixArt self/cross attention),
+``JointAttnProcessor2_0`` (SD3 MMDiT joint attention, SD3.5's second attention) and ``FluxAttnProcessor``
+(Flux double- and single-stream attention, RoPE applied to q and k before they are quantized, so the
+quantized q/k are the ones the matmul sees) and quantize the inputs of the two matmuls:
 q, k, v, and the softmax output (unsigned grid). With quantization off they call
 ``scaled_dot_product_attention`` exactly like the originals, so a wrapped model is bit-identical
 to the float one. The q/k/v/out projections are ordinary Linear layers, wrapped separately.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
 
 from ..quant import ActivationQuantizer, QuantSpec, TimestepContext
 from .base import QuantModule
@@ -129,4 +132,35 @@ class QuantJointAttnProcessor(_QuantAttentionCore):
         return hidden_states
 
 
-__all__ = ["QuantAttnProcessor", "QuantJointAttnProcessor", "QuantState"]
+class QuantFluxAttnProcessor(_QuantAttentionCore):
+    """Quantized counterpart of diffusers ``FluxAttnProcessor`` (text tokens first, then image tokens)."""
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                *args, **kwargs):
+        def heads(x: torch.Tensor) -> torch.Tensor:  # [B, L, H*D] -> [B, L, H, D], diffusers' Flux layout
+            return x.unflatten(-1, (-1, attn.head_dim))
+
+        query = attn.norm_q(heads(attn.to_q(hidden_states)))
+        key = attn.norm_k(heads(attn.to_k(hidden_states)))
+        value = heads(attn.to_v(hidden_states))
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            query = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states))), query], dim=1)
+            key = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states))), key], dim=1)
+            value = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask)
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        text = encoder_hidden_states.shape[1]
+        encoder_hidden_states, hidden_states = hidden_states[:, :text], hidden_states[:, text:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+
+# adapter attention kind -> the quantized processor that replaces the module's own (models.adapters names the kinds)
+PROCESSORS = {"standard": QuantAttnProcessor, "joint": QuantJointAttnProcessor, "flux": QuantFluxAttnProcessor}
+
+__all__ = ["PROCESSORS", "QuantAttnProcessor", "QuantFluxAttnProcessor", "QuantJointAttnProcessor", "QuantState"]

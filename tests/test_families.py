@@ -1,0 +1,138 @@
+"""Flux, SD3.5-style and PixArt-Σ pipelines (tiny, from configs) with every method, save/load and loading."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import diffquant
+from diffquant import QuantConfig
+from diffquant.models import tiny
+from diffquant.models.adapters import get_adapter
+from diffquant.nn import QuantConv2d, QuantFluxAttnProcessor, QuantJointAttnProcessor, QuantLinear, QuantAttnProcessor
+from diffquant.sampling import SamplingSettings, sample
+from diffquant.wrap import wrap_denoiser
+
+from tinyutil import PROMPTS, calibration_config
+
+BUILDERS = {"flux": tiny.tiny_flux_pipeline, "sd35": lambda: tiny.tiny_sd3_pipeline(sd35=True), "pixart": tiny.tiny_pixart_pipeline}
+SIZE = {"flux": 32, "sd35": 16, "pixart": 16}  # Flux packs 2x2 latents: 32 px -> 8x8 tokens
+BLOCKS = {"flux": ["transformer_blocks.0", "single_transformer_blocks.0"], "sd35": ["transformer_blocks.0", "transformer_blocks.1"],
+          "pixart": ["transformer_blocks.0", "transformer_blocks.1"]}
+PROCESSOR = {"flux": QuantFluxAttnProcessor, "sd35": QuantJointAttnProcessor, "pixart": QuantAttnProcessor}
+OPTIONS = {"rtn": {}, "qdiffusion": dict(iterations=2, act_iterations=1, batch_size=4),
+           "pcr": dict(sensitivity_prompts=0, relax_steps=[0]), "emf": dict(steps_per_prompt=2, iterations=2, batch_size=4, distill_layers=1)}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {family: build() for family, build in BUILDERS.items()}
+
+
+def settings(family: str) -> SamplingSettings:
+    return SamplingSettings(steps=3, height=SIZE[family], width=SIZE[family])
+
+
+def latents(pipe, family: str) -> torch.Tensor:
+    return sample(pipe, PROMPTS[:2], settings(family).resolve(pipe))
+
+
+def quantize(pipe, family: str, method: str, caplog):
+    cfg = QuantConfig(method=method, wbits=8, abits=8, options=OPTIONS[method],
+                      calibration=calibration_config(num_prompts=2, num_inference_steps=3, batch_size=2,
+                                                     height=SIZE[family], width=SIZE[family]))
+    with caplog.at_level(logging.WARNING):
+        diffquant.quantize(pipe, cfg, calibration=PROMPTS[:2], progress=False)
+    assert "no diffquant adapter" not in caplog.text and "stay float" not in caplog.text
+    return diffquant.get_denoiser(pipe)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_adapter_knows_the_family(pipes, family, caplog):
+    with caplog.at_level(logging.WARNING):
+        adapter = get_adapter(diffquant.get_denoiser(pipes[family]))
+    assert "no diffquant adapter" not in caplog.text and adapter.family != "generic"
+    assert adapter.blocks()[: len(BLOCKS[family])] == BLOCKS[family]
+    assert adapter.time_layers() and set(adapter.time_layers()) <= set(adapter.layers())
+    assert len(adapter.attention_modules()) >= 2
+    if family == "sd35":  # dual attention: the second attention of block 0 is quantized too
+        assert "transformer_blocks.0.attn2" in adapter.attention_modules()
+
+
+@pytest.mark.parametrize("method", list(OPTIONS))
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_every_method_quantizes_saves_and_generates(pipes, family, method, caplog, tmp_path):
+    pipe = copy.deepcopy(pipes[family])
+    ref = latents(pipes[family], family)
+    denoiser = quantize(pipe, family, method, caplog)
+    record = diffquant.quant_record(denoiser)
+    plain = [n for n, m in denoiser.named_modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    assert sorted(plain) == sorted(record.float_layers)  # every layer left plain says why
+    assert sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in denoiser.modules()) > 10
+    assert any(type(m) is PROCESSOR[family] for m in denoiser.modules())
+    if method == "qdiffusion":
+        reconstructed = {b["name"] for b in record.report["qdiffusion"]["blocks"]}
+        assert set(BLOCKS[family]) <= reconstructed <= set(get_adapter(denoiser).blocks())
+    out = latents(pipe, family)
+    assert torch.isfinite(out).all() and out.shape == ref.shape and not torch.equal(out, ref)
+    loaded = diffquant.load(diffquant.save(pipe, tmp_path / "q"))
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(latents(loaded, family), out)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_float_wrapped_processors_change_nothing(pipes, family):
+    """Wrapped but not yet calibrated: the quantized attention processors compute what diffusers' do."""
+    pipe = copy.deepcopy(pipes[family])
+    ref = latents(pipes[family], family)
+    wrap_denoiser(diffquant.get_denoiser(pipe), QuantConfig(method="rtn", wbits=8, abits=8))
+    torch.testing.assert_close(latents(pipe, family), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_time_precalculation_equals_live_computation(pipes, family):
+    from diffquant.learning import TimePrecalculation
+
+    pipe = copy.deepcopy(pipes[family])
+    ref = latents(pipes[family], family)
+    denoiser = diffquant.get_denoiser(pipe)
+    live: dict[str, list[torch.Tensor]] = {}
+    hooks = [denoiser.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: live.setdefault(n, []).append(o))
+             for n in get_adapter(denoiser).time_layers()]
+    latents(pipe, family)
+    for h in hooks:
+        h.remove()
+    tables = TimePrecalculation.install(denoiser)
+    tables.attach_scheduler(pipe.scheduler)
+    torch.testing.assert_close(latents(pipe, family), ref, rtol=1e-5, atol=1e-6)
+    assert tables.misses == 0 and tables.entries() > 0  # every step came from the precalculated table
+    for name, outputs in live.items():  # each live row is a table entry, and the table holds nothing else
+        table = torch.stack(list(tables.table(name).values()))
+        rows = torch.cat(outputs)
+        distance = torch.cdist(rows.flatten(1), table.flatten(1)) / rows.flatten(1).norm(dim=1).max()
+        assert distance.min(dim=1).values.max() < 1e-5 and distance.min(dim=0).values.max() < 1e-5
+
+
+def test_sd3_without_t5_folder_loads_and_quantizes(pipes, tmp_path, caplog):
+    from diffquant.pipelines import load_pipeline
+
+    folder = tmp_path / "sd35-no-t5"
+    pipes["sd35"].save_pretrained(folder)  # text_encoder_3 and tokenizer_3 saved as null
+    pipe = load_pipeline(folder)
+    assert pipe.text_encoder_3 is None
+    torch.testing.assert_close(latents(pipe, "sd35"), latents(pipes["sd35"], "sd35"))
+    quantize(pipe, "sd35", "rtn", caplog)
+
+
+def test_pixart_sampling_turns_binning_off_only_without_bins(pipes):
+    pipe = pipes["pixart"]
+    assert settings("pixart").resolve(pipe).extras == {"use_resolution_binning": False}
+    assert SamplingSettings(extras={"use_resolution_binning": True}).resolve(pipe).extras["use_resolution_binning"] is True
+    binned = copy.copy(pipe)
+    binned.transformer = tiny.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                                       cross_attention_dim=16, sample_size=32, caption_channels=32)
+    assert SamplingSettings().resolve(binned).extras == {}
