@@ -138,28 +138,31 @@ def convert(
     return model
 
 
-def _call_macs(denoiser: nn.Module, todo: dict, example_inputs: dict) -> dict[str, int]:
-    """Multiply-adds of each layer in one denoiser call on ``example_inputs`` (shapes only: deterministic)."""
-    macs: dict[str, int] = {}
+def _each_layer_input(denoiser: nn.Module, todo: dict, example_inputs: dict, visit) -> None:
+    """Run one denoiser call on ``example_inputs``, calling ``visit(name, layer, input)`` as each layer of ``todo`` is reached."""
     names = {id(m): n for n, m in todo.items()}
-
-    def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0]
-        if isinstance(module, QuantLinear):
-            count = x.numel() // module.in_features * module.in_features * module.out_features
-        else:
-            (kh, kw), (sh, sw) = module.kernel_size, module.stride
-            count = (x.shape[0] * (x.shape[-2] // sh) * (x.shape[-1] // sw) * module.out_channels
-                     * module.in_channels // module.groups * kh * kw)
-        macs[names[id(module)]] = count
-
-    handles = [m.register_forward_pre_hook(hook) for m in todo.values()]
+    handles = [m.register_forward_pre_hook(lambda module, args: visit(names[id(module)], module, args[0])) for m in todo.values()]
     try:
         with torch.no_grad():
             denoiser(**example_inputs)
     finally:
         for h in handles:
             h.remove()
+
+
+def _call_macs(denoiser: nn.Module, todo: dict, example_inputs: dict) -> dict[str, int]:
+    """Multiply-adds of each layer in one denoiser call on ``example_inputs`` (shapes only: deterministic)."""
+    macs: dict[str, int] = {}
+
+    def count(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if isinstance(module, QuantLinear):
+            macs[name] = x.numel() // module.in_features * module.in_features * module.out_features
+        else:
+            (kh, kw), (sh, sw) = module.kernel_size, module.stride
+            macs[name] = (x.shape[0] * (x.shape[-2] // sh) * (x.shape[-1] // sw) * module.out_channels
+                          * module.in_channels // module.groups * kh * kw)
+
+    _each_layer_input(denoiser, todo, example_inputs, count)
     return macs
 
 
@@ -167,14 +170,11 @@ def _autotune(
     denoiser: nn.Module, todo: dict, example_inputs: dict, chosen: dict, runtime: dict, repeats: int, bar: tqdm
 ) -> None:
     """Time each layer's candidate forms on the input it sees in one denoiser call; keep the fastest."""
-    names = {id(m): n for n, m in todo.items()}
     errors: dict[str, float] = {}
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        name = names.get(id(module))
-        if name is None or name in chosen:
+    def tune(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if name in chosen:
             return
-        x = args[0]
         reference = module.forward(x)
         candidate = _int_layer(module, "float")
         timings = {}
@@ -195,13 +195,7 @@ def _autotune(
         chosen[name] = candidate
         bar.update()
 
-    handles = [m.register_forward_pre_hook(hook) for m in todo.values()]
-    try:
-        with torch.no_grad():
-            denoiser(**example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    _each_layer_input(denoiser, todo, example_inputs, tune)
     unseen = [n for n in todo if n not in chosen]
     if unseen:
         raise ValueError(f"{len(unseen)} layers (e.g. {unseen[0]}) never ran on the example inputs; pass a full denoiser call")
