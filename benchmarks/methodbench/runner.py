@@ -82,6 +82,7 @@ def load_fp(name: str, folder: str | None):
 
 
 def make_config(variant: str, wbits: int, abits: int, settings, calib_prompts: list[str], method_options: dict, batch_size: int):
+    """The row's QuantConfig: the variant's method and overrides, calibrating with the benchmark's sampling settings."""
     from diffquant import CalibrationConfig, QuantConfig
 
     method, overrides, extra = VARIANTS[variant]
@@ -92,28 +93,29 @@ def make_config(variant: str, wbits: int, abits: int, settings, calib_prompts: l
 
 
 def row_key(fp_fingerprint: str, variant: str, cfg, settings, n_prompts: int, calib_eval: int, calib_prompts: list[str]) -> str:
+    """Hash of everything that decides a row's numbers: a stored row with the same key is reused as finished."""
     payload = json.dumps({"fp": fp_fingerprint, "variant": variant, "config": cfg.to_dict(), "settings": {k: v for k, v in settings.to_dict().items() if k != "seed"},
                           "prompts": n_prompts, "calib_eval": calib_eval, "calib": calib_prompts}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def method_details(variant: str, report: dict) -> dict:
+def method_details(variant: str, quant_report: dict) -> dict:
     """The parts of a method's report the page and the claims need (JSON-sized)."""
     method = VARIANTS[variant][0]
     out: dict = {}
-    if method == "qdiffusion" and "qdiffusion" in report:
-        q = report["qdiffusion"]
+    if method == "qdiffusion" and "qdiffusion" in quant_report:
+        q = quant_report["qdiffusion"]
         out = {k: q[k] for k in ("calibration_samples", "calibration_steps", "record_seconds", "activation_range_seconds",
                                  "reconstruction_seconds")}
         out["options"] = {k: q["options"][k] for k in ("iterations", "act_iterations", "batch_size", "weight_lr", "act_lr")}
         out["blocks"] = [{k: b[k] for k in ("name", "rtn_loss", "weight_loss", "act_init_loss", "act_loss", "binary_fraction",
                                              "act_reverted", "seconds")} for b in q["blocks"]]
-    elif method == "pcr" and "pcr" in report:
-        p = report["pcr"]
+    elif method == "pcr" and "pcr" in quant_report:
+        p = quant_report["pcr"]
         out = {k: p.get(k) for k in ("relaxed_steps", "relax_bits", "step_activation_bits", "average_step_activation_bits",
                                      "calibration_timesteps", "progressive_passes", "pcr_seconds", "sensitivity")}
-    elif method == "emf" and "emf" in report:
-        e = report["emf"]
+    elif method == "emf" and "emf" in quant_report:
+        e = quant_report["emf"]
         train = e["train"]
         out = {"dataset": e["dataset"], "timestep_groups": e["timestep_groups"], "sensitive_layers": e["sensitive_layers"],
                "mixed_precision_layers": e["mixed_precision_layers"], "average_bits": e["average_bits"],
