@@ -143,3 +143,23 @@ def test_out_of_memory_suggests_smaller_batches(fp_folder, prompt_file, tmp_path
     line = _error_line(invoke("quantize", "--model", fp_folder, "--prompts", prompt_file, "--out", tmp_path / "q"))
     assert "out of memory" in line and "--batch-size" in line
     assert not (tmp_path / "q").exists()
+
+
+def test_quantize_and_demo_defaults_are_the_config_fields():
+    """Flags without a value build the library's default config: their defaults come from the dataclass fields."""
+    import typer.main
+
+    from diffquant.cli import app
+    from diffquant.config import CalibrationConfig, QuantConfig
+
+    commands = typer.main.get_command(app).commands
+    defaults = {p.name: p.default for p in commands["quantize"].params}
+    q, c = QuantConfig(), CalibrationConfig()
+    fields = {"method": q.method, "wbits": q.wbits, "abits": q.abits, "granularity": q.weight_granularity,
+              "group_size": q.group_size, "weight_observer": q.weight_observer, "act_observer": q.act_observer,
+              "timestep_groups": q.timestep_groups, "keep_float": q.keep_float, "seed": q.seed,
+              "num_prompts": c.num_prompts, "batch_size": c.batch_size, "steps": c.num_inference_steps,
+              "guidance": c.guidance_scale}
+    assert {k: defaults[k] for k in fields} == fields
+    demo = {p.name: p.default for p in commands["demo"].params}
+    assert (demo["wbits"], demo["abits"]) == (q.wbits, q.abits)

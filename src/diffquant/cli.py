@@ -33,13 +33,15 @@ def _quiet() -> None:
 def quantize(
     model: str = typer.Option(..., "--model", "-m", help="Diffusers pipeline folder or bundled model name (mini-sd, mini-sd3)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the quantized pipeline to."),
-    method: str = typer.Option("rtn", help="Quantization method: rtn, qdiffusion, pcr, emf (those installed)."),
+    method: str = field_option(QuantConfig, "method", help="Quantization method: rtn, qdiffusion, pcr, emf (those installed)."),
     wbits: int = field_option(QuantConfig, "wbits", help="Weight bits (2-16)."),
     abits: Optional[int] = field_option(QuantConfig, "abits", help="Activation bits (2-16); 0 for weight-only."),
     prompts: Optional[str] = typer.Option(None, help="Calibration prompts: .txt (one per line) or .json; zoo:calibration for the bundled set."),
     num_prompts: int = field_option(CalibrationConfig, "num_prompts", help="How many calibration prompts to sample."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps while recording calibration data (default: the model's)."),
-    guidance: Optional[float] = typer.Option(None, help="Guidance scale while recording (default: the model's)."),
+    steps: Optional[int] = field_option(CalibrationConfig, "num_inference_steps", "--steps",
+                                        help="Sampling steps while recording calibration data (default: the model's)."),
+    guidance: Optional[float] = field_option(CalibrationConfig, "guidance_scale", "--guidance",
+                                             help="Guidance scale while recording (default: the model's)."),
     batch_size: int = field_option(CalibrationConfig, "batch_size", help="Prompts per calibration sampling batch."),
     timestep_groups: int = field_option(QuantConfig, "timestep_groups", help="Activation parameter sets over the timestep range."),
     granularity: str = field_option(QuantConfig, "weight_granularity", "--granularity",
@@ -47,7 +49,7 @@ def quantize(
     group_size: int = field_option(QuantConfig, "group_size", help="Input elements per group with --granularity per_group."),
     weight_observer: str = field_option(QuantConfig, "weight_observer", help="Weight range: minmax, percentile, mse."),
     act_observer: str = field_option(QuantConfig, "act_observer", help="Activation range: minmax, percentile, mse."),
-    keep_float: list[str] = typer.Option([], help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
+    keep_float: list[str] = field_option(QuantConfig, "keep_float", help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),
     preset: Optional[str] = typer.Option(None, help="Method preset, e.g. 'paper' (Q-Diffusion's paper-sized calibration)."),
     config: Optional[Path] = typer.Option(None, help="A QuantConfig JSON file; other flags are ignored when given."),
@@ -225,8 +227,8 @@ def info(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its models and images."),
-    wbits: int = typer.Option(8, help="Weight bits."),
-    abits: int = typer.Option(8, help="Activation bits."),
+    wbits: int = field_option(QuantConfig, "wbits", help="Weight bits."),
+    abits: int = field_option(QuantConfig, "abits", help="Activation bits."),
 ):
     """Quantize the bundled mini model, save, reload, generate, and compare with float: no download."""
 

@@ -53,6 +53,14 @@ class CalibrationConfig:
                    width=settings.width, seed=settings.seed, **calibration)
 
 
+def _spec(part: str, **fields: Any) -> QuantSpec:
+    """``QuantSpec(**fields)``, its one-line error prefixed with which part of the config it is for."""
+    try:
+        return QuantSpec(**fields)
+    except ValueError as e:
+        raise ValueError(f"{part}: {e}") from None
+
+
 @dataclass
 class QuantConfig:
     """What to quantize and how: plain data. ``method`` names a recipe in ``diffquant.registry``, which
@@ -109,32 +117,19 @@ class QuantConfig:
         return registered_method(self.method).split_shortcut_default if self.split_shortcut is None else self.split_shortcut
 
     def weight_spec(self) -> QuantSpec:
-        try:
-            return QuantSpec(
-                bits=self.wbits, symmetric=self.weight_symmetric, granularity=self.weight_granularity,
-                group_size=self.group_size, observer=self.weight_observer,
-            )
-        except ValueError as e:
-            raise ValueError(f"weights: {e}") from None
+        return _spec("weights", bits=self.wbits, symmetric=self.weight_symmetric, granularity=self.weight_granularity,
+                     group_size=self.group_size, observer=self.weight_observer)
 
     def act_spec(self) -> QuantSpec | None:
         if self.abits is None:
             return None
-        try:
-            return QuantSpec(
-                bits=self.abits, symmetric=self.act_symmetric, granularity="per_tensor", observer=self.act_observer,
-                percentile=self.act_percentile,
-            )
-        except ValueError as e:
-            raise ValueError(f"activations: {e}") from None
+        return _spec("activations", bits=self.abits, symmetric=self.act_symmetric, granularity="per_tensor",
+                     observer=self.act_observer, percentile=self.act_percentile)
 
     def softmax_spec(self) -> QuantSpec | None:
         if self.abits is None:
             return None
-        try:
-            return QuantSpec(bits=self.softmax_bits, symmetric=False, unsigned=True, observer="minmax")
-        except ValueError as e:
-            raise ValueError(f"softmax: {e}") from None
+        return _spec("softmax", bits=self.softmax_bits, symmetric=False, unsigned=True, observer="minmax")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -55,6 +55,19 @@ def _sampler(pipe, settings: SamplingSettings, batch_size: int):
     return run
 
 
+def quantize_copy(fp_pipe, cfg, calibration: list[str], **kwargs):
+    """``(pipe, seconds, peak MiB)``: a quantized deep copy of ``fp_pipe``, its wall time and its peak RSS above the start.
+
+    ``kwargs`` go to ``diffquant.quantize`` (e.g. ``workdir``, ``progress``)."""
+    import diffquant
+
+    pipe = copy.deepcopy(fp_pipe)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        diffquant.quantize(pipe, cfg, calibration=calibration, **kwargs)
+    return pipe, time.perf_counter() - start, mem.mib
+
+
 def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: SamplingSettings, options: EvalOptions,
               methods: list[str], bits: list[tuple[int, int]], peers: list[str], calibration: list[str],
               prompts_spec: str = "", deploy: Callable[[Any], Any] | None = None, deploy_label: str = "openvino") -> Evaluation:
@@ -74,16 +87,12 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     for method in methods:
         for wbits, abits in bits:
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib_cfg)
-            pipe = copy.deepcopy(fp_pipe)
-            start = time.perf_counter()
-            with PeakMemory() as mem:
-                diffquant.quantize(pipe, cfg, calibration=calibration)
-            seconds = time.perf_counter() - start
+            pipe, seconds, mib = quantize_copy(fp_pipe, cfg, calibration)
             with tempfile.TemporaryDirectory() as folder:
                 diffquant.save(pipe, folder)
                 size = _folder_bytes(Path(folder))
             ev.add(cfg.label, pipe, spec=f"diffquant {cfg.label}",
-                   extra={"calibration_s": seconds, "peak_memory_mib": mem.mib, "denoiser_mib": size / 2**20})
+                   extra={"calibration_s": seconds, "peak_memory_mib": mib, "denoiser_mib": size / 2**20})
             if deploy is not None:
                 label = f"{cfg.label}-{deploy_label}"
                 entry = ev.add(label, deploy(pipe), spec=f"diffquant {cfg.label} deployed on {deploy_label}")

@@ -1,0 +1,82 @@
+"""benchmarks/methodbench: the stored results render to the committed page; finished rows are kept and reused."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from methodbench import claims, report  # noqa: E402
+from methodbench.store import Store, put_row  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "methods.json"
+PAGE = ROOT / "docs" / "results-methods.md"
+
+
+def test_stored_results_render_to_the_committed_page():
+    data = json.loads(RESULTS.read_text())
+    assert report.markdown(data, report.analysis(PAGE)) == PAGE.read_text()
+
+
+def _entry(fingerprint: str, started: str) -> dict:
+    """A new run's entry for mini-sd3 (as ``runner.run_model`` builds it: no rows yet) with these FP weights."""
+    stored = json.loads(RESULTS.read_text())["models"]["mini-sd3"]
+    done = ("rows", "sessions", "claims", "figures", "finished", "wall_s", "load_end")
+    return {**{k: v for k, v in stored.items() if k not in done}, "bits": ["w8a8"], "started": started, "sessions": [],
+            "reference": {"fingerprint": fingerprint, "summary": {}, "generation": {"generated": 0, "cached": 1}}}
+
+
+def test_store_keeps_rows_of_the_same_table_and_drops_them_when_the_fp_model_changes(tmp_path):
+    json_path, md_path = tmp_path / "m.json", tmp_path / "page.md"
+    data = json.loads(RESULTS.read_text())
+    data["models"] = {"mini-sd3": data["models"]["mini-sd3"]}
+    json_path.write_text(json.dumps(data))
+    md_path.write_text("# old\n\n## Analysis\n\nkept by hand\n")
+    stored = data["models"]["mini-sd3"]
+    fp = stored["reference"]["fingerprint"]
+
+    store = Store(json_path, md_path)
+    result = _entry(fp, "2030-01-01 00:00 UTC")
+    session, previous = store.begin_model("mini-sd3", result, fresh=False)
+    assert set(previous) == {r["key"] for r in stored["rows"]}  # every finished row can be reused by its key
+    assert [r["label"] for r in result["rows"]] == [r["label"] for r in stored["rows"]]  # rows not rerun stay
+    assert result["bits"][0] == "w8a8" and set(result["bits"]) == {"w8a8", *stored["bits"]}
+    assert result["sessions"][-1] is session and len(result["sessions"]) == len(stored["sessions"]) + 1
+    assert md_path.read_text().endswith("## Analysis\n\nkept by hand\n")
+    assert json.loads(json_path.read_text())["models"]["mini-sd3"]["rows"] == result["rows"]
+
+    other = Store(json_path, md_path)
+    changed = _entry("another-fp-model", "2030-01-02 00:00 UTC")
+    other.begin_model("mini-sd3", changed, fresh=False)
+    assert changed["rows"] == [] and len(changed["sessions"]) == 1  # new weights: a new table
+
+
+def test_put_row_replaces_by_label_and_orders_by_bits_then_variant():
+    result = {"bits": ["w4a8", "w8a8"], "rows": []}
+    variants = ["rtn", "qdiffusion", "pcr"]
+    for label, variant, bits in (("pcr-w8a8", "pcr", "w8a8"), ("rtn-w8a8", "rtn", "w8a8"), ("qdiffusion-w4a8", "qdiffusion", "w4a8")):
+        put_row(result, {"label": label, "variant": variant, "bits": bits, "v": 1}, variants)
+    put_row(result, {"label": "rtn-w8a8", "variant": "rtn", "bits": "w8a8", "v": 2}, variants)
+    assert [(r["label"], r["v"]) for r in result["rows"]] == [("qdiffusion-w4a8", 1), ("rtn-w8a8", 2), ("pcr-w8a8", 1)]
+
+
+def test_claims_need_an_interval_that_excludes_zero():
+    mean, lo, hi = claims.paired_interval([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0])
+    assert (mean, lo, hi) == (1.0, 1.0, 1.0)  # a constant difference: no spread
+    data = json.loads(RESULTS.read_text())
+    result = copy.deepcopy(data["models"]["mini-sd3"])
+    rows = {r["label"]: r for r in result["rows"]}
+    qd, rtn = rows["qdiffusion-w4a8"], rows["rtn-w4a8"]
+    rtn["per_image"]["psnr"] = [v - 0.01 for v in qd["per_image"]["psnr"]]  # QD better by a hair on every image
+    rtn["summary"]["psnr"] = qd["summary"]["psnr"] - 0.01
+    c = claims.Comparator(result, None).compare("qdiffusion-w4a8", "rtn-w4a8", "psnr", 1)
+    assert c["better"] and c["clearly"] and c["interval_a_minus_b"][0] == pytest.approx(0.01)
+    rtn["per_image"]["psnr"] = [v + (0.5 if i % 2 else -0.5) for i, v in enumerate(qd["per_image"]["psnr"])]
+    c = claims.Comparator(result, None).compare("qdiffusion-w4a8", "rtn-w4a8", "psnr", 1)
+    assert c["better"] and not c["clearly"]  # closer on average, but the interval straddles zero
