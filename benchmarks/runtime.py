@@ -357,7 +357,7 @@ def markdown(out: dict) -> str:
         "Median of the timed denoiser calls after one warm-up; x FP32 / x BF16 = that median / this one (higher is faster).",
         "Weights MB = parameters, buffers and packed integer weights held; peak = RSS growth during the timed calls.",
         "", f"Command: `{out['command']}`", "",
-    ]
+    ] + ([out["preface"], ""] if out.get("preface") else [])  # a reading of the run, kept in the JSON
     for name, res in out["models"].items():
         lines += [f"## {res['label']}", "",
                   "| variant | ms / step | x FP32 | x BF16 | rel. err vs FP32 | vs fake-quant | weights MB | peak RSS growth MB | load |",

@@ -2,7 +2,7 @@
 
 Each builder returns ``(fn, weights_mb, note)``: ``fn()`` runs one denoiser call on the benchmark's
 inputs and returns the prediction, ``weights_mb`` is what the engine keeps on disk for the denoiser
-(the IR's weight file; for PT2E the int8 and float tensors of the converted graph), and ``note`` says
+(the IR's weight file of the graph that runs; for PT2E the int8 and float tensors of the converted graph), and ``note`` says
 what ran (OpenVINO's kernel precision per layer type, NNCF's sample count, PT2E's failure line).
 OpenVINO models run through ``OVDenoiser``, the same wrapper a deployed pipeline uses, so the
 torch<->numpy hand-over of every step is part of the time, as it is when generating.
@@ -74,15 +74,16 @@ def openvino_export(model: nn.Module, folder: Path, inputs: dict, graph: str, pr
     ``graph="int"``: int8 kernels (``OVDenoiser`` picks it by itself only where the CPU has VNNI/AMX);
     ``"float"``: the exact fake-quant arithmetic with int8 weights decompressed.
     """
-    from diffquant.runtime.openvino import OVDenoiser, export_openvino
+    from diffquant.runtime.openvino import GRAPHS, OVDenoiser, export_openvino
 
     start = time.perf_counter()
     if not folder.exists():
         export_openvino(model, folder)
     export_s = time.perf_counter() - start
     denoiser = OVDenoiser.from_folder(folder, graph=graph, precision=precision)
-    weights = sum(p.stat().st_size for p in folder.rglob("*.bin")) / 2**20
-    return _run(denoiser, inputs), weights, {"export_s": export_s, "kernels": kernel_precisions(denoiser)}
+    weights = sum(p.stat().st_size for p in folder.rglob(Path(GRAPHS[graph]).with_suffix(".bin").name)) / 2**20
+    folder_mb = sum(p.stat().st_size for p in folder.rglob("*.bin")) / 2**20  # every graph the export wrote
+    return _run(denoiser, inputs), weights, {"export_s": export_s, "export_folder_mb": folder_mb, "kernels": kernel_precisions(denoiser)}
 
 
 def pt2e_int8(unet: nn.Module, calib: CalibrationSet, inputs: dict):

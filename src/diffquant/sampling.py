@@ -161,7 +161,8 @@ def initial_noise(pipe: Any, seeds: list[int], settings: SamplingSettings) -> to
     shape = (1, denoiser.config.in_channels, settings.height // scale, settings.width // scale)
     dtype = next(p.dtype for p in pipe.vae.parameters() if p.is_floating_point())
     rows = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
-    return torch.cat(rows).to(dtype).to(next(denoiser.parameters()).device)
+    device = next((p.device for p in denoiser.parameters()), getattr(denoiser, "device", torch.device("cpu")))  # OpenVINO: none
+    return torch.cat(rows).to(dtype).to(device)
 
 
 @dataclass
