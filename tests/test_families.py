@@ -13,7 +13,7 @@ import diffquant
 from diffquant import QuantConfig
 from diffquant.models import tiny
 from diffquant.models.adapters import get_adapter
-from diffquant.nn import QuantConv2d, QuantFluxAttnProcessor, QuantJointAttnProcessor, QuantLinear, QuantAttnProcessor
+from diffquant.nn import QuantAttnProcessor, QuantConv2d, QuantFluxAttnProcessor, QuantJointAttnProcessor, QuantLinear
 from diffquant.sampling import SamplingSettings, sample
 from diffquant.wrap import wrap_denoiser
 
@@ -63,7 +63,10 @@ def test_adapter_knows_the_family(pipes, family, caplog):
         assert "transformer_blocks.0.attn2" in adapter.attention_modules()
 
 
-@pytest.mark.parametrize("method", list(OPTIONS))
+SLOW = pytest.mark.slow  # PCR and EMF add ~5-10 s per family; RTN and Q-Diffusion stay in the fast run
+
+
+@pytest.mark.parametrize("method", [m if m in ("rtn", "qdiffusion") else pytest.param(m, marks=SLOW) for m in OPTIONS])
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_every_method_quantizes_saves_and_generates(pipes, family, method, caplog, tmp_path):
     pipe = copy.deepcopy(pipes[family])
@@ -136,3 +139,24 @@ def test_pixart_sampling_turns_binning_off_only_without_bins(pipes):
     binned.transformer = tiny.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1,
                                                        cross_attention_dim=16, sample_size=32, caption_channels=32)
     assert SamplingSettings().resolve(binned).extras == {}
+
+
+def test_flux_adapter_names_the_denoiser_inputs(pipes):
+    """The export view of a Flux call: named tensors that reproduce the diffusers call."""
+    denoiser = diffquant.get_denoiser(pipes["flux"])
+    adapter = get_adapter(denoiser)
+    inputs = adapter.example_inputs(batch=2, size=8, seq_len=5)
+    assert list(inputs) == list(adapter.input_names)
+    with torch.no_grad():
+        out = adapter.call(inputs)
+        flat = adapter.flat_inputs((), {**inputs, "timestep": inputs["timestep"][0]})
+        again = adapter.call(flat)
+    assert out.shape == inputs["hidden_states"].shape and torch.equal(out, again)
+
+
+def test_time_precalculation_refuses_a_family_without_a_time_path():
+    from diffquant.learning import TimePrecalculation
+
+    tables = TimePrecalculation.install(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="time precalculation does not support Sequential yet"):
+        tables.precalculate(torch.tensor([1.0]), {})
