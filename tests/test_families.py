@@ -1,4 +1,4 @@
-"""Flux, SD3.5-style and PixArt-Σ pipelines (tiny, from configs) with every method, save/load and loading."""
+"""Flux, SD3.5-style, PixArt-Σ and SANA pipelines (tiny, from configs) with every method, save/load and loading."""
 
 from __future__ import annotations
 
@@ -13,17 +13,19 @@ import diffquant
 from diffquant import QuantConfig
 from diffquant.models import tiny
 from diffquant.models.adapters import get_adapter
-from diffquant.nn import QuantAttnProcessor, QuantConv2d, QuantFluxAttnProcessor, QuantJointAttnProcessor, QuantLinear
+from diffquant.nn import QuantAttnProcessor, QuantConv2d, QuantFluxAttnProcessor, QuantJointAttnProcessor, QuantLinear, QuantSanaLinearAttnProcessor
 from diffquant.sampling import SamplingSettings, sample
 from diffquant.wrap import wrap_denoiser
 
 from tinyutil import PROMPTS, calibration_config
 
-BUILDERS = {"flux": tiny.tiny_flux_pipeline, "sd35": lambda: tiny.tiny_sd3_pipeline(sd35=True), "pixart": tiny.tiny_pixart_pipeline}
-SIZE = {"flux": 32, "sd35": 16, "pixart": 16}  # Flux packs 2x2 latents: 32 px -> 8x8 tokens
+BUILDERS = {"flux": tiny.tiny_flux_pipeline, "sd35": lambda: tiny.tiny_sd3_pipeline(sd35=True), "pixart": tiny.tiny_pixart_pipeline,
+            "sana": tiny.tiny_sana_pipeline}
+SIZE = {"flux": 32, "sd35": 16, "pixart": 16, "sana": 32}  # Flux packs 2x2 latents: 32 px -> 8x8 tokens
 BLOCKS = {"flux": ["transformer_blocks.0", "single_transformer_blocks.0"], "sd35": ["transformer_blocks.0", "transformer_blocks.1"],
-          "pixart": ["transformer_blocks.0", "transformer_blocks.1"]}
-PROCESSOR = {"flux": QuantFluxAttnProcessor, "sd35": QuantJointAttnProcessor, "pixart": QuantAttnProcessor}
+          "pixart": ["transformer_blocks.0", "transformer_blocks.1"], "sana": ["transformer_blocks.0", "transformer_blocks.1"]}
+PROCESSOR = {"flux": QuantFluxAttnProcessor, "sd35": QuantJointAttnProcessor, "pixart": QuantAttnProcessor,
+             "sana": QuantSanaLinearAttnProcessor}
 OPTIONS = {"rtn": {}, "qdiffusion": dict(iterations=2, act_iterations=1, batch_size=4),
            "pcr": dict(sensitivity_prompts=0, relax_steps=[0]), "emf": dict(steps_per_prompt=2, iterations=2, batch_size=4, distill_layers=1)}
 

@@ -12,9 +12,13 @@ those, so calibration and evaluation sample the size they ask for.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from .adapters import DenoiserAdapter, register_adapter
+
+logger = logging.getLogger(__name__)
 
 
 class _AdaLNSingleAdapter(DenoiserAdapter):
@@ -44,3 +48,39 @@ class PixArtTransformerAdapter(_AdaLNSingleAdapter):
         added = {k.split(".", 1)[1]: v for k, v in cond.items() if k.startswith("added_cond_kwargs.")}
         dtype = next(self.model.parameters()).dtype
         self.model.adaln_single(t, added or {"resolution": None, "aspect_ratio": None}, batch_size=t.shape[0], hidden_dtype=dtype)
+
+
+@register_adapter
+class SanaTransformerAdapter(_AdaLNSingleAdapter):
+    """SANA: linear self-attention (``SanaLinearAttnProcessor2_0``), cross-attention, Mix-FFN (1x1, depthwise 3x3 and
+    1x1 convolutions: plain Conv2d layers), and ``time_embed`` (adaLN-single, or with a guidance embedder)."""
+
+    family = "sana-transformer"
+    model_class = "SanaTransformer2DModel"
+    block_types = ("SanaTransformerBlock",)
+    binned_sizes = (16, 32, 64, 128)
+    io_names = ("patch_embed.proj", "proj_out")
+    time_condition = ("guidance",)
+
+    def time_path(self, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        dtype = next(self.model.parameters()).dtype
+        if cond.get("guidance") is not None:
+            self.model.time_embed(t, guidance=cond["guidance"], hidden_dtype=dtype)
+        else:
+            self.model.time_embed(t, batch_size=t.shape[0], hidden_dtype=dtype)
+
+    def attention_modules(self) -> dict[str, str]:
+        from diffusers.models.attention_processor import Attention
+
+        found = {}
+        for name, module in self.model.named_modules():
+            if not isinstance(module, Attention):
+                continue
+            kind = type(module.processor).__name__
+            if kind == "SanaLinearAttnProcessor2_0":
+                found[name] = "linear"
+            elif kind == "SanaAttnProcessor2_0" and module.norm_q is None:  # then the same computation as AttnProcessor2_0
+                found[name] = "standard"
+            else:
+                logger.warning("attention %s uses %s; its matmuls stay float", name, kind)
+        return found
