@@ -143,9 +143,10 @@ def test_pixart_sampling_turns_binning_off_only_without_bins(pipes):
     assert SamplingSettings().resolve(binned).extras == {}
 
 
-def test_flux_adapter_names_the_denoiser_inputs(pipes):
-    """The export view of a Flux call: named tensors that reproduce the diffusers call."""
-    denoiser = diffquant.get_denoiser(pipes["flux"])
+@pytest.mark.parametrize("family", ["flux", "pixart", "sana"])
+def test_adapter_names_the_denoiser_inputs(pipes, family):
+    """The export view of a call: named tensors that reproduce the diffusers call."""
+    denoiser = diffquant.get_denoiser(pipes[family])
     adapter = get_adapter(denoiser)
     inputs = adapter.example_inputs(batch=2, size=8, seq_len=5)
     assert list(inputs) == list(adapter.input_names)
@@ -153,7 +154,7 @@ def test_flux_adapter_names_the_denoiser_inputs(pipes):
         out = adapter.call(inputs)
         flat = adapter.flat_inputs((), {**inputs, "timestep": inputs["timestep"][0]})
         again = adapter.call(flat)
-    assert out.shape == inputs["hidden_states"].shape and torch.equal(out, again)
+    assert out.shape[0] == 2 and out.shape[-2:] == inputs["hidden_states"].shape[-2:] and torch.equal(out, again)
 
 
 def test_time_precalculation_refuses_a_family_without_a_time_path():

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from .adapters import DenoiserAdapter, register_adapter
+from .adapters import DenoiserAdapter, _batched_timestep, _gen, register_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,37 @@ class _AdaLNSingleAdapter(DenoiserAdapter):
 
     def sampling_extras(self, pipe) -> dict:
         return {} if self.model.config.sample_size in self.binned_sizes else {"use_resolution_binning": False}
+
+    # -- the denoiser call as named tensors (export): latents, t, caption features and their padding mask
+    _names = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
+
+    @property
+    def input_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self._names + (("guidance",) if getattr(self.model.config, "guidance_embeds", False) else ())
+
+    def example_inputs(self, batch: int = 2, size: int | None = None, seq_len: int = 77) -> dict[str, torch.Tensor]:
+        if getattr(self.model, "use_additional_conditions", False):
+            raise ValueError("export of PixArt-α with resolution conditions (sample_size 128) is not supported yet")
+        cfg, g = self.model.config, _gen()
+        size = size or cfg.sample_size
+        out = {"hidden_states": torch.randn(batch, cfg.in_channels, size, size, generator=g), "timestep": torch.full((batch,), 500.0),
+               "encoder_hidden_states": torch.randn(batch, seq_len, cfg.caption_channels, generator=g),
+               "encoder_attention_mask": torch.ones(batch, seq_len)}
+        if "guidance" in self.input_names:
+            out["guidance"] = torch.full((batch,), 4.5)
+        return out
+
+    @classmethod
+    def flat_inputs(cls, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        names = ("hidden_states", "encoder_hidden_states", "timestep")  # the forward's positional order
+        out = dict(zip(names, args))
+        out.update({k: kwargs[k] for k in (*cls._names, "guidance") if kwargs.get(k) is not None})
+        out["timestep"] = _batched_timestep(out["timestep"], out["hidden_states"])
+        return out
+
+    def call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        extra = {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}} if self.family == "pixart-transformer" else {}
+        return self.model(**{k: inputs[k] for k in self.input_names if k in inputs}, **extra, return_dict=False)[0]
 
 
 @register_adapter
