@@ -1,4 +1,4 @@
-"""Flux, SD3.5-style and PixArt-Σ pipelines (tiny, from configs) with every method, save/load and loading."""
+"""Flux, SD3.5-style, PixArt-Σ and SANA pipelines (tiny, from configs) with every method, save/load and loading."""
 
 from __future__ import annotations
 
@@ -13,17 +13,19 @@ import diffquant
 from diffquant import QuantConfig
 from diffquant.models import tiny
 from diffquant.models.adapters import get_adapter
-from diffquant.nn import QuantConv2d, QuantFluxAttnProcessor, QuantJointAttnProcessor, QuantLinear, QuantAttnProcessor
+from diffquant.nn import QuantAttnProcessor, QuantConv2d, QuantFluxAttnProcessor, QuantJointAttnProcessor, QuantLinear, QuantSanaLinearAttnProcessor
 from diffquant.sampling import SamplingSettings, sample
 from diffquant.wrap import wrap_denoiser
 
 from tinyutil import PROMPTS, calibration_config
 
-BUILDERS = {"flux": tiny.tiny_flux_pipeline, "sd35": lambda: tiny.tiny_sd3_pipeline(sd35=True), "pixart": tiny.tiny_pixart_pipeline}
-SIZE = {"flux": 32, "sd35": 16, "pixart": 16}  # Flux packs 2x2 latents: 32 px -> 8x8 tokens
+BUILDERS = {"flux": tiny.tiny_flux_pipeline, "sd35": lambda: tiny.tiny_sd3_pipeline(sd35=True), "pixart": tiny.tiny_pixart_pipeline,
+            "sana": tiny.tiny_sana_pipeline}
+SIZE = {"flux": 32, "sd35": 16, "pixart": 16, "sana": 32}  # Flux packs 2x2 latents: 32 px -> 8x8 tokens
 BLOCKS = {"flux": ["transformer_blocks.0", "single_transformer_blocks.0"], "sd35": ["transformer_blocks.0", "transformer_blocks.1"],
-          "pixart": ["transformer_blocks.0", "transformer_blocks.1"]}
-PROCESSOR = {"flux": QuantFluxAttnProcessor, "sd35": QuantJointAttnProcessor, "pixart": QuantAttnProcessor}
+          "pixart": ["transformer_blocks.0", "transformer_blocks.1"], "sana": ["transformer_blocks.0", "transformer_blocks.1"]}
+PROCESSOR = {"flux": QuantFluxAttnProcessor, "sd35": QuantJointAttnProcessor, "pixart": QuantAttnProcessor,
+             "sana": QuantSanaLinearAttnProcessor}
 OPTIONS = {"rtn": {}, "qdiffusion": dict(iterations=2, act_iterations=1, batch_size=4),
            "pcr": dict(sensitivity_prompts=0, relax_steps=[0]), "emf": dict(steps_per_prompt=2, iterations=2, batch_size=4, distill_layers=1)}
 
@@ -63,7 +65,10 @@ def test_adapter_knows_the_family(pipes, family, caplog):
         assert "transformer_blocks.0.attn2" in adapter.attention_modules()
 
 
-@pytest.mark.parametrize("method", list(OPTIONS))
+SLOW = pytest.mark.slow  # PCR and EMF add ~5-10 s per family; RTN and Q-Diffusion stay in the fast run
+
+
+@pytest.mark.parametrize("method", [m if m in ("rtn", "qdiffusion") else pytest.param(m, marks=SLOW) for m in OPTIONS])
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_every_method_quantizes_saves_and_generates(pipes, family, method, caplog, tmp_path):
     pipe = copy.deepcopy(pipes[family])
@@ -136,3 +141,25 @@ def test_pixart_sampling_turns_binning_off_only_without_bins(pipes):
     binned.transformer = tiny.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1,
                                                        cross_attention_dim=16, sample_size=32, caption_channels=32)
     assert SamplingSettings().resolve(binned).extras == {}
+
+
+@pytest.mark.parametrize("family", ["flux", "pixart", "sana"])
+def test_adapter_names_the_denoiser_inputs(pipes, family):
+    """The export view of a call: named tensors that reproduce the diffusers call."""
+    denoiser = diffquant.get_denoiser(pipes[family])
+    adapter = get_adapter(denoiser)
+    inputs = adapter.example_inputs(batch=2, size=8, seq_len=5)
+    assert list(inputs) == list(adapter.input_names)
+    with torch.no_grad():
+        out = adapter.call(inputs)
+        flat = adapter.flat_inputs((), {**inputs, "timestep": inputs["timestep"][0]})
+        again = adapter.call(flat)
+    assert out.shape[0] == 2 and out.shape[-2:] == inputs["hidden_states"].shape[-2:] and torch.equal(out, again)
+
+
+def test_time_precalculation_refuses_a_family_without_a_time_path():
+    from diffquant.learning import TimePrecalculation
+
+    tables = TimePrecalculation.install(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="time precalculation does not support Sequential yet"):
+        tables.precalculate(torch.tensor([1.0]), {})

@@ -4,7 +4,7 @@ An adapter names what the methods need and nothing else: the reconstruction bloc
 fed by a skip concatenation (and the channel split), the time-dependent projections and how to run
 them alone (EMF's precalculation), the first and last layers, which attention processors to swap,
 where the timestep argument is and its range, and the pipeline arguments its sampling needs.
-Families beyond the UNet and the SD3 MMDiT live in their own modules (``flux.py``, ``pixart.py``) and
+Families beyond the UNet and the SD3 MMDiT live in their own modules (``flux.py``, ``pixart.py``: PixArt, SANA) and
 join ``ADAPTERS`` with ``register_adapter`` when ``diffquant.models`` is imported.
 """
 

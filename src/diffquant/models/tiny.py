@@ -1,8 +1,8 @@
-"""Tiny SD-, SDXL-, SD3/SD3.5-, Flux- and PixArt-Σ-style pipelines built from configs with random weights.
+"""Tiny SD-, SDXL-, SD3/SD3.5-, Flux-, PixArt-Σ- and SANA-style pipelines built from configs with random weights.
 
 They exercise the real diffusers code paths (cross-attention, skip concatenations, ``text_time``
 added conditioning, MMDiT joint and dual attention, Flux double/single-stream blocks with RoPE,
-adaLN-single) in seconds, for tests and for speed-free smoke runs. A CLIP tokenizer stands in for T5's.
+adaLN-single, linear attention and Mix-FFN) in seconds, for tests and for speed-free smoke runs. A CLIP tokenizer stands in for T5's.
 Random weights say nothing about fidelity; the mini zoo (``diffquant.zoo``) does.
 """
 
@@ -12,6 +12,7 @@ import tempfile
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -20,13 +21,23 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    Gemma2Config,
+    Gemma2Model,
+    T5Config,
+    T5EncoderModel,
+)
 
 from ..tokenizers import build_clip_tokenizer
 
@@ -162,5 +173,30 @@ def tiny_pixart_pipeline(seed: int = 0) -> PixArtSigmaPipeline:
     )
     pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=_t5(len(tokenizer)), vae=_vae(), transformer=transformer,
                                scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sana_pipeline(seed: int = 0) -> SanaPipeline:
+    """SANA-style pipeline: linear-attention DiT with Mix-FFN convolutions, a Gemma-2 text encoder, a DC-AE, flow
+    matching. Sample it at 32x32 px (SANA needs multiples of 32; its ``sample_size`` has no bins)."""
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    text_encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                            pad_token_id=len(tokenizer) - 1)).eval()
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2, num_cross_attention_heads=2,
+        cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32, sample_size=8, patch_size=1,
+    )
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "ResBlock"),
+        decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1), upsample_block_type="interpolate", downsample_block_type="Conv",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -1,6 +1,6 @@
 """Quantized module wrappers and model-level lifecycle helpers."""
 
-from .attention import PROCESSORS, QuantAttnProcessor, QuantFluxAttnProcessor, QuantJointAttnProcessor
+from .attention import PROCESSORS, QuantAttnProcessor, QuantFluxAttnProcessor, QuantJointAttnProcessor, QuantSanaLinearAttnProcessor
 from .base import QuantModule
 from .layers import QuantConv2d, QuantLinear
 from .lifecycle import quantized_layers, set_quant_enabled, set_state, states, unwrap_layer
@@ -14,6 +14,7 @@ __all__ = [
     "QuantJointAttnProcessor",
     "QuantLinear",
     "QuantModule",
+    "QuantSanaLinearAttnProcessor",
     "QuantState",
     "quantized_layers",
     "set_quant_enabled",

@@ -3,7 +3,8 @@
 The processors mirror diffusers' ``AttnProcessor2_0`` (UNet and PixArt self/cross attention),
 ``JointAttnProcessor2_0`` (SD3 MMDiT joint attention, SD3.5's second attention) and ``FluxAttnProcessor``
 (Flux double- and single-stream attention, RoPE applied to q and k before they are quantized, so the
-quantized q/k are the ones the matmul sees) and quantize the inputs of the two matmuls:
+quantized q/k are the ones the matmul sees) and ``SanaLinearAttnProcessor2_0`` (SANA's ReLU linear attention:
+q, k, v only, no softmax) and quantize the inputs of the two matmuls:
 q, k, v, and the softmax output (unsigned grid). With quantization off they call
 ``scaled_dot_product_attention`` exactly like the originals, so a wrapped model is bit-identical
 to the float one. The q/k/v/out projections are ordinary Linear layers, wrapped separately.
@@ -21,14 +22,14 @@ from .state import QuantState
 
 
 class _QuantAttentionCore(QuantModule):
-    def __init__(self, act_spec: QuantSpec, softmax_spec: QuantSpec, context: TimestepContext | None, num_groups: int):
+    def __init__(self, act_spec: QuantSpec, softmax_spec: QuantSpec | None, context: TimestepContext | None, num_groups: int):
         super().__init__()
         self._init_quant()
         self.weight_quantizer = None
         self.q_quantizer = ActivationQuantizer(act_spec, context, num_groups)
         self.k_quantizer = ActivationQuantizer(act_spec, context, num_groups)
         self.v_quantizer = ActivationQuantizer(act_spec, context, num_groups)
-        self.softmax_quantizer = ActivationQuantizer(softmax_spec, context, num_groups)
+        self.softmax_quantizer = None if softmax_spec is None else ActivationQuantizer(softmax_spec, context, num_groups)
 
     def _active(self) -> bool:
         modes = {q.mode for q in self.activation_quantizers()}
@@ -160,7 +161,40 @@ class QuantFluxAttnProcessor(_QuantAttentionCore):
         return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
 
 
-# adapter attention kind -> the quantized processor that replaces the module's own (models.adapters names the kinds)
-PROCESSORS = {"standard": QuantAttnProcessor, "joint": QuantJointAttnProcessor, "flux": QuantFluxAttnProcessor}
+class QuantSanaLinearAttnProcessor(_QuantAttentionCore):
+    """Quantized counterpart of diffusers ``SanaLinearAttnProcessor2_0`` (SANA's ReLU linear attention): the matmul
+    inputs q and k (after the ReLU) and v are quantized; there is no softmax, so no softmax quantizer."""
 
-__all__ = ["PROCESSORS", "QuantAttnProcessor", "QuantFluxAttnProcessor", "QuantJointAttnProcessor", "QuantState"]
+    def __init__(self, act_spec: QuantSpec, softmax_spec: QuantSpec | None, context: TimestepContext | None, num_groups: int):
+        super().__init__(act_spec, None, context, num_groups)
+
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        dtype = hidden_states.dtype
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        query, key, value = attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        query = F.relu(query.transpose(1, 2).unflatten(1, (attn.heads, -1)))  # [B, H, d, L]
+        key = F.relu(key.transpose(1, 2).unflatten(1, (attn.heads, -1)).transpose(2, 3))  # [B, H, L, d]
+        value = value.transpose(1, 2).unflatten(1, (attn.heads, -1))
+        if self._active():
+            query = self._quantize_activation(self.q_quantizer, query)
+            key = self._quantize_activation(self.k_quantizer, key)
+            value = self._quantize_activation(self.v_quantizer, value)
+        value = F.pad(value.float(), (0, 0, 0, 1), mode="constant", value=1.0)
+        hidden_states = torch.matmul(torch.matmul(value, key.float()), query.float())
+        hidden_states = hidden_states[:, :, :-1] / (hidden_states[:, :, -1:] + 1e-15)
+        hidden_states = hidden_states.flatten(1, 2).transpose(1, 2).to(dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        return hidden_states.clip(-65504, 65504) if dtype == torch.float16 else hidden_states
+
+
+# adapter attention kind -> the quantized processor that replaces the module's own (models.adapters names the kinds)
+PROCESSORS = {"standard": QuantAttnProcessor, "joint": QuantJointAttnProcessor, "flux": QuantFluxAttnProcessor,
+              "linear": QuantSanaLinearAttnProcessor}
+
+__all__ = ["PROCESSORS", "QuantAttnProcessor", "QuantFluxAttnProcessor", "QuantJointAttnProcessor", "QuantSanaLinearAttnProcessor",
+           "QuantState"]
