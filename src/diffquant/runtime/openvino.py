@@ -143,9 +143,11 @@ class OVDenoiser(nn.Module):
         """Trace a quantized denoiser (or the pipeline's) into OpenVINO in memory and compile it (``options``: graph,
         precision, threads)."""
         denoiser = get_denoiser(model)
-        models, plan = quantized_models(denoiser, inputs or _pipeline_inputs(model))
+        graph = options.pop("graph", "auto")
+        graph = ("int" if cpu_has_vnni() else "float") if graph == "auto" else graph
+        models, plan = quantized_models(denoiser, inputs or pipeline_inputs(model), graphs=(graph,))
         return cls(models, dict(denoiser.config), type(denoiser).__name__, groups=quant_record(denoiser).groups,
-                   float_groups=plan.float_groups, **options)
+                   float_groups=plan.float_groups, graph=graph if graph in models else "float", **options)
 
     @classmethod
     def from_folder(cls, folder: str | Path, **options: Any) -> OVDenoiser:
@@ -167,8 +169,9 @@ def cpu_has_vnni() -> bool:
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def _pipeline_inputs(model: Any) -> dict[str, torch.Tensor]:
-    """Example inputs sized like the pipeline's own calls (its tokenizer's sequence length)."""
+def pipeline_inputs(model: Any) -> dict[str, torch.Tensor]:
+    """Example inputs of one denoiser call sized like the pipeline's own (its tokenizer's sequence length;
+    batch 2: classifier-free guidance)."""
     denoiser = get_denoiser(model)
     tokenizer = getattr(model, "tokenizer", None)
     seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
@@ -194,7 +197,7 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) 
     with claim_output(folder, overwrite=overwrite) as output:  # refused at once if present or being written
         denoiser = get_denoiser(model)
         record = quant_record(denoiser)
-        models, plan = quantized_models(denoiser, _pipeline_inputs(model))
+        models, plan = quantized_models(denoiser, pipeline_inputs(model))
         tmp = output.tmp
         tmp.mkdir()
         attr = "denoiser"
@@ -254,4 +257,4 @@ def load_openvino(folder: str | Path, **options: Any) -> Any:
     return pipe
 
 
-__all__ = ["OVDenoiser", "export_openvino", "is_openvino_folder", "load_openvino"]
+__all__ = ["OVDenoiser", "cpu_has_vnni", "export_openvino", "is_openvino_folder", "load_openvino", "pipeline_inputs"]

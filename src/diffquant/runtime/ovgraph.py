@@ -238,8 +238,11 @@ def float_model(denoiser: nn.Module, inputs: dict[str, torch.Tensor] | None = No
     return trace(FlatCall(denoiser, names).eval(), names, tuple(inputs.values()))
 
 
-def quantized_models(model: Any, inputs: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], GroupPlan]:
-    """``{"int": ov.Model[, "float": ov.Model]}`` of a quantized (frozen or converted) denoiser, and the group plan.
+def quantized_models(
+    model: Any, inputs: dict[str, torch.Tensor] | None = None, graphs: tuple[str, ...] = ("int", "float")
+) -> tuple[dict[str, Any], GroupPlan]:
+    """``{"int": ov.Model, "float": ov.Model}`` (those of ``graphs``) of a quantized (frozen or converted)
+    denoiser, and the group plan. The float graph is always traced when some group is wider than 8 bits.
 
     A frozen model is converted on a float32 copy first (no kernel timing: the graph ignores kernels).
     The graphs take the adapter's inputs, plus ``timestep_group`` (int64 [1]) when the model has
@@ -254,7 +257,8 @@ def quantized_models(model: Any, inputs: dict[str, torch.Tensor] | None = None) 
     inputs = inputs or example_inputs(work)
     names = list(inputs)
     models = {}
-    for graph in ("int", "float") if plan.int_groups else ("float",):
+    wanted = {g for g in graphs if g != "int" or plan.int_groups} | ({"float"} if plan.float_groups or not plan.int_groups else set())
+    for graph in sorted(wanted, reverse=True):  # int first
         st = _State(plan, graph)
         extra = (torch.tensor([st.groups[0]]),) if plan.num_groups > 1 else ()
         with graph_mode(work, st):
