@@ -1,14 +1,16 @@
 """How should OpenVINO serve timestep-indexed activation scales? A stack of quantized linear layers, one run.
 
-    .venv/bin/python benchmarks/openvino_groups.py --rows 1024 --width 1280 --layers 8 --groups 4
+    .venv/bin/python benchmarks/openvino_groups.py --rows 1024 --width 1280 --layers 8 --groups 4 [--wmax 63]
 
-Forms (each compiled once, f32 hint, ``--threads``; median of ``--repeats`` calls after a warm-up; rel. error
-to the exact fake-quant arithmetic of the group in torch float64 rounding-free reference):
+Forms (each compiled once, f32 hint, ``--threads``; the fastest of ``--repeats`` calls, forms interleaved so
+they share the machine's load; rel. error to the group's fake-quant arithmetic in torch). ``--wmax 63``
+keeps weight codes within +-63: x86 CPUs without VNNI sum u8 x s8 pairs in int16, which saturates on
+full-range codes, so the design's exactness shows only below that:
 - ``const``: FakeQuantize with constant scales (one group: the int8 baseline);
 - ``scalar``: the design of runtime/ovgraph.py: constant grid of group 0, ``x / r + d`` before and
   ``r * (y - d * rowsum)`` after, r and d gathered by a ``timestep_group`` input (every group, one model);
 - ``inputs``: the scales fed as graph inputs (gathered, then FakeQuantize-free float arithmetic: the float graph);
-- ``per_group``: one compiled model per group (RSS growth per extra compiled copy reported).
+- ``per_group``: one compiled model per group (RSS growth for all ``--groups`` compiled copies reported).
 Also reports which precision OpenVINO picked for the FullyConnected ops and whether the CPU has VNNI.
 """
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import numpy as np
@@ -26,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def build(layers: int, width: int, groups: int, seed: int = 0):
+def build(layers: int, width: int, groups: int, wmax: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    codes = [torch.randint(-127, 128, (width, width), generator=g, dtype=torch.int8) for _ in range(layers)]
+    codes = [torch.randint(-wmax, wmax + 1, (width, width), generator=g, dtype=torch.int8) for _ in range(layers)]
     w_scale = [torch.rand(width, generator=g) * 0.002 + 0.001 for _ in range(layers)]
     a_scale = [torch.rand(groups, generator=g) * 0.02 + 0.02 for _ in range(layers)]
     a_zero = [torch.randint(100, 156, (groups,), generator=g).float() for _ in range(layers)]
@@ -83,26 +84,19 @@ def main() -> None:
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--wmax", type=int, default=127)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    params = build(args.layers, args.width, args.groups)
+    params = build(args.layers, args.width, args.groups, args.wmax)
     x = torch.randn(args.rows, args.width)
     core = ov.Core()
     props = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": "f32"}
     proc = psutil.Process()
     rows = []
 
-    def timed(compiled, feeds) -> float:
-        compiled(feeds)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            compiled(feeds)
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
-
     group = args.groups - 1
     ref = reference(params, x, group)
+    runs = {}
     for form in ("const", "scalar", "inputs", "per_group"):
         with torch.no_grad():
             if form in ("scalar", "inputs"):
@@ -112,20 +106,29 @@ def main() -> None:
                 model = ov.convert_model(Stack(params, form, group), example_input=(x,))
                 feeds = (x.numpy(),)
         rss = proc.memory_info().rss
-        compiled = core.compile_model(model, "CPU", props)
+        compiled = [core.compile_model(model, "CPU", props) for _ in range(args.groups if form == "per_group" else 1)]
         grown = (proc.memory_info().rss - rss) / 2**20
-        out = torch.from_numpy(compiled(feeds)[0])
-        err = float((out - ref).norm() / ref.norm())
-        rows.append({"form": form, "ms": round(timed(compiled, feeds), 1), "rel_err": err, "fc": fc_precisions(compiled),
+        out = torch.from_numpy(compiled[0](feeds)[0])
+        runs[form] = (compiled[0], feeds)
+        rows.append({"form": form, "rel_err": float((out - ref).norm() / ref.norm()), "fc": fc_precisions(compiled[0]),
                      "compile_rss_mb": round(grown, 1)})
-    with torch.no_grad():
-        w = [c.float() * ws[:, None] for c, ws in zip(params[0], params[1])]
-        start = time.perf_counter()
-        for _ in range(args.repeats):
+    w = [c.float() * ws[:, None] for c, ws in zip(params[0], params[1])]
+
+    def torch_fp32():
+        with torch.no_grad():
             y = x
             for wi in w:
                 y = torch.tanh(F.linear(y, wi))
-        rows.append({"form": "torch_fp32", "ms": round(1e3 * (time.perf_counter() - start) / args.repeats, 1)})
+
+    best = {form: float("inf") for form in list(runs) + ["torch_fp32"]}
+    for _ in range(args.repeats):
+        for form in best:
+            start = time.perf_counter()
+            torch_fp32() if form == "torch_fp32" else runs[form][0](runs[form][1])
+            best[form] = min(best[form], 1e3 * (time.perf_counter() - start))
+    for row in rows:
+        row["ms"] = round(best[row["form"]], 1)
+    rows.append({"form": "torch_fp32", "ms": round(best["torch_fp32"], 1)})
     print(json.dumps({"vnni": cpu_has_vnni(), "args": vars(args), "weights_mb": args.layers * args.width**2 / 2**20,
                       "rows": rows}, indent=1))
 

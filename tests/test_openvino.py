@@ -89,6 +89,19 @@ def test_graphs_reach_every_group_layer_by_layer(two_groups):
     assert sum(e > 1e-5 for e in errors.values()) < 0.05 * len(errors)
 
 
+def test_relaxed_groups_go_to_the_float_graph(two_groups):
+    """PCR-style relaxed steps (10-bit activations in one group) cannot share the int8 grid: the plan sends
+    them to the float graph, the other groups stay int8."""
+    from diffquant.runtime.ovgraph import plan_groups
+
+    unet = copy.deepcopy(two_groups.unet)
+    for q in unet.modules():
+        if isinstance(q, ActivationQuantizer) and q.mode == "quantize":
+            q.bits[1] = 10
+    plan = plan_groups(unet)
+    assert (plan.int_groups, plan.float_groups, plan.ref) == ([0], [1], 0)
+
+
 @pytest.fixture(scope="module")
 def exported(two_groups, tmp_path_factory):
     from diffquant.runtime.openvino import export_openvino

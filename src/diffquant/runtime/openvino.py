@@ -1,9 +1,9 @@
 """Deploy a quantized denoiser on OpenVINO with diffquant's own calibrated scales (no re-calibration).
 
 ``export_openvino(model, folder)`` writes ``denoiser.xml/.bin`` (the int8 graph, every <= 8-bit timestep
-group served by one compiled model through runtime scalars: ovgraph.py) plus ``denoiser_float.xml/.bin``
-when some groups are wider than 8 bits (PCR's relaxed steps run that float graph), and, for a pipeline,
-its other components so the folder loads as a generating pipeline. ``OVDenoiser`` wraps compiled models
+group served by one compiled model through runtime scalars: ovgraph.py) and ``denoiser_float.xml/.bin``
+(exact fake-quant arithmetic for every group: PCR's relaxed >8-bit steps, and CPUs without VNNI), and,
+for a pipeline, its other components so the folder loads as a generating pipeline. ``OVDenoiser`` wraps compiled models
 behind the diffusers denoiser call, picking the timestep group from the scheduler's timestep the same
 way the torch model does (nearest group centre). Text encoders and the VAE stay torch.
 """
@@ -186,9 +186,9 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) 
     """Write ``model``'s quantized denoiser as OpenVINO IR (with the pipeline's other components) to ``folder``.
 
     Scales are diffquant's own (weights int8 codes with per-channel scales, activations FakeQuantize with
-    the calibrated ranges); every timestep group survives (ovgraph.py). Batch and latent size stay
-    dynamic where the traced graph allows (batch always; latent size for the UNets and the MMDiT up to
-    its position-embedding size). Returns the folder; it appears only when complete.
+    the calibrated ranges); every timestep group survives (ovgraph.py). Both graphs are written (int8 and
+    float; ``OVDenoiser`` picks per CPU). Inputs are dynamic: batch for every family (tested), latent size
+    for the UNets (tested at other sizes than traced). Returns the folder; it appears only when complete.
     """
     from ..io import file_table
     from ..serialization import MANIFEST, save_components
