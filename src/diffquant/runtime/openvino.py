@@ -67,6 +67,7 @@ class OVDenoiser(nn.Module):
         graph: str = "auto",
         precision: str = "f32",
         threads: int | None = None,
+        report: dict | None = None,
     ) -> None:
         super().__init__()
         import openvino as ov
@@ -96,6 +97,7 @@ class OVDenoiser(nn.Module):
         if "projection_class_embeddings_input_dim" in self.config:
             self.add_embedding = _Stub(linear_1=_Stub(in_features=self.config["projection_class_embeddings_input_dim"]))
         self.calls: list[int] = []  # the timestep group of every call (tests and reports read it)
+        self.report: dict = dict(report or {})  # the quantized model's report (sampling defaults, method numbers)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -146,7 +148,8 @@ class OVDenoiser(nn.Module):
         graph = options.pop("graph", "auto")
         graph = ("int" if cpu_has_vnni() else "float") if graph == "auto" else graph
         models, plan = quantized_models(denoiser, inputs or pipeline_inputs(model), graphs=(graph,))
-        return cls(models, dict(denoiser.config), type(denoiser).__name__, groups=quant_record(denoiser).groups,
+        record = quant_record(denoiser)
+        return cls(models, dict(denoiser.config), type(denoiser).__name__, groups=record.groups, report=record.report,
                    float_groups=plan.float_groups, graph=graph if graph in models else "float", **options)
 
     @classmethod
@@ -157,7 +160,7 @@ class OVDenoiser(nn.Module):
         sub = folder / meta["denoiser_folder"]
         models = {k: sub / GRAPHS[k] for k in meta["graphs"]}
         return cls(models, meta["config"], meta["class"], groups=TimestepGroups.from_dict(meta["groups"]),
-                   float_groups=meta["float_groups"], **options)
+                   float_groups=meta["float_groups"], report=meta.get("report"), **options)
 
 
 def cpu_has_vnni() -> bool:
@@ -209,7 +212,7 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) 
             "format": "diffquant-openvino", "class": type(denoiser).__name__, "denoiser_folder": attr,
             "config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
             "groups": record.groups.to_dict(), "graphs": sorted(models), "int_groups": plan.int_groups,
-            "float_groups": plan.float_groups, "quant_config": record.config.to_dict(),
+            "float_groups": plan.float_groups, "quant_config": record.config.to_dict(), "report": record.report,
         })
         atomic_write_json(tmp / MANIFEST, {"format_version": 1, "files": file_table(tmp), "backend": "openvino"})
         output.publish()
@@ -240,10 +243,7 @@ def load_openvino(folder: str | Path, **options: Any) -> Any:
         pipe = load(folder)
         if isinstance(pipe, nn.Module):
             return OVDenoiser.from_denoiser(pipe, **options)
-        denoiser = get_denoiser(pipe)
-        attr = _denoiser_attr(pipe, denoiser)
-        setattr(pipe, attr, OVDenoiser.from_denoiser(pipe, **options))
-        return pipe
+        return _with_denoiser(pipe, _denoiser_attr(pipe, get_denoiser(pipe)), OVDenoiser.from_denoiser(pipe, **options))
     verify(folder)
     ov_denoiser = OVDenoiser.from_folder(folder, **options)
     meta = json.loads((folder / OV_CONFIG).read_text())
@@ -251,10 +251,14 @@ def load_openvino(folder: str | Path, **options: Any) -> Any:
         return ov_denoiser
     index = json.loads((folder / "model_index.json").read_text())
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    attr = meta["denoiser_folder"]  # diffusers type-checks passed components: load without it, then attach
+    attr = meta["denoiser_folder"]  # from_pretrained type-checks passed components: load without it
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **absent, **{attr: None}, use_safetensors=True)
-    setattr(pipe, attr, ov_denoiser)
-    return pipe
+    return _with_denoiser(pipe, attr, ov_denoiser)
+
+
+def _with_denoiser(pipe: Any, attr: str, denoiser: nn.Module) -> Any:
+    """The same pipeline class built around ``denoiser`` (its __init__ reads the denoiser's config)."""
+    return type(pipe)(**{**pipe.components, attr: denoiser})
 
 
 __all__ = ["OVDenoiser", "cpu_has_vnni", "export_openvino", "is_openvino_folder", "load_openvino", "pipeline_inputs"]
