@@ -89,6 +89,19 @@ def test_graphs_reach_every_group_layer_by_layer(two_groups):
     assert sum(e > 1e-5 for e in errors.values()) < 0.05 * len(errors)
 
 
+def test_relaxed_groups_go_to_the_float_graph(two_groups):
+    """PCR-style relaxed steps (10-bit activations in one group) cannot share the int8 grid: the plan sends
+    them to the float graph, the other groups stay int8."""
+    from diffquant.runtime.ovgraph import plan_groups
+
+    unet = copy.deepcopy(two_groups.unet)
+    for q in unet.modules():
+        if isinstance(q, ActivationQuantizer) and q.mode == "quantize":
+            q.bits[1] = 10
+    plan = plan_groups(unet)
+    assert (plan.int_groups, plan.float_groups, plan.ref) == ([0], [1], 0)
+
+
 @pytest.fixture(scope="module")
 def exported(two_groups, tmp_path_factory):
     from diffquant.runtime.openvino import export_openvino
@@ -131,33 +144,53 @@ def test_generate_backend_openvino_writes_an_image(exported, tmp_path):
     assert Image.open(out).size == (32, 32)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
-def test_sdxl_and_sd3_export_to_onnx_and_openvino(rtn_results, family, tmp_path):
-    """Every adapter family exports: ONNX Q/DQ (run by ONNX Runtime) and OpenVINO, both near the fake-quant output."""
-    ort = pytest.importorskip("onnxruntime")
-    onnx = pytest.importorskip("onnx")
-    from diffquant.runtime import convert
+def family_case(rtn_results, family: str):
+    """(W8A8 pipeline, its denoiser, example inputs, fake-quant output, distance of the W4A8 model's output)."""
     from diffquant.runtime.flat import example_inputs
-    from diffquant.runtime.onnx import export_onnx
-    from diffquant.runtime.openvino import OVDenoiser
 
     pipe = rtn_results[(family, 8)]["pipe"]
     denoiser = diffquant.get_denoiser(pipe)
     inputs = example_inputs(denoiser, batch=2, seq_len=16)
     with torch.no_grad():
         ref = get_adapter(denoiser).call(inputs)
-        fp = get_adapter(diffquant.get_denoiser(rtn_results[(family, 4)]["pipe"])).call(inputs)
-    gap = rel_err(fp, ref)  # the W4 model's distance: a scale for "near"
+        w4 = get_adapter(diffquant.get_denoiser(rtn_results[(family, 4)]["pipe"])).call(inputs)
+    return pipe, denoiser, inputs, ref, rel_err(w4, ref)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_sdxl_and_sd3_run_on_openvino(rtn_results, family):
+    """SDXL's added conditioning and SD3's joint attention deploy through their adapters, called the diffusers way
+    (batch traced at 2, run at 1: the batch is dynamic); outputs match the fake-quant model far closer than W4 does."""
+    from diffquant.runtime.openvino import OVDenoiser
+
+    pipe, denoiser, inputs, ref, gap = family_case(rtn_results, family)
     den = OVDenoiser.from_denoiser(pipe, inputs=inputs, graph="float", threads=1)
-    flat = {k: v for k, v in inputs.items() if k not in ("text_embeds", "time_ids")}
-    added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs}
-    out = den(*flat.values(), added_cond_kwargs=added or None, return_dict=False)[0]
-    assert rel_err(out, ref) < 0.25 * gap
+    one = {k: v[:1] for k, v in inputs.items()}
+    args = [one[k] for k in list(one)[:3]]
+    kwargs = ({"added_cond_kwargs": {k: one[k] for k in ("text_embeds", "time_ids")}} if family == "sdxl"
+              else {"pooled_projections": one["pooled_projections"]})
+    out = den(*args, return_dict=False, **kwargs)[0]
+    assert out.shape == ref[:1].shape
+    assert rel_err(out, ref[:1]) < 0.25 * gap
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_sdxl_and_sd3_export_to_onnx_qdq(rtn_results, family, tmp_path):
+    """ONNX Q/DQ for every adapter family, run by ONNX Runtime at another batch size than traced (~5 min each here:
+    the dynamo exporter). Its QuantizeLinear rounds differently from torch on a few elements, which the random tiny
+    models amplify, hence the loose bound."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from diffquant.runtime import convert
+    from diffquant.runtime.onnx import export_onnx
+
+    _, denoiser, inputs, ref, gap = family_case(rtn_results, family)
     converted = copy.deepcopy(denoiser)
     convert(converted, progress=False)
     path = export_onnx(converted, tmp_path / "d.onnx", inputs=inputs)
     graph = onnx.load(str(path)).graph
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) > 10
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_out = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
-    assert rel_err(onnx_out, ref) < 0.25 * gap
+    onnx_out = torch.from_numpy(session.run(None, {k: v[:1].numpy() for k, v in inputs.items()})[0])
+    assert rel_err(onnx_out, ref[:1]) < 0.75 * gap

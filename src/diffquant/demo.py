@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 import diffquant
@@ -66,4 +67,45 @@ def run_demo(out: Path, wbits: int = 8, abits: int = 8, echo: Callable[[str], No
     summary = describe(folder)
     echo(summary["text"])
     echo(f"mean PSNR to float: {np.mean(results):.2f} dB; grid (top float, bottom {cfg.label}): {out / 'grid.png'}")
-    return {"psnr": results, "folder": str(folder)}
+    steps = _deployed_step_times(fp, loaded, echo)
+    return {"psnr": results, "folder": str(folder), "step_ms": steps}
+
+
+def _deployed_step_times(fp, quantized, echo: Callable[[str], None]) -> dict[str, float]:
+    """The quantized denoiser on OpenVINO beside torch FP32 and BF16 autocast: one step, same inputs."""
+    try:
+        from .runtime.openvino import OVDenoiser, pipeline_inputs
+    except ImportError as e:  # pragma: no cover - openvino is an install extra
+        echo(f"note: OpenVINO step time skipped ({e}); install diffquant[openvino]")
+        return {}
+    deployed = OVDenoiser.from_denoiser(quantized)
+    times = step_times(diffquant.get_denoiser(fp), deployed, pipeline_inputs(quantized))
+    echo("one denoiser step, batch 2 (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items())
+         + f"; OpenVINO {times['torch FP32'] / times['OpenVINO ' + deployed.graph]:.1f}x torch FP32")
+    return times
+
+
+def step_times(fp_denoiser: torch.nn.Module, deployed: torch.nn.Module, inputs: dict, repeats: int = 5) -> dict[str, float]:
+    """Median milliseconds of one call of the float denoiser (FP32, BF16 autocast) and of ``deployed`` (OVDenoiser)."""
+    import statistics
+    import time
+
+    from .models.adapters import adapter_class, get_adapter
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    torch_call = get_adapter(fp_denoiser).call
+    deployed_call = adapter_class(deployed.class_name)(deployed).call
+    with torch.no_grad():
+        fp32 = median_ms(lambda: torch_call(inputs))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = median_ms(lambda: torch_call(inputs))
+        ov = median_ms(lambda: deployed_call(inputs))
+    return {"torch FP32": fp32, "torch BF16 autocast": bf16, f"OpenVINO {deployed.graph}": ov}

@@ -112,8 +112,9 @@ def registered_defaults(pipe: Any) -> dict:
     else those recorded in its quantized denoiser's report (the source model's, at quantization time), else {}."""
     found = sampling_defaults(pipe)
     if not found and pipe is not None:
-        record = getattr(get_denoiser(pipe), "diffquant", None)
-        found = dict(getattr(record, "report", {}).get("sampling_defaults") or {})
+        denoiser = get_denoiser(pipe)
+        report = getattr(getattr(denoiser, "diffquant", None), "report", None) or getattr(denoiser, "report", {})  # OVDenoiser
+        found = dict(report.get("sampling_defaults") or {})
     return found
 
 

@@ -31,7 +31,7 @@ class DenoiserAdapter:
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
-        return cls.supports_name(type(model).__name__)
+        return cls.supports_name(getattr(model, "class_name", type(model).__name__))  # a deployed denoiser names its class
 
     @classmethod
     def supports_name(cls, class_name: str) -> bool:

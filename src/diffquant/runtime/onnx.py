@@ -108,7 +108,7 @@ def export_onnx(
     with export_mode(denoiser, group), torch.no_grad():
         program = torch.onnx.export(
             FlatCall(denoiser, list(inputs)).eval(), tensors, input_names=list(inputs), output_names=["noise_pred"],
-            opset_version=opset, dynamo=True, dynamic_shapes=shapes,
+            opset_version=opset, dynamo=True, dynamic_shapes=(shapes,) if shapes else None,  # forward(*tensors)
         )
     program.save(str(tmp), external_data=_needs_external_data(denoiser))
     for extra in tmp.parent.glob(f"{tmp.name}.data"):

@@ -1,9 +1,9 @@
 """Deploy a quantized denoiser on OpenVINO with diffquant's own calibrated scales (no re-calibration).
 
 ``export_openvino(model, folder)`` writes ``denoiser.xml/.bin`` (the int8 graph, every <= 8-bit timestep
-group served by one compiled model through runtime scalars: ovgraph.py) plus ``denoiser_float.xml/.bin``
-when some groups are wider than 8 bits (PCR's relaxed steps run that float graph), and, for a pipeline,
-its other components so the folder loads as a generating pipeline. ``OVDenoiser`` wraps compiled models
+group served by one compiled model through runtime scalars: ovgraph.py) and ``denoiser_float.xml/.bin``
+(exact fake-quant arithmetic for every group: PCR's relaxed >8-bit steps, and CPUs without VNNI), and,
+for a pipeline, its other components so the folder loads as a generating pipeline. ``OVDenoiser`` wraps compiled models
 behind the diffusers denoiser call, picking the timestep group from the scheduler's timestep the same
 way the torch model does (nearest group centre). Text encoders and the VAE stay torch.
 """
@@ -67,6 +67,7 @@ class OVDenoiser(nn.Module):
         graph: str = "auto",
         precision: str = "f32",
         threads: int | None = None,
+        report: dict | None = None,
     ) -> None:
         super().__init__()
         import openvino as ov
@@ -96,6 +97,7 @@ class OVDenoiser(nn.Module):
         if "projection_class_embeddings_input_dim" in self.config:
             self.add_embedding = _Stub(linear_1=_Stub(in_features=self.config["projection_class_embeddings_input_dim"]))
         self.calls: list[int] = []  # the timestep group of every call (tests and reports read it)
+        self.report: dict = dict(report or {})  # the quantized model's report (sampling defaults, method numbers)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -143,9 +145,12 @@ class OVDenoiser(nn.Module):
         """Trace a quantized denoiser (or the pipeline's) into OpenVINO in memory and compile it (``options``: graph,
         precision, threads)."""
         denoiser = get_denoiser(model)
-        models, plan = quantized_models(denoiser, inputs or _pipeline_inputs(model))
-        return cls(models, dict(denoiser.config), type(denoiser).__name__, groups=quant_record(denoiser).groups,
-                   float_groups=plan.float_groups, **options)
+        graph = options.pop("graph", "auto")
+        graph = ("int" if cpu_has_vnni() else "float") if graph == "auto" else graph
+        models, plan = quantized_models(denoiser, inputs or pipeline_inputs(model), graphs=(graph,))
+        record = quant_record(denoiser)
+        return cls(models, dict(denoiser.config), type(denoiser).__name__, groups=record.groups, report=record.report,
+                   float_groups=plan.float_groups, graph=graph if graph in models else "float", **options)
 
     @classmethod
     def from_folder(cls, folder: str | Path, **options: Any) -> OVDenoiser:
@@ -155,7 +160,7 @@ class OVDenoiser(nn.Module):
         sub = folder / meta["denoiser_folder"]
         models = {k: sub / GRAPHS[k] for k in meta["graphs"]}
         return cls(models, meta["config"], meta["class"], groups=TimestepGroups.from_dict(meta["groups"]),
-                   float_groups=meta["float_groups"], **options)
+                   float_groups=meta["float_groups"], report=meta.get("report"), **options)
 
 
 def cpu_has_vnni() -> bool:
@@ -167,8 +172,9 @@ def cpu_has_vnni() -> bool:
     return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def _pipeline_inputs(model: Any) -> dict[str, torch.Tensor]:
-    """Example inputs sized like the pipeline's own calls (its tokenizer's sequence length)."""
+def pipeline_inputs(model: Any) -> dict[str, torch.Tensor]:
+    """Example inputs of one denoiser call sized like the pipeline's own (its tokenizer's sequence length;
+    batch 2: classifier-free guidance)."""
     denoiser = get_denoiser(model)
     tokenizer = getattr(model, "tokenizer", None)
     seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
@@ -183,9 +189,9 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) 
     """Write ``model``'s quantized denoiser as OpenVINO IR (with the pipeline's other components) to ``folder``.
 
     Scales are diffquant's own (weights int8 codes with per-channel scales, activations FakeQuantize with
-    the calibrated ranges); every timestep group survives (ovgraph.py). Batch and latent size stay
-    dynamic where the traced graph allows (batch always; latent size for the UNets and the MMDiT up to
-    its position-embedding size). Returns the folder; it appears only when complete.
+    the calibrated ranges); every timestep group survives (ovgraph.py). Both graphs are written (int8 and
+    float; ``OVDenoiser`` picks per CPU). Inputs are dynamic: batch for every family (tested), latent size
+    for the UNets (tested at other sizes than traced). Returns the folder; it appears only when complete.
     """
     from ..io import file_table
     from ..serialization import MANIFEST, save_components
@@ -194,7 +200,7 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) 
     with claim_output(folder, overwrite=overwrite) as output:  # refused at once if present or being written
         denoiser = get_denoiser(model)
         record = quant_record(denoiser)
-        models, plan = quantized_models(denoiser, _pipeline_inputs(model))
+        models, plan = quantized_models(denoiser, pipeline_inputs(model))
         tmp = output.tmp
         tmp.mkdir()
         attr = "denoiser"
@@ -206,7 +212,7 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) 
             "format": "diffquant-openvino", "class": type(denoiser).__name__, "denoiser_folder": attr,
             "config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
             "groups": record.groups.to_dict(), "graphs": sorted(models), "int_groups": plan.int_groups,
-            "float_groups": plan.float_groups, "quant_config": record.config.to_dict(),
+            "float_groups": plan.float_groups, "quant_config": record.config.to_dict(), "report": record.report,
         })
         atomic_write_json(tmp / MANIFEST, {"format_version": 1, "files": file_table(tmp), "backend": "openvino"})
         output.publish()
@@ -237,10 +243,7 @@ def load_openvino(folder: str | Path, **options: Any) -> Any:
         pipe = load(folder)
         if isinstance(pipe, nn.Module):
             return OVDenoiser.from_denoiser(pipe, **options)
-        denoiser = get_denoiser(pipe)
-        attr = _denoiser_attr(pipe, denoiser)
-        setattr(pipe, attr, OVDenoiser.from_denoiser(pipe, **options))
-        return pipe
+        return _with_denoiser(pipe, _denoiser_attr(pipe, get_denoiser(pipe)), OVDenoiser.from_denoiser(pipe, **options))
     verify(folder)
     ov_denoiser = OVDenoiser.from_folder(folder, **options)
     meta = json.loads((folder / OV_CONFIG).read_text())
@@ -248,10 +251,14 @@ def load_openvino(folder: str | Path, **options: Any) -> Any:
         return ov_denoiser
     index = json.loads((folder / "model_index.json").read_text())
     absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    attr = meta["denoiser_folder"]  # diffusers type-checks passed components: load without it, then attach
+    attr = meta["denoiser_folder"]  # from_pretrained type-checks passed components: load without it
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **absent, **{attr: None}, use_safetensors=True)
-    setattr(pipe, attr, ov_denoiser)
-    return pipe
+    return _with_denoiser(pipe, attr, ov_denoiser)
 
 
-__all__ = ["OVDenoiser", "export_openvino", "is_openvino_folder", "load_openvino"]
+def _with_denoiser(pipe: Any, attr: str, denoiser: nn.Module) -> Any:
+    """The same pipeline class built around ``denoiser`` (its __init__ reads the denoiser's config)."""
+    return type(pipe)(**{**pipe.components, attr: denoiser})
+
+
+__all__ = ["OVDenoiser", "cpu_has_vnni", "export_openvino", "is_openvino_folder", "load_openvino", "pipeline_inputs"]

@@ -14,9 +14,11 @@ gathered from per-layer tables with a ``timestep_group`` input:
 of a ones map (exact at zero-padded borders too) for a Conv2d; both vanish when zero points do not
 change with t (symmetric activations). One compiled model then serves every group at full int8 speed.
 Groups wider than 8 bits (PCR's relaxed steps) cannot share the 8-bit grid: a second, float graph serves
-them, with every quantizer's parameters gathered by group (float arithmetic, exact). Quantizers outside
-integer layers (attention matmuls, float-fallback layers) are constant FakeQuantize when one grid serves
-all groups, else float fake quantization with gathered parameters.
+every group, with every quantizer's parameters gathered by group (float arithmetic, exact; weights stay
+int8 constants that OpenVINO decompresses). It is also the graph for x86 CPUs without VNNI, whose int8
+kernels sum u8 x s8 pairs in int16 and saturate on full-range weight codes. Quantizers outside integer
+layers (attention matmuls, float-fallback layers) are constant FakeQuantize in the int graph when one grid
+serves all its groups, else float fake quantization with gathered parameters.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ OUTPUT = "out_sample"
 
 @dataclass
 class GroupPlan:
-    """Which timestep groups the int8 graph serves and which need the float graph."""
+    """Which timestep groups the int8 graph serves; ``float_groups`` (wider than 8 bits) need the float graph."""
 
     num_groups: int
     int_groups: list[int]
@@ -238,8 +240,11 @@ def float_model(denoiser: nn.Module, inputs: dict[str, torch.Tensor] | None = No
     return trace(FlatCall(denoiser, names).eval(), names, tuple(inputs.values()))
 
 
-def quantized_models(model: Any, inputs: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], GroupPlan]:
-    """``{"int": ov.Model[, "float": ov.Model]}`` of a quantized (frozen or converted) denoiser, and the group plan.
+def quantized_models(
+    model: Any, inputs: dict[str, torch.Tensor] | None = None, graphs: tuple[str, ...] = ("int", "float")
+) -> tuple[dict[str, Any], GroupPlan]:
+    """``{"int": ov.Model, "float": ov.Model}`` (those of ``graphs``) of a quantized (frozen or converted)
+    denoiser, and the group plan. The float graph is always traced when some group is wider than 8 bits.
 
     A frozen model is converted on a float32 copy first (no kernel timing: the graph ignores kernels).
     The graphs take the adapter's inputs, plus ``timestep_group`` (int64 [1]) when the model has
@@ -254,7 +259,8 @@ def quantized_models(model: Any, inputs: dict[str, torch.Tensor] | None = None) 
     inputs = inputs or example_inputs(work)
     names = list(inputs)
     models = {}
-    for graph in ("int", "float") if plan.int_groups else ("float",):
+    wanted = {g for g in graphs if g != "int" or plan.int_groups} | ({"float"} if plan.float_groups or not plan.int_groups else set())
+    for graph in sorted(wanted, reverse=True):  # int first
         st = _State(plan, graph)
         extra = (torch.tensor([st.groups[0]]),) if plan.num_groups > 1 else ()
         with graph_mode(work, st):
