@@ -74,7 +74,8 @@ def openvino_export(model: nn.Module, folder: Path, inputs: dict, graph: str, pr
     ``graph="int"``: int8 kernels (``OVDenoiser`` picks it by itself only where the CPU has VNNI/AMX);
     ``"float"``: the exact fake-quant arithmetic with int8 weights decompressed.
     """
-    from diffquant.runtime.openvino import GRAPHS, OVDenoiser, export_openvino
+    from diffquant.deployment import export_openvino
+    from diffquant.runtime.openvino import GRAPHS, OVDenoiser
 
     start = time.perf_counter()
     if not folder.exists():

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"methods"},
     {"api"},
     {"runtime"},
-    {"serialization", "pipelines", "inspect"},
+    {"serialization", "deployment", "pipelines", "inspect"},
     {"zoo"},
     {"evaluation"},
     {"demo", "cli", "cli_common", ""},

@@ -104,7 +104,7 @@ def test_relaxed_groups_go_to_the_float_graph(two_groups):
 
 @pytest.fixture(scope="module")
 def exported(two_groups, tmp_path_factory):
-    from diffquant.runtime.openvino import export_openvino
+    from diffquant.deployment import export_openvino
 
     folder = tmp_path_factory.mktemp("ov") / "q-ov"
     return export_openvino(two_groups, folder)

@@ -13,7 +13,8 @@ from .calibration import CalibrationSet, record_denoiser_calls
 from .config import CalibrationConfig, QuantConfig
 from .nn import QuantState, quantized_layers, set_quant_enabled, set_state
 from .quant import QuantSpec, TimestepGroups
-from .serialization import load, save
+from .deployment import load
+from .serialization import save
 from .wrap import average_bits, get_denoiser, quant_record
 from .runtime import convert  # noqa: F401  (real integer inference, diffquant.runtime)
 

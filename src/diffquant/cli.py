@@ -190,7 +190,7 @@ def export(
         _quiet()
         pipe = load_pipeline(model)
         if fmt == "openvino":
-            from diffquant.runtime.openvino import export_openvino
+            from diffquant.deployment import export_openvino
 
             path = export_openvino(pipe, out, overwrite=overwrite)
             size = sum(f.stat().st_size for f in path.rglob("*.bin"))

@@ -23,7 +23,8 @@ def load_pipeline(
     """
     from diffusers import DiffusionPipeline
 
-    from .serialization import is_quantized_folder, load
+    from .deployment import load
+    from .serialization import is_quantized_folder
 
     name = str(spec)
     if backend != "torch" and (name in MODELS or not is_quantized_folder(spec)):

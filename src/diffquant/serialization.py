@@ -47,7 +47,7 @@ QUANT_WEIGHTS = "diffquant_model.safetensors"
 _DENOISER_ATTRS = ("unet", "transformer")
 
 
-def _denoiser_attr(pipe: Any, denoiser: nn.Module) -> str:
+def denoiser_attr(pipe: Any, denoiser: nn.Module) -> str:
     for attr in _DENOISER_ATTRS:
         if getattr(pipe, attr, None) is denoiser:
             return attr
@@ -127,7 +127,7 @@ def save(pipe_or_denoiser: Any, folder: str | Path, *, overwrite: bool = False) 
             _save_denoiser(denoiser, tmp)
         else:
             pipe = pipe_or_denoiser
-            attr = _denoiser_attr(pipe, denoiser)
+            attr = denoiser_attr(pipe, denoiser)
             save_components(pipe, tmp, skip=denoiser)
             _save_denoiser(denoiser, tmp / attr)
         table = file_table(tmp, exclude=tuple(p.relative_to(tmp).as_posix() for p in tmp.rglob(TIMINGS)))
@@ -225,22 +225,12 @@ def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module
     return denoiser.to(device) if device is not None else denoiser
 
 
-def load(
-    folder: str | Path, *, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None,
-    backend: str = "torch",
-) -> Any:
+def load(folder: str | Path, *, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None) -> Any:
     """Load what ``save`` wrote: a pipeline that generates (or the bare denoiser), after verifying hashes.
 
-    ``backend="openvino"`` returns the pipeline with its denoiser on OpenVINO (``runtime.openvino``); a folder
-    written by ``export_openvino`` always loads that way.
+    ``diffquant.load`` (``deployment.load``) adds ``backend=`` for the deployed forms.
     """
-    from .runtime.openvino import is_openvino_folder, load_openvino
-
     folder = Path(folder)
-    if backend not in ("torch", "openvino"):
-        raise ValueError(f"unknown backend {backend!r}; choose torch or openvino")
-    if backend == "openvino" or is_openvino_folder(folder):
-        return load_openvino(folder)
     verify(folder)
     if not (folder / "model_index.json").is_file():
         return _load_denoiser(folder, device)

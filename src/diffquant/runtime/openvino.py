@@ -1,6 +1,6 @@
 """Deploy a quantized denoiser on OpenVINO with diffquant's own calibrated scales (no re-calibration).
 
-``export_openvino(model, folder)`` writes ``denoiser.xml/.bin`` (the int8 graph, every <= 8-bit timestep
+``diffquant.deployment.export_openvino(model, folder)`` writes ``denoiser.xml/.bin`` (the int8 graph, every <= 8-bit timestep
 group served by one compiled model through runtime scalars: ovgraph.py) and ``denoiser_float.xml/.bin``
 (exact fake-quant arithmetic for every group: PCR's relaxed >8-bit steps, and CPUs without VNNI), and,
 for a pipeline, its other components so the folder loads as a generating pipeline. ``OVDenoiser`` wraps compiled models
@@ -18,9 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_write_json
 from ..models.adapters import adapter_class
-from ..outputs import claim_output
 from ..quant import TimestepGroups
 from ..wrap import get_denoiser, quant_record
 from .flat import example_inputs
@@ -181,84 +179,17 @@ def pipeline_inputs(model: Any) -> dict[str, torch.Tensor]:
     return example_inputs(denoiser, batch=2, seq_len=min(int(seq_len), 77))
 
 
-def _denoiser_attr(pipe: Any, denoiser: nn.Module) -> str:
-    return next(a for a in ("unet", "transformer") if getattr(pipe, a, None) is denoiser)
-
-
-def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``model``'s quantized denoiser as OpenVINO IR (with the pipeline's other components) to ``folder``.
-
-    Scales are diffquant's own (weights int8 codes with per-channel scales, activations FakeQuantize with
-    the calibrated ranges); every timestep group survives (ovgraph.py). Both graphs are written (int8 and
-    float; ``OVDenoiser`` picks per CPU). Inputs are dynamic: batch for every family (tested), latent size
-    for the UNets (tested at other sizes than traced). Returns the folder; it appears only when complete.
-    """
-    from ..io import file_table
-    from ..serialization import MANIFEST, save_components
-
-    folder = Path(folder)
-    with claim_output(folder, overwrite=overwrite) as output:  # refused at once if present or being written
-        denoiser = get_denoiser(model)
-        record = quant_record(denoiser)
-        models, plan = quantized_models(denoiser, pipeline_inputs(model))
-        tmp = output.tmp
-        tmp.mkdir()
-        attr = "denoiser"
-        if not isinstance(model, nn.Module):
-            attr = _denoiser_attr(model, denoiser)
-            save_components(model, tmp, skip=denoiser)
-        _write_graphs(models, tmp / attr)
-        atomic_write_json(tmp / OV_CONFIG, {
-            "format": "diffquant-openvino", "class": type(denoiser).__name__, "denoiser_folder": attr,
-            "config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
-            "groups": record.groups.to_dict(), "graphs": sorted(models), "int_groups": plan.int_groups,
-            "float_groups": plan.float_groups, "quant_config": record.config.to_dict(), "report": record.report,
-        })
-        atomic_write_json(tmp / MANIFEST, {"format_version": 1, "files": file_table(tmp), "backend": "openvino"})
-        output.publish()
-    return folder
-
-
-def _write_graphs(models: dict[str, Any], folder: Path) -> None:
+def write_graphs(models: dict[str, Any], folder: Path) -> None:
+    """Save each graph of ``quantized_models`` under ``folder`` in fp32 (fp16 would round the scales)."""
     import openvino as ov
 
     folder.mkdir(parents=True, exist_ok=True)
     for graph, model in models.items():
-        ov.save_model(model, str(folder / GRAPHS[graph]), compress_to_fp16=False)  # fp16 would round the scales
+        ov.save_model(model, str(folder / GRAPHS[graph]), compress_to_fp16=False)
 
 
 def is_openvino_folder(folder: str | Path) -> bool:
     return (Path(folder) / OV_CONFIG).is_file()
 
 
-def load_openvino(folder: str | Path, **options: Any) -> Any:
-    """A generating pipeline whose denoiser is an ``OVDenoiser``: from ``export_openvino``'s folder, or traced in
-    memory from a ``diffquant.save`` folder. Text encoders and VAE stay torch."""
-    import diffusers
-
-    from ..serialization import load, verify
-
-    folder = Path(folder)
-    if not is_openvino_folder(folder):
-        pipe = load(folder)
-        if isinstance(pipe, nn.Module):
-            return OVDenoiser.from_denoiser(pipe, **options)
-        return _with_denoiser(pipe, _denoiser_attr(pipe, get_denoiser(pipe)), OVDenoiser.from_denoiser(pipe, **options))
-    verify(folder)
-    ov_denoiser = OVDenoiser.from_folder(folder, **options)
-    meta = json.loads((folder / OV_CONFIG).read_text())
-    if not (folder / "model_index.json").is_file():
-        return ov_denoiser
-    index = json.loads((folder / "model_index.json").read_text())
-    absent = {k: None for k, v in index.items() if isinstance(v, list) and v == [None, None]}
-    attr = meta["denoiser_folder"]  # from_pretrained type-checks passed components: load without it
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **absent, **{attr: None}, use_safetensors=True)
-    return _with_denoiser(pipe, attr, ov_denoiser)
-
-
-def _with_denoiser(pipe: Any, attr: str, denoiser: nn.Module) -> Any:
-    """The same pipeline class built around ``denoiser`` (its __init__ reads the denoiser's config)."""
-    return type(pipe)(**{**pipe.components, attr: denoiser})
-
-
-__all__ = ["OVDenoiser", "cpu_has_vnni", "export_openvino", "is_openvino_folder", "load_openvino", "pipeline_inputs"]
+__all__ = ["GRAPHS", "OV_CONFIG", "OVDenoiser", "cpu_has_vnni", "is_openvino_folder", "pipeline_inputs", "write_graphs"]
