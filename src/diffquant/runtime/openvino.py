@@ -22,6 +22,7 @@ from ..models.adapters import adapter_class
 from ..quant import TimestepGroups
 from ..wrap import get_denoiser, quant_record
 from .flat import example_inputs
+from .modules import cpu_has_vnni
 from .ovgraph import GROUP_INPUT, quantized_models
 
 OV_CONFIG = "openvino_config.json"
@@ -159,15 +160,6 @@ class OVDenoiser(nn.Module):
         models = {k: sub / GRAPHS[k] for k in meta["graphs"]}
         return cls(models, meta["config"], meta["class"], groups=TimestepGroups.from_dict(meta["groups"]),
                    float_groups=meta["float_groups"], report=meta.get("report"), **options)
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this CPU multiplies u8 x s8 without int16 saturation (AVX-512 VNNI, AVX-VNNI or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def pipeline_inputs(model: Any) -> dict[str, torch.Tensor]:
