@@ -119,3 +119,63 @@ def test_sampling_refuses_prompts_guidance_and_size(pipes):
         sample(pipe, [""], RUN.replace(height=32, width=32))
     with pytest.raises(ValueError, match="calibrate it from seeds"):
         diffquant.quantize(copy.deepcopy(pipe), QuantConfig(), calibration=["a red circle"], progress=False)
+
+
+# ---------------------------------------------------------------- the CLI from seeds
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, pipes):
+    from diffquant.models.tiny import tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("uncond")
+    pipes["ddim"].save_pretrained(root / "ddim")
+    tiny_sd_pipeline().save_pretrained(root / "sd")
+    (root / "p.txt").write_text("a red circle on the left\n")
+    return root
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_quantize_generate_eval_from_seeds(folders, tmp_path):
+    import json
+
+    q = tmp_path / "q"
+    result = _cli("quantize", "--model", folders / "ddim", "--method", "rtn", "--num-samples", "2", "--steps", "2", "--out", q)
+    assert result.exit_code == 0, result.output
+    assert diffquant.quant_record(diffquant.load(q).unet).report["calibration_samples"] == 4  # 2 samples x 2 steps
+    result = _cli("generate", "--model", q, "--num-samples", "2", "--seed", "5", "--steps", "2", "--out", tmp_path / "img.png")
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    assert Image.open(tmp_path / "img.png").size == (2 * 16, 16)  # seeds 5 and 6 side by side
+    result = _cli("eval", "--reference", folders / "ddim", "--model", q, "--num-samples", "3", "--steps", "2", "--metrics",
+                  "psnr,clip,attributes", "--out", tmp_path / "eval", "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "eval/results.json").read_text())
+    assert results["settings"]["n_images"] == 3 and results["models"][0]["summary"]["psnr"] > 10
+    assert "unconditional" in results["skipped"]["clip"] and "unconditional" in results["skipped"]["attributes"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize", "--model", "{ddim}", "--prompts", "{p}", "--out", "{tmp}/q"], "DDIMPipeline is unconditional and takes no prompts"),
+    (["generate", "--model", "{ddim}", "--prompt", "a red circle", "--out", "{tmp}/i.png"], "DDIMPipeline is unconditional"),
+    (["eval", "--reference", "{ddim}", "--model", "{ddim}", "--prompts", "{p}", "--out", "{tmp}/e"], "takes no prompts"),
+    (["eval", "--reference", "{ddim}", "--model", "{ddim}", "--seeds", "0,1", "--num-samples", "2", "--out", "{tmp}/e"],
+     "give --seeds or --num-samples, not both"),
+    (["generate", "--model", "{ddim}", "--guidance", "5", "--steps", "2", "--out", "{tmp}/i.png"], "takes no guidance_scale"),
+    (["generate", "--model", "{sd}", "--out", "{tmp}/i.png"], "StableDiffusionPipeline is text-conditioned and needs prompts"),
+    (["eval", "--reference", "{sd}", "--model", "{sd}", "--num-samples", "2", "--out", "{tmp}/e"],
+     "--num-samples is for unconditional models"),
+])
+def test_cli_refuses_prompts_for_unconditional_models(folders, tmp_path, argv, message):
+    names = {"ddim": folders / "ddim", "sd": folders / "sd", "p": folders / "p.txt", "tmp": tmp_path}
+    result = _cli(*[a.format(**names) for a in argv])
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
