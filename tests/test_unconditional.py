@@ -81,15 +81,24 @@ def test_every_method_quantizes_through_the_adapter(pipes, family, method, caplo
     assert torch.equal(_images(loaded), out) or family == "ldm"
 
 
-def test_up_path_concatenations_get_split_quantizers(pipes, caplog):
+def test_up_path_concatenations_get_split_quantizers_and_convert(pipes, caplog, tmp_path):
+    from diffquant.runtime import convert
+
     splits = get_adapter(pipes["ddim"].unet).skip_splits()
     assert sorted(splits) == [f"up_blocks.{i}.resnets.{j}.conv_shortcut" for i in (0, 1) for j in (0, 1)]
     assert all(deep + skip == pipes["ddim"].unet.get_submodule(n).in_channels for n, (deep, skip) in splits.items())
-    unet = _quantize(pipes["ddim"], "rtn", caplog, split_shortcut=True).unet
-    assert diffquant.quant_record(unet).skip_splits == splits
+    qpipe = _quantize(pipes["ddim"], "rtn", caplog, split_shortcut=True)
+    assert diffquant.quant_record(qpipe.unet).skip_splits == splits
     for name in splits:
-        layer = unet.get_submodule(name)
+        layer = qpipe.unet.get_submodule(name)
         assert layer.input_quantizer.scale.shape == (1, 2) and layer.weight_quantizer.scale.shape[1] == 2
+    fake = _images(qpipe)
+    converted = convert(copy.deepcopy(qpipe), progress=False)
+    fallback = diffquant.quant_record(converted.unet).report["runtime"]["float_fallback"]
+    assert all(name.endswith(".processor") for name in fallback)  # every Linear/Conv2d integer, split layers included
+    assert float((_images(converted) - fake).abs().max()) < 0.02  # integer kernels give the fake-quant images
+    loaded = diffquant.load(diffquant.save(converted, tmp_path / "c"))
+    assert torch.equal(_predictions(loaded), _predictions(converted))
 
 
 def test_adapter_names_blocks_time_and_io_layers(pipes):
