@@ -25,14 +25,6 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipes():
     return {"ddpm": tiny_ddpm_pipeline(), "ddim": tiny_ddim_pipeline(), "ldm": tiny_ldm_pipeline()}
