@@ -176,6 +176,7 @@ def test_cli_quantize_generate_eval_from_seeds(folders, tmp_path):
     (["generate", "--model", "{sd}", "--out", "{tmp}/i.png"], "StableDiffusionPipeline is text-conditioned and needs prompts"),
     (["eval", "--reference", "{sd}", "--model", "{sd}", "--num-samples", "2", "--out", "{tmp}/e"],
      "--num-samples is for unconditional models"),
+    (["bench", "--model", "{ddim}", "--peers", "none", "--out", "{tmp}/b"], "bench does not run unconditional models"),
 ])
 def test_cli_refuses_prompts_for_unconditional_models(folders, tmp_path, argv, message):
     names = {"ddim": folders / "ddim", "sd": folders / "sd", "p": folders / "p.txt", "tmp": tmp_path}

@@ -131,6 +131,7 @@ def bench_command(
     def body(output) -> None:
         from ..checkpoint import resume_log
         from ..distributed import launch_state
+        from ..sampling import is_unconditional
         from .bench import parse_bits, run_bench
         from .loading import load_model, resolve_settings
         from .peers import parse_peers
@@ -147,6 +148,9 @@ def bench_command(
         items = load_prompts(prompts or DEFAULT_PROMPTS, parse_seeds(seeds))
         calibration = [it.prompt for it in load_prompts(calib_prompts)]
         fp_pipe = load_model(model, device)
+        if is_unconditional(fp_pipe):
+            raise ValueError(f"bench does not run unconditional models ({type(fp_pipe).__name__}) yet; "
+                             "quantize each method and compare with `diffquant eval --num-samples N`")
         settings = resolve_settings(fp_pipe, model, steps, guidance, height, width)
         with resume_log() as reused:
             ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration,
