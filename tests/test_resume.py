@@ -230,7 +230,7 @@ def test_evaluation_generation_resumes_after_sigkill(sd, tmp_path, monkeypatch):
     work = tmp_path / "killed"
     _killed_run("generation", work, 4)  # the first batch written, then killed between the two images of the second
     assert len(list(work.glob("*/*.png"))) == 3
-    batches = _Counter(monkeypatch, paired, "initial_noise")  # one call per rendered batch
+    batches = _Counter(monkeypatch, paired, "paired_noise")  # one call per rendered batch
     stats = generation(sd, work)
     assert batches.calls == 2 and (stats.generated, stats.cached) == (3, 3)  # the second batch whole, then the third
     whole = {p.relative_to(tmp_path / "whole"): p.read_bytes() for p in (tmp_path / "whole").glob("*/*.png")}

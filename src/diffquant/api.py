@@ -15,13 +15,14 @@ from .guard import nonfinite_guard
 from .methods import QuantJob
 from .prompts import prompt_list, warn_truncated
 from .registry import method as registered_method, model_for, sampling_defaults
+from .sampling import is_unconditional, unconditional_prompts
 from .wrap import get_denoiser
 
 
 def quantize(
     pipe_or_denoiser: Any,
     config: QuantConfig | None = None,
-    calibration: CalibrationSet | list[str] | str | Path | None = None,
+    calibration: CalibrationSet | list[str] | str | Path | int | None = None,
     *,
     workdir: str | Path | None = None,
     progress: bool = True,
@@ -31,7 +32,9 @@ def quantize(
 
     ``calibration`` is a list of prompts or a prompt file (sampled with the float pipeline's own
     scheduler and guidance), or a recorded ``CalibrationSet`` (required for a bare denoiser when
-    activations are quantized). ``workdir`` holds resumable intermediate state for long methods.
+    activations are quantized). An unconditional pipeline (DDPM, DDIM, LDM) calibrates from seeds alone:
+    ``calibration`` is then a number of samples (default ``config.calibration.num_prompts``).
+    ``workdir`` holds resumable intermediate state for long methods.
     ``torch_dtype`` (as in diffusers: float32, bfloat16 or float16) casts the pipeline (or denoiser) in place
     before calibrating, so recording and the forward passes run in it; observers, learned rounding and step
     sizes stay float32 (the quantizers compute in float32 and cast back).
@@ -45,6 +48,11 @@ def quantize(
     calib_set: CalibrationSet | None = None
     if isinstance(calibration, CalibrationSet):
         calib_set = calibration
+    elif pipeline is not None and is_unconditional(pipeline):
+        if calibration is not None and (isinstance(calibration, bool) or not isinstance(calibration, int)):
+            raise ValueError(f"{type(pipeline).__name__} is unconditional: calibrate it from seeds "
+                             "(calibration=None or a number of samples), not prompts")
+        prompts = unconditional_prompts(calibration if calibration is not None else config.calibration.num_prompts)
     elif isinstance(calibration, (str, Path)):
         prompts = prompt_list(calibration)
     elif calibration is not None:
@@ -53,7 +61,7 @@ def quantize(
             raise ValueError("calibration prompts must be non-empty strings")
     elif pipeline is not None:
         prompts = _default_prompts(pipeline)
-    if pipeline is not None and prompts:
+    if pipeline is not None and prompts and not is_unconditional(pipeline):
         warn_truncated(pipeline, prompts)
     job = QuantJob(
         denoiser=denoiser, config=config, pipeline=pipeline, prompts=prompts, calibration=calib_set,

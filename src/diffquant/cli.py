@@ -37,7 +37,8 @@ def quantize(
     wbits: int = field_option(QuantConfig, "wbits", help="Weight bits (2-16)."),
     abits: Optional[int] = field_option(QuantConfig, "abits", help="Activation bits (2-16); 0 for weight-only."),
     prompts: Optional[str] = typer.Option(None, help="Calibration prompts: .txt (one per line) or .json; zoo:calibration for the bundled set."),
-    num_prompts: int = field_option(CalibrationConfig, "num_prompts", help="How many calibration prompts to sample."),
+    num_prompts: int = field_option(CalibrationConfig, "num_prompts", "--num-prompts", "--num-samples",
+                                    help="How many calibration prompts to sample (an unconditional model: how many samples)."),
     steps: Optional[int] = field_option(CalibrationConfig, "num_inference_steps", "--steps",
                                         help="Sampling steps while recording calibration data (default: the model's)."),
     guidance: Optional[float] = field_option(CalibrationConfig, "guidance_scale", "--guidance",
@@ -68,6 +69,7 @@ def quantize(
         from diffquant.distributed import launch_state
         from diffquant.pipelines import load_pipeline
         from diffquant.prompts import prompt_list
+        from diffquant.sampling import check_prompts, is_unconditional
 
         check_writable(out)
         check_positive(steps=steps, num_prompts=num_prompts, batch_size=batch_size)
@@ -93,7 +95,9 @@ def quantize(
         _quiet()
         typer.echo(f"loading {model}")
         pipe = load_pipeline(model, device=str(state.device) if state is not None else device, torch_dtype=torch_dtype)
-        if calib is None and not diffquant.api.sampling_defaults(pipe):
+        if is_unconditional(pipe):
+            check_prompts(pipe, calib)  # calibrated from --num-samples seeds
+        elif calib is None and not diffquant.api.sampling_defaults(pipe):
             raise ValueError("calibration prompts needed: pass --prompts FILE (one prompt per line)")
         typer.echo(f"quantizing with {cfg.label}")
         work = work_folder(out, {"model": folder_identity(model), "config": cfg.to_dict(), "prompts": calib})
@@ -118,37 +122,51 @@ def quantize(
 @app.command()
 def generate(
     model: str = typer.Option(..., "--model", "-m", help="Quantized folder, diffusers pipeline folder, or bundled model name."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Text prompt."),
-    out: Path = typer.Option(Path("image.png"), "--out", "-o", help="Image file to write (PNG)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text prompt (none for an unconditional model)."),
+    out: Path = typer.Option(Path("image.png"), "--out", "-o", help="Image file to write (PNG); several seeds: one row of images."),
     seed: int = typer.Option(0, help="Seed of the initial noise."),
+    num_samples: Optional[int] = typer.Option(None, "--num-samples", help="Images from seeds --seed, --seed+1, ... (default 1)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds of the images: '0,1,2' or '0-3' (instead of --seed/--num-samples)."),
     steps: Optional[int] = cli_common.STEPS, guidance: Optional[float] = cli_common.GUIDANCE,
     height: Optional[int] = cli_common.HEIGHT, width: Optional[int] = cli_common.WIDTH, device: str = cli_common.DEVICE,
     backend: str = typer.Option("torch", help="Denoiser engine: torch, or openvino (a quantized or exported folder)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists (otherwise refuse)."),
 ):
-    """Generate one image."""
+    """Generate an image (or one per seed); an unconditional model (DDPM, DDIM, LDM) takes seeds and no prompt."""
 
     def body(output):
+        import numpy as np
+        from PIL import Image
+
+        from diffquant.evaluation.prompts import parse_seeds
         from diffquant.guard import guard_pipeline
         from diffquant.pipelines import load_pipeline
         from diffquant.prompts import warn_truncated
-        from diffquant.sampling import SamplingSettings, sample
+        from diffquant.sampling import SamplingSettings, check_prompts, is_unconditional, sample
 
-        if not prompt.strip():
+        if prompt is not None and not prompt.strip():
             raise ValueError("the prompt is empty; pass --prompt \"a red circle on the left\"")
-        check_positive(steps=steps, height=height, width=width)
+        if seeds is not None and num_samples is not None:
+            raise ValueError("give --seeds or --num-samples, not both")
+        check_positive(steps=steps, height=height, width=width, num_samples=num_samples)
+        seed_list = parse_seeds(seeds) if seeds is not None else [seed + i for i in range(num_samples or 1)]
         check_writable(out)
         check_device(device)
         _quiet()
         pipe = load_pipeline(model, device=device, backend=backend)
-        warn_truncated(pipe, [prompt])
+        check_prompts(pipe, [prompt] if prompt else None)
+        if not is_unconditional(pipe):
+            warn_truncated(pipe, [prompt])
         settings = SamplingSettings(steps, guidance, height, width, seed).resolve(pipe)
         pipe.set_progress_bar_config(disable=False, desc="sampling")
-        with guard_pipeline(pipe, "sampling"):
-            image = sample(pipe, [prompt], settings, output_type="pil")[0]
+        images = []
+        for s in seed_list:
+            with guard_pipeline(pipe, "sampling"):
+                images.append(np.asarray(sample(pipe, [prompt or ""], settings.replace(seed=s), output_type="pil")[0]))
+        image = Image.fromarray(np.concatenate(images, axis=1))  # several seeds: one row, in seed order
         image.save(output.tmp, format=out.suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG")
         output.publish()
-        typer.echo(f"wrote {out}")
+        typer.echo(f"wrote {out}" + (f" ({len(images)} images in a row, seeds {seed_list})" if len(images) > 1 else ""))
 
     _run_writing(out, overwrite, body)
 
@@ -158,8 +176,10 @@ def _convert_pipeline(pipe, prompts: list[str] | None) -> None:
     the shapes of one recorded denoiser call."""
     import diffquant
     from diffquant.runtime import convert
+    from diffquant.sampling import is_unconditional, unconditional_prompts
 
-    calib = diffquant.record_denoiser_calls(pipe, (prompts or ["a photo"])[:1],
+    one = unconditional_prompts(1) if is_unconditional(pipe) else (prompts or ["a photo"])[:1]
+    calib = diffquant.record_denoiser_calls(pipe, one,
                                             CalibrationConfig(num_prompts=1, num_inference_steps=2), progress=False)
     denoiser = diffquant.get_denoiser(pipe)
     param = next(denoiser.parameters())

@@ -13,6 +13,10 @@ guidance (SD 1.x 50 steps at 7.5, SDXL 50 at 5.0, SD3 and Flux 28 at 7.0 and 3.5
 (``default_sample_size`` or the denoiser's ``sample_size``, times ``vae_scale_factor``). Extras the family's
 adapter needs (``sampling_extras``: PixArt/SANA without resolution bins for their size get
 ``use_resolution_binning=False``) come under the extras the settings set.
+
+Unconditional pipelines (DDPM, DDIM, LDM: ``is_unconditional``) sample from seeds alone: their samples are
+empty prompts (``unconditional_prompts(n)``), so every prompt-batched caller runs them unchanged, and
+``sample`` refuses real prompts, guidance and a size for them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -132,24 +137,86 @@ def default_settings(pipe: Any, registered: dict | None = None) -> SamplingSetti
     )
 
 
+def is_unconditional(pipe: Any) -> bool:
+    """True for a pipeline that samples from noise alone (DDPM, DDIM, LDM): its ``__call__`` takes a
+    ``batch_size`` and no ``prompt``."""
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "prompt" not in params and "batch_size" in params
+
+
+def unconditional_prompts(n: int) -> list[str]:
+    """The prompt list of ``n`` samples of an unconditional pipeline: one empty prompt each, so every
+    prompt-batched path (calibration, paired evaluation, EMF's dataset) batches samples unchanged."""
+    if n < 1:
+        raise ValueError(f"the number of samples must be >= 1, got {n}; pass --num-samples N")
+    return [""] * n
+
+
+def check_prompts(pipe: Any, prompts: list[str] | None) -> None:
+    """Refuse prompts for an unconditional pipeline and no prompts for a text-conditioned one (one line)."""
+    name = type(pipe).__name__
+    if is_unconditional(pipe):
+        if prompts and any(p.strip() for p in prompts):
+            raise ValueError(f"{name} is unconditional and takes no prompts; drop --prompts and pass --num-samples N or --seeds")
+    elif not prompts or not all(p.strip() for p in prompts):
+        raise ValueError(f"{name} is text-conditioned and needs prompts; pass --prompts FILE (or --prompt TEXT)")
+
+
+def _generator(settings: SamplingSettings, seeds: list[int] | None, n: int) -> Any:
+    if seeds is None:
+        return torch.Generator("cpu").manual_seed(settings.seed)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts; give one seed per prompt")
+    return [torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+
 @torch.no_grad()
 def sample(pipe: Any, prompts: list[str], settings: SamplingSettings, *, latents: torch.Tensor | None = None,
            seeds: list[int] | None = None, output_type: str = "latent", **runtime: Any) -> Any:
     """Run ``pipe`` once over ``prompts`` (one batch) and return its ``images`` (latents with the default
     ``output_type``). The initial noise: ``latents`` when given; else one CPU generator per prompt from
     ``seeds``; else one CPU generator seeded with ``settings.seed`` for the whole batch. ``runtime``: pipeline
-    arguments that are not settings (``callback_on_step_end``)."""
-    if latents is not None:
-        generator = None
-    elif seeds is not None:
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
-        generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    else:
-        generator = torch.Generator("cpu").manual_seed(settings.seed)
+    arguments that are not settings (``callback_on_step_end``). Unconditional pipelines: see ``_sample_unconditional``."""
+    if is_unconditional(pipe):
+        return _sample_unconditional(pipe, prompts, settings, latents, seeds, output_type, runtime)
+    generator = None if latents is not None else _generator(settings, seeds, len(prompts))
     out = pipe(prompt=list(prompts), latents=latents, generator=generator, output_type=output_type,
                **settings.pipeline_kwargs(), **runtime)
     return out.images
+
+
+def _sample_unconditional(pipe: Any, prompts: list[str], settings: SamplingSettings, latents: torch.Tensor | None,
+                          seeds: list[int] | None, output_type: str, runtime: dict) -> Any:
+    """DDPM/DDIM/LDM: ``len(prompts)`` samples (``unconditional_prompts``), noise from the seeds' generators (these
+    pipelines take no latents), no guidance, the model's own size. They decode always, so ``"latent"`` and ``"pt"``
+    give the images as float [B, 3, H, W] in [0, 1], like a text pipeline's ``"pt"``."""
+    check_prompts(pipe, prompts)
+    if latents is not None:
+        raise ValueError(f"{type(pipe).__name__} takes no initial latents; pass seeds (paired_noise gives the right one)")
+    params = inspect.signature(pipe.__call__).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    kwargs = {**settings.pipeline_kwargs(), **runtime}
+    refused = sorted(set(kwargs) - named)
+    if refused:
+        raise ValueError(f"{type(pipe).__name__} is unconditional and samples at its model's size; it takes no "
+                         f"{', '.join(refused)}: leave guidance, size and extras unset")
+    out = pipe(batch_size=len(prompts), generator=_generator(settings, seeds, len(prompts)),
+               output_type="pil" if output_type == "pil" else "np", **kwargs)
+    if output_type in ("pt", "latent"):
+        return torch.from_numpy(np.asarray(out.images)).permute(0, 3, 1, 2).contiguous()
+    return out.images
+
+
+def paired_noise(pipe: Any, seeds: list[int], settings: SamplingSettings) -> dict[str, Any]:
+    """``sample`` arguments that draw row i's initial noise from ``seeds[i]`` alone, the same for every model of one
+    architecture: ``latents`` (``initial_noise``) for text pipelines; the seeds themselves for unconditional ones,
+    which take no latents (each row's own generator draws the same noise, and then DDPM's per-step noise)."""
+    if is_unconditional(pipe):
+        return {"seeds": list(seeds)}
+    return {"latents": initial_noise(pipe, seeds, settings)}
 
 
 def initial_noise(pipe: Any, seeds: list[int], settings: SamplingSettings) -> torch.Tensor:

@@ -14,10 +14,12 @@ from ..cli_common import STEPS as _STEPS
 from ..cli_common import WIDTH as _WIDTH
 from ..cli_common import check_device, check_positive, check_writable, field_option, run_writing
 from .harness import EvalOptions, parse_metrics
-from .prompts import load_prompts, parse_seeds
+from .prompts import DEFAULT_PROMPTS, load_prompts, parse_seeds, sample_items
 
-_PROMPTS = typer.Option("zoo:heldout:16", "--prompts", help="Prompt file (.txt one per line, .json [{prompt, seed}]) or zoo:heldout[:N] / zoo:calibration[:N].")
-_SEEDS = typer.Option("0", "--seeds", help="Seeds for prompts without their own: '0,1,2' or '0-3'.")
+_PROMPTS = typer.Option(None, "--prompts", help="Prompt file (.txt one per line, .json [{prompt, seed}]) or zoo:heldout[:N] / "
+                        "zoo:calibration[:N] (default zoo:heldout:16; none for an unconditional model).")
+_SEEDS = typer.Option(None, "--seeds", help="Seeds for prompts without their own, or of an unconditional model's samples: '0,1,2' or '0-3' (default 0).")
+_NUM_SAMPLES = typer.Option(None, "--num-samples", min=1, help="Unconditional models: samples from seeds 0..N-1 (default 16).")
 _BATCH = field_option(EvalOptions, "batch_size", "--batch-size", min=1, help="Images per generation batch.")
 _CACHE = field_option(EvalOptions, "cache_dir", "--cache-dir",
                       help="Image cache, keyed by model fingerprint, prompt, seed, steps, guidance, size.")
@@ -40,7 +42,8 @@ def _options(metrics: str, cache_dir: Path, batch_size: int, inception_weights, 
 def eval_command(
     reference: str = typer.Option(..., "--reference", help="FP model: diffusers folder or mini-zoo name."),
     model: str = typer.Option(..., "--model", help="Model to judge: folder written by `diffquant quantize`, diffusers folder or zoo name."),
-    prompts: str = _PROMPTS, seeds: str = _SEEDS, steps: Optional[int] = _STEPS, guidance: Optional[float] = _GUIDANCE,
+    prompts: Optional[str] = _PROMPTS, seeds: Optional[str] = _SEEDS, num_samples: Optional[int] = _NUM_SAMPLES,
+    steps: Optional[int] = _STEPS, guidance: Optional[float] = _GUIDANCE,
     height: Optional[int] = _HEIGHT, width: Optional[int] = _WIDTH, batch_size: int = _BATCH,
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for results.json, results.md and report.html."),
     cache_dir: Path = _CACHE, inception_weights: Optional[str] = _INCEPTION, clip_model: Optional[str] = _CLIP,
@@ -55,13 +58,13 @@ def eval_command(
     ``b % N == rank`` into the shared --cache-dir); the main process then scores and writes the report.
     """
     run_writing(out, overwrite, lambda output: _eval(
-        reference, model, prompts, seeds, steps, guidance, height, width, batch_size, out, label, device,
+        reference, model, prompts, seeds, num_samples, steps, guidance, height, width, batch_size, out, label, device,
         _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
                  sensitivity_max_layers), output))
 
 
-def _eval(reference: str, model: str, prompts: str, seeds: str, steps, guidance, height, width, batch_size: int, out: Path,
-          label: str | None, device: str, options: EvalOptions, output) -> None:
+def _eval(reference: str, model: str, prompts: str | None, seeds: str | None, num_samples: int | None, steps, guidance, height,
+          width, batch_size: int, out: Path, label: str | None, device: str, options: EvalOptions, output) -> None:
     from ..checkpoint import resume_log
     from ..distributed import launch_state
     from ..prompts import warn_truncated
@@ -74,20 +77,25 @@ def _eval(reference: str, model: str, prompts: str, seeds: str, steps, guidance,
     state = launch_state(check_device(device))
     if state is not None:
         device = str(state.device)
-    items = load_prompts(prompts, parse_seeds(seeds))
+    if prompts is not None:
+        load_prompts(prompts)  # a bad prompt file fails before any model loads
+    parse_seeds(seeds)
     fp_pipe = load_model(reference, device)
+    items = sample_items(fp_pipe, prompts, seeds, num_samples)
     settings = resolve_settings(fp_pipe, reference, steps, guidance, height, width)
     q_pipe = load_model(model, device)
     check_same_architecture(fp_pipe, q_pipe)
-    warn_truncated(fp_pipe, sorted({it.prompt for it in items}))
+    if any(it.prompt for it in items):
+        warn_truncated(fp_pipe, sorted({it.prompt for it in items}))
     if state is not None:
         for pipe, name in ((fp_pipe, "FP"), (q_pipe, label or Path(model).name)):
             render(pipe, items, settings, options.cache_dir, batch_size, name, shard=(state.process_index, state.num_processes))
         state.wait_for_everyone()
         if not state.is_main_process:
             return
+    spec = prompts or (DEFAULT_PROMPTS if any(it.prompt for it in items) else f"{len(items)} unconditional samples")
     with resume_log() as reused:
-        ev = Evaluation(fp_pipe, reference, items, settings, options, prompts_spec=prompts)
+        ev = Evaluation(fp_pipe, reference, items, settings, options, prompts_spec=spec)
         ev.add(label or Path(model).name, q_pipe, spec=model)
     _write(ev, output, reused, f"diffquant eval: {label or Path(model).name} vs {reference}")
 
@@ -110,7 +118,7 @@ def bench_command(
     bits: str = typer.Option("w8a8", "--bits", help="Comma list of bit widths, e.g. w8a8,w4a8."),
     peers: str = typer.Option("all", "--peers", help="Comma list of torchao-w8a8,torchao-w4,quanto-w8a8,quanto-w4,nncf-int8,openvino-fp32,openvino-bf16, 'all' or 'none'."),
     calib_prompts: str = typer.Option("zoo:calibration:16", "--calib-prompts", help="Calibration prompts (same forms as --prompts)."),
-    prompts: str = _PROMPTS, seeds: str = _SEEDS, steps: Optional[int] = _STEPS, guidance: Optional[float] = _GUIDANCE,
+    prompts: Optional[str] = _PROMPTS, seeds: Optional[str] = _SEEDS, steps: Optional[int] = _STEPS, guidance: Optional[float] = _GUIDANCE,
     height: Optional[int] = _HEIGHT, width: Optional[int] = _WIDTH, batch_size: int = _BATCH,
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for results.json, results.md and report.html."),
     cache_dir: Path = _CACHE, inception_weights: Optional[str] = _INCEPTION, clip_model: Optional[str] = _CLIP,
@@ -123,6 +131,7 @@ def bench_command(
     def body(output) -> None:
         from ..checkpoint import resume_log
         from ..distributed import launch_state
+        from ..sampling import is_unconditional
         from .bench import parse_bits, run_bench
         from .loading import load_model, resolve_settings
         from .peers import parse_peers
@@ -136,13 +145,16 @@ def bench_command(
         method_list = [] if methods.strip() == "none" else [m.strip() for m in methods.split(",") if m.strip()]
         bit_list = parse_bits(bits)
         peer_list = parse_peers(peers)
-        items = load_prompts(prompts, parse_seeds(seeds))
+        items = load_prompts(prompts or DEFAULT_PROMPTS, parse_seeds(seeds))
         calibration = [it.prompt for it in load_prompts(calib_prompts)]
         fp_pipe = load_model(model, device)
+        if is_unconditional(fp_pipe):
+            raise ValueError(f"bench does not run unconditional models ({type(fp_pipe).__name__}) yet; "
+                             "quantize each method and compare with `diffquant eval --num-samples N`")
         settings = resolve_settings(fp_pipe, model, steps, guidance, height, width)
         with resume_log() as reused:
             ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration,
-                           prompts_spec=prompts)
+                           prompts_spec=prompts or DEFAULT_PROMPTS)
         _write(ev, output, reused, f"diffquant bench: {model}")
 
     run_writing(out, overwrite, body)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, initial_noise, prediction, sample
+from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, paired_noise, prediction, sample
 from ..wrap import get_denoiser
 from .prompts import PromptItem
 
@@ -20,7 +20,7 @@ def _rel_mse(q: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _run_fp(pipe, items: list[PromptItem], settings: SamplingSettings) -> None:
-    sample(pipe, [it.prompt for it in items], settings, latents=initial_noise(pipe, [it.seed for it in items], settings))
+    sample(pipe, [it.prompt for it in items], settings, **paired_noise(pipe, [it.seed for it in items], settings))
 
 
 @torch.no_grad()

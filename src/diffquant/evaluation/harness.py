@@ -7,6 +7,7 @@ added to it. ``eval`` adds one model; ``bench`` adds one per method, bit width a
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import diffquant
 
 from . import metrics as M
 from .curves import layer_sensitivity, timestep_error
-from ..sampling import SamplingSettings
+from ..sampling import SamplingSettings, is_unconditional
 from ..wrap import get_denoiser
 from .paired import generate, model_fingerprint
 from .prompts import PromptItem
@@ -62,14 +63,20 @@ class Evaluation:
 
     def __init__(self, reference_pipe, reference_spec: str, items: list[PromptItem], settings: SamplingSettings,
                  options: EvalOptions, prompts_spec: str = "", reference_label: str = "FP") -> None:
+        self.skipped: dict[str, str] = {}
+        if is_unconditional(reference_pipe):  # no prompt to score against or to render a reference set from
+            unscored = {"clip": "an unconditional model has no prompts to score", "attributes": "an unconditional model has no captions to check"}
+            if not options.reference_images:
+                unscored["fd_ref"] = "an unconditional model has no prompts to render reference scenes from; pass --reference-images FOLDER"
+            self.skipped.update({k: v for k, v in unscored.items() if k in options.metrics})
+            options = dataclasses.replace(options, metrics=[m for m in options.metrics if m not in unscored])
         self.pipe, self.items, self.settings, self.options = reference_pipe, items, settings, options
         self.prompts = [it.prompt for it in items]
-        self.skipped: dict[str, str] = {}
         self.models: list[dict] = []
         wanted = set(options.metrics)
         for name in METRICS:
             if name not in wanted:
-                self.skipped[name] = "not requested (--metrics)"
+                self.skipped.setdefault(name, "not requested (--metrics)")
         self.images: dict[str, torch.Tensor] = {}
         fingerprint = model_fingerprint(reference_pipe)
         fp_images, stats = generate(reference_pipe, items, settings, options.cache_dir, options.batch_size, reference_label, fingerprint)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import Checkpoint
 from ..guard import guard_pipeline
 from ..io import atomic_path
-from ..sampling import SamplingSettings, initial_noise, sample
+from ..sampling import SamplingSettings, paired_noise, sample
 from .prompts import PromptItem
 
 
@@ -111,9 +111,9 @@ def render(pipe, items: list[PromptItem], settings: SamplingSettings, cache_dir:
     todo = [batch for batch in mine if not all(paths[i].exists() for i in batch)]
     stats = GenStats(cached=sum(len(batch) for batch in mine))
     for batch in tqdm(todo, desc=f"generate {label}", unit="batch", disable=not todo):
-        latents = initial_noise(pipe, [items[i].seed for i in batch], settings)
+        noise = paired_noise(pipe, [items[i].seed for i in batch], settings)
         with guard_pipeline(pipe, f"'{label}' sampling"):
-            out = sample(pipe, [items[i].prompt for i in batch], settings, latents=latents, output_type="np")
+            out = sample(pipe, [items[i].prompt for i in batch], settings, **noise, output_type="np")
         images = np.clip(np.round(np.asarray(out, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
         for i, image in zip(batch, images):
             if not paths[i].exists():

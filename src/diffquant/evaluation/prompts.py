@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..prompts import read_prompts
+from ..sampling import check_prompts, is_unconditional, unconditional_prompts
+
+DEFAULT_PROMPTS = "zoo:heldout:16"
+DEFAULT_SAMPLES = 16
 
 
 @dataclass(frozen=True)
@@ -48,3 +52,19 @@ def load_prompts(spec: str | Path, seeds: list[int] | None = None, limit: int | 
     for prompt, seed in read_prompts(spec):
         items.extend([PromptItem(prompt, seed)] if seed is not None else [PromptItem(prompt, s) for s in seeds])
     return items[:limit] if limit is not None else items
+
+
+def sample_items(pipe, prompts: str | None, seeds: str | None, num_samples: int | None) -> list[PromptItem]:
+    """The (prompt, seed) items a sampling command runs on ``pipe``: ``prompts`` (default the zoo's held-out set)
+    crossed with ``seeds`` for a text model; for an unconditional one, one empty-prompt item per seed (``--seeds``, else
+    0..N-1 with N from ``--num-samples``, default 16). Options that do not fit the model are one-line errors."""
+    if not is_unconditional(pipe):
+        if num_samples is not None:
+            raise ValueError(f"--num-samples is for unconditional models; {type(pipe).__name__} is text-conditioned: "
+                             "pass --prompts (and --seeds)")
+        return load_prompts(prompts or DEFAULT_PROMPTS, parse_seeds(seeds))
+    check_prompts(pipe, None if prompts is None else [prompts])
+    if seeds is not None and num_samples is not None:
+        raise ValueError("give --seeds or --num-samples, not both")
+    chosen = parse_seeds(seeds) if seeds is not None else list(range(num_samples or DEFAULT_SAMPLES))
+    return [PromptItem(p, s) for p, s in zip(unconditional_prompts(len(chosen)), chosen)]

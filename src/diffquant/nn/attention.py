@@ -52,6 +52,11 @@ class _QuantAttentionCore(QuantModule):
 class QuantAttnProcessor(_QuantAttentionCore):
     """Quantized counterpart of diffusers ``AttnProcessor2_0``."""
 
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        """``forward``'s own signature: diffusers' ``Attention`` passes only the keywords this signature names, and
+        UNet2DModel's attention blocks hand in ``temb`` (dropped, with a warning per call, behind ``Module.__call__``)."""
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         residual = hidden_states
         if attn.spatial_norm is not None:
