@@ -104,6 +104,7 @@ ROWS = [
     ("quantize-steps-0", _set(Q, steps="0"), "--steps must be >= 1, got 0", None),
     ("quantize-device-tpu", _set(Q, device="tpu"), "unknown --device 'tpu'", None),
     ("quantize-device-absent", _set(Q, device="cuda:99"), "--device cuda:99", None),
+    ("quantize-dtype-int8", _set(Q, dtype="int8"), "unsupported dtype 'int8' for calibration; pass --dtype", None),
     ("quantize-readonly-out", _set(Q, out="{env}/readonly/q"), "is not writable", "readonly"),
     ("quantize-full-disk", Q, "no space left on device", "full_disk"),
     ("quantize-config-missing", _set(Q, config="{tmp}/nope.json"), "config file", None),

@@ -238,9 +238,11 @@ def load(folder: str | Path, *, device: str | torch.device | None = None, torch_
     if attr is None:
         raise ValueError(f"{folder} has a model_index.json but no quantized unet/ or transformer/ folder")
     denoiser = _load_denoiser(folder / attr, device)
-    kwargs: dict = {**null_components(folder), attr: denoiser, "use_safetensors": True}
+    # One dtype for the whole pipeline: the one it was quantized in (e.g. --dtype bfloat16) unless one is asked for.
     if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
+        denoiser.to(torch_dtype)
+    kwargs: dict = {**null_components(folder), attr: denoiser, "use_safetensors": True,
+                    "torch_dtype": torch_dtype or next(denoiser.parameters()).dtype}
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), **kwargs)
     if device is not None:
         pipe = pipe.to(device)

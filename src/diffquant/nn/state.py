@@ -11,7 +11,7 @@ class QuantState(str, Enum):
     - ``wrapped``: quantizers attached, behaviour is exactly float.
     - ``calibrating``: activation observers record statistics; outputs stay float.
     - ``learning``: fake-quantized forward with trainable quantization parameters (AdaRound, LSQ, QAT).
-    - ``frozen``: parameters fixed; fake-quantized forward with cached quantized weights.
+    - ``frozen``: parameters fixed; the weight itself holds its fake-quantized values (one copy).
     - ``converted``: integer kernels (``diffquant.runtime``); a converted module never moves again.
 
     ``TRANSITIONS`` lists the moves; entering ``learning`` or ``frozen`` further needs every activation
@@ -46,10 +46,10 @@ class QuantState(str, Enum):
 _ORDER = list(QuantState)
 
 _W, _C, _L, _F, _X = _ORDER
-# The moves the methods make. Forward, with the shortcuts: wrapped -> learning (weight-only reconstruction and
-# QAT), wrapped -> frozen (weight-only RTN; PCR's progressive calibration fits activations on the frozen model;
+# The moves the methods make. Forward, with the shortcuts: wrapped -> learning (weight-only reconstruction, QAT,
+# PCR's progressive calibration, which fits activations as it goes), wrapped -> frozen (weight-only RTN;
 # loading), calibrating -> frozen (RTN). One move back: frozen -> learning (training a frozen model further).
-# Staying put re-enters the state (a frozen module recomputes its cached weight; reconstruction moves every
+# Staying put re-enters the state (re-freezing re-quantizes the weight, the identity; reconstruction moves every
 # module to learning, some already there). ``converted`` comes from diffquant.convert only, and is final.
 TRANSITIONS: dict[QuantState, frozenset[QuantState]] = {
     _W: frozenset({_W, _C, _L, _F}),
