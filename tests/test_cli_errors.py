@@ -109,6 +109,7 @@ ROWS = [
     ("quantize-full-disk", Q, "no space left on device", "full_disk"),
     ("quantize-config-missing", _set(Q, config="{tmp}/nope.json"), "config file", None),
     ("generate-steps-0", _set(G, steps="0"), "--steps must be >= 1", None),
+    ("generate-backend-float", _set(G, backend="openvino"), "--backend openvino runs a quantized model", None),
     ("generate-height-negative", _set(G, height="-8"), "--height must be >= 1, got -8", None),
     ("generate-device-tpu", _set(G, device="tpu"), "unknown --device 'tpu'", None),
     ("generate-readonly-out", _set(G, out="{env}/readonly/img.png"), "is not writable", "readonly"),

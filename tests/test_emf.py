@@ -215,3 +215,16 @@ def test_emf_end_to_end(tiny_pipes, family, options, tmp_path):
     loaded = diffquant.load(folder)
     loaded.set_progress_bar_config(disable=True)
     torch.testing.assert_close(sample_latents(loaded, **SMALL), out, rtol=1e-4, atol=1e-4)  # time layers live after load
+
+
+def test_serial_dataset_refuses_batches_whose_shared_inputs_differ():
+    """Flux's img_ids/txt_ids are one tensor for the whole dataset: batches sampled at other sizes are refused."""
+    from diffquant.learning.dataset import SerialDataset
+
+    def part(ids: torch.Tensor) -> SerialDataset:
+        return SerialDataset({"sample": torch.zeros(1, 2)}, torch.zeros(1, 2), torch.zeros(1), torch.zeros(1), {"img_ids": ids})
+
+    merged = SerialDataset.concat([part(torch.zeros(4, 3)), part(torch.zeros(4, 3))])
+    assert merged.inputs["sample"].shape[0] == 2 and torch.equal(merged.shared["img_ids"], torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="differ between batches; sample every batch at the same size"):
+        SerialDataset.concat([part(torch.zeros(4, 3)), part(torch.ones(4, 3))])

@@ -130,6 +130,16 @@ def test_openvino_denoiser_uses_each_steps_group(two_groups, exported):
             assert rel_err(out, own) < 0.4 * rel_err(out, other), (graph, t)
 
 
+def test_openvino_refuses_a_batch_mixing_groups(exported):
+    """One OpenVINO call serves one timestep group: a batch with samples in two groups is refused in one line."""
+    from diffquant.runtime.openvino import OVDenoiser
+
+    den = OVDenoiser.from_folder(exported, graph="float", threads=1)
+    with pytest.raises(ValueError, match="a batch mixing timestep groups"):
+        den.group_of(torch.tensor([900.0, 100.0]))
+    assert den.group_of(torch.tensor([900.0, 900.0])) == 1
+
+
 def test_generate_backend_openvino_writes_an_image(exported, tmp_path):
     from typer.testing import CliRunner
 
