@@ -3,10 +3,10 @@
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/soak.py [--seconds 300] [--json soak.json] [--md soak.md]
 
 Runs the real CLI (``python -m diffquant.cli``) as subprocesses on a tiny SD pipeline, each iteration one of:
-a run SIGKILLed after a random delay, two writers of the same ``--out`` started together, a run whose ``--out``
+a run SIGKILLed after a random delay or just after its ``.partial-*`` sibling appears, two writers of the same ``--out`` started together, a run whose ``--out``
 sits on a nearly full disk (an 8 MiB tmpfs topped up with a filler file; where mounting is refused,
-RLIMIT_FSIZE makes writes fail mid-file instead), or a plain run. About half the runs pass ``--overwrite``,
-so kills land inside the atomic swap too. Afterwards every output that exists must load and verify
+RLIMIT_FSIZE makes writes fail mid-file instead), or a plain run. Killed runs and about half the others
+pass ``--overwrite``, so kills land inside the atomic swap too. Afterwards every output that exists must load and verify
 (``diffquant.load`` checks the manifest hashes; PNGs open; results.json parses), every output once published
 must still exist, and after one more claim of each output no ``.partial-*``/``.old-*`` sibling or lock file
 may remain. Not part of the test suite (it runs for minutes).
@@ -93,20 +93,29 @@ class Soak:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
         self.stats["runs"] += 1
+        log = tempfile.TemporaryFile("w+")
         proc = subprocess.Popen(command(kind, out, self.base, overwrite), env=self.env, cwd=self.base, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=limit if fsize else None)
-        proc.kind, proc.out = kind, out  # type: ignore[attr-defined]
+                                stdout=subprocess.DEVNULL, stderr=log, preexec_fn=limit if fsize else None)
+        proc.kind, proc.out, proc.log = kind, out, log  # type: ignore[attr-defined]
         return proc
 
-    def finish(self, proc: subprocess.Popen, kill_after: float | None = None) -> str:
-        """Wait for ``proc`` (SIGKILL it after ``kill_after`` seconds) and classify how it ended."""
-        started = time.monotonic()
-        try:
-            _, err = proc.communicate(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            self.stats["kills_while_writing"] += proc.out.with_name(f".partial-{proc.pid}-{proc.out.name}").exists()
-            proc.kill()
-            _, err = proc.communicate()
+    def finish(self, proc: subprocess.Popen, kill_after: float | None = None, at_write: bool = False) -> str:
+        """Wait for ``proc`` and classify how it ended; SIGKILL it after ``kill_after`` seconds or, with ``at_write``,
+        a random 0-0.2 s after its ``.partial-*`` sibling appears (inside the write and the swap)."""
+        started, partial = time.monotonic(), proc.out.with_name(f".partial-{proc.pid}-{proc.out.name}")
+        while proc.poll() is None:
+            if at_write and partial.exists():
+                time.sleep(self.rng.uniform(0.0, 0.2))
+            elif kill_after is None or at_write or time.monotonic() - started < kill_after:
+                time.sleep(0.01)
+                continue
+            if proc.poll() is None:
+                self.stats["kills_while_writing"] += partial.exists()
+                proc.kill()
+                proc.wait()
+        proc.log.seek(0)
+        err = proc.log.read()
+        proc.log.close()
         lines = [line for line in err.splitlines() if line.strip()]
         last = lines[-1] if lines else ""
         if proc.returncode == -signal.SIGKILL:
@@ -154,7 +163,7 @@ class Soak:
     def iteration(self) -> None:
         kind, slot = self.rng.choice(KINDS), self.rng.randrange(2)
         scenario = self.rng.choice(("kill", "kill", "concurrent", "disk", "plain"))
-        overwrite = self.rng.random() < 0.5
+        overwrite = scenario == "kill" or self.rng.random() < 0.5  # a kill should land in a swap, not a refusal
         if scenario == "disk":
             fsize = self.fill_disk()
             self.finish(self.start(kind, out_path(self.disk_root, kind, slot), overwrite, fsize))
@@ -166,7 +175,8 @@ class Soak:
                 self.stats["both_writers_succeeded"] += 1
         else:
             delay = self.rng.uniform(0.3, 1.0) * self.seconds[kind] if scenario == "kill" else None
-            self.finish(self.start(kind, out_path(self.base / "outs", kind, slot), overwrite), kill_after=delay)
+            at_write = scenario == "kill" and self.rng.random() < 0.7
+            self.finish(self.start(kind, out_path(self.base / "outs", kind, slot), overwrite), kill_after=delay, at_write=at_write)
         self.check_present()
         print(f"{scenario} {kind}{slot}{' --overwrite' if overwrite else ''}: {self.stats}", flush=True)
 
