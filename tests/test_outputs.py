@@ -184,3 +184,24 @@ def test_a_checkpoint_refuses_another_runs_state_and_keyed_ones_sit_side_by_side
     assert Checkpoint.keyed(tmp_path / "k", {"steps": 2}, "x").folder == one.folder
 
 
+
+
+def test_full_disk_while_saving_tensors_is_enospc(tmp_path):
+    """A really full disk (a tiny tmpfs), not a patched call: safetensors' own error becomes OSError(ENOSPC)."""
+    import errno
+    import subprocess
+
+    from diffquant.io import atomic_save_tensors
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                                           capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(OSError) as failure:
+            atomic_save_tensors({"w": torch.zeros(1 << 16)}, small / "x.safetensors")
+        assert failure.value.errno == errno.ENOSPC
+        assert not (small / "x.safetensors").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

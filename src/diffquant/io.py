@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -63,8 +64,15 @@ def atomic_write_json(path: str | Path, data) -> None:
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors raises its own error type for I/O faults; a full disk becomes the ``OSError(ENOSPC)`` the CLI
+    turns into one line (found by benchmarks/soak.py on a full tmpfs)."""
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except Exception as e:  # safetensors' SafetensorError is not an OSError
+            if "os error 28" in str(e):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+            raise
 
 
 def sha256(path: str | Path, chunk: int = 1 << 20) -> str:
