@@ -64,8 +64,23 @@ def test_denoiser_from_pretrained_is_diffquant_load(saved, family, form):
     assert torch.equal(_output(denoiser), _output(reference))
 
 
+@pytest.mark.parametrize("family", ["flux", "ddpm"])
+def test_other_families_weight_only(family, tmp_path):
+    """Flux's double/single-stream transformer and the unconditional UNet2DModel take the same path (weights only: fast)."""
+    from diffquant.models.tiny import tiny_flux_pipeline
+    from diffquant.models.tiny_unconditional import tiny_ddpm_pipeline
+
+    pipe = {"flux": tiny_flux_pipeline, "ddpm": tiny_ddpm_pipeline}[family]()
+    diffquant.quantize(pipe, diffquant.QuantConfig(method="rtn", wbits=8, abits=None), progress=False)
+    folder = diffquant.save(pipe, tmp_path / family)
+    reference = diffquant.get_denoiser(diffquant.load(folder))
+    denoiser = type(reference).from_pretrained(folder / ("unet" if family == "ddpm" else "transformer"))
+    assert states(denoiser) == states(reference) and states(denoiser)["frozen"] > 0
+    assert torch.equal(_output(denoiser), _output(reference))
+
+
 @pytest.mark.parametrize("form", ["fake", "converted"])
-def test_pipeline_from_pretrained_generates_as_diffquant_load(saved, form):
+def test_pipeline_from_pretrained_generates_as_diffquant_load(saved, form, tmp_path):
     folder = saved["sd", form]
     pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
     reference = diffquant.load(folder)
@@ -75,6 +90,8 @@ def test_pipeline_from_pretrained_generates_as_diffquant_load(saved, form):
     assert torch.equal(sample_latents(pipe, num_inference_steps=2), sample_latents(reference, num_inference_steps=2))
     if form == "fake":  # the user's line, decoded to an image
         assert pipe("a red circle", num_inference_steps=2, height=32, width=32).images[0].size == (32, 32)
+    with pytest.warns(UserWarning, match=r"diffquant.save"), pytest.raises(ValueError, match="not serializable"):
+        pipe.unet.save_pretrained(tmp_path / "unet")
 
 
 def test_sd3_pipeline_without_t5_loads_with_the_missing_components_named(saved):
@@ -104,6 +121,12 @@ def test_tampered_or_pickled_folder_is_refused(saved, tmp_path):
     shutil.copyfile(saved["sd", "fake"] / "unet" / "diffquant_model.safetensors", weights)
     (folder / "unet" / "extra.bin").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(ValueError, match="refusing to load .*extra.bin"):
+        diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    (folder / "unet" / "extra.bin").unlink()  # a save from before diffusers loading: no quantization_config, no placeholder
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    (folder / "unet" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(OSError, match="no file named diffusion_pytorch_model"):
         diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +38,9 @@ class QuantMethod(str, Enum):
     """diffusers reads ``quant_method.value`` (its own enum is closed)."""
 
     DIFFQUANT = HF_QUANT_METHOD
+
+    def __str__(self) -> str:  # diffusers' messages format it
+        return self.value
 
 
 def install() -> None:
@@ -157,7 +161,10 @@ def _classes(base: type, config_base: type) -> tuple[type, type]:
 
         @property
         def is_serializable(self) -> bool:
-            return False  # save_pretrained would lose the integer codes; diffquant.save writes the folder
+            """False: ``save_pretrained`` (which asks, then refuses) would lose the integer codes and the plan."""
+            warnings.warn("a diffquant model saves with diffquant.save(pipe_or_denoiser, folder), not save_pretrained",
+                          stacklevel=2)
+            return False
 
         @property
         def is_trainable(self) -> bool:
