@@ -122,7 +122,11 @@ def test_tampered_or_pickled_folder_is_refused(saved, tmp_path):
     (folder / "unet" / "extra.bin").write_bytes(b"\x80\x04K\x01.")
     with pytest.raises(ValueError, match="refusing to load .*extra.bin"):
         diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
-    (folder / "unet" / "extra.bin").unlink()  # a save from before diffusers loading: no quantization_config, no placeholder
+    (folder / "unet" / "extra.bin").unlink()
+    (folder / "unet" / "diffquant_config.json").rename(folder / "config.moved")  # as the hub would fetch the folder
+    with pytest.raises(FileNotFoundError, match="diffquant_config.json missing: from_pretrained reads .* a local folder"):
+        diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    # a save from before diffusers loading: no quantization_config, no placeholder
     config = json.loads((folder / "unet" / "config.json").read_text())
     (folder / "unet" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
