@@ -145,7 +145,7 @@ def _classes(base: type, config_base: type) -> tuple[type, type]:
             return torch_dtype
 
         def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[Any]) -> list[str]:
-            self.folder = Path(checkpoint_files[0]).parent  # the empty placeholder beside the real files
+            self.folder = Path(checkpoint_files[0]).absolute().parent  # the empty placeholder beside the real files
             return loaded_keys
 
         def update_missing_keys(self, model: Any, missing_keys: list[str], prefix: str) -> list[str]:
