@@ -42,3 +42,5 @@ __all__ = [
     "set_quant_enabled",
     "set_state",
 ]
+
+from diffquant import hf_quantizer as _hf; _hf.install()

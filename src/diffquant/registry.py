@@ -34,6 +34,9 @@ PROMPT_SETS: dict[str, Callable[..., list[str]]] = {}
 # kind of a converted (deployed) module -> build(wrapped module, its saved ``converted_form()``) -> module;
 # diffquant.runtime registers its integer layers, so loading a converted model needs no runtime import.
 CONVERTED: dict[str, Callable[[Any, dict], Any]] = {}
+# The ``quant_method`` a saved denoiser's config.json names (serialization writes it) and under which
+# hf_quantizer registers diffquant with diffusers; here because both must agree and hf_quantizer stays light.
+HF_QUANT_METHOD = "diffquant"
 
 
 def register_method(method: Any) -> Any:

@@ -3,7 +3,8 @@
 Layout of a saved pipeline (a bare denoiser saves the ``unet/`` part alone)::
 
     model_index.json, scheduler/, text_encoder/, tokenizer/, vae/   untouched components
-    unet/config.json                     the architecture (diffusers config)
+    unet/config.json                     the architecture (diffusers config) + ``quantization_config`` naming diffquant
+    unet/diffusion_pytorch_model.safetensors   an empty placeholder where diffusers looks for weights (hf_quantizer.py)
     unet/diffquant_config.json           QuantConfig, layer plan, lifecycle state of each module, method report
     unet/diffquant_model.safetensors     integer weight codes + scales, float parameters as they were
     diffquant_manifest.json              sha256 and size of every file, library versions
@@ -36,7 +37,7 @@ from .io import atomic_save_tensors, atomic_write_json, file_table, null_compone
 from .nn import QuantState, quantized_layers
 from .outputs import claim_output
 from .quant import TimestepGroups
-from .registry import CONVERTED
+from .registry import CONVERTED, HF_QUANT_METHOD
 from .wrap import average_bits, get_denoiser, quant_record, set_submodule, wrap_denoiser
 
 FORMAT_VERSION = 1
@@ -44,6 +45,9 @@ CONVERTED_FORMAT_VERSION = 2
 MANIFEST = "diffquant_manifest.json"
 QUANT_CONFIG = "diffquant_config.json"
 QUANT_WEIGHTS = "diffquant_model.safetensors"
+# diffusers' ``from_pretrained`` needs a weights file by its own name before any quantizer hook runs; this empty one
+# (no tensors: nothing to read twice) lets it reach diffquant's hook, which loads ``QUANT_WEIGHTS`` (hf_quantizer.py).
+DIFFUSERS_PLACEHOLDER = "diffusion_pytorch_model.safetensors"
 _DENOISER_ATTRS = ("unet", "transformer")
 
 
@@ -73,7 +77,7 @@ def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
         raise ValueError(f"only frozen models can be saved (found states {not_frozen}); finish diffquant.quantize first")
     converted = {name: form for name, m in layers.items() if (form := m.converted_form()) is not None}
     folder.mkdir(parents=True, exist_ok=True)
-    denoiser.save_config(folder)
+    _write_config(denoiser, folder)
     dtype = next(denoiser.parameters()).dtype
     tensors = denoiser_tensors(denoiser)
     extra = {}
@@ -96,6 +100,17 @@ def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
     })
     atomic_save_tensors(tensors, folder / QUANT_WEIGHTS, metadata={"format": "diffquant", "version": __version__})
     canonical_safetensors_header(folder / QUANT_WEIGHTS)
+
+
+def _write_config(denoiser: nn.Module, folder: Path) -> None:
+    """diffusers' config.json plus the ``quantization_config`` by which ``from_pretrained`` finds diffquant's hook;
+    the model's own config is left untouched (written as diffusers writes it, then hashed in the manifest)."""
+    config = json.loads(denoiser.to_json_string())
+    config["quantization_config"] = {"quant_method": HF_QUANT_METHOD, "diffquant_version": __version__}
+    atomic_write_json(folder / "config.json", config)
+    atomic_save_tensors({}, folder / DIFFUSERS_PLACEHOLDER, metadata={
+        "format": "pt", "diffquant": f"weights in {QUANT_WEIGHTS}; load with diffquant.load or after `import diffquant`"})
+    canonical_safetensors_header(folder / DIFFUSERS_PLACEHOLDER)
 
 
 def _fp16_if_exact(t: torch.Tensor) -> torch.Tensor:
@@ -152,13 +167,33 @@ def verify(folder: str | Path) -> dict:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} missing: {folder} was not written by diffquant.save (or the save did not finish)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise ValueError(f"{manifest_path} is corrupted (not JSON); save the model again") from None
-    check_format(manifest, manifest_path, FORMAT_VERSION)
+    manifest = _read_manifest(manifest_path)
     verify_files(folder, manifest["files"])
     return manifest
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is corrupted (not JSON); save the model again") from None
+    check_format(manifest, path, FORMAT_VERSION)
+    return manifest
+
+
+def verify_denoiser(folder: Path) -> bool:
+    """What can be checked of one saved denoiser folder reached without ``load`` (``from_pretrained(q/"unet")``):
+    no pickles in it, and its files against the manifest of the save it belongs to (in it, or in the pipeline folder
+    above it). Returns False when no manifest lists it (a copied-out subfolder): then nothing was hashed."""
+    refuse_pickles(folder)
+    for root in (folder, folder.parent):
+        if (root / MANIFEST).is_file():
+            prefix = "" if root == folder else f"{folder.name}/"
+            table = {k: v for k, v in _read_manifest(root / MANIFEST)["files"].items() if k.startswith(prefix)}
+            if table:
+                verify_files(root, table)
+                return True
+    return False
 
 
 def check_format(meta: dict, path: Path, newest: int) -> None:
@@ -186,7 +221,17 @@ def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module
     cls = getattr(diffusers, meta["class"], None)
     if cls is None or not issubclass(cls, diffusers.ModelMixin):
         raise ValueError(f"{folder}: unsupported denoiser class {meta['class']!r}")
-    denoiser = cls.from_config(cls.load_config(folder)).to(getattr(torch, meta["dtype"]))
+    denoiser = restore_denoiser(cls.from_config(cls.load_config(folder)), folder, meta)
+    return denoiser.to(device) if device is not None else denoiser
+
+
+def restore_denoiser(denoiser: nn.Module, folder: Path, meta: dict) -> nn.Module:
+    """Turn ``denoiser``, a float model built from ``folder``'s config, into the saved quantized one, in place:
+    the one restore behind ``load`` and diffusers' ``from_pretrained`` (hf_quantizer.py). ``meta`` is
+    ``read_denoiser_meta(folder)``; every saved tensor is loaded, so the float weights' values do not matter."""
+    dtype = getattr(torch, meta["dtype"])
+    if next(denoiser.parameters()).dtype != dtype:  # diffusers' to() refuses a dtype once from_pretrained flagged it quantized
+        denoiser.to(dtype)
     config = QuantConfig.from_dict(meta["quant_config"])
     plan = meta["plan"]
     record = wrap_denoiser(
@@ -222,7 +267,7 @@ def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module
     for name, module in layers.items():
         if name not in converted:
             module.restore_state(states.get(name, QuantState.FROZEN.value))
-    return denoiser.to(device) if device is not None else denoiser
+    return denoiser
 
 
 def load(folder: str | Path, *, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None) -> Any:
