@@ -152,3 +152,33 @@ class ZeroTokenJointAttnProcessor:
             c = attn.to_add_out(c)
         h = attn.to_out[1](attn.to_out[0](h))
         return h, c
+
+
+FLUX_T5_TOKENS = 512  # FluxPipeline's default max_sequence_length: the zero T5 tokens every plain call appends
+
+
+def build_flux_pipeline(vae, tokenizer, width: int = 128, double: int = 2, single: int = 4, text_hidden: int = 128):
+    """mini-flux: CLIPTextModel (pooled) + zero T5 stub + FluxTransformer2DModel (guidance embedding) + flow matching.
+
+    The VAE's 8x8x4 latents pack into 4x4 tokens of 16 channels (Flux's 2x2 packing). The caption
+    reaches the transformer through CLIP's pooled output (adaLN modulation of every block, as a
+    class-conditional DiT): a real T5 is beyond this machine, and the zero stub keeps plain
+    ``FluxPipeline.from_pretrained(folder)`` calls at their default 512 text tokens exact.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    head = 32
+    rope = (8, 12, 12)  # (unused text/frame axis, rows, columns): sums to the head dimension
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=double, num_single_layers=single,
+        attention_head_dim=head, num_attention_heads=width // head, joint_attention_dim=64,
+        pooled_projection_dim=text_hidden, guidance_embeds=True, axes_dims_rope=rope,
+    )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0), vae=vae,
+        text_encoder=CLIPTextModel(_clip_config(tokenizer, text_hidden, 2)), tokenizer=tokenizer,
+        text_encoder_2=zero_t5_stub(len(tokenizer), 64), tokenizer_2=tokenizer, transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

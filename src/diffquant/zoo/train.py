@@ -8,6 +8,7 @@ resumes to the same result. bf16 autocast is used on CPU and GPU: on this kind o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -23,8 +24,10 @@ from tqdm.auto import tqdm
 from ..outputs import claim_output, recover_output
 from . import data, float32_text_encoders
 from .architectures import (
-    ZeroTokenJointAttnProcessor, build_sd3_pipeline, build_sd_pipeline, build_tokenizer, build_vae, zero_t5_stub,
+    ZeroTokenJointAttnProcessor, build_flux_pipeline, build_sd3_pipeline, build_sd_pipeline, build_tokenizer, build_vae,
+    zero_t5_stub,
 )
+from .flux_training import FluxStep
 
 # ---------------------------------------------------------------- helpers
 
@@ -280,7 +283,9 @@ HIGH_NOISE_CAP = 20.0
 DENOISER_DEFAULTS = {
     "mini-sd": dict(steps=3300, batch_size=64, lr=1e-3, high_noise_from=1750),
     "mini-sd3": dict(steps=4500, batch_size=64, lr=6e-4, high_noise_from=0),
+    "mini-flux": dict(steps=1500, batch_size=64, lr=8e-4, high_noise_from=0),
 }
+GUIDE_FROM = 0.5  # mini-flux: fraction of the steps after which guidance is trained into its embedding
 
 
 def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0, batch_size: int | None = None,
@@ -312,16 +317,21 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
         stage1 = train_vae(out / "vae_run", steps=vae_steps, seed=seed, resume=resume, device=device, batch_size=32)
         vae_dir = finetune_decoder(stage1, out / "vae_run", steps=decoder_steps, seed=seed, resume=resume, device=device)
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).float().eval().requires_grad_(False)
-    if name == "mini-sd3":
+    if name != "mini-sd":
         vae.register_to_config(shift_factor=0.0)
     vae = vae.to(device)
     tokenizer = build_tokenizer(out / "tokenizer_src")
     torch.manual_seed(seed)
     # mini-sd3 trains without the zero T5 stub (the attention processor stands in for its tokens).
-    pipe = build_sd_pipeline(vae, tokenizer) if name == "mini-sd" else build_sd3_pipeline(vae, tokenizer, t5_stub=False)
     if name == "mini-sd":
+        pipe = build_sd_pipeline(vae, tokenizer)
         modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    elif name == "mini-flux":
+        pipe = build_flux_pipeline(vae, tokenizer)
+        modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}
+        flux_step = FluxStep(pipe, modules, guide_from=int(GUIDE_FROM * steps) // 50 * 50)
     else:
+        pipe = build_sd3_pipeline(vae, tokenizer, t5_stub=False)
         modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
         pipe.transformer.set_attn_processor(ZeroTokenJointAttnProcessor(256))
     for m in modules.values():
@@ -349,8 +359,11 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
             g["lr"] = lr_at(step, steps, lr, warmup=300)
         z = ((pool[idx] - shift) * scale).to(device)
         noise = torch.randn(z.shape, generator=gen).to(device)
-        with autocast(device):
-            if name == "mini-sd":
+        with autocast(device) if name != "mini-flux" else contextlib.nullcontext():  # mini-flux: fp32
+            if name == "mini-flux":
+                pred, target = flux_step(step, gen, z, noise, captions, ema)
+                weight = torch.ones(z.shape[0], device=device)
+            elif name == "mini-sd":
                 t = torch.randint(0, 1000, (z.shape[0],), generator=gen).to(device)
                 a = alphas_cumprod[t].view(-1, 1, 1, 1)
                 zt = a.sqrt() * z + (1 - a).sqrt() * noise
@@ -373,7 +386,7 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
                                         timestep=sigma * 1000).sample
                 target = noise - z
                 weight = torch.ones(z.shape[0], device=device)
-        loss = (weight * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = (weight * (pred.float() - target).pow(2).flatten(1).mean(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -402,8 +415,11 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
         "steps_planned": steps, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW(betas=(0.9, 0.99), wd=0.01)",
         "schedule": "linear warm-up 300 steps, cosine to 10%",
         "loss": (f"epsilon MSE, min-SNR-5 weighting; from step {high_noise_from} also x clamp(1/SNR, 1, {HIGH_NOISE_CAP:g})"
-                 if name == "mini-sd" else "flow-matching velocity MSE, logit-normal sigma"), "ema_decay": ema_decay, "text_dropout": text_dropout,
-        "latent_pool": pool_size, "autocast": "bfloat16", "device": device, "torch_threads": torch.get_num_threads(),
+                 if name == "mini-sd" else "flow-matching velocity MSE, logit-normal sigma"
+                 + (f"; from step {flux_step.guide_from} half of each batch at guidance w ~ U[1, {flux_step.w_max:g}] "
+                    "with target + (w-1)(v_c - v_u) of the EMA model" if name == "mini-flux" else "")),
+        "ema_decay": ema_decay, "text_dropout": text_dropout,
+        "latent_pool": pool_size, "autocast": "none (float32)" if name == "mini-flux" else "bfloat16", "device": device, "torch_threads": torch.get_num_threads(),
         "final_loss_ema": loss_avg, "train_wall_s": round(sum(wall.get("sessions", {}).values()), 1),
         "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()},
         "vae": json.loads(vae_metrics.read_text()) if vae_metrics.exists() else None,
@@ -459,11 +475,11 @@ def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, ou
 
 def load_pipeline_folder(name: str, folder: Path, torch_dtype: torch.dtype = torch.float32):
     """Load a mini-zoo pipeline from any folder (e.g. a run's ``pipeline``), progress bar off."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
     if not (Path(folder) / "model_index.json").exists():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
-    cls = StableDiffusionPipeline if name == "mini-sd" else StableDiffusion3Pipeline
+    cls = {"mini-sd": StableDiffusionPipeline, "mini-flux": FluxPipeline}.get(name, StableDiffusion3Pipeline)
     kw = dict(safety_checker=None, requires_safety_checker=False) if name == "mini-sd" else {}
     pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True, **kw)
     pipe.set_progress_bar_config(disable=True)
