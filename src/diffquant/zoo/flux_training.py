@@ -9,25 +9,27 @@ where ``v_c``/``v_u`` are the EMA model's conditional and empty-caption velociti
 In expectation that is the CFG velocity ``v_u + w (v_c - v_u)``; at ``w = 1`` it is plain flow matching,
 so ``guidance_scale=1`` samples the conditional model whatever the guidance training did.
 
-The zero T5 stub's 512 identical tokens are trained as one token whose attention logit is raised by
-log(512) (the same function, ~30x fewer tokens; see ``architectures.ZeroTokenJointAttnProcessor``).
+Text is encoded as ``FluxPipeline.encode_prompt`` does at ``max_sequence_length=FLUX_T5_TOKENS``:
+CLIP's pooled output, and T5 over the caption padded to that length (no attention mask).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
 from .architectures import FLUX_T5_TOKENS
 
-def pooled_text(text_encoder, tokenizer, captions: list[str], device) -> torch.Tensor:
-    """CLIP's pooled output exactly as ``FluxPipeline._get_clip_prompt_embeds`` computes it."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids, output_hidden_states=False).pooler_output
+def encode_text(modules: dict[str, nn.Module], tokenizer, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T5 tokens, CLIP pooled) exactly as ``FluxPipeline.encode_prompt(..., max_sequence_length=FLUX_T5_TOKENS)``."""
+    def ids(length: int) -> torch.Tensor:
+        return tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                         return_tensors="pt").input_ids.to(device)
+
+    pooled = modules["text_encoder"](ids(tokenizer.model_max_length), output_hidden_states=False).pooler_output
+    return modules["text_encoder_2"](ids(FLUX_T5_TOKENS), output_hidden_states=False)[0], pooled
 
 
 class FluxStep:
@@ -42,15 +44,10 @@ class FluxStep:
         self.teacher: dict[str, nn.Module] | None = None
 
     def _call(self, modules, zt, sigma, w, captions, device) -> torch.Tensor:
-        transformer = modules["transformer"]
-        pooled = pooled_text(modules["text_encoder"], self.pipe.tokenizer, captions, device)
-        mask = torch.zeros(1, 1, 1, 1 + zt.shape[1], device=device)
-        mask[..., 0] = math.log(FLUX_T5_TOKENS)
-        return transformer(hidden_states=zt, timestep=sigma, guidance=w, pooled_projections=pooled,
-                           encoder_hidden_states=torch.zeros(zt.shape[0], 1, transformer.config.joint_attention_dim,
-                                                             device=device),
-                           txt_ids=torch.zeros(1, 3, device=device), img_ids=self.img_ids.to(device),
-                           joint_attention_kwargs={"attention_mask": mask}).sample
+        tokens, pooled = encode_text(modules, self.pipe.tokenizer, captions, device)
+        return modules["transformer"](hidden_states=zt, timestep=sigma, guidance=w, pooled_projections=pooled,
+                                      encoder_hidden_states=tokens, txt_ids=torch.zeros(tokens.shape[1], 3, device=device),
+                                      img_ids=self.img_ids.to(device)).sample
 
     def _refresh_teacher(self, ema) -> None:
         """The EMA weights of this step (copied every guided step, so a resumed run sees the same teacher)."""
