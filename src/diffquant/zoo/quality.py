@@ -141,8 +141,9 @@ _DESCRIPTIONS = {
                 "patch size 1), flow matching with FlowMatchEulerDiscreteScheduler. Load with "
                 "`StableDiffusion3Pipeline.from_pretrained(folder)`.",
     "mini-flux": "Flux-style: the same AutoencoderKL (shift_factor 0; FluxPipeline packs its 8x8x4 latents 2x2 into 16 "
-                 "tokens of 16 channels), CLIPTextModel (its pooled output carries the caption into the time embedding "
-                 "and every adaLN modulation), a zero-output T5 stub as text_encoder_2 (its 512 tokens are exact zeros), "
+                 "tokens of 16 channels), CLIPTextModel (pooled output into the time embedding and every adaLN modulation), "
+                 "a 2-layer T5EncoderModel (token sequence into joint attention; sample with max_sequence_length=24, "
+                 "as zoo.DEFAULTS does), "
                  "FluxTransformer2DModel (double-stream and single-stream blocks, RoPE, guidance embedding learned online "
                  "as model guidance: `guidance_scale` works as in FLUX.1-dev), flow matching with "
                  "FlowMatchEulerDiscreteScheduler. Load with `FluxPipeline.from_pretrained(folder)`.",
