@@ -31,7 +31,7 @@ def _quiet() -> None:
 
 @app.command()
 def quantize(
-    model: str = typer.Option(..., "--model", "-m", help="Diffusers pipeline folder or bundled model name (mini-sd, mini-sd3, mini-flux)."),
+    model: str = typer.Option(..., "--model", "-m", help="Diffusers pipeline folder or bundled model name (mini-sd, mini-sd3)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the quantized pipeline to."),
     method: str = field_option(QuantConfig, "method", help="Quantization method: rtn, qdiffusion, pcr, emf (those installed)."),
     wbits: int = field_option(QuantConfig, "wbits", help="Weight bits (2-16)."),
