@@ -86,6 +86,10 @@ def test_one_defaults_policy(tiny_pipes):
     quantized.unet = copy.copy(sd.unet)
     quantized.unet.diffquant = SimpleNamespace(report={"sampling_defaults": registered})
     assert default_settings(quantized) == SamplingSettings(25, 5.0, 16, 16)
+    # Other registered keys are pipeline extras (mini-flux registers max_sequence_length); given extras win.
+    long = {**registered, "max_sequence_length": 24}
+    assert default_settings(sd3, long).extras == {"max_sequence_length": 24}
+    assert SamplingSettings(extras={"max_sequence_length": 8}).resolve(sd3, long).extras == {"max_sequence_length": 8}
 
 
 def test_calibration_config_reads_as_sampling_settings_and_old_json_loads():

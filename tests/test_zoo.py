@@ -60,9 +60,9 @@ def _installed(name: str) -> bool:
 def test_pipeline_loads_offline_and_generates(name):
     if not _installed(name):
         pytest.skip(f"{name} weights not installed")
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    cls = StableDiffusionPipeline if name == "mini-sd" else StableDiffusion3Pipeline
+    cls = {"mini-sd": StableDiffusionPipeline, "mini-flux": FluxPipeline}.get(name, StableDiffusion3Pipeline)
     plain = cls.from_pretrained(str(zoo.model_path(name)), local_files_only=True)  # no extra arguments needed
     assert plain is not None
     pipe = zoo.load_pipeline(name)
@@ -103,7 +103,7 @@ def test_model_path_errors_clearly():
         zoo.model_path("sd-xxl")
 
 
-@pytest.mark.parametrize("name", ["mini-sd", "mini-sd3"])
+@pytest.mark.parametrize("name", ["mini-sd", "mini-sd3", "mini-flux"])
 def test_few_step_training_checkpoints_and_resumes(tmp_path: Path, name):
     from safetensors.torch import load_file
 
@@ -141,3 +141,41 @@ def test_init_from_starts_a_phase_from_saved_weights(tmp_path: Path):
         assert torch.allclose(trained["unet." + k], v.float(), atol=1e-3), k
     with pytest.raises(FileNotFoundError, match="init-from"):
         train_denoiser("mini-sd", tmp_path / "p3", steps=1, init_from=tmp_path / "vae", **kw)
+
+
+def test_mini_flux_trains_as_the_pipeline_samples(tmp_path: Path):
+    """mini-flux's training call (T5 tokens + CLIP pooled, packed latents) equals FluxPipeline's own encoding at the
+    zoo's max_sequence_length: what is trained is what the pipeline samples."""
+    from diffusers import FluxPipeline
+
+    from diffquant.zoo.architectures import FLUX_T5_TOKENS, build_flux_pipeline, build_tokenizer, build_vae
+    from diffquant.zoo.flux_training import FluxStep
+
+    torch.manual_seed(0)
+    pipe = build_flux_pipeline(build_vae(shift_factor=0.0), build_tokenizer(tmp_path / "tok"), width=64, double=1, single=1)
+    assert zoo.DEFAULTS["mini-flux"]["max_sequence_length"] == FLUX_T5_TOKENS
+    captions = zoo.heldout_prompts(2)
+    zt = FluxPipeline._pack_latents(torch.randn(2, 4, 8, 8), 2, 4, 8, 8)
+    sigma, w = torch.tensor([0.3, 0.9]), torch.tensor([1.0, 3.0])
+    modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+    step = FluxStep(pipe, modules, guide_from=0)
+    with torch.no_grad():
+        trained = step._call(step.modules, zt, sigma, w, captions, "cpu")
+        embeds, pooled, txt_ids = pipe.encode_prompt(captions, None, device="cpu", max_sequence_length=FLUX_T5_TOKENS)
+        sampled = pipe.transformer(hidden_states=zt, timestep=sigma, guidance=w, pooled_projections=pooled,
+                                   encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=step.img_ids).sample
+    assert torch.equal(trained, sampled)
+
+
+def test_quantize_cli_runs_on_mini_flux(tmp_path: Path):
+    if not _installed("mini-flux"):
+        pytest.skip("mini-flux weights not installed")
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["quantize", "--model", "mini-flux", "--method", "rtn", "--out", str(out),
+                                      "--num-prompts", "2", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    assert (out / "diffquant_manifest.json").is_file()

@@ -130,10 +130,11 @@ def default_settings(pipe: Any, registered: dict | None = None) -> SamplingSetti
     given = {_REGISTERED_KEYS[k]: v for k, v in registered.items() if k in _REGISTERED_KEYS and v is not None}
     side = native_size(pipe)
     steps = given.get("steps", _call_default(pipe, "num_inference_steps") or DEFAULT_STEPS)
+    extras = {k: v for k, v in registered.items() if k not in _REGISTERED_KEYS}  # e.g. mini-flux's max_sequence_length
     return SamplingSettings(
         steps=int(steps), guidance=given.get("guidance", _call_default(pipe, "guidance_scale")),
         height=given.get("height", side), width=given.get("width", side),
-        extras=get_adapter(get_denoiser(pipe), warn=False).sampling_extras(pipe),
+        extras={**get_adapter(get_denoiser(pipe), warn=False).sampling_extras(pipe), **extras},
     )
 
 

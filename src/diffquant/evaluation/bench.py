@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .harness import EvalOptions, Evaluation
 from ..config import CalibrationConfig
-from ..sampling import SamplingSettings, sample
+from ..sampling import SamplingSettings, default_settings, sample
 from ..wrap import get_denoiser
 from .metrics import psnr
 from .peers import PEERS, PeakMemory, PeerUnavailable, apply_peer, saved_size_bytes
@@ -83,7 +83,10 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     ev = Evaluation(fp_pipe, model_spec, items, settings, options, prompts_spec=prompts_spec)
     ev.reference["summary"]["denoiser_mib"] = _shipped_bytes(fp_pipe) / 2**20
     # Methods and peers calibrate with the bench's own sampling settings.
-    calib_cfg = CalibrationConfig.from_sampling(settings, num_prompts=len(calibration), batch_size=options.batch_size)
+    # Extras the defaults policy supplies (mini-flux's max_sequence_length) come back when calibration resolves.
+    implied = default_settings(fp_pipe).extras
+    own = settings.replace(extras={k: v for k, v in settings.extras.items() if implied.get(k, object()) != v})
+    calib_cfg = CalibrationConfig.from_sampling(own, num_prompts=len(calibration), batch_size=options.batch_size)
     for method in methods:
         for wbits, abits in bits:
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib_cfg)

@@ -20,12 +20,13 @@ import torch
 from ..registry import BundledModel, register_model, register_prompt_set
 from .data import calibration_prompts, heldout_prompts
 
-MODEL_NAMES: tuple[str, ...] = ("mini-sd", "mini-sd3")
+MODEL_NAMES: tuple[str, ...] = ("mini-sd", "mini-sd3", "mini-flux")
 MODELS_DIR = Path(__file__).parent / "models"
 
 DEFAULTS: dict[str, dict] = {
     "mini-sd": dict(num_inference_steps=25, guidance_scale=5.0, height=32, width=32),
     "mini-sd3": dict(num_inference_steps=25, guidance_scale=2.5, height=32, width=32),
+    "mini-flux": dict(num_inference_steps=25, guidance_scale=4.0, height=32, width=32, max_sequence_length=24),
 }
 
 __all__ = ["MODEL_NAMES", "DEFAULTS", "model_path", "load_pipeline", "calibration_prompts", "heldout_prompts"]
@@ -48,14 +49,15 @@ def model_path(name: str) -> Path:
 
 def load_pipeline(name: str, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load ``name`` with the real ``from_pretrained`` on its installed folder (offline, progress bar off)."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
     folder = model_path(name)
     if name == "mini-sd":
         pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
     else:
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+        cls = FluxPipeline if name == "mini-flux" else StableDiffusion3Pipeline
+        pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

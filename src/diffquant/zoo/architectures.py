@@ -152,3 +152,38 @@ class ZeroTokenJointAttnProcessor:
             c = attn.to_add_out(c)
         h = attn.to_out[1](attn.to_out[0](h))
         return h, c
+
+
+
+FLUX_T5_TOKENS = MAX_TOKENS  # mini-flux's max_sequence_length (zoo.DEFAULTS passes it; FluxPipeline's own default is 512)
+
+
+def build_flux_pipeline(vae, tokenizer, width: int = 128, double: int = 2, single: int = 4, text_hidden: int = 128,
+                        t5_dim: int = 64):
+    """mini-flux: CLIPTextModel (pooled) + a small T5EncoderModel (tokens) + FluxTransformer2DModel + flow matching.
+
+    As in FLUX.1: T5's token sequence enters the joint attention, CLIP's pooled output the time
+    embedding (every block's adaLN modulation); the transformer has a guidance embedding. The VAE's
+    8x8x4 latents pack 2x2 into 16 tokens of 16 channels. Both text encoders read the same word-level
+    tokenizer (a CLIPTokenizer serves as the T5 tokenizer).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    head = 32
+    rope = (8, 12, 12)  # (unused text/frame axis, rows, columns): sums to the head dimension
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=double, num_single_layers=single,
+        attention_head_dim=head, num_attention_heads=width // head, joint_attention_dim=t5_dim,
+        pooled_projection_dim=text_hidden, guidance_embeds=True, axes_dims_rope=rope,
+    )
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=t5_dim, d_kv=32, d_ff=4 * t5_dim, num_layers=2,
+                                 num_heads=t5_dim // 32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                 is_encoder_decoder=False, use_cache=False, pad_token_id=tokenizer.pad_token_id))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0), vae=vae,
+        text_encoder=CLIPTextModel(_clip_config(tokenizer, text_hidden, 2)), tokenizer=tokenizer,
+        text_encoder_2=t5, tokenizer_2=tokenizer, transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

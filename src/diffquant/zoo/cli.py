@@ -16,7 +16,7 @@ from ..cli_common import check_device, handled
 app = typer.Typer(help="The mini zoo: small models trained here, the default for demo, tests and benchmarks.",
                   no_args_is_help=True)
 
-TRAINABLE = ("mini-sd", "mini-sd3", "evaluator", "vae")
+TRAINABLE = ("mini-sd", "mini-sd3", "mini-flux", "evaluator", "vae")
 
 
 @app.command("list")
@@ -36,7 +36,7 @@ def list_models() -> None:
 @handled
 def train(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="mini-sd, mini-sd3, evaluator or vae"),
+    name: str = typer.Argument(..., help="mini-sd, mini-sd3, mini-flux, evaluator or vae"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/zoo/NAME)"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the recipe's)"),
     seed: int = typer.Option(0, help="seed: data stream, init and noise are functions of it"),
@@ -50,6 +50,7 @@ def train(
     time_budget: Optional[float] = typer.Option(None, help="stop after this many seconds (at a checkpoint) and export"),
     latent_cache: Optional[Path] = typer.Option(None, help="safetensors cache of the encoded latent pool"),
     checkpoint_every: int = typer.Option(250, help="steps between checkpoints"),
+    pool_size: int = typer.Option(48000, help="training scenes encoded once into the latent pool"),
     init_from: Optional[Path] = typer.Option(None, help="mini-sd/mini-sd3: start from this pipeline folder's "
                                              "weights (a second phase; fresh optimizer and LR schedule)"),
     lr: Optional[float] = typer.Option(None, help="peak learning rate (default: the recipe's)"),
@@ -95,7 +96,7 @@ def train(
         result = train_denoiser(name, out, steps=steps, seed=seed, batch_size=batch_size, resume=resume, device=device,
                                 checkpoint_every=checkpoint_every, vae_dir=vae, vae_steps=vae_steps,
                                 decoder_steps=decoder_steps,
-                                time_budget_s=time_budget, latent_cache=latent_cache, init_from=init_from, lr=lr,
+                                time_budget_s=time_budget, latent_cache=latent_cache, init_from=init_from, lr=lr, pool_size=pool_size,
                                 high_noise_from=high_noise_from)
     typer.echo(f"{name}: wrote {result} ({time.time() - t0:.0f} s this session)")
     if install:
@@ -109,7 +110,7 @@ def train(
 @app.command("eval")
 @handled
 def eval_cmd(
-    name: str = typer.Argument(..., help="mini-sd, mini-sd3 or evaluator"),
+    name: str = typer.Argument(..., help="mini-sd, mini-sd3, mini-flux or evaluator"),
     n: int = typer.Option(256, help="number of held-out captions (seeds 0..n-1)"),
     model: Optional[Path] = typer.Option(None, help="evaluate this pipeline folder instead of the installed one"),
     steps: Optional[int] = typer.Option(None, help="override the default number of inference steps"),

@@ -216,7 +216,8 @@ def train_evaluator(out: str | Path, steps: int = 2000, seed: int = 0, batch_siz
                     install: Path | None = None) -> dict:
     """Train the evaluator on fresh procedural batches (any split: it must read every composition)."""
     from ..outputs import claim_output
-    from .train import autocast, load_checkpoint, lr_at, save_checkpoint
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .train import autocast, lr_at
 
     out = Path(out)
     torch.manual_seed(seed)

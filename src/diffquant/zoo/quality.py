@@ -129,6 +129,7 @@ _SPLIT_NOTE = {
     "evaluator": "The evaluator is the judge, so it is trained on every composition (held-out ones included).",
     "mini-sd": "No component (VAE, text encoder, UNet) saw a held-out composition in training.",
     "mini-sd3": "No component (VAE, text encoders, transformer) saw a held-out composition in training.",
+    "mini-flux": "No component (VAE, text encoder, transformer) saw a held-out composition in training.",
 }
 
 _DESCRIPTIONS = {
@@ -139,5 +140,12 @@ _DESCRIPTIONS = {
                 "(text_encoder_3=None: the pipeline appends zero tokens), SD3Transformer2DModel (MMDiT joint attention, "
                 "patch size 1), flow matching with FlowMatchEulerDiscreteScheduler. Load with "
                 "`StableDiffusion3Pipeline.from_pretrained(folder)`.",
+    "mini-flux": "Flux-style: the same AutoencoderKL (shift_factor 0; FluxPipeline packs its 8x8x4 latents 2x2 into 16 "
+                 "tokens of 16 channels), CLIPTextModel (pooled output into the time embedding and every adaLN modulation), "
+                 "a 2-layer T5EncoderModel (token sequence into joint attention; sample with max_sequence_length=24, "
+                 "as zoo.DEFAULTS does), "
+                 "FluxTransformer2DModel (double-stream and single-stream blocks, RoPE, guidance embedding learned online "
+                 "as model guidance: `guidance_scale` works as in FLUX.1-dev), flow matching with "
+                 "FlowMatchEulerDiscreteScheduler. Load with `FluxPipeline.from_pretrained(folder)`.",
     "evaluator": "A small CNN predicting, per position slot, empty/shape/colour/size and the background.",
 }

@@ -8,6 +8,7 @@ resumes to the same result. bf16 autocast is used on CPU and GPU: on this kind o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -20,11 +21,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..outputs import claim_output, recover_output
+from ..outputs import claim_output
 from . import data, float32_text_encoders
 from .architectures import (
-    ZeroTokenJointAttnProcessor, build_sd3_pipeline, build_sd_pipeline, build_tokenizer, build_vae, zero_t5_stub,
+    ZeroTokenJointAttnProcessor, build_flux_pipeline, build_sd3_pipeline, build_sd_pipeline, build_tokenizer, build_vae,
+    zero_t5_stub,
 )
+from .checkpoint import EMA, load_checkpoint, save_checkpoint
+from .flux_training import FluxStep
 
 # ---------------------------------------------------------------- helpers
 
@@ -49,86 +53,6 @@ def lr_at(step: int, total: int, lr: float, warmup: int = 200) -> float:
         return lr * (step + 1) / warmup
     p = min(1.0, (step - warmup) / max(1, total - warmup))
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-class EMA:
-    """Exponential moving average of parameters (float32 shadows); sampling uses the EMA weights."""
-
-    def __init__(self, modules: dict[str, nn.Module], decay: float = 0.999) -> None:
-        self.decay = decay
-        self.modules = modules
-        self.shadow = {f"{n}.{k}": p.detach().float().clone() for n, m in modules.items()
-                       for k, p in m.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for n, m in self.modules.items():
-            for k, p in m.named_parameters():
-                self.shadow[f"{n}.{k}"].lerp_(p.detach().float(), 1 - d)
-
-    @torch.no_grad()
-    def copy_to(self, modules: dict[str, nn.Module]) -> None:
-        for n, m in modules.items():
-            for k, p in m.named_parameters():
-                p.copy_(self.shadow[f"{n}.{k}"])
-
-
-def save_checkpoint(folder: Path, step: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                    extra: dict | None = None, ema: EMA | None = None) -> None:
-    """Atomically write weights, EMA, AdamW state (safetensors) and the step (JSON) to ``folder`` (a folder swap
-    through ``diffquant.outputs``: the previous checkpoint stays whole until the new one replaces it)."""
-    with claim_output(folder, overwrite=True) as output:
-        _write_checkpoint(output.tmp, step, modules, optimizer, extra, ema)
-        output.publish()
-
-
-def _write_checkpoint(tmp: Path, step: int, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer,
-                      extra: dict | None, ema: EMA | None) -> None:
-    tmp.mkdir()
-    tensors = {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in modules.items() for k, v in m.state_dict().items()}
-    save_file(tensors, str(tmp / "model.safetensors"))
-    if ema is not None:
-        save_file({k: v.cpu().contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
-    opt_tensors, opt_steps = {}, {}
-    state = optimizer.state_dict()["state"]
-    for idx, st in state.items():
-        for key, val in st.items():
-            if key == "step":
-                opt_steps[str(idx)] = float(val)
-            elif torch.is_tensor(val):
-                opt_tensors[f"{idx}.{key}"] = val.detach().cpu().contiguous()
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    meta = {"step": step, "optimizer_steps": opt_steps, "time": time.time(), **(extra or {})}
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-
-
-def load_checkpoint(folder: Path, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer | None = None,
-                    ema: EMA | None = None) -> int:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its step (0 when there is none)."""
-    folder = Path(folder)
-    recover_output(folder)  # a checkpoint swap killed half-way
-    if not (folder / "state.json").exists():
-        return 0
-    meta = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "model.safetensors"))
-    for n, m in modules.items():
-        prefix = n + "."
-        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    if ema is not None and (folder / "ema.safetensors").exists():
-        ema.shadow = {k: v.float() for k, v in load_file(str(folder / "ema.safetensors")).items()}
-    if optimizer is not None:
-        opt_t = load_file(str(folder / "optimizer.safetensors"))
-        sd = optimizer.state_dict()
-        state: dict[int, dict] = {}
-        for key, val in opt_t.items():
-            idx, name = key.split(".", 1)
-            state.setdefault(int(idx), {})[name] = val
-        for idx, s in meta["optimizer_steps"].items():
-            state.setdefault(int(idx), {})["step"] = torch.tensor(s)
-        sd["state"] = state
-        optimizer.load_state_dict(sd)
-    return int(meta["step"])
 
 
 def _images(seed: int, step: int, batch_size: int, device: str) -> tuple[torch.Tensor, list[str]]:
@@ -280,7 +204,9 @@ HIGH_NOISE_CAP = 20.0
 DENOISER_DEFAULTS = {
     "mini-sd": dict(steps=3300, batch_size=64, lr=1e-3, high_noise_from=1750),
     "mini-sd3": dict(steps=4500, batch_size=64, lr=6e-4, high_noise_from=0),
+    "mini-flux": dict(steps=1500, batch_size=64, lr=8e-4, high_noise_from=0),
 }
+GUIDE_FROM = 0.5  # mini-flux: fraction of the steps after which guidance is trained into its embedding
 
 
 def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0, batch_size: int | None = None,
@@ -312,16 +238,22 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
         stage1 = train_vae(out / "vae_run", steps=vae_steps, seed=seed, resume=resume, device=device, batch_size=32)
         vae_dir = finetune_decoder(stage1, out / "vae_run", steps=decoder_steps, seed=seed, resume=resume, device=device)
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).float().eval().requires_grad_(False)
-    if name == "mini-sd3":
+    if name != "mini-sd":
         vae.register_to_config(shift_factor=0.0)
     vae = vae.to(device)
     tokenizer = build_tokenizer(out / "tokenizer_src")
     torch.manual_seed(seed)
     # mini-sd3 trains without the zero T5 stub (the attention processor stands in for its tokens).
-    pipe = build_sd_pipeline(vae, tokenizer) if name == "mini-sd" else build_sd3_pipeline(vae, tokenizer, t5_stub=False)
     if name == "mini-sd":
+        pipe = build_sd_pipeline(vae, tokenizer)
         modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    elif name == "mini-flux":
+        pipe = build_flux_pipeline(vae, tokenizer)
+        modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
+                   "text_encoder_2": pipe.text_encoder_2}
+        flux_step = FluxStep(pipe, modules, guide_from=int(GUIDE_FROM * steps) // 50 * 50)
     else:
+        pipe = build_sd3_pipeline(vae, tokenizer, t5_stub=False)
         modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
         pipe.transformer.set_attn_processor(ZeroTokenJointAttnProcessor(256))
     for m in modules.values():
@@ -331,7 +263,8 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
     ema = EMA(modules, ema_decay)
     step = load_checkpoint(out / "checkpoint", modules, opt, ema) if resume else 0
     if init_from is not None and step == 0:
-        init_weights(modules, Path(init_from))
+        # mini-flux's first phase had a zero-output T5 stub; its trained T5 then starts fresh.
+        init_weights(modules, Path(init_from), fresh_if_other=("text_encoder_2",) if name == "mini-flux" else ())
         ema = EMA(modules, ema_decay)
     pool, scenes = latent_pool(vae, seed, pool_size, Path(latent_cache) if latent_cache else out / "latent_pool.safetensors")
     alphas_cumprod = pipe.scheduler.alphas_cumprod.to(device) if name == "mini-sd" else None
@@ -349,8 +282,11 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
             g["lr"] = lr_at(step, steps, lr, warmup=300)
         z = ((pool[idx] - shift) * scale).to(device)
         noise = torch.randn(z.shape, generator=gen).to(device)
-        with autocast(device):
-            if name == "mini-sd":
+        with autocast(device) if name != "mini-flux" else contextlib.nullcontext():  # mini-flux: fp32
+            if name == "mini-flux":
+                pred, target = flux_step(step, gen, z, noise, captions, ema)
+                weight = torch.ones(z.shape[0], device=device)
+            elif name == "mini-sd":
                 t = torch.randint(0, 1000, (z.shape[0],), generator=gen).to(device)
                 a = alphas_cumprod[t].view(-1, 1, 1, 1)
                 zt = a.sqrt() * z + (1 - a).sqrt() * noise
@@ -373,7 +309,7 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
                                         timestep=sigma * 1000).sample
                 target = noise - z
                 weight = torch.ones(z.shape[0], device=device)
-        loss = (weight * (pred.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        loss = (weight * (pred.float() - target).pow(2).flatten(1).mean(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -402,8 +338,11 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
         "steps_planned": steps, "batch_size": batch_size, "lr": lr, "optimizer": "AdamW(betas=(0.9, 0.99), wd=0.01)",
         "schedule": "linear warm-up 300 steps, cosine to 10%",
         "loss": (f"epsilon MSE, min-SNR-5 weighting; from step {high_noise_from} also x clamp(1/SNR, 1, {HIGH_NOISE_CAP:g})"
-                 if name == "mini-sd" else "flow-matching velocity MSE, logit-normal sigma"), "ema_decay": ema_decay, "text_dropout": text_dropout,
-        "latent_pool": pool_size, "autocast": "bfloat16", "device": device, "torch_threads": torch.get_num_threads(),
+                 if name == "mini-sd" else "flow-matching velocity MSE, logit-normal sigma"
+                 + (f"; from step {flux_step.guide_from} half of each batch at guidance w ~ U[1, {flux_step.w_max:g}] "
+                    "with target + (w-1)(v_c - v_u) of the EMA model" if name == "mini-flux" else "")),
+        "ema_decay": ema_decay, "text_dropout": text_dropout,
+        "latent_pool": pool_size, "autocast": "none (float32)" if name == "mini-flux" else "bfloat16", "device": device, "torch_threads": torch.get_num_threads(),
         "final_loss_ema": loss_avg, "train_wall_s": round(sum(wall.get("sessions", {}).values()), 1),
         "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in modules.items()},
         "vae": json.loads(vae_metrics.read_text()) if vae_metrics.exists() else None,
@@ -413,9 +352,12 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
     return export_pipeline(name, pipe, modules, ema, out, record)
 
 
-def init_weights(modules: dict[str, nn.Module], folder: Path) -> None:
-    """Load each module's weights from the same-named component folder of a saved pipeline."""
+def init_weights(modules: dict[str, nn.Module], folder: Path, fresh_if_other: tuple[str, ...] = ()) -> None:
+    """Load each module's weights from the same-named component folder of a saved pipeline; a module named in
+    ``fresh_if_other`` whose saved config differs (another architecture) keeps its fresh initialisation."""
     for name, module in modules.items():
+        if name in fresh_if_other and _config_differs(module, folder / name):
+            continue
         files = sorted((folder / name).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{folder / name} holds no safetensors weights; --init-from needs a saved "
@@ -425,6 +367,12 @@ def init_weights(modules: dict[str, nn.Module], folder: Path) -> None:
         if unexpected or [k for k in missing if not k.endswith("position_ids")]:
             raise ValueError(f"{folder / name} does not match this model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
+
+
+def _config_differs(module: nn.Module, folder: Path) -> bool:
+    saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    ours = module.config.to_dict()
+    return any(saved.get(k) != v for k, v in ours.items() if k in ("d_model", "d_ff", "num_layers", "num_heads", "d_kv"))
 
 
 def _wall(out: Path, start_step: int, t0: float, step: int) -> float:
@@ -459,11 +407,11 @@ def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, ou
 
 def load_pipeline_folder(name: str, folder: Path, torch_dtype: torch.dtype = torch.float32):
     """Load a mini-zoo pipeline from any folder (e.g. a run's ``pipeline``), progress bar off."""
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
     if not (Path(folder) / "model_index.json").exists():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
-    cls = StableDiffusionPipeline if name == "mini-sd" else StableDiffusion3Pipeline
+    cls = {"mini-sd": StableDiffusionPipeline, "mini-flux": FluxPipeline}.get(name, StableDiffusion3Pipeline)
     kw = dict(safety_checker=None, requires_safety_checker=False) if name == "mini-sd" else {}
     pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True, **kw)
     pipe.set_progress_bar_config(disable=True)
