@@ -92,3 +92,16 @@ def test_serial_dataset_under_a_small_budget_reads_the_same_rows(tiny_pipes, tmp
         assert torch.equal(other.output[rows], whole.output[rows])
         a, b = other.kwargs(rows, "cpu", torch.float32), whole.kwargs(rows, "cpu", torch.float32)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+def test_calibration_set_under_a_small_budget_holds_the_same_calls(tiny_pipes, tmp_path):
+    pipe = tiny_pipes["sd"]
+    config = calibration_config(num_prompts=2, num_inference_steps=2, batch_size=1)
+    whole = diffquant.record_denoiser_calls(pipe, PROMPTS[:2], config, progress=False)
+    budget = MemoryBudget(5_000, spill_root=tmp_path)
+    bounded = diffquant.record_denoiser_calls(pipe, PROMPTS[:2], config, progress=False, memory=budget)
+    assert budget.files > 0 and budget.peak <= budget.limit
+    assert len(bounded) == len(whole) == 4
+    for a, b in zip(bounded, whole):
+        assert list(a.inputs) == list(b.inputs) and a.step == b.step
+        assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in b.inputs)

@@ -62,6 +62,7 @@ class QuantJob:
         self.calibration = record_denoiser_calls(
             self.pipeline, self.prompts[: cfg.num_prompts], cfg, keep_outputs=keep_outputs, progress=self.progress,
             defaults=self.sampling_defaults, cache_dir=None if self.workdir is None else self.workdir / "calibration",
+            memory=self.memory(),
         )
         return self.calibration
 

@@ -133,12 +133,12 @@ def record_calibration(job: QuantJob, overrides: dict, folder: Path | None) -> C
     for b, batch in enumerate(batches):
         name = f"batch-{b:05d}"
         if checkpoint is not None and checkpoint.is_done(name):
-            part = CalibrationSet.load(checkpoint.path(name))
+            part = CalibrationSet.load(checkpoint.path(name)).bounded(job.memory())
             reused += 1
         else:
             part = record_denoiser_calls(
                 job.pipeline, batch, dataclasses.replace(cfg, seed=cfg.seed + b), progress=False,
-                defaults=job.sampling_defaults,
+                defaults=job.sampling_defaults, memory=job.memory(),
             )
             if checkpoint is not None:
                 part.save(checkpoint.path(name))
