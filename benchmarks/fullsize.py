@@ -7,8 +7,10 @@ Each entry of ``--methods`` runs in a fresh subprocess (so its peak RSS, VmHWM, 
 ``models.fullsize`` pipeline: the published SD 1.5 / SDXL UNet config with random weights and tiny text encoders
 and VAE (``--model tiny``: the tiny test pipeline, for smoke runs). Entries:
 
-- ``profile``: one forward of one sample, counting FLOPs (``torch.utils.flop_counter``) and the bytes per sample
-  of every reconstruction unit's inputs and outputs (what block reconstruction caches per calibration sample).
+- ``profile``: one forward of one sample on the meta device (shapes only: no memory, no time), counting FLOPs
+  (``torch.utils.flop_counter``; on the meta device attention is counted, which CPU flash attention is not) and
+  the bytes per sample of every reconstruction unit's inputs and outputs (what block reconstruction caches per
+  calibration sample) in ``--dtype``.
 - ``rtn`` / ``qdiffusion`` / ``pcr`` / ``emf``: ``diffquant.quantize`` at the given (cut) sizes, with wall time
   and peak RSS per stage (a thread samples VmRSS every 20 ms; Q-Diffusion's recording / ranges / reconstruction
   windows come from its report's durations), CUDA peak memory on a GPU, and for Q-Diffusion the time per
@@ -132,14 +134,15 @@ def _latent_size(args, pipe) -> int:
 
 
 def profile(args, monitor: Monitor) -> dict:
-    """FLOPs of one sample's forward and the bytes per sample each reconstruction unit caches."""
+    """FLOPs of one sample's forward and the bytes per sample each reconstruction unit caches (meta device)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffquant.models.adapters import get_adapter
+    from diffquant.models.fullsize import fullsize_unet
+    from diffquant.models.tiny import tiny_unet
 
-    with monitor.stage("build"):
-        pipe = build(args)
-    unet = pipe.unet
+    with monitor.stage("build"), torch.device("meta"):
+        unet = (tiny_unet(32) if args.model == "tiny" else fullsize_unet(args.model)).to(getattr(torch, args.dtype))
     size = args.latents[0]
     units = get_adapter(unet).blocks()
     cached: dict[str, int] = {}
@@ -152,8 +155,8 @@ def profile(args, monitor: Monitor) -> dict:
         return fn
 
     handles = [unet.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in units]
-    inputs = _inputs(unet, 1, size, args.device, getattr(torch, args.dtype))
-    with monitor.stage("forward_1_sample"), torch.no_grad(), FlopCounterMode(display=False) as flops:
+    inputs = _inputs(unet, 1, size, "meta", getattr(torch, args.dtype))
+    with monitor.stage("forward_1_sample_meta"), torch.no_grad(), FlopCounterMode(display=False) as flops:
         unet(**inputs)
     for h in handles:
         h.remove()
@@ -335,6 +338,8 @@ def projection(runs: dict) -> dict | None:
     run = q.get("qdiffusion")
     samples = run["calibration_samples"] if run else q.get("calibration_samples") or _planned_samples(q)
     per_sample = q.get("forward_seconds_per_sample") or prof.get("stages", {}).get("forward_1_sample", {}).get("seconds")
+    if per_sample is None:
+        return None
     blocks = run["blocks"] if run else prof.get("units")
     captured = timers["capture"]["calls"] // 2
     scale = 1.0 if run else blocks / max(timers["train_weights"]["calls"], 1)
