@@ -146,24 +146,51 @@ def profile(args, monitor: Monitor) -> dict:
     size = args.latents[0]
     units = get_adapter(unet).blocks()
     cached: dict[str, int] = {}
+    prefix: dict[str, int] = {}  # FLOPs run before the unit starts (what capturing its inputs costs)
+    own: dict[str, int] = {}
+    counter = FlopCounterMode(display=False)
 
-    def hook(name):
+    def pre(name):
+        def fn(mod, a, kw):
+            prefix[name] = counter.get_total_flops()
+        return fn
+
+    def post(name):
         def fn(mod, a, kw, out):
+            own[name] = counter.get_total_flops() - prefix[name]
             tensors = [t for t in [*a, *kw.values()] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] == 1]
             outs = [out] if torch.is_tensor(out) else [o for o in out if torch.is_tensor(o)]
             cached[name] = sum(t.numel() * t.element_size() for t in tensors + outs)
         return fn
 
-    handles = [unet.get_submodule(n).register_forward_hook(hook(n), with_kwargs=True) for n in units]
+    handles = [h for n in units for h in (unet.get_submodule(n).register_forward_pre_hook(pre(n), with_kwargs=True),
+                                          unet.get_submodule(n).register_forward_hook(post(n), with_kwargs=True))]
     inputs = _inputs(unet, 1, size, "meta", getattr(torch, args.dtype))
-    with monitor.stage("forward_1_sample_meta"), torch.no_grad(), FlopCounterMode(display=False) as flops:
+    with monitor.stage("forward_1_sample_meta"), torch.no_grad(), counter:
         unet(**inputs)
     for h in handles:
         h.remove()
-    return {"forward_flops_per_sample": flops.get_total_flops(), "params": sum(p.numel() for p in unet.parameters()),
+    total = counter.get_total_flops()
+    return {"forward_flops_per_sample": total, "params": sum(p.numel() for p in unet.parameters()),
             "units": len(units), "unit_cache_bytes_per_sample": {"max": max(cached.values()), "sum": sum(cached.values()),
                                                                   "largest": max(cached, key=cached.get)},
-            "dtype_bytes": torch.finfo(getattr(torch, args.dtype)).bits // 8}
+            "unit_flops_sum": sum(own.values()), "prefix_flops_sum": sum(prefix.values()),
+            "dtype_bytes": torch.finfo(getattr(torch, args.dtype)).bits // 8,
+            "paper_preset": paper_flops(total, sum(own.values()), sum(prefix.values()))}
+
+
+def paper_flops(forward: int, units: int, prefixes: int) -> dict:
+    """FLOPs of Q-Diffusion's paper preset by stage, from one sample's forward: recording 6400 sample-forwards;
+    ranges 3200; capture: for every unit, the quantized and the float model run up to it (plus the unit itself for its
+    targets) on 3200 samples; four evaluations of each unit on 3200 samples; 25k iterations x batch 32 x 3
+    (forward + backward) of every unit. Fake quantization's elementwise work is not counted (a lower bound)."""
+    n = PAPER["samples"]
+    flops = {"record": PAPER["record_calls_rows"] * forward, "activation_ranges": n * forward,
+             "capture": n * (2 * prefixes + units), "evaluate": 4 * n * units,
+             "train": (PAPER["iterations"] + PAPER["act_iterations"]) * PAPER["batch"] * 3 * units}
+    total = sum(flops.values())
+    return {"pflop": {k: round(v / 1e15, 1) for k, v in flops.items()}, "total_pflop": round(total / 1e15, 1),
+            **{f"gpu_hours_at_{r}_tflops": round(total / (r * 1e12) / 3600, 2) for r in (100, 400)}}
 
 
 def _inputs(unet, batch: int, size: int, device: str, dtype) -> dict:
