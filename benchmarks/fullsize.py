@@ -11,7 +11,7 @@ and VAE (``--model tiny``: the tiny test pipeline, for smoke runs). Entries:
   (``torch.utils.flop_counter``; on the meta device attention is counted, which CPU flash attention is not) and
   the bytes per sample of every reconstruction unit's inputs and outputs (what block reconstruction caches per
   calibration sample) in ``--dtype``.
-- ``rtn`` / ``qdiffusion`` / ``pcr`` / ``emf``: ``diffquant.quantize`` at the given (cut) sizes, with wall time
+- ``rtn`` / ``qdiffusion`` / ``pcr`` / ``emf``: ``diffquant.quantize`` at the given (cut) sizes, with wall and CPU time
   and peak RSS per stage (a thread samples VmRSS every 20 ms; Q-Diffusion's recording / ranges / reconstruction
   windows come from its report's durations), CUDA peak memory on a GPU, and for Q-Diffusion the time per
   AdaRound / LSQ iteration and per captured sample (timers around the reconstruction's own functions), from
@@ -55,7 +55,7 @@ def _status(field: str) -> int:
 
 
 class Monitor:
-    """VmRSS sampled every 20 ms (a timeline) and per-stage wall time, peak RSS and CUDA peak allocation.
+    """VmRSS sampled every 20 ms (a timeline) and per-stage wall and CPU time (``process_time``), peak RSS and CUDA peak allocation.
     Every 20 s ``partial()`` is written to ``dump`` (a run stopped early still says how far it got)."""
 
     def __init__(self, device: str, dump: Path | None = None) -> None:
@@ -92,7 +92,7 @@ class Monitor:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter() - self.t0
+        start, cpu = time.perf_counter() - self.t0, time.process_time()
         self.current = (name, start)
         yield
         self.current = None
@@ -100,8 +100,8 @@ class Monitor:
             torch.cuda.synchronize()
         end = time.perf_counter() - self.t0
         self.timeline.append((end, _status("VmRSS")))
-        self.stages[name] = {"seconds": round(end - start, 2), "peak_rss_gib": round(self.peak(start, end), 3),
-                             "start": start}
+        self.stages[name] = {"seconds": round(end - start, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
+                             "peak_rss_gib": round(self.peak(start, end), 3), "start": start}
         if cuda:
             self.stages[name]["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
 
