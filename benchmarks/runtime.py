@@ -51,6 +51,7 @@ import diffquant
 from diffquant import QuantConfig
 from diffquant.calibration import CalibrationSet, DenoiserCall
 from diffquant.io import atomic_write_json, atomic_write_text
+from diffquant.models.fullsize import SD15_UNET as SD15
 from diffquant.runtime import convert
 from diffquant.runtime.modules import _IntLayer
 
@@ -58,11 +59,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runtime_engines as engines  # noqa: E402  (sibling module: benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parents[1]
-SD15 = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768, attention_head_dim=8,
-)
 VARIANTS = (
     "fp32", "bf16_autocast", "bf16_weights", "fp32_compiled", "bf16_autocast_compiled",
     "fake_quant_w8a8", "converted_w8a8", "converted_w8a8_bf16", "converted_w8a8_compiled",

@@ -57,6 +57,8 @@ def quantize(
     device: str = cli_common.DEVICE,
     dtype: str = typer.Option("float32", "--dtype", help="Calibrate in float32, bfloat16 or float16 (the saved model keeps it)."),
     seed: int = field_option(QuantConfig, "seed", help="Seed for calibration sampling."),
+    max_memory: Optional[str] = field_option(QuantConfig, "max_memory", "--max-memory",
+                                             help="Calibration data held in RAM, e.g. 4GiB; beyond it read from disk (default: half the free RAM)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists (otherwise refuse)."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep the resumable work folder (.<out>.work/<settings>) after success."),
     convert: bool = typer.Option(False, "--convert", help="Convert to integer kernels (int8/int4 weights) before saving (oneDNN on CPU, int_mm on CUDA)."),
@@ -83,7 +85,7 @@ def quantize(
             cfg = QuantConfig(
                 method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
                 weight_observer=weight_observer, act_observer=act_observer, timestep_groups=timestep_groups,
-                keep_float=keep_float, seed=seed,
+                keep_float=keep_float, seed=seed, max_memory=max_memory,
                 options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},
                 calibration=CalibrationConfig(num_prompts=num_prompts, num_inference_steps=steps, guidance_scale=guidance,
                                               batch_size=batch_size, seed=seed),
@@ -100,7 +102,8 @@ def quantize(
         elif calib is None and not diffquant.api.sampling_defaults(pipe):
             raise ValueError("calibration prompts needed: pass --prompts FILE (one prompt per line)")
         typer.echo(f"quantizing with {cfg.label}")
-        work = work_folder(out, {"model": folder_identity(model), "config": cfg.to_dict(), "prompts": calib})
+        settings = {k: v for k, v in cfg.to_dict().items() if k != "max_memory"}  # the budget does not change the result
+        work = work_folder(out, {"model": folder_identity(model), "config": settings, "prompts": calib})
         with resume_log() as reused:
             diffquant.quantize(pipe, cfg, calibration=calib, workdir=work)
         if state is not None and not state.is_main_process:

@@ -9,6 +9,7 @@ from typing import Any
 from .registry import method as registered_method
 from .quant import QuantSpec
 from .sampling import SamplingSettings
+from .store import parse_bytes
 
 CONFIG_VERSION = 1
 
@@ -69,6 +70,9 @@ class QuantConfig:
     ``abits=None`` means weight-only. ``split_shortcut=None`` takes the method's default (on for
     Q-Diffusion). ``timestep_groups`` > 1 gives activation quantizers one parameter set per range
     of the training timestep. ``keep_float`` holds fnmatch patterns of layer names left in float.
+    ``max_memory`` bounds the calibration data held resident (block reconstruction's caches, EMF's serial
+    dataset), e.g. ``"4GiB"``; beyond it the data is read memory-mapped from disk (``diffquant.store``), with the
+    same result. ``None``: half of the RAM available when quantization starts.
     """
 
     method: str = "rtn"
@@ -91,6 +95,7 @@ class QuantConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    max_memory: str | None = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -106,6 +111,8 @@ class QuantConfig:
         self.weight_spec()
         self.act_spec()
         self.softmax_spec()
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory)
         method.options(self)  # the method's typed Options: unknown or ill-typed keys fail here
 
     @property

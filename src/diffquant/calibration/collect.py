@@ -3,7 +3,9 @@
 Recording hooks the denoiser's forward, so the pipeline's own scheduler, guidance and
 conditioning (SDXL added conditions, SD3 pooled projections) produce the inputs: calibration data
 has inference-time statistics. Records are flat dicts of tensors (nested kwargs become
-``"added_cond_kwargs.text_embeds"``), stored as safetensors shards.
+``"added_cond_kwargs.text_embeds"``), stored as safetensors shards. Given a memory budget, each recorded
+batch's tensors move into a ``diffquant.store.TensorStore`` (resident while the budget allows, else on disk):
+the set's resident size stays bounded whatever the sample count.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from ..config import CalibrationConfig
 from ..io import atomic_save_tensors, atomic_write_json
 from ..models.adapters import get_denoiser
 from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, sample
+from ..store import MemoryBudget, TensorStore
 
 _META_KEYS = ("__step__", "__num_steps__")
 
@@ -33,7 +36,7 @@ _META_KEYS = ("__step__", "__num_steps__")
 class DenoiserCall:
     """One recorded denoiser call: its tensor kwargs, the step index, and optionally the output."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: Mapping[str, torch.Tensor]
     step: int
     num_steps: int
     output: torch.Tensor | None = None
@@ -79,6 +82,24 @@ class CalibrationSet:
     def num_samples(self) -> int:
         return sum(c.batch_size for c in self.calls)
 
+    def bounded(self, memory: MemoryBudget | None) -> CalibrationSet:
+        """The same calls, their batched inputs held in stores drawing from ``memory`` (reads give the same bytes)."""
+        if memory is None:
+            return self
+        stores: dict[tuple, TensorStore] = {}
+        calls = []
+        for call in self.calls:
+            n = call.batch_size
+            rows = {k: v for k, v in call.inputs.items() if k != "timestep" and v.dim() > 0 and v.shape[0] == n}
+            layout = tuple(sorted((k, v.dtype, tuple(v.shape[1:])) for k, v in rows.items()))
+            store = stores.setdefault(layout, TensorStore(memory))
+            start = len(store)
+            store.append(rows)
+            fixed = {k: v for k, v in call.inputs.items() if k not in rows}
+            calls.append(DenoiserCall(_StoredInputs(store, start, n, list(call.inputs), fixed), call.step, call.num_steps,
+                                      call.output))
+        return CalibrationSet(calls)
+
     def save(self, folder: str | Path, shard_size: int = 64) -> None:
         """Write shards ``calib-00000.safetensors`` and an index, each atomically."""
         folder = Path(folder)
@@ -103,6 +124,26 @@ class CalibrationSet:
 
 
 INDEX = "calibration.json"
+
+
+class _StoredInputs(Mapping):
+    """A recorded call's inputs: rows ``start .. start + n`` of a store, plus the unbatched ones (``timestep``)."""
+
+    def __init__(self, store: TensorStore, start: int, n: int, order: list[str], fixed: dict[str, torch.Tensor]) -> None:
+        self.store, self.rows, self.order, self.fixed = store, slice(start, start + n), order, fixed
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.fixed:
+            return self.fixed[key]
+        if key not in self.order:
+            raise KeyError(key)
+        return self.store.rows(self.rows, [key])[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
 
 
 def _write_shard(calls: list[DenoiserCall], path: Path) -> None:
@@ -159,6 +200,7 @@ def record_denoiser_calls(
     defaults: dict | None = None,
     cache_dir: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
+    memory: MemoryBudget | None = None,
 ) -> CalibrationSet:
     """Sample ``prompts`` with the float pipeline and keep the denoiser inputs of every k-th step.
 
@@ -169,6 +211,7 @@ def record_denoiser_calls(
     resumes and ends with the same data (each batch has its own seeded generator).
     ``shard=(i, n)`` samples only batches ``b % n == i`` into ``cache_dir`` (one process of ``n``);
     a final call with the default shard then merges every batch in order, deterministically.
+    ``memory``: each finished batch's calls move into stores within that budget (``CalibrationSet.bounded``).
     """
     index, num_shards = shard
     if num_shards > 1 and cache_dir is None:
@@ -207,7 +250,7 @@ def record_denoiser_calls(
             continue
         path = None if cache is None else cache.path(f"batch-{b:05d}.safetensors")
         if path is not None and path.is_file():
-            calls.extend(_read_shard(path))
+            calls.extend(CalibrationSet(_read_shard(path)).bounded(memory).calls)
             reused += 1
             continue
         first = len(calls)
@@ -216,6 +259,7 @@ def record_denoiser_calls(
             sample(pipe, batch, settings.replace(seed=config.seed + b))
         if path is not None:
             _write_shard(calls[first:], path)
+        calls[first:] = CalibrationSet(calls[first:]).bounded(memory).calls
     if cache is not None and num_shards == 1:
         cache.reused(reused, "batch", "batches")
         cache.save_json(INDEX, {"shards": [f"batch-{b:05d}.safetensors" for b in range(len(batches))], "calls": len(calls),

@@ -7,6 +7,11 @@ quantized model sees both at inference) are kept with the FP output. So x_t has 
 statistics, not forward-noised ones. FP features of the sensitive layers are added later
 (``record_features``), once a sensitivity measurement has named the layers.
 
+In memory the rows live in a ``diffquant.store.TensorStore``: resident while the memory budget allows, read
+memory-mapped from the batch shards (or spilled ones) beyond it, so the dataset's resident size is bounded
+whatever the prompt count; every read returns the same bytes. Only the FP features of the few sensitive
+layers (``record_features``) stay resident.
+
 On disk (a ``diffquant.checkpoint`` folder for the settings' fingerprint): one safetensors shard per
 prompt batch plus an index ``dataset.json``; a rerun with the same settings skips the shards already
 written (resumable), a finished folder is reused as is, and a folder of other settings is refused.
@@ -23,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,6 +39,7 @@ from ..checkpoint import Checkpoint, fingerprint
 from ..distributed import barrier, is_main, rank_and_size
 from ..io import atomic_save_tensors
 from ..sampling import DenoiserStep, SamplingSettings, denoiser_calls, sample
+from ..store import MemoryBudget, TensorStore
 from ..wrap import get_denoiser
 
 _META = ("__output__", "__step__", "__prompt__")
@@ -65,7 +72,8 @@ class SerialDatasetConfig:
 
 class SerialDataset:
     """Rows of denoiser inputs (flat kwargs, ``timestep`` one value per row), FP outputs, steps, prompt ids.
-    ``shared``: inputs without a batch dimension, the same for every row (Flux's ``img_ids``/``txt_ids``)."""
+    ``shared``: inputs without a batch dimension, the same for every row (Flux's ``img_ids``/``txt_ids``).
+    ``inputs`` values and ``output`` are tensors or store columns (``column[rows]`` reads rows either way)."""
 
     def __init__(self, inputs: dict[str, torch.Tensor], output: torch.Tensor, step: torch.Tensor, prompt: torch.Tensor,
                  shared: dict[str, torch.Tensor] | None = None) -> None:
@@ -74,7 +82,7 @@ class SerialDataset:
         self.features: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return self.output.shape[0]
+        return self.step.shape[0]
 
     @property
     def timestep(self) -> torch.Tensor:
@@ -86,8 +94,8 @@ class SerialDataset:
         return call.kwargs(device=device, dtype=dtype)
 
     def conditioning(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """The flat inputs whose key starts with one of ``names`` (e.g. pooled text for time tables)."""
-        return {k: v for k, v in self.inputs.items() if k.split(".", 1)[0] in names}
+        """The flat inputs whose key starts with one of ``names`` (e.g. pooled text for time tables), all rows."""
+        return {k: v[:] for k, v in self.inputs.items() if k.split(".", 1)[0] in names}
 
     def batches(self, order: str, batch_size: int, iterations: int, seed: int) -> list[torch.Tensor]:
         """Row indices of every training batch, fixed by ``seed`` (so a resumed run sees the same ones).
@@ -116,6 +124,14 @@ class SerialDataset:
         inputs = {k: v for k, v in tensors.items() if k not in _META and not k.startswith(_SHARED)}
         shared = {k[len(_SHARED):]: v for k, v in tensors.items() if k.startswith(_SHARED)}
         return cls(inputs, tensors["__output__"], tensors["__step__"], tensors["__prompt__"], shared)
+
+    @classmethod
+    def _from_store(cls, store: TensorStore, shared: dict[str, torch.Tensor]) -> SerialDataset:
+        """Rows in ``store``; the small per-row columns (timestep, step, prompt) are read into memory."""
+        inputs = {k: store.column(k) for k in store.keys if k not in _META}
+        inputs["timestep"] = inputs["timestep"][:]
+        small = store.rows(slice(None), ["__step__", "__prompt__"])
+        return cls(inputs, store.column("__output__"), small["__step__"], small["__prompt__"], shared)
 
     @classmethod
     def concat(cls, parts: list[SerialDataset]) -> SerialDataset:
@@ -209,14 +225,43 @@ def _sample_batch(pipe, prompts: list[str], first_prompt: int, config: SerialDat
     return SerialDataset.concat(parts)
 
 
+class _Rows:
+    """Batches added in order to one store within a budget; inputs without a row dimension checked equal."""
+
+    def __init__(self, memory: MemoryBudget | None) -> None:
+        self.store, self.shared = TensorStore(memory), None
+
+    def _shared(self, shared: dict[str, torch.Tensor]) -> None:
+        if self.shared is None:
+            self.shared = shared
+        elif shared.keys() != self.shared.keys() or not all(torch.equal(shared[k], v) for k, v in self.shared.items()):
+            raise ValueError(f"denoiser inputs {sorted(shared)} differ between batches; sample every batch at the same size")
+
+    def add(self, part: SerialDataset, saved: Path | None = None) -> None:
+        self._shared(part.shared)
+        self.store.append({k: v for k, v in part._tensors().items() if not k.startswith(_SHARED)}, saved=saved)
+
+    def adopt(self, path: Path) -> None:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            self._shared({k[len(_SHARED):]: f.get_tensor(k) for k in keys if k.startswith(_SHARED)})
+        self.store.adopt(path, [k for k in keys if not k.startswith(_SHARED)])
+
+    def dataset(self) -> SerialDataset:
+        return SerialDataset._from_store(self.store, self.shared or {})
+
+
 def generate_serial_dataset(
-    pipe, prompts: list[str], config: SerialDatasetConfig, folder: str | Path | None = None, progress: bool = True
+    pipe, prompts: list[str], config: SerialDatasetConfig, folder: str | Path | None = None, progress: bool = True,
+    memory: MemoryBudget | None = None,
 ) -> SerialDataset:
     """Sample ``prompts`` with the float ``pipe`` and keep random steps per prompt (see the module docstring).
 
     With ``folder``, every prompt batch becomes a shard written as soon as it is done; shards of a
     previous run with the same prompts and settings are loaded instead of sampled again. Under a
     multi-process launch the processes share the batches (a shared ``folder`` is needed for that).
+    ``memory`` bounds the rows held resident (default: half the available RAM); beyond it they are read
+    memory-mapped from the shards (or from spilled copies without ``folder``).
     """
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
@@ -224,22 +269,29 @@ def generate_serial_dataset(
     rank, world = rank_and_size() if folder is not None else (0, 1)
     batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
     names = [f"serial-{b:05d}.safetensors" for b in range(len(batches))]
-    parts: dict[int, SerialDataset] = {}
-    mine = range(rank, len(batches), world)
+    rows = _Rows(memory if memory is not None else MemoryBudget())
+    mine, sampled = range(rank, len(batches), world), 0
     for b in tqdm(mine, desc="emf: serial dataset (FP sampling)", disable=not progress or rank != 0):
-        if checkpoint is not None and checkpoint.has(names[b]):
+        path = checkpoint.path(names[b]) if checkpoint is not None else None
+        if path is not None and path.is_file():
+            if world == 1:
+                rows.adopt(path)
             continue
-        parts[b] = _sample_batch(pipe, batches[b], b * config.batch_size, config, config.sampling.seed + b)
+        part = _sample_batch(pipe, batches[b], b * config.batch_size, config, config.sampling.seed + b)
+        sampled += 1
         if checkpoint is not None:
-            checkpoint.save_tensors(names[b], parts[b]._tensors())
+            checkpoint.save_tensors(names[b], part._tensors())
+        if world == 1:  # in batch order; with several processes every one reads all shards after the barrier
+            rows.add(part, saved=path)
     if world > 1:
         barrier()
+        for name in names:
+            rows.adopt(checkpoint.path(name))
     if checkpoint is not None and rank == 0:
-        checkpoint.reused(sum(b not in parts for b in mine), "batch", "batches")
+        checkpoint.reused(len(mine) - sampled, "batch", "batches")
         checkpoint.save_json("dataset.json", {"fingerprint": checkpoint.fingerprint, "shards": names, "batches": len(batches),
                                               "config": config.to_dict(), "prompts": len(prompts)})
-    return SerialDataset.concat([parts[b] if b in parts else SerialDataset._from_tensors(checkpoint.load_tensors(names[b]))
-                                 for b in range(len(batches))])
+    return rows.dataset()
 
 
 @torch.no_grad()

@@ -53,6 +53,7 @@ from ..models.adapters import get_adapter
 from ..nn import QuantModule, QuantState, quantized_layers, set_quant_enabled
 from ..quant.adaround import BetaSchedule
 from ..quant.lsq import StepSizes
+from ..store import MemoryBudget, TensorStore
 from .loop import optimizer_step
 
 @dataclass
@@ -111,8 +112,11 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockData:
-    """A block's recorded call arguments over all calibration samples (batched tensors concatenated)."""
+    """A block's recorded call arguments over all calibration samples: the batched ones in ``store`` (rows =
+    samples, keys ``arg/<i>`` and ``kw/<name>``, resident or spilled within the memory budget), the others as
+    the first call passed them."""
 
+    store: TensorStore
     args: list
     kwargs: dict
     batched_args: list[int]
@@ -124,8 +128,9 @@ class BlockData:
         return self.timesteps.shape[0]
 
     def batch(self, rows: torch.Tensor, device: torch.device) -> tuple[list, dict]:
-        args = [a[rows].to(device) if i in self.batched_args else a for i, a in enumerate(self.args)]
-        kwargs = {k: (v[rows].to(device) if k in self.batched_kwargs else v) for k, v in self.kwargs.items()}
+        got = self.store.rows(rows)
+        args = [got[f"arg/{i}"].to(device) if i in self.batched_args else a for i, a in enumerate(self.args)]
+        kwargs = {k: (got[f"kw/{k}"].to(device) if k in self.batched_kwargs else v) for k, v in self.kwargs.items()}
         return args, kwargs
 
 
@@ -147,19 +152,47 @@ def _call_timesteps(call, batch: int) -> torch.Tensor:
     return t.expand(batch).clone() if t.numel() == 1 else t.clone()
 
 
-def _run_until(denoiser: nn.Module, module: nn.Module, calibration: CalibrationSet, *, inputs: bool, outputs: bool):
-    """Run every calibration call through ``denoiser`` and keep ``module``'s call inputs and/or outputs."""
+class _Inputs:
+    """Appends each call's batched block inputs to a store; the first call fixes which positions are batched."""
+
+    def __init__(self, budget: MemoryBudget | None) -> None:
+        self.store, self.data = TensorStore(budget), None
+
+    def add(self, args: tuple, kwargs: dict) -> None:
+        batch = next((v.shape[0] for v in [*args, *kwargs.values()] if torch.is_tensor(v) and v.dim() > 0), None)
+        if batch is None:
+            raise RuntimeError("a reconstruction block received no batched tensor input")
+        if self.data is None:
+            self.data = BlockData(self.store, list(args), dict(kwargs), [i for i, a in enumerate(args) if _is_batched(a, batch)],
+                                  [k for k, v in kwargs.items() if _is_batched(v, batch)], torch.empty(0))
+            for i in self.data.batched_args:
+                self.data.args[i] = None
+            for k in self.data.batched_kwargs:
+                self.data.kwargs[k] = None
+        self.store.append({**{f"arg/{i}": args[i] for i in self.data.batched_args},
+                           **{f"kw/{k}": kwargs[k] for k in self.data.batched_kwargs}})
+
+
+def _run_until(denoiser: nn.Module, module: nn.Module, calibration: CalibrationSet, budget: MemoryBudget | None, *,
+               inputs: bool, outputs: bool):
+    """Run every calibration call through ``denoiser`` and keep ``module``'s call inputs (a ``BlockData``) and/or
+    outputs (one store column per output position, None where the block returns None), within ``budget``."""
     param = next(denoiser.parameters())
-    captured_args: list[tuple[tuple, dict]] = []
-    captured_out: list[list[torch.Tensor | None]] = []
+    captured = _Inputs(budget)
+    targets_store, layout, seen = TensorStore(budget), [], [0]
 
     def pre_hook(mod, args, kwargs):
-        captured_args.append((args, kwargs))
+        captured.add(args, kwargs)
         if not outputs:
+            seen[0] += 1
             raise _StopForward
 
     def post_hook(mod, args, kwargs, out):
-        captured_out.append([o.detach().cpu() if o is not None else None for o in _outputs(out)])
+        outs = _outputs(out)
+        if not layout:
+            layout.extend(o is not None for o in outs)
+        targets_store.append({f"out/{j}": o for j, o in enumerate(outs) if o is not None})
+        seen[0] += 1
         raise _StopForward
 
     handles = []
@@ -171,43 +204,28 @@ def _run_until(denoiser: nn.Module, module: nn.Module, calibration: CalibrationS
     try:
         with torch.no_grad():
             for call in calibration:
-                before = len(captured_out) if outputs else len(captured_args)
+                before = seen[0]
                 try:
                     denoiser(**call.kwargs(device=param.device, dtype=param.dtype))
                 except _StopForward:
                     pass
-                after = len(captured_out) if outputs else len(captured_args)
-                if after != before + 1:
-                    raise RuntimeError(f"block {type(module).__name__} ran {after - before} times in one denoiser call; "
+                if seen[0] != before + 1:
+                    raise RuntimeError(f"block {type(module).__name__} ran {seen[0] - before} times in one denoiser call; "
                                        "reconstruction needs blocks that run exactly once per call")
                 timesteps.append(_call_timesteps(call, call.batch_size))
+    except BaseException:
+        captured.store.close()
+        targets_store.close()
+        raise
     finally:
         for h in handles:
             h.remove()
-    data = _stack_inputs(captured_args, torch.cat(timesteps)) if inputs else None
-    targets = None
-    if outputs:
-        targets = [None if parts[0] is None else torch.cat(parts) for parts in zip(*captured_out)]
-    return data, targets
-
-
-def _stack_inputs(calls: list[tuple[tuple, dict]], timesteps: torch.Tensor) -> BlockData:
-    first_args, first_kwargs = calls[0]
-    batches = []
-    for args, kwargs in calls:
-        batch = next((v.shape[0] for v in [*args, *kwargs.values()] if torch.is_tensor(v) and v.dim() > 0), None)
-        if batch is None:
-            raise RuntimeError("a reconstruction block received no batched tensor input")
-        batches.append(batch)
-    batched_args = [i for i, a in enumerate(first_args) if _is_batched(a, batches[0])]
-    batched_kwargs = [k for k, v in first_kwargs.items() if _is_batched(v, batches[0])]
-    args = list(first_args)
-    for i in batched_args:
-        args[i] = torch.cat([c[0][i].detach().cpu() for c in calls])
-    kwargs = dict(first_kwargs)
-    for k in batched_kwargs:
-        kwargs[k] = torch.cat([c[1][k].detach().cpu() for c in calls])
-    return BlockData(args, kwargs, batched_args, batched_kwargs, timesteps)
+    data = None
+    if inputs:
+        data = captured.data
+        data.timesteps = torch.cat(timesteps)
+    targets = [targets_store.column(f"out/{j}") if present else None for j, present in enumerate(layout)]
+    return data, (targets, targets_store)
 
 
 def _reconstruction_loss(outputs: list, targets: list) -> torch.Tensor:
@@ -310,6 +328,7 @@ def reconstruct_blocks(
     options: ReconstructionOptions | None = None,
     workdir: str | Path | None = None,
     progress: bool = True,
+    memory: MemoryBudget | None = None,
 ) -> list[BlockStats]:
     """Reconstruct every block of ``qdenoiser`` against ``fp_denoiser``; returns per-block statistics.
 
@@ -317,6 +336,8 @@ def reconstruct_blocks(
     ``quantize``) or absent (weight-only); ``fp_denoiser`` is the float model it came from, untouched.
     On return every quantized module is frozen with quantization enabled. ``workdir`` (optional) holds
     per-block checkpoints; a run restarted on the same workdir resumes at the first unfinished block.
+    ``memory`` bounds the block caches held resident (default: half the available RAM, spilling under
+    ``workdir/spill`` or the system temporary folder); the result does not depend on it.
     """
     options = options or ReconstructionOptions()
     if len(calibration) == 0:
@@ -344,6 +365,7 @@ def reconstruct_blocks(
     if checkpoint is not None:
         checkpoint.reused(len(done), "block")
     stats = [BlockStats(**d) for d in done]
+    budget = memory or MemoryBudget(spill_root=Path(workdir) / "spill" if workdir is not None else None)
     try:
         for index, name in enumerate(tqdm(order, desc="qdiffusion: block reconstruction", disable=not progress)):
             block = qdenoiser.get_submodule(name)
@@ -353,13 +375,16 @@ def reconstruct_blocks(
                 _freeze(members)
                 set_quant_enabled(qdenoiser, True, names=members)
                 continue
-            result = _reconstruct_block(qdenoiser, fp_denoiser, name, members, calibration, options, index, context, device)
+            result = _reconstruct_block(qdenoiser, fp_denoiser, name, members, calibration, options, index, context, device,
+                                        budget)
             stats.append(result)
             _freeze(members)
             set_quant_enabled(qdenoiser, True, names=members)
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, index, block, result)
     finally:
+        if memory is None:
+            budget.close()
         for n, p in qdenoiser.named_parameters():
             p.requires_grad_(requires_grad.get(n, False))
         for n, p in fp_denoiser.named_parameters():
@@ -372,11 +397,26 @@ def reconstruct_blocks(
 
 
 def _reconstruct_block(qdenoiser, fp_denoiser, name: str, members: dict[str, QuantModule], calibration: CalibrationSet,
-                       options: ReconstructionOptions, index: int, context, device) -> BlockStats:
+                       options: ReconstructionOptions, index: int, context, device, budget: MemoryBudget) -> BlockStats:
+    """One block's inputs (quantized model) and targets (float model), held within ``budget``, then its learning."""
     start = time.perf_counter()
     block = qdenoiser.get_submodule(name)
-    data, _ = _run_until(qdenoiser, block, calibration, inputs=True, outputs=False)
-    _, targets = _run_until(fp_denoiser, fp_denoiser.get_submodule(name), calibration, inputs=False, outputs=True)
+    data, _ = _run_until(qdenoiser, block, calibration, budget, inputs=True, outputs=False)
+    try:
+        _, (targets, target_store) = _run_until(fp_denoiser, fp_denoiser.get_submodule(name), calibration, budget,
+                                                inputs=False, outputs=True)
+    except BaseException:
+        data.store.close()
+        raise
+    try:
+        return _learn_block(qdenoiser, block, name, members, data, targets, options, index, context, device, start)
+    finally:
+        data.store.close()
+        target_store.close()
+
+
+def _learn_block(qdenoiser, block, name: str, members: dict[str, QuantModule], data: BlockData, targets: list,
+                 options: ReconstructionOptions, index: int, context, device, start: float) -> BlockStats:
     generator = torch.Generator().manual_seed(options.seed * 100003 + index)
     weighted = {n: m for n, m in members.items() if m.weight_quantizer is not None}
     set_quant_enabled(qdenoiser, True, names=weighted, activations=False)

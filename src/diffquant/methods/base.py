@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..store import MemoryBudget
 from ..typed import conforms, field_types, type_name
 
 if TYPE_CHECKING:
@@ -34,6 +35,13 @@ class QuantJob:
     sampling_defaults: dict = field(default_factory=dict)
     workdir: Path | None = None
     progress: bool = True
+    _memory: MemoryBudget | None = field(default=None, repr=False)
+
+    def memory(self) -> MemoryBudget:
+        """The job's one data budget (``config.max_memory``), spilling under ``workdir/spill`` when there is a workdir."""
+        if self._memory is None:
+            self._memory = MemoryBudget(self.config.max_memory, spill_root=self.workdir / "spill" if self.workdir else None)
+        return self._memory
 
     def sampling(self) -> SamplingSettings:
         """The calibration sampling settings, resolved: the config's, else the registered defaults, else the pipeline's."""
@@ -54,6 +62,7 @@ class QuantJob:
         self.calibration = record_denoiser_calls(
             self.pipeline, self.prompts[: cfg.num_prompts], cfg, keep_outputs=keep_outputs, progress=self.progress,
             defaults=self.sampling_defaults, cache_dir=None if self.workdir is None else self.workdir / "calibration",
+            memory=self.memory(),
         )
         return self.calibration
 

@@ -113,7 +113,8 @@ class EMF(Method):
             return SerialDataset.from_calibration(job.calibration_set(keep_outputs=True))
         calib = job.config.calibration
         config = SerialDatasetConfig(job.sampling(), steps_per_prompt=opts.steps_per_prompt, batch_size=calib.batch_size)
-        return generate_serial_dataset(job.pipeline, job.prompts[: calib.num_prompts], config, folder=folder, progress=job.progress)
+        return generate_serial_dataset(job.pipeline, job.prompts[: calib.num_prompts], config, folder=folder, progress=job.progress,
+                                       memory=job.memory())
 
     def run(self, job: QuantJob) -> None:
         opts, config, denoiser = self.options(job.config), job.config, job.denoiser
@@ -191,6 +192,7 @@ class EMF(Method):
                       "weight_training": opts.weight_training, "resumed_from_iteration": resumed, **history,
                       "frozen_weights": trainer.freezer.frozen_count()},
             "average_bits": average_bits(denoiser),
+            "memory": job.memory().stats(),
             "seconds": time.perf_counter() - start,
         }
 

@@ -112,7 +112,7 @@ def _reconstruct_weights(job: QuantJob, fp_denoiser: torch.nn.Module, iterations
     options = ReconstructionOptions(iterations=iterations, learn_activations=False, seed=job.config.seed)
     stats = reconstruct_blocks(
         job.denoiser, fp_denoiser, calibration, options,
-        workdir=job.workdir / "reconstruction" if job.workdir else None, progress=job.progress,
+        workdir=job.workdir / "reconstruction" if job.workdir else None, progress=job.progress, memory=job.memory(),
     )
     learned = [b for b in stats if b.weight_loss is not None]
     return {

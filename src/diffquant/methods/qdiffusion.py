@@ -133,12 +133,12 @@ def record_calibration(job: QuantJob, overrides: dict, folder: Path | None) -> C
     for b, batch in enumerate(batches):
         name = f"batch-{b:05d}"
         if checkpoint is not None and checkpoint.is_done(name):
-            part = CalibrationSet.load(checkpoint.path(name))
+            part = CalibrationSet.load(checkpoint.path(name)).bounded(job.memory())
             reused += 1
         else:
             part = record_denoiser_calls(
                 job.pipeline, batch, dataclasses.replace(cfg, seed=cfg.seed + b), progress=False,
-                defaults=job.sampling_defaults,
+                defaults=job.sampling_defaults, memory=job.memory(),
             )
             if checkpoint is not None:
                 part.save(checkpoint.path(name))
@@ -177,7 +177,7 @@ class QDiffusion(Method):
         start = time.perf_counter()
         stats = reconstruct_blocks(
             job.denoiser, fp_denoiser, calibration, options.reconstruction(seed=config.seed),
-            workdir=workdir / "reconstruction" if workdir else None, progress=job.progress,
+            workdir=workdir / "reconstruction" if workdir else None, progress=job.progress, memory=job.memory(),
         )
         record.report["qdiffusion"] = {
             "options": {**dataclasses.asdict(options.reconstruction(seed=config.seed)), "preset": options.preset,
@@ -188,5 +188,6 @@ class QDiffusion(Method):
             "record_seconds": record_seconds,
             "activation_range_seconds": range_seconds,
             "reconstruction_seconds": time.perf_counter() - start,
+            "memory": job.memory().stats(),
             "blocks": [dataclasses.asdict(s) for s in stats],
         }
