@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .registry import method as registered_method
-from .quant import QuantSpec
-from .sampling import SamplingSettings
+
+if TYPE_CHECKING:
+    from .quant import QuantSpec
+    from .sampling import SamplingSettings
 
 CONFIG_VERSION = 1
 
@@ -42,6 +44,8 @@ class CalibrationConfig:
 
     @property
     def sampling(self) -> SamplingSettings:
+        from .sampling import SamplingSettings  # torch-free import of this module: the CLI reads its defaults
+
         return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.height, self.width, self.seed)
 
     @classmethod
@@ -55,6 +59,8 @@ class CalibrationConfig:
 
 def _spec(part: str, **fields: Any) -> QuantSpec:
     """``QuantSpec(**fields)``, its one-line error prefixed with which part of the config it is for."""
+    from .quant import QuantSpec  # torch-free import of this module: the CLI reads its defaults
+
     try:
         return QuantSpec(**fields)
     except ValueError as e:
