@@ -21,7 +21,7 @@ from .config import CalibrationConfig, QuantConfig
 from .console import quiet, quiet_libraries
 
 app = typer.Typer(
-    cls=cli_common.OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=cli_common.CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: rich's formatter alone costs more than the 1 s --help budget
     help="Quantize text-to-image diffusion models (Stable Diffusion via diffusers) and run them.",
 )

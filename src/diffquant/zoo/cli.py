@@ -11,11 +11,11 @@ from typing import Optional
 import typer
 
 from ..cli_common import fail as _fail
-from ..cli_common import check_device, handled
+from ..cli_common import CommandGroup, check_device, handled
 from ..console import quiet_libraries
 
 app = typer.Typer(help="The mini zoo: small models trained here, the default for demo, tests and benchmarks.",
-                  no_args_is_help=True, rich_markup_mode=None)
+                  no_args_is_help=True, rich_markup_mode=None, cls=CommandGroup)
 
 TRAINABLE = ("mini-sd", "mini-sd3", "mini-flux", "evaluator", "vae")
 
