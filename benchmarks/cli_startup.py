@@ -1,6 +1,7 @@
 """Wall time of ``diffquant --help`` and of every subcommand's ``--help``, each in a fresh process (median of N).
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/cli_startup.py [--repeats 3] [--json benchmarks/results/cli_startup.json]
+        [--commands "diffquant,quantize,zoo train"]   # a subset (default: all)
 
 Each run starts the interpreter the way the ``diffquant`` console script does (``from diffquant.cli import app``),
 so the time is what a user waits for the help text: interpreter start, imports, building the commands (wall
@@ -47,9 +48,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/cli_startup.json"))
+    parser.add_argument("--commands", default=None, help="comma list of commands to time, 'diffquant' for the root")
     args = parser.parse_args()
+    wanted = None if args.commands is None else {c.strip() for c in args.commands.split(",")}
     rows = []
     for command in COMMANDS:
+        if wanted is not None and (" ".join(command) or "diffquant") not in wanted:
+            continue
         runs = [time_help(command) for _ in range(args.repeats)]
         times, cpu = [r[0] for r in runs], [r[1] for r in runs]
         rows.append({"command": " ".join(("diffquant", *command, "--help")), "median_s": round(statistics.median(times), 3),

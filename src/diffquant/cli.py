@@ -22,7 +22,7 @@ from .console import quiet, quiet_libraries
 
 app = typer.Typer(
     cls=cli_common.CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # plain help: rich's formatter alone costs more than the 1 s --help budget
+    rich_markup_mode=None,  # plain help: importing rich's formatter costs more CPU than the rest of --help
     help="Quantize text-to-image diffusion models (Stable Diffusion via diffusers) and run them.",
 )
 

@@ -78,7 +78,8 @@ class CommandGroup(TyperGroup):
     """The group class of diffquant's apps. A parse error (``--wbits abc``, a missing ``--model``, an unknown
     command), in any subcommand, ends like every other user error, one ``error:`` line naming the fix and exit
     2, instead of click's usage box. An absent ``--help`` of the group reads False, not None, which typer passes
-    without coercion: ``diffquant quantize --help`` does not import pydantic (typer's coercion, ~half of its time)."""
+    without coercion: ``diffquant quantize --help`` then skips importing typer's pydantic-based coercion (0.45 s
+    of CPU became 0.27 s; benchmarks/cli_startup.py)."""
 
     def get_help_option(self, ctx: Any) -> Any:
         option = super().get_help_option(ctx)
