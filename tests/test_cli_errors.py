@@ -101,6 +101,7 @@ ROWS = [
     ("option-int-float", _set(Q, method="qdiffusion", option="iterations=1.5"), "expects an integer or none for iterations", None),
     ("option-int-text", _set(Q, method="qdiffusion", option="iterations=abc"), "iterations='abc'", None),
     ("option-float", _set(Q, method="pcr", option="relax_fraction=lots"), "pcr expects a number for relax_fraction", None),
+    ("parse-wbits-text", _set(Q, wbits="abc"), "Invalid value for '--wbits'", None),
     ("quantize-steps-0", _set(Q, steps="0"), "--steps must be >= 1, got 0", None),
     ("quantize-device-tpu", _set(Q, device="tpu"), "unknown --device 'tpu'", None),
     ("quantize-device-absent", _set(Q, device="cuda:99"), "--device cuda:99", None),

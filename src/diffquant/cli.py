@@ -1,4 +1,8 @@
-"""The ``diffquant`` command line: quantize, generate, info, export, demo (and zoo, eval, bench when present)."""
+"""The ``diffquant`` command line: quantize, generate, info, export, demo (and zoo, eval, bench when present).
+
+Importing this module loads no torch, diffusers or torchmetrics (each command imports what it runs), so
+``diffquant --help`` and every command's ``--help`` answer at once; tests/test_cli_fast.py keeps it so.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +18,22 @@ from .cli_common import check_device, check_positive, check_writable, field_opti
 from .cli_common import run as _run
 from .cli_common import run_writing as _run_writing
 from .config import CalibrationConfig, QuantConfig
+from .console import quiet, quiet_libraries
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    cls=cli_common.CommandGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: importing rich's formatter costs more CPU than the rest of --help
     help="Quantize text-to-image diffusion models (Stable Diffusion via diffusers) and run them.",
 )
 
-def _quiet() -> None:
-    import diffusers
-    import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show the libraries' own warnings, log lines and loading bars (hidden by default)."),
+) -> None:
+    ctx.with_resource(quiet(verbose))  # for the whole command, before it imports torch or diffusers
 
 
 @app.command()
@@ -94,7 +101,7 @@ def quantize(
         state = launch_state(device)  # under `accelerate launch`: EMF trains data-parallel (docs/scale-out.md)
         if state is not None and cfg.method != "emf":
             raise ValueError(f"only --method emf runs across processes; run --method {cfg.method} without accelerate launch")
-        _quiet()
+        quiet_libraries()
         typer.echo(f"loading {model}")
         pipe = load_pipeline(model, device=str(state.device) if state is not None else device, torch_dtype=torch_dtype)
         if is_unconditional(pipe):
@@ -155,7 +162,7 @@ def generate(
         seed_list = parse_seeds(seeds) if seeds is not None else [seed + i for i in range(num_samples or 1)]
         check_writable(out)
         check_device(device)
-        _quiet()
+        quiet_libraries()
         pipe = load_pipeline(model, device=device, backend=backend)
         check_prompts(pipe, [prompt] if prompt else None)
         if not is_unconditional(pipe):
@@ -210,7 +217,7 @@ def export(
         if fmt not in ("onnx", "openvino"):
             raise ValueError(f"unknown export format {fmt!r}; use --format onnx or --format openvino")
         check_writable(out)
-        _quiet()
+        quiet_libraries()
         pipe = load_pipeline(model)
         if fmt == "openvino":
             from diffquant.deployment import export_openvino
@@ -237,7 +244,7 @@ def info(
     def body():
         from diffquant.inspect import describe
 
-        _quiet()
+        quiet_libraries()
         summary = describe(model)
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
@@ -258,7 +265,7 @@ def demo(
     def body():
         from diffquant.demo import run_demo
 
-        _quiet()
+        quiet_libraries()
         run_demo(out, wbits=wbits, abits=abits, echo=typer.echo)
 
     _run(body)

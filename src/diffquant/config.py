@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .registry import method as registered_method
-from .quant import QuantSpec
-from .sampling import SamplingSettings
-from .store import parse_bytes
+
+if TYPE_CHECKING:
+    from .quant import QuantSpec
+    from .sampling import SamplingSettings
 
 CONFIG_VERSION = 1
 
@@ -43,6 +44,8 @@ class CalibrationConfig:
 
     @property
     def sampling(self) -> SamplingSettings:
+        from .sampling import SamplingSettings  # torch-free import of this module: the CLI reads its defaults
+
         return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.height, self.width, self.seed)
 
     @classmethod
@@ -56,6 +59,8 @@ class CalibrationConfig:
 
 def _spec(part: str, **fields: Any) -> QuantSpec:
     """``QuantSpec(**fields)``, its one-line error prefixed with which part of the config it is for."""
+    from .quant import QuantSpec  # torch-free import of this module: the CLI reads its defaults
+
     try:
         return QuantSpec(**fields)
     except ValueError as e:
@@ -112,6 +117,8 @@ class QuantConfig:
         self.act_spec()
         self.softmax_spec()
         if self.max_memory is not None:
+            from .store import parse_bytes  # store imports torch: keep config light for --help
+
             parse_bytes(self.max_memory)
         method.options(self)  # the method's typed Options: unknown or ill-typed keys fail here
 

@@ -1,20 +1,78 @@
 """What the layers above the core plug into it: methods, bundled models, prompt sets, converted layer kinds.
 
 The core consults these tables and never imports their providers, so the import graph stays one-way:
-``diffquant.methods`` registers its recipes when imported (the package root imports it through
-``diffquant.api``), and the package root imports ``diffquant.zoo``, which registers its models'
-sampling defaults, loaders and prompt sets. A new method or model family registers here.
+the package root names the providers (``diffquant.methods`` registers its recipes, ``diffquant.zoo`` its
+models' sampling defaults, loaders and prompt sets, ``diffquant.runtime`` its converted layers) with
+:func:`provided_by`, and the first read of any table imports them. ``import diffquant`` thus stays light
+(the CLI's ``--help`` loads no torch) while every lookup sees the full tables. A new method or model family
+registers here.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+_PROVIDERS: list[str] = []  # modules that fill the tables, imported at the first read (see provided_by)
+
+
+def provided_by(*modules: str) -> None:
+    """Name the modules whose import fills the tables; the first read of a table imports them (an absent
+    optional package, e.g. a slim install without the zoo, is skipped)."""
+    _PROVIDERS.extend(modules)
+
+
+def _fill() -> None:
+    while _PROVIDERS:
+        module = _PROVIDERS.pop(0)  # popped first: a provider reading a table while it imports does not recurse
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+class _Table(dict):
+    """A registry table whose first read imports the providers; writes (registrations) do not."""
+
+    def __getitem__(self, key: Any) -> Any:
+        _fill()
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        _fill()
+        return super().__contains__(key)
+
+    def __iter__(self):
+        _fill()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        _fill()
+        return super().__len__()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        _fill()
+        return super().get(key, default)
+
+    def keys(self):
+        _fill()
+        return super().keys()
+
+    def values(self):
+        _fill()
+        return super().values()
+
+    def items(self):
+        _fill()
+        return super().items()
+
+
 # name -> Method (diffquant.methods.base.Method): ``name``, ``Options``, ``split_shortcut_default``, ``run``.
-METHODS: dict[str, Any] = {}
+METHODS: dict[str, Any] = _Table()
 
 
 @dataclass(frozen=True)
@@ -28,12 +86,12 @@ class BundledModel:
     calibration_prompts: Callable[[], list[str]]
 
 
-MODELS: dict[str, BundledModel] = {}
+MODELS: dict[str, BundledModel] = _Table()
 # "source:split" (e.g. "zoo:heldout") -> prompts(count or None)
-PROMPT_SETS: dict[str, Callable[..., list[str]]] = {}
+PROMPT_SETS: dict[str, Callable[..., list[str]]] = _Table()
 # kind of a converted (deployed) module -> build(wrapped module, its saved ``converted_form()``) -> module;
 # diffquant.runtime registers its integer layers, so loading a converted model needs no runtime import.
-CONVERTED: dict[str, Callable[[Any, dict], Any]] = {}
+CONVERTED: dict[str, Callable[[Any, dict], Any]] = _Table()
 # The ``quant_method`` a saved denoiser's config.json names (serialization writes it) and under which
 # hf_quantizer registers diffquant with diffusers; here because both must agree and hf_quantizer stays light.
 HF_QUANT_METHOD = "diffquant"

@@ -1,4 +1,7 @@
-"""Typer commands ``eval`` and ``bench`` (registered on the main app by ``diffquant.cli``)."""
+"""Typer commands ``eval`` and ``bench`` (registered on the main app by ``diffquant.cli``).
+
+Module level stays torch-free (option defaults come from :mod:`.options`); the bodies import the harness.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ from ..cli_common import HEIGHT as _HEIGHT
 from ..cli_common import STEPS as _STEPS
 from ..cli_common import WIDTH as _WIDTH
 from ..cli_common import check_device, check_positive, check_writable, field_option, run_writing
-from .harness import EvalOptions, parse_metrics
-from .prompts import DEFAULT_PROMPTS, load_prompts, parse_seeds, sample_items
+from ..console import quiet_libraries
+from .options import EvalOptions, parse_metrics
 
 _PROMPTS = typer.Option(None, "--prompts", help="Prompt file (.txt one per line, .json [{prompt, seed}]) or zoo:heldout[:N] / "
                         "zoo:calibration[:N] (default zoo:heldout:16; none for an unconditional model).")
@@ -71,6 +74,7 @@ def _eval(reference: str, model: str, prompts: str | None, seeds: str | None, nu
     from .harness import Evaluation
     from .loading import check_same_architecture, load_model, resolve_settings
     from .paired import render
+    from .prompts import DEFAULT_PROMPTS, load_prompts, parse_seeds, sample_items
 
     check_positive(steps=steps, height=height, width=width)
     check_writable(out)
@@ -80,6 +84,7 @@ def _eval(reference: str, model: str, prompts: str | None, seeds: str | None, nu
     if prompts is not None:
         load_prompts(prompts)  # a bad prompt file fails before any model loads
     parse_seeds(seeds)
+    quiet_libraries()
     fp_pipe = load_model(reference, device)
     items = sample_items(fp_pipe, prompts, seeds, num_samples)
     settings = resolve_settings(fp_pipe, reference, steps, guidance, height, width)
@@ -135,6 +140,7 @@ def bench_command(
         from .bench import parse_bits, run_bench
         from .loading import load_model, resolve_settings
         from .peers import parse_peers
+        from .prompts import DEFAULT_PROMPTS, load_prompts, parse_seeds
 
         if launch_state(check_device(device)) is not None:
             raise ValueError("bench runs in one process; under accelerate launch run diffquant eval for each model")
@@ -147,6 +153,7 @@ def bench_command(
         peer_list = parse_peers(peers)
         items = load_prompts(prompts or DEFAULT_PROMPTS, parse_seeds(seeds))
         calibration = [it.prompt for it in load_prompts(calib_prompts)]
+        quiet_libraries()
         fp_pipe = load_model(model, device)
         if is_unconditional(fp_pipe):
             raise ValueError(f"bench does not run unconditional models ({type(fp_pipe).__name__}) yet; "

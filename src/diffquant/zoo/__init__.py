@@ -14,11 +14,13 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..registry import BundledModel, register_model, register_prompt_set
 from .data import calibration_prompts, heldout_prompts
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_NAMES: tuple[str, ...] = ("mini-sd", "mini-sd3", "mini-flux")
 MODELS_DIR = Path(__file__).parent / "models"
@@ -47,10 +49,13 @@ def model_path(name: str) -> Path:
     return folder
 
 
-def load_pipeline(name: str, torch_dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load ``name`` with the real ``from_pretrained`` on its installed folder (offline, progress bar off)."""
+def load_pipeline(name: str, torch_dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load ``name`` with the real ``from_pretrained`` on its installed folder (offline, progress bar off);
+    ``torch_dtype`` None is float32 (torch is imported here, not with the package: the CLI's --help stays light)."""
+    import torch
     from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
+    torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
     folder = model_path(name)
     if name == "mini-sd":
         pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, safety_checker=None,

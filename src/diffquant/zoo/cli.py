@@ -11,10 +11,11 @@ from typing import Optional
 import typer
 
 from ..cli_common import fail as _fail
-from ..cli_common import check_device, handled
+from ..cli_common import CommandGroup, check_device, handled
+from ..console import quiet_libraries
 
 app = typer.Typer(help="The mini zoo: small models trained here, the default for demo, tests and benchmarks.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode=None, cls=CommandGroup)
 
 TRAINABLE = ("mini-sd", "mini-sd3", "mini-flux", "evaluator", "vae")
 
@@ -79,6 +80,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     result = out / {"evaluator": "evaluator", "vae": "vae_decoder" if decoder_steps > 0 else "vae"}.get(name, "pipeline")
     ctx.with_resource(claim_output(result, overwrite=overwrite))  # held until the command ends: refused at start
+    quiet_libraries()
     t0 = time.time()
     if name == "evaluator":
         from .evaluator import train_evaluator
@@ -127,6 +129,7 @@ def eval_cmd(
         _fail(f"unknown model {name!r}; choose one of {', '.join((*MODEL_NAMES, 'evaluator'))}")
     if not 1 <= n <= 512:
         _fail(f"--n must be in 1..512, got {n}")
+    quiet_libraries()
     try:
         if name == "evaluator":
             result = evaluate_evaluator_floor(n)

@@ -16,8 +16,10 @@ from __future__ import annotations
 import itertools
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: the CLI's --help imports this module and no numpy
+    import numpy as np
 
 RESOLUTION = 32
 SUPERSAMPLE = 4
@@ -164,6 +166,8 @@ def parse_caption(text: str) -> Scene:
 
 def _masks(scene: Scene, res: int) -> list[np.ndarray]:
     """Soft coverage masks [res, res] of each object, by supersampled point-in-shape tests."""
+    import numpy as np
+
     ss = res * SUPERSAMPLE
     coords = (np.arange(ss, dtype=np.float32) + 0.5) / SUPERSAMPLE * (32.0 / res)
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
@@ -189,6 +193,8 @@ def _masks(scene: Scene, res: int) -> list[np.ndarray]:
 
 def render(scene: Scene, res: int = RESOLUTION) -> np.ndarray:
     """Render ``scene`` to float32 RGB [res, res, 3] in [0, 1]."""
+    import numpy as np
+
     img = np.empty((res, res, 3), dtype=np.float32)
     img[:] = BACKGROUNDS[scene.background]
     for o, m in zip(scene.objects, _masks(scene, res)):
@@ -201,6 +207,8 @@ def make_batch(seed: int, index: int, batch_size: int, split: str = "train") -> 
 
     A pure function of (seed, index): a resumed training run sees exactly the batches it would have.
     """
+    import numpy as np
+
     rng = np.random.default_rng([seed, index, {"train": 0, "heldout": 1, "any": 2}[split]])
     scenes = [sample_scene(rng, split) for _ in range(batch_size)]
     captions = [caption(s, rng) for s in scenes]
@@ -209,6 +217,8 @@ def make_batch(seed: int, index: int, batch_size: int, split: str = "train") -> 
 
 
 def _prompt_set(seed: int, split: str, n: int) -> list[str]:
+    import numpy as np
+
     rng = np.random.default_rng([seed, 7])
     out: list[str] = []
     seen: set[str] = set()
