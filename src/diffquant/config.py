@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .registry import method as registered_method
 from .quant import QuantSpec
+from .quant.spec import ACT_GRANULARITIES, WEIGHT_GRANULARITIES
 from .sampling import SamplingSettings
 
 CONFIG_VERSION = 1
@@ -69,6 +71,11 @@ class QuantConfig:
     ``abits=None`` means weight-only. ``split_shortcut=None`` takes the method's default (on for
     Q-Diffusion). ``timestep_groups`` > 1 gives activation quantizers one parameter set per range
     of the training timestep. ``keep_float`` holds fnmatch patterns of layer names left in float.
+    ``act_granularity`` (``ACT_GRANULARITIES``): ``per_tensor`` static scales (per timestep group);
+    ``per_channel_smooth`` the same after SmoothQuant-style migration of per-input-channel factors into the
+    weights (searched per layer on the calibration data); ``per_token`` / ``per_group`` dynamic scales per token
+    (per group of ``act_group_size`` input channels), computed at run time. Attention matmul inputs follow the
+    dynamic modes and stay static per-tensor under smoothing (they have no weight to migrate into).
     """
 
     method: str = "rtn"
@@ -81,6 +88,8 @@ class QuantConfig:
     act_symmetric: bool = False
     act_observer: str = "minmax"
     act_percentile: float = 99.99
+    act_granularity: str = "per_tensor"
+    act_group_size: int = 64
     quantize_attention: bool = True
     softmax_bits: int = 8
     timestep_groups: int = 1
@@ -102,6 +111,10 @@ class QuantConfig:
         self.keep_float = list(self.keep_float)
         if self.timestep_groups < 1:
             raise ValueError(f"timestep_groups must be >= 1, got {self.timestep_groups}")
+        for part, value, allowed in (("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES),
+                                     ("act_granularity", self.act_granularity, ACT_GRANULARITIES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {part} {value!r}; choose one of {', '.join(allowed)}")
         # Building the specs validates bits, granularity and observers with one-line messages.
         self.weight_spec()
         self.act_spec()
@@ -123,8 +136,15 @@ class QuantConfig:
     def act_spec(self) -> QuantSpec | None:
         if self.abits is None:
             return None
-        return _spec("activations", bits=self.abits, symmetric=self.act_symmetric, granularity="per_tensor",
-                     observer=self.act_observer, percentile=self.act_percentile)
+        return _spec("activations", bits=self.abits, symmetric=self.act_symmetric, granularity=self.act_granularity,
+                     group_size=self.act_group_size, observer=self.act_observer, percentile=self.act_percentile)
+
+    def attention_spec(self) -> QuantSpec | None:
+        """The q/k/v matmul inputs' spec: the layers' one, static per-tensor under smoothing (no weight to migrate into)."""
+        spec = self.act_spec()
+        if spec is None or spec.granularity != "per_channel_smooth":
+            return spec
+        return dataclasses.replace(spec, granularity="per_tensor")
 
     def softmax_spec(self) -> QuantSpec | None:
         if self.abits is None:
