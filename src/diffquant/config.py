@@ -123,7 +123,8 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}"
+        granularity = "" if self.abits is None or self.act_granularity == "per_tensor" else f"-{self.act_granularity}"
+        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}{granularity}"
 
     @property
     def use_split_shortcut(self) -> bool:
