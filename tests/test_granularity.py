@@ -182,3 +182,14 @@ def test_dynamic_scales_refuse_onnx_and_pcr_refuses_smoothing(tiny_pipes, tmp_pa
     with pytest.raises(ValueError, match="pcr fits activations step by step"):
         diffquant.quantize(copy.deepcopy(tiny_pipes["sd"]), QuantConfig(method="pcr", act_granularity="per_channel_smooth"),
                            calibration=PROMPTS[:1], progress=False)
+
+
+def test_cli_refuses_an_unknown_granularity(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", "--model", "mini-sd", "--out", str(tmp_path / "q"), "--act-granularity", "per_channel"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and errors == [
+        "error: unknown act_granularity 'per_channel'; choose one of per_tensor, per_channel_smooth, per_token, per_group"]
