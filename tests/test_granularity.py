@@ -14,6 +14,7 @@ from diffquant.quant import ActivationQuantizer, QuantSpec
 from diffquant.quant.lsq import step_size_parameters
 from diffquant.runtime import IntConv2d, IntLinear, convert
 from diffquant.runtime.onnx import export_onnx
+from diffquant.runtime.ovgraph import quantized_models
 from diffquant.wrap import wrap_denoiser
 
 from tinyutil import PROMPTS, calibration_config, sample_latents
@@ -179,6 +180,8 @@ def test_dynamic_scales_refuse_onnx_and_pcr_refuses_smoothing(tiny_pipes, tmp_pa
     pipe = convert(quantized(tiny_pipes, act_granularity="per_token"), backend="int_mm", progress=False)
     with pytest.raises(ValueError, match="dynamic per_token activations do not export to ONNX"):
         export_onnx(pipe, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="do not export to OpenVINO"):
+        quantized_models(pipe)
     with pytest.raises(ValueError, match="pcr fits activations step by step"):
         diffquant.quantize(copy.deepcopy(tiny_pipes["sd"]), QuantConfig(method="pcr", act_granularity="per_channel_smooth"),
                            calibration=PROMPTS[:1], progress=False)
