@@ -83,6 +83,8 @@ def main() -> None:
     args = parser.parse_args()
     data = collect([f for f in args.runs if (f / "results.json").is_file()])
     data["targets"] = targets(data["table"])
+    if args.json.is_file():  # benchmarks/granularity_probe.py results, added by hand, survive a re-collection
+        data["probes"] = json.loads(args.json.read_text()).get("probes", {})
     args.json.write_text(json.dumps(data, indent=2) + "\n")
     text = markdown(data)
     if args.markdown is not None:
