@@ -57,6 +57,9 @@ def quantize(
     group_size: int = field_option(QuantConfig, "group_size", help="Input elements per group with --granularity per_group."),
     weight_observer: str = field_option(QuantConfig, "weight_observer", help="Weight range: minmax, percentile, mse."),
     act_observer: str = field_option(QuantConfig, "act_observer", help="Activation range: minmax, percentile, mse."),
+    act_granularity: str = field_option(QuantConfig, "act_granularity", help="Activation scales: per_tensor (static), "
+                                        "per_channel_smooth (SmoothQuant migration), per_token or per_group (dynamic)."),
+    act_group_size: int = field_option(QuantConfig, "act_group_size", help="Input channels per group with --act-granularity per_group."),
     keep_float: list[str] = field_option(QuantConfig, "keep_float", help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),
     preset: Optional[str] = typer.Option(None, help="Method preset, e.g. 'paper' (Q-Diffusion's paper-sized calibration)."),
@@ -91,7 +94,8 @@ def quantize(
         else:
             cfg = QuantConfig(
                 method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
-                weight_observer=weight_observer, act_observer=act_observer, timestep_groups=timestep_groups,
+                weight_observer=weight_observer, act_observer=act_observer, act_granularity=act_granularity,
+                act_group_size=act_group_size, timestep_groups=timestep_groups,
                 keep_float=keep_float, seed=seed, max_memory=max_memory,
                 options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},
                 calibration=CalibrationConfig(num_prompts=num_prompts, num_inference_steps=steps, guidance_scale=guidance,

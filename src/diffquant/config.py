@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,11 @@ class QuantConfig:
     ``max_memory`` bounds the calibration data held resident (block reconstruction's caches, EMF's serial
     dataset), e.g. ``"4GiB"``; beyond it the data is read memory-mapped from disk (``diffquant.store``), with the
     same result. ``None``: half of the RAM available when quantization starts.
+    ``act_granularity`` (``ACT_GRANULARITIES``): ``per_tensor`` static scales (per timestep group);
+    ``per_channel_smooth`` the same after SmoothQuant-style migration of per-input-channel factors into the
+    weights (searched per layer on the calibration data); ``per_token`` / ``per_group`` dynamic scales per token
+    (per group of ``act_group_size`` input channels), computed at run time. Attention matmul inputs follow the
+    dynamic modes and stay static per-tensor under smoothing (they have no weight to migrate into).
     """
 
     method: str = "rtn"
@@ -90,6 +96,8 @@ class QuantConfig:
     act_symmetric: bool = False
     act_observer: str = "minmax"
     act_percentile: float = 99.99
+    act_granularity: str = "per_tensor"
+    act_group_size: int = 64
     quantize_attention: bool = True
     softmax_bits: int = 8
     timestep_groups: int = 1
@@ -112,6 +120,12 @@ class QuantConfig:
         self.keep_float = list(self.keep_float)
         if self.timestep_groups < 1:
             raise ValueError(f"timestep_groups must be >= 1, got {self.timestep_groups}")
+        from .quant.spec import ACT_GRANULARITIES, WEIGHT_GRANULARITIES  # torch-free import of this module
+
+        for part, value, allowed in (("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES),
+                                     ("act_granularity", self.act_granularity, ACT_GRANULARITIES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {part} {value!r}; choose one of {', '.join(allowed)}")
         # Building the specs validates bits, granularity and observers with one-line messages.
         self.weight_spec()
         self.act_spec()
@@ -124,7 +138,8 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}"
+        granularity = "" if self.abits is None or self.act_granularity == "per_tensor" else f"-{self.act_granularity}"
+        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}{granularity}"
 
     @property
     def use_split_shortcut(self) -> bool:
@@ -137,8 +152,15 @@ class QuantConfig:
     def act_spec(self) -> QuantSpec | None:
         if self.abits is None:
             return None
-        return _spec("activations", bits=self.abits, symmetric=self.act_symmetric, granularity="per_tensor",
-                     observer=self.act_observer, percentile=self.act_percentile)
+        return _spec("activations", bits=self.abits, symmetric=self.act_symmetric, granularity=self.act_granularity,
+                     group_size=self.act_group_size, observer=self.act_observer, percentile=self.act_percentile)
+
+    def attention_spec(self) -> QuantSpec | None:
+        """The q/k/v matmul inputs' spec: the layers' one, static per-tensor under smoothing (no weight to migrate into)."""
+        spec = self.act_spec()
+        if spec is None or spec.granularity != "per_channel_smooth":
+            return spec
+        return dataclasses.replace(spec, granularity="per_tensor")
 
     def softmax_spec(self) -> QuantSpec | None:
         if self.abits is None:

@@ -115,7 +115,7 @@ def wrap_denoiser(
         for name, kind in adapter.attention_modules().items():
             cls = PROCESSORS[kind]
             attention = denoiser.get_submodule(name)
-            processor = cls(act_spec, config.softmax_spec(), context, num_groups).to(next(attention.parameters()).device)
+            processor = cls(config.attention_spec(), config.softmax_spec(), context, num_groups).to(next(attention.parameters()).device)
             for q in processor.activation_quantizers():
                 q.name = f"{name}.processor"
             attention.set_processor(processor)

@@ -70,8 +70,10 @@ def quantize_copy(fp_pipe, cfg, calibration: list[str], **kwargs):
 
 def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: SamplingSettings, options: EvalOptions,
               methods: list[str], bits: list[tuple[int, int]], peers: list[str], calibration: list[str],
-              prompts_spec: str = "", deploy: Callable[[Any], Any] | None = None, deploy_label: str = "openvino") -> Evaluation:
-    """Quantize copies of ``fp_pipe`` with every (method, bits) and peer, score each on the pairs, return the evaluation.
+              prompts_spec: str = "", deploy: Callable[[Any], Any] | None = None, deploy_label: str = "openvino",
+              granularities: list[str] | tuple[str, ...] = ("per_tensor",)) -> Evaluation:
+    """Quantize copies of ``fp_pipe`` with every (method, bits, activation granularity) and peer, score each on the
+    pairs, return the evaluation.
 
     ``deploy`` (a quantized pipeline -> the same model on an engine, e.g. OpenVINO) adds a row
     ``<label>-<deploy_label>`` after each method's fake-quant row, scored against FP like every row and
@@ -88,8 +90,8 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     own = settings.replace(extras={k: v for k, v in settings.extras.items() if implied.get(k, object()) != v})
     calib_cfg = CalibrationConfig.from_sampling(own, num_prompts=len(calibration), batch_size=options.batch_size)
     for method in methods:
-        for wbits, abits in bits:
-            cfg = QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib_cfg)
+        for (wbits, abits), granularity in ((b, g) for b in bits for g in granularities):
+            cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, calibration=calib_cfg)
             pipe, seconds, mib = quantize_copy(fp_pipe, cfg, calibration)
             with tempfile.TemporaryDirectory() as folder:
                 diffquant.save(pipe, folder)

@@ -121,6 +121,8 @@ def bench_command(
     model: str = typer.Option(..., "--model", help="FP model: diffusers folder or mini-zoo name."),
     methods: str = typer.Option("rtn", "--methods", help="Comma list of diffquant methods, e.g. rtn,qdiffusion,pcr,emf ('none' for peers only)."),
     bits: str = typer.Option("w8a8", "--bits", help="Comma list of bit widths, e.g. w8a8,w4a8."),
+    act_granularity: str = typer.Option("per_tensor", "--act-granularity",
+                                        help="Comma list of activation granularities: per_tensor, per_channel_smooth, per_token, per_group."),
     peers: str = typer.Option("all", "--peers", help="Comma list of torchao-w8a8,torchao-w4,quanto-w8a8,quanto-w4,nncf-int8,openvino-fp32,openvino-bf16, 'all' or 'none'."),
     calib_prompts: str = typer.Option("zoo:calibration:16", "--calib-prompts", help="Calibration prompts (same forms as --prompts)."),
     prompts: Optional[str] = _PROMPTS, seeds: Optional[str] = _SEEDS, steps: Optional[int] = _STEPS, guidance: Optional[float] = _GUIDANCE,
@@ -161,7 +163,8 @@ def bench_command(
         settings = resolve_settings(fp_pipe, model, steps, guidance, height, width)
         with resume_log() as reused:
             ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration,
-                           prompts_spec=prompts or DEFAULT_PROMPTS)
+                           prompts_spec=prompts or DEFAULT_PROMPTS,
+                           granularities=[g.strip() for g in act_granularity.split(",") if g.strip()])
         _write(ev, output, reused, f"diffquant bench: {model}")
 
     run_writing(out, overwrite, body)

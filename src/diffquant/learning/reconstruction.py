@@ -447,10 +447,11 @@ def _learn_block(qdenoiser, block, name: str, members: dict[str, QuantModule], d
         result.weight_loss = _dataset_loss(block, data, targets, context, device, options.batch_size)
     act_quantizers = [q for m in members.values() for q in m.activation_quantizers()]
     if act_quantizers:
+        learned = [q for q in act_quantizers if not q.dynamic]  # dynamic scales: nothing for LSQ to learn
         set_quant_enabled(qdenoiser, True, names=members)
         result.act_init_loss = _dataset_loss(block, data, targets, context, device, options.batch_size)
-        if options.learn_activations:
-            step_sizes = StepSizes(q.scale for q in act_quantizers)
+        if options.learn_activations and learned:
+            step_sizes = StepSizes(q.scale for q in learned)
             try:
                 _train(block, data, targets, context, device, step_sizes.start(options.act_lr),
                        options.act_iterations, options.batch_size, generator, step_sizes=step_sizes)

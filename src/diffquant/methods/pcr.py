@@ -136,6 +136,9 @@ class PCR(Method):
                              "(not a bare denoiser) and calibration prompts")
         if job.config.abits is None:
             raise ValueError("pcr calibrates activations per step; set abits (e.g. --abits 8) or use --method rtn for weight-only")
+        if job.config.act_granularity == "per_channel_smooth":
+            raise ValueError("pcr fits activations step by step on already quantized weights, so it cannot migrate smoothing "
+                             "factors into them; use --act-granularity per_tensor, per_token or per_group with pcr")
         if not job.prompts:
             raise ValueError("pcr needs calibration prompts: pass calibration=<list of prompts> or --prompts FILE")
         prompts = job.prompts[: job.config.calibration.num_prompts]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..quant import ActivationQuantizer, WeightQuantizer
+from .smoothing import fit_smoothing
 from .state import QuantState
 
 
@@ -72,6 +73,8 @@ class QuantModule(nn.Module):
                 q.start_observing(seed=seed + i)
             else:
                 if q.mode == "observe":
+                    if q.smoothing:
+                        fit_smoothing(self)  # before the weight is quantized or learned
                     q.finish_observing()
                 q.mode = "quantize"
         if state is QuantState.FROZEN and self.weight_quantizer is not None:
@@ -103,7 +106,11 @@ class QuantModule(nn.Module):
         return None if self.bias is None else self.bias.to(dtype)
 
     def _quantize_activation(self, q: ActivationQuantizer | None, x: torch.Tensor) -> torch.Tensor:
-        if q is None or q.mode == "off":
+        """The input the layer's float op sees: smoothed (always: the weight holds the factors), then fake-quantized."""
+        if q is None:
+            return x
+        x = q.smooth_input(x)
+        if q.mode == "off":
             return x
         if q.mode == "observe" or self.act_quant_enabled:
             return q(x)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..quant import ActivationQuantizer, QuantSpec, TimestepContext, WeightQuantizer
 from .base import QuantModule
+from .smoothing import unsmooth_weight
 
 
 class QuantLinear(nn.Linear, QuantModule):
@@ -30,7 +33,8 @@ class QuantLinear(nn.Linear, QuantModule):
         q._init_quant()
         q.weight_quantizer = WeightQuantizer(weight_spec, module.weight.shape).to(module.weight.device)
         q.input_quantizer = (
-            ActivationQuantizer(act_spec, context, num_groups, channel_axis=-1).to(module.weight.device) if act_spec else None
+            ActivationQuantizer(act_spec, context, num_groups, channel_axis=-1, channels=module.in_features).to(module.weight.device)
+            if act_spec else None
         )
         if calibrate_weights:
             q.weight_quantizer.calibrate(module.weight)
@@ -40,7 +44,8 @@ class QuantLinear(nn.Linear, QuantModule):
         return F.linear(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
 
     def to_float(self) -> nn.Linear:
-        """The plain float layer over the same parameters (the layer leaves quantization)."""
+        """The plain float layer over the same parameters (the layer leaves quantization; smoothing is undone)."""
+        unsmooth_weight(self)
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         layer.weight, layer.bias = self.weight, self.bias
         return layer
@@ -73,8 +78,11 @@ class QuantConv2d(nn.Conv2d, QuantModule):
         if input_splits and module.groups != 1:
             raise ValueError("split-input quantization needs an ungrouped convolution")
         q.weight_quantizer = WeightQuantizer(weight_spec, module.weight.shape, input_splits=input_splits).to(module.weight.device)
+        if act_spec is not None and act_spec.granularity == "per_channel_smooth" and module.groups != 1:
+            act_spec = dataclasses.replace(act_spec, granularity="per_tensor")  # a grouped weight has no column per input channel
         q.input_quantizer = (
-            ActivationQuantizer(act_spec, context, num_groups, channel_splits=input_splits, channel_axis=1).to(module.weight.device)
+            ActivationQuantizer(act_spec, context, num_groups, channel_splits=input_splits, channel_axis=1,
+                                channels=module.in_channels).to(module.weight.device)
             if act_spec else None
         )
         if calibrate_weights:
@@ -85,7 +93,8 @@ class QuantConv2d(nn.Conv2d, QuantModule):
         return self._conv_forward(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
 
     def to_float(self) -> nn.Conv2d:
-        """The plain float layer over the same parameters (the layer leaves quantization)."""
+        """The plain float layer over the same parameters (the layer leaves quantization; smoothing is undone)."""
+        unsmooth_weight(self)
         layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
                           dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
                           padding_mode=self.padding_mode, device="meta")

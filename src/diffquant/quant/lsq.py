@@ -33,9 +33,12 @@ def step_size_lr(scale: torch.Tensor, relative_lr: float) -> float:
 
 
 def step_size_parameters(model: nn.Module, weights: bool = True, activations: bool = True) -> dict[str, nn.Parameter]:
-    """The step sizes of every quantizer in ``model`` (every timestep group), by parameter name, in module order."""
+    """The step sizes of every quantizer in ``model`` (every timestep group), by parameter name, in module order.
+
+    Dynamic activation quantizers (per token / per group) have none: their scales come from each input."""
     kinds = (WeightQuantizer,) * weights + (ActivationQuantizer,) * activations
-    return {f"{name}.scale": q.scale for name, q in model.named_modules() if kinds and isinstance(q, kinds)}
+    return {f"{name}.scale": q.scale for name, q in model.named_modules()
+            if kinds and isinstance(q, kinds) and not getattr(q, "dynamic", False)}
 
 
 class StepSizes:

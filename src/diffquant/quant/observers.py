@@ -89,3 +89,37 @@ class ActivationObserver:
 
     def observed_groups(self) -> list[int]:
         return [g for g in range(self.lo.shape[0]) if torch.isfinite(self.lo[g]).all()]
+
+
+class ChannelObserver:
+    """Per-(timestep group, input channel) running range and a bounded random subsample of whole tokens.
+
+    The statistics of smoothing (``per_channel_smooth``): the migration factors come from the channels'
+    ranges, the alpha search and the per-tensor scale of the smoothed input from the kept tokens
+    (``max_values`` numbers per group, at least 16 tokens). ``x`` rows are tokens: ``[N, C]``.
+    """
+
+    def __init__(self, num_groups: int, channels: int, max_values: int = 1 << 16, seed: int = 0) -> None:
+        self.lo = torch.full((num_groups, channels), float("inf"))
+        self.hi = torch.full((num_groups, channels), float("-inf"))
+        self.rows: dict[int, torch.Tensor] = {}
+        self.max_rows = max(16, max_values // channels)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def observe(self, group: int, rows: torch.Tensor) -> None:
+        rows = rows.detach().float().cpu()
+        if rows.numel() == 0:
+            return
+        if not bool(torch.isfinite(rows).all()):
+            raise FloatingPointError("non-finite activation")
+        self.lo[group] = torch.minimum(self.lo[group], rows.amin(dim=0))
+        self.hi[group] = torch.maximum(self.hi[group], rows.amax(dim=0))
+        take = min(rows.shape[0], self.max_rows // 4)
+        picked = rows[torch.randperm(rows.shape[0], generator=self.generator)[:take]]
+        merged = picked if group not in self.rows else torch.cat([self.rows[group], picked])
+        if merged.shape[0] > self.max_rows:
+            merged = merged[torch.randperm(merged.shape[0], generator=self.generator)[: self.max_rows]]
+        self.rows[group] = merged
+
+    def observed_groups(self) -> list[int]:
+        return [g for g in range(self.lo.shape[0]) if torch.isfinite(self.lo[g]).all()]

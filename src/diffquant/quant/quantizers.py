@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from .adaround import AdaRound
-from .affine import fake_quantize, qrange, quantize_to_int, round_ste
-from .observers import ActivationObserver, estimate_qparams
-from .spec import QuantSpec
+from .affine import fake_quantize, qparams_from_range, qrange, quantize_to_int, round_ste
+from .observers import ActivationObserver, ChannelObserver, estimate_qparams
+from .spec import ACT_GRANULARITIES, WEIGHT_GRANULARITIES, QuantSpec
 from .timestep import TimestepContext
 
 OVERFLOW_FIX = "the model overflows here; run in float32 (torch_dtype=torch.float32) or lower the guidance scale"
@@ -62,6 +62,8 @@ class WeightQuantizer(nn.Module):
 
     def __init__(self, spec: QuantSpec, weight_shape: torch.Size | tuple[int, ...], input_splits: list[int] | None = None):
         super().__init__()
+        if spec.granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(f"weight granularity {spec.granularity!r} is for activations; choose one of {', '.join(WEIGHT_GRANULARITIES)}")
         self.spec = spec
         self.weight_shape = tuple(weight_shape)
         out_channels = self.weight_shape[0]
@@ -135,12 +137,23 @@ class WeightQuantizer(nn.Module):
 
 
 class ActivationQuantizer(nn.Module):
-    """Static activation quantizer with one parameter set per timestep group (and channel segment).
+    """Activation quantizer with one parameter set per timestep group (and channel segment).
 
     ``mode``: ``off`` passes through; ``observe`` records statistics (calibration) and passes
     through; ``quantize`` fake-quantizes with the parameters of the context's current group.
     ``bits`` may differ per group (PCR's relaxed steps). ``channel_splits`` quantizes a concatenated
     input in parts with separate parameters (Q-Diffusion's shortcut splitting).
+
+    The spec's granularity (``ACT_GRANULARITIES``) decides where scales come from, so every method
+    (RTN, reconstruction, QAT) quantizes under it without code of its own:
+    ``per_tensor``: static scale and zero point per (timestep group, segment), fitted by the observer.
+    ``per_token`` / ``per_group``: dynamic, from each token's range (the channels of one position: the last
+    axis of a Linear input, axis 1 of a Conv2d input) in each segment, cut into groups of ``group_size``
+    channels for ``per_group``; the observer is skipped and there is no step size to learn (LSQ leaves them
+    out: ``step_size_parameters``), but ``bits`` per timestep group still apply.
+    ``per_channel_smooth``: static per-tensor scales of the input divided by the per-channel ``smooth``
+    factors (``channels`` of them), which the owning layer searches and multiplies into its weight columns
+    (``nn.smoothing``); the observer keeps per-channel ranges and whole tokens for that search.
     """
 
     def __init__(
@@ -150,8 +163,11 @@ class ActivationQuantizer(nn.Module):
         num_groups: int = 1,
         channel_splits: list[int] | None = None,
         channel_axis: int = -1,
+        channels: int | None = None,
     ):
         super().__init__()
+        if spec.granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"activation granularity {spec.granularity!r} is for weights; choose one of {', '.join(ACT_GRANULARITIES)}")
         self.spec = spec
         self.context = context
         self.channel_splits = list(channel_splits) if channel_splits else None
@@ -164,11 +180,23 @@ class ActivationQuantizer(nn.Module):
             self.register_buffer("seg_index", _segment_index(_segment_bounds(sum(self.channel_splits), self.channel_splits, None)), persistent=False)
         else:
             self.seg_index = None
+        if self.smoothing and channels is None:
+            raise ValueError("per_channel_smooth needs the layer's input channel count (channels=)")
+        self.register_buffer("smooth", torch.ones(channels) if self.smoothing else None)
         self.mode = "off"
-        self.observer: ActivationObserver | None = None
+        self.observer: ActivationObserver | ChannelObserver | None = None
         self.name = ""
         # True once the parameters come from data (observed, or loaded with a saved model); not saved itself.
-        self.calibrated = False
+        # Dynamic scales need no data.
+        self.calibrated = spec.dynamic
+
+    @property
+    def dynamic(self) -> bool:
+        return self.spec.dynamic
+
+    @property
+    def smoothing(self) -> bool:
+        return self.spec.granularity == "per_channel_smooth"
 
     @property
     def num_groups(self) -> int:
@@ -179,8 +207,16 @@ class ActivationQuantizer(nn.Module):
         return 0 if self.context is None or self.num_groups == 1 else self.context.group
 
     def start_observing(self, seed: int = 0) -> None:
-        self.observer = ActivationObserver(self.num_groups, self.scale.shape[1], seed=seed)
+        """Record statistics from now on (nothing to record for dynamic scales: the input passes through)."""
+        if self.smoothing:
+            self.observer = ChannelObserver(self.num_groups, self.smooth.numel(), seed=seed)
+        elif not self.dynamic:
+            self.observer = ActivationObserver(self.num_groups, self.scale.shape[1], seed=seed)
         self.mode = "observe"
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as rows of channels: one row per token (position)."""
+        return x.movedim(self.channel_axis, -1).reshape(-1, x.shape[self.channel_axis])
 
     def _observe(self, x: torch.Tensor) -> None:
         assert self.observer is not None
@@ -189,17 +225,59 @@ class ActivationQuantizer(nn.Module):
             (int(g), x[group.to(x.device) == g]) for g in torch.unique(group).tolist()
         ]
         for g, xg in groups:
-            parts = torch.split(xg, self.channel_splits, dim=self.channel_axis) if self.channel_splits else [xg]
-            for s, part in enumerate(parts):
-                try:
+            try:
+                if isinstance(self.observer, ChannelObserver):
+                    self.observer.observe(g, self._tokens(xg))
+                    continue
+                parts = torch.split(xg, self.channel_splits, dim=self.channel_axis) if self.channel_splits else [xg]
+                for s, part in enumerate(parts):
                     self.observer.observe(g, s, part)
-                except FloatingPointError:
-                    t = None if self.context is None or self.context.timestep is None else self.context.timestep.flatten()[0].item()
-                    raise NonFiniteError(f"the input of {self.name or 'a quantized layer'} at timestep {t}") from None
+            except FloatingPointError:
+                t = None if self.context is None or self.context.timestep is None else self.context.timestep.flatten()[0].item()
+                raise NonFiniteError(f"the input of {self.name or 'a quantized layer'} at timestep {t}") from None
+
+    def _segment_stats(self, g: int, s: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(samples [1, N], lo [1], hi [1]) of timestep group ``g`` and segment ``s`` as the grid will see them."""
+        obs = self.observer
+        if isinstance(obs, ChannelObserver):
+            a, b = _segment_bounds(obs.lo.shape[1], self.channel_splits, None)[s]
+            return obs.rows[g][:, a:b].reshape(1, -1), obs.lo[g, a:b].min()[None], obs.hi[g, a:b].max()[None]
+        return obs.samples[(g, s)][None], obs.lo[g, s : s + 1], obs.hi[g, s : s + 1]
+
+    def smoothing_statistics(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens [N, C], lo [C], hi [C]) of the unsmoothed input over every observed timestep group (the search's data)."""
+        obs = self.observer
+        if not isinstance(obs, ChannelObserver) or not obs.observed_groups():
+            raise RuntimeError(f"{self.name}: no calibration data reached this layer; check the calibration prompts and steps")
+        s = self.smooth.detach().float().cpu()
+        groups = obs.observed_groups()
+        rows = torch.cat([obs.rows[g] for g in groups]) * s
+        return rows, obs.lo[groups].amin(dim=0) * s, obs.hi[groups].amax(dim=0) * s
+
+    @torch.no_grad()
+    def set_smoothing(self, factors: torch.Tensor) -> None:
+        """Divide the input by ``factors`` from now on; observed statistics follow (the owning layer scales its weight)."""
+        ratio = self.smooth.detach().float().cpu() / factors.float().cpu()
+        if isinstance(self.observer, ChannelObserver):
+            self.observer.lo *= ratio
+            self.observer.hi *= ratio
+            self.observer.rows = {g: r * ratio for g, r in self.observer.rows.items()}
+        self.smooth.copy_(factors.to(self.smooth))
+
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` divided by the smoothing factors along its channel axis (``x`` itself without smoothing)."""
+        if self.smooth is None:
+            return x
+        shape = [1] * x.dim()
+        shape[self.channel_axis] = -1
+        return x / self.smooth.to(x.dtype).reshape(shape)
 
     @torch.no_grad()
     def finish_observing(self) -> None:
         """Turn the statistics into scales; groups never observed borrow the nearest observed group's."""
+        if self.dynamic:
+            self.mode = "quantize"
+            return
         if self.observer is None:
             raise RuntimeError(f"{self.name}: finish_observing() called without start_observing()")
         observed = self.observer.observed_groups()
@@ -207,10 +285,8 @@ class ActivationQuantizer(nn.Module):
             raise RuntimeError(f"{self.name}: no calibration data reached this layer; check the calibration prompts and steps")
         for g in observed:
             for s in range(self.scale.shape[1]):
-                samples = self.observer.samples[(g, s)][None]
-                scale, zero_point = estimate_qparams(
-                    samples, self.spec, bits=int(self.bits[g]), lo=self.observer.lo[g, s : s + 1], hi=self.observer.hi[g, s : s + 1]
-                )
+                samples, lo, hi = self._segment_stats(g, s)
+                scale, zero_point = estimate_qparams(samples, self.spec, bits=int(self.bits[g]), lo=lo, hi=hi)
                 self.scale[g, s] = scale[0]
                 self.zero_point[g, s] = zero_point[0]
         centers = self.context.groups.centers if self.context is not None and len(self.context.groups) == self.num_groups else list(range(self.num_groups))
@@ -267,15 +343,21 @@ class ActivationQuantizer(nn.Module):
         if self.mode == "off":
             return x
         if self.mode == "observe":
-            self._observe(x)
+            if self.observer is not None:
+                self._observe(x)
             return x
-        group = self.current_group()
+        return self.fake_quant(x, self.current_group())
+
+    def fake_quant(self, x: torch.Tensor, group: int | torch.Tensor) -> torch.Tensor:
+        """Fake quantization of ``x`` with timestep group ``group`` (an int, or one per sample)."""
         per_sample = not isinstance(group, int)
         if per_sample:
             group = group.to(self.scale.device)
+        bits = self.bits[group]
+        if self.dynamic:
+            return self._dynamic_fake_quant(x, bits.reshape([-1] + [1] * (x.dim() - 1)) if per_sample else int(bits))
         scale = self.broadcast_param(self.scale[group], x, per_sample)
         zero_point = self.broadcast_param(self.zero_point[group], x, per_sample)
-        bits = self.bits[group]
         qmin, qmax = qrange(bits, self.spec.symmetric, self.spec.unsigned)
         if per_sample:
             qmin = qmin.reshape([-1] + [1] * (x.dim() - 1))
@@ -283,6 +365,39 @@ class ActivationQuantizer(nn.Module):
         else:
             qmin, qmax = int(qmin), int(qmax)
         return fake_quantize(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
+
+    def dynamic_bounds(self, channels: int) -> list[tuple[int, int]]:
+        """[start, end) channels sharing one dynamic scale per token: the segments, cut into groups for ``per_group``."""
+        group = self.spec.group_size if self.spec.granularity == "per_group" else None
+        return _segment_bounds(channels, self.channel_splits, group)
+
+    def dynamic_qparams(self, tokens: torch.Tensor, bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point of each token from its range over the last axis (kept, size 1); no gradient."""
+        t = tokens.detach().float()
+        return qparams_from_range(t.amin(dim=-1, keepdim=True), t.amax(dim=-1, keepdim=True), bits,
+                                  self.spec.symmetric, self.spec.unsigned)
+
+    def _dynamic_fake_quant(self, x: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+        xm = x.float().movedim(self.channel_axis, -1)
+        if torch.is_tensor(bits):  # per sample: [B, 1, ...] against the moved layout
+            bits = bits.to(xm.device)
+        qmin, qmax = qrange(bits, self.spec.symmetric, self.spec.unsigned)
+        bounds = self.dynamic_bounds(xm.shape[-1])
+        sizes = {b - a for a, b in bounds}
+        if len(sizes) == 1:  # equal groups: one reshape, one pass
+            size = sizes.pop()
+            xg = xm.reshape(*xm.shape[:-1], len(bounds), size)
+            if torch.is_tensor(bits):
+                bits, qmin, qmax = (v.unsqueeze(-1) for v in (bits, qmin, qmax))
+            scale, zero_point = self.dynamic_qparams(xg, bits)
+            out = fake_quantize(xg, scale, zero_point, qmin, qmax).reshape(xm.shape)
+        else:
+            parts = []
+            for a, b in bounds:
+                scale, zero_point = self.dynamic_qparams(xm[..., a:b], bits)
+                parts.append(fake_quantize(xm[..., a:b], scale, zero_point, qmin, qmax))
+            out = torch.cat(parts, dim=-1)
+        return out.movedim(-1, self.channel_axis).to(x.dtype)
 
     def average_bits(self, weights: torch.Tensor | None = None) -> float:
         """Mean bit width over groups (optionally weighted, e.g. by how many steps map to each)."""
@@ -294,7 +409,8 @@ class ActivationQuantizer(nn.Module):
     def extra_repr(self) -> str:
         bits = sorted(set(self.bits.tolist()))
         split = f", splits={self.channel_splits}" if self.channel_splits else ""
-        return f"a{'/'.join(map(str, bits))} groups={self.num_groups}{' unsigned' if self.spec.unsigned else ''}{split} mode={self.mode}"
+        kind = "" if self.spec.granularity == "per_tensor" else f" {self.spec.granularity}"
+        return f"a{'/'.join(map(str, bits))}{kind} groups={self.num_groups}{' unsigned' if self.spec.unsigned else ''}{split} mode={self.mode}"
 
 
 __all__ = ["ActivationQuantizer", "WeightQuantizer", "round_ste"]

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+# Activations: static per-tensor (per timestep group); static per-tensor after SmoothQuant-style per-input-channel
+# migration into the weight; dynamic per token, or per token and group of ``group_size`` input channels.
+ACT_GRANULARITIES = ("per_tensor", "per_channel_smooth", "per_token", "per_group")
+DYNAMIC_GRANULARITIES = ("per_token", "per_group")
+GRANULARITIES = tuple(dict.fromkeys(WEIGHT_GRANULARITIES + ACT_GRANULARITIES))
 OBSERVERS = ("minmax", "percentile", "mse")
 
 
@@ -13,9 +18,10 @@ class QuantSpec:
     """An affine integer grid and how its range is estimated.
 
     ``symmetric`` grids are signed with zero point 0; asymmetric grids are unsigned with a zero
-    point. ``unsigned`` forces a grid starting at 0 (softmax outputs). ``granularity`` applies to
-    weights (per output channel, or groups of ``group_size`` input elements); activations are
-    per-tensor (optionally split into channel segments, see ``ActivationQuantizer``).
+    point. ``unsigned`` forces a grid starting at 0 (softmax outputs). ``granularity`` is one of
+    ``WEIGHT_GRANULARITIES`` for a weight (per output channel, or groups of ``group_size`` input elements)
+    and one of ``ACT_GRANULARITIES`` for an activation (``ActivationQuantizer``: static per-tensor, smoothed,
+    or dynamic per token / per token and group of ``group_size`` channels).
     """
 
     bits: int = 8
@@ -38,6 +44,11 @@ class QuantSpec:
             raise ValueError(f"group_size must be positive, got {self.group_size}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+
+    @property
+    def dynamic(self) -> bool:
+        """Scales computed from each input at run time (activations per token or per group): nothing to calibrate."""
+        return self.granularity in DYNAMIC_GRANULARITIES
 
     def to_dict(self) -> dict:
         return asdict(self)

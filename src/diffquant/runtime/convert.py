@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..nn import QuantConv2d, QuantLinear, QuantModule, QuantState, quantized_layers
 from ..wrap import set_submodule, get_denoiser, quant_record
-from .modules import IntConv2d, IntLinear, _IntLayer, integer_backends, onednn_available
+from .modules import IntConv2d, IntLinear, _IntLayer, dynamic_kernel_reason, integer_backends, onednn_available
 
 ATTENTION_REASON = "attention matmuls stay fake-quant in float (no integer attention kernel)"
 # Another form replaces the default integer kernel only when it is this much faster: single timings on a
@@ -119,9 +119,13 @@ def convert(
         macs = _call_macs(denoiser, todo, example_inputs) if sized else {}
         for name, layer in todo.items():
             int_layer = _int_layer(layer, fixed)
-            if fixed != "float" and fixed not in integer_backends(int_layer):
+            kernels = integer_backends(int_layer)
+            if fixed != "float" and fixed not in kernels and backend is None and kernels:
+                int_layer.backend = kernels[0]  # the default rule's other kernel (dynamic per-token activations: int_mm)
+            elif fixed != "float" and fixed not in kernels:
                 int_layer.backend = "float"
-                runtime["float_fallback"][name] = f"no {fixed} kernel for this layer (padding mode, groups or dilation)"
+                runtime["float_fallback"][name] = (dynamic_kernel_reason(int_layer)
+                                                   or f"no {fixed} kernel for this layer (padding mode, groups or dilation)")
             elif sized and macs.get(name, 0) < INT_MM_CPU_MIN_MACS:
                 int_layer.backend = "float"
                 runtime["float_fallback"][name] = (f"{macs.get(name, 0) / 1e6:.1f}M multiply-adds per call: below int_mm's "

@@ -16,6 +16,8 @@ from weight row sums), ``float`` (the fake-quant arithmetic on the dequantized w
 the integer form measured slower, and for timestep groups wider than 8 bits, e.g. PCR's 10-bit
 steps, which no int8 kernel can take). Inputs split into channel segments (Q-Diffusion's shortcut
 splitting) and per-group weight scales become several kernel calls whose outputs are summed.
+Smoothed inputs (``per_channel_smooth``) are divided by their factors first (the weight codes hold them);
+dynamic per-token inputs take one scale per row on ``int_mm`` (``_token_forward``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn import QuantConv2d, QuantLinear, QuantModule, QuantState
-from ..quant.affine import fake_quantize, qrange
+from ..quant.affine import qrange
 from ..registry import register_converted
 from .packing import pack_int4, unpack_int4
 
@@ -122,11 +124,7 @@ class _IntLayer(QuantModule):
         if codes is None:
             codes = source.weight_quantizer.integer_codes(source.weight).to(torch.int8)
         rows = codes.reshape(self.weight_shape[0], -1)
-        if self.weight_quantizer.bits <= 4:
-            stored = pack_int4(rows)
-        else:
-            stored = rows.to(torch.int8)
-        self.register_buffer("qweight", stored)
+        self.register_buffer("qweight", pack_int4(rows) if self.weight_quantizer.bits <= 4 else rows.to(torch.int8))
         self._cache: dict[str, Any] = {}
         self._export = False
         self._export_params: list[tuple[float, int, int, int]] = []
@@ -253,6 +251,7 @@ class _IntLayer(QuantModule):
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         iq = self.input_quantizer
+        x = iq.smooth_input(x)  # the weight codes hold the smoothing factors (per_channel_smooth)
         group = 0 if iq.context is None or iq.num_groups == 1 else iq.context.group
         if self.backend == "float" and not self._export:  # exported graphs keep int8 weights with Q/DQ
             return self._float_forward(iq(x))
@@ -268,19 +267,12 @@ class _IntLayer(QuantModule):
             out[rows] = y
         return out
 
-    def _fake_quant(self, x: torch.Tensor, group: int) -> torch.Tensor:
-        """The frozen layer's input fake quantization, for one timestep group."""
-        iq = self.input_quantizer
-        bits = self._group_params(group)[0][3]
-        qmin, qmax = qrange(bits, iq.spec.symmetric, iq.spec.unsigned)
-        scale = iq.broadcast_param(iq.scale[group], x, False)
-        zero_point = iq.broadcast_param(iq.zero_point[group], x, False)
-        return fake_quantize(x.float(), scale, zero_point, int(qmin), int(qmax)).to(x.dtype)
-
     def _group_forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        if self.input_quantizer.dynamic:
+            return self._token_forward(x, group)
         params = self._group_params(group)
         if params[0][3] > 8:  # e.g. PCR's 10-bit steps: same arithmetic, in float
-            return self._float_forward(self._fake_quant(x, group))
+            return self._float_forward(self.input_quantizer.fake_quant(x, group))
         dtype = output_dtype(x)
         blocks = self.blocks()
         # One kernel call writes the output dtype itself; partial sums of several blocks add up in fp32.
@@ -301,6 +293,29 @@ class _IntLayer(QuantModule):
                 y = self._block(i, xb, scale, zp, qmax, bias, kernel_dtype)
                 out = y if out is None else out + y
         return out.to(dtype)
+
+    def _token_forward(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        """Per-token uint8 codes with each row's own scale and zero point (``dynamic_qparams``: fake quantization's),
+        int_mm, rescaled by row scale x weight scale. Per-group scales and groups over 8 bits run in float."""
+        iq = self.input_quantizer
+        bits = int(iq.bits[group])
+        if bits > 8 or iq.spec.granularity != "per_token":
+            return self._float_forward(iq.fake_quant(x, group))
+        qmin, qmax = (int(v) for v in qrange(bits, iq.spec.symmetric, iq.spec.unsigned))
+        out = None
+        for s, (a, b) in enumerate(self._segments()):
+            xs = x if (a, b) == (0, self.weight_shape[1]) else self._channels(x, a, b)
+            tokens = xs.float().movedim(iq.channel_axis, -1)
+            scale, zero_point = iq.dynamic_qparams(tokens, bits)
+            codes = tokens.div(scale).round_().add_(zero_point - qmin).clamp_(0, qmax - qmin).to(torch.uint8).movedim(-1, iq.channel_axis)
+            rows_scale, rows_zp = scale.reshape(-1, 1), (zero_point - qmin).reshape(-1, 1)
+            for i, (c0, c1, _, a_seg) in enumerate(self.blocks()):
+                if a_seg != s:
+                    continue
+                xb = codes if (c0, c1) == (a, b) else self._channels(codes, c0 - a, c1 - a)
+                y = self._int_mm_block(i, xb, rows_scale, rows_zp, self.bias if out is None else None)
+                out = y if out is None else out + y
+        return out.to(output_dtype(x))
 
     def _block(
         self, i: int, codes: torch.Tensor, scale: float, zp: int, qmax: int, bias: torch.Tensor | None, dtype: torch.dtype
@@ -450,8 +465,22 @@ class IntConv2d(_IntLayer):
         return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
+def dynamic_kernel_reason(layer: _IntLayer) -> str | None:
+    """Why a layer with dynamic activation scales has no integer kernel (None: ``torch._int_mm`` runs it per token)."""
+    iq = layer.input_quantizer
+    if iq.dynamic and iq.spec.granularity != "per_token":
+        return f"dynamic {iq.spec.granularity} activations: no grouped int8 kernel; the dequantized float form runs"
+    if iq.dynamic and isinstance(layer, IntConv2d) and not (tuple(layer.kernel_size) == (1, 1) and tuple(layer.stride) == (1, 1)
+                                             and layer.padding in ((0, 0), 0) and "int_mm" in layer.integer_backends()):
+        return "per-token activations of a kxk or strided convolution: a patch mixes tokens of different scales, runs in float"
+    return None
+
+
 def integer_backends(layer: _IntLayer) -> list[str]:
-    """Integer backends that can run ``layer`` on this build (oneDNN needs a CPU build with it)."""
+    """Integer backends that can run ``layer`` on this build (oneDNN needs a CPU build with it; dynamic per-token
+    activations run on int_mm only, per-row scales being no oneDNN argument)."""
+    if layer.input_quantizer.dynamic:
+        return [] if dynamic_kernel_reason(layer) else ["int_mm"]
     names = layer.integer_backends() if isinstance(layer, IntConv2d) else ["onednn", "int_mm"]
     if not onednn_available():
         names = [n for n in names if n != "onednn"]
@@ -459,7 +488,7 @@ def integer_backends(layer: _IntLayer) -> list[str]:
 
 
 __all__ = [
-    "BACKENDS", "IntConv2d", "IntLinear", "int_mm", "integer_backends", "onednn_available", "quantize_u8",
+    "BACKENDS", "IntConv2d", "IntLinear", "dynamic_kernel_reason", "int_mm", "integer_backends", "onednn_available", "quantize_u8",
 ]
 
 for _layer in (IntLinear, IntConv2d):

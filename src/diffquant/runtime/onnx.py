@@ -32,6 +32,7 @@ def export_mode(denoiser: nn.Module, group: int):
     record = quant_record(denoiser)
     layers = [m for m in denoiser.modules() if isinstance(m, _IntLayer)]
     quantizers = [q for q in denoiser.modules() if isinstance(q, ActivationQuantizer) and q.mode == "quantize"]
+    check_static(quantizers, "ONNX Q/DQ (DynamicQuantizeLinear computes one scale per tensor, not per token)")
     record.context.force(group)
     for m in layers:
         m.begin_export(group)
@@ -45,6 +46,15 @@ def export_mode(denoiser: nn.Module, group: int):
         for m in layers:
             m.end_export()
         record.context.force(None)
+
+
+def check_static(quantizers: list[ActivationQuantizer], engine: str) -> None:
+    """Refuse dynamic activation scales (per token / per group) for an engine graph that has no form for them."""
+    dynamic = [q for q in quantizers if q.dynamic]
+    if dynamic:
+        raise ValueError(f"{dynamic[0].name or 'a layer'}: dynamic {dynamic[0].spec.granularity} activations do not export to "
+                         f"{engine}; quantize with --act-granularity per_tensor or per_channel_smooth to export, or deploy "
+                         "with the torch runtime (diffquant.convert)")
 
 
 def _constant_fake_quant(q: ActivationQuantizer, group: int):
@@ -123,4 +133,4 @@ def _needs_external_data(denoiser: nn.Module) -> bool:
     return size > 1.5 * 2**30
 
 
-__all__ = ["export_mode", "export_onnx"]
+__all__ = ["check_static", "export_mode", "export_onnx"]

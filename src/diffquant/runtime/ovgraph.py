@@ -38,6 +38,7 @@ from ..wrap import get_denoiser, quant_record
 from .convert import convert, is_converted
 from .flat import FlatCall, example_inputs
 from .modules import IntConv2d, _IntLayer
+from .onnx import check_static
 
 GROUP_INPUT = "timestep_group"
 OUTPUT = "out_sample"
@@ -167,7 +168,7 @@ def _int_layer_forward(layer: _IntLayer, st: _State):
     whole = (0, layer.weight_shape[1])
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        out = None
+        x, out = iq.smooth_input(x), None  # smoothing factors (per_channel_smooth): a constant division
         for s, (a, b) in enumerate(segments):
             scale0, zp0, qmax = grids[s]
             xs = x.float() if (a, b) == whole else layer._channels(x.float(), a, b)
@@ -252,6 +253,7 @@ def quantized_models(
     """
     denoiser = get_denoiser(model)
     quant_record(denoiser)
+    check_static(_quantizers(denoiser), "OpenVINO (its graph has constant FakeQuantize ranges)")
     work = copy.deepcopy(denoiser).float()
     if not is_converted(work):
         convert(work, backend="float", progress=False)

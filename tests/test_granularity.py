@@ -1,0 +1,216 @@
+"""Activation granularity: static per-tensor, smoothed per-channel, dynamic per-token and per-group (issue 22)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import diffquant
+from diffquant import QuantConfig
+from diffquant.nn import QuantConv2d, QuantLinear, quantized_layers, set_quant_enabled, set_state
+from diffquant.quant import ActivationQuantizer, QuantSpec
+from diffquant.quant.lsq import step_size_parameters
+from diffquant.runtime import IntConv2d, IntLinear, convert
+from diffquant.runtime.onnx import export_onnx
+from diffquant.runtime.ovgraph import quantized_models
+from diffquant.wrap import wrap_denoiser
+
+from tinyutil import PROMPTS, calibration_config, sample_latents
+
+GRANULARITIES = ("per_tensor", "per_channel_smooth", "per_token", "per_group")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def unet_inputs(seed: int = 0, batch: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(batch, 4, 16, 16, generator=g), timestep=torch.tensor(500.0),
+                encoder_hidden_states=torch.randn(batch, 16, 32, generator=g), return_dict=False)
+
+
+_CACHE: dict = {}
+
+
+def quantized(tiny_pipes, family: str = "sd", **cfg):
+    """A copy of a tiny pipeline quantized with RTN under ``cfg`` (each configuration quantized once per run)."""
+    key = (family, tuple(sorted(cfg.items())))
+    if key not in _CACHE:
+        pipe = copy.deepcopy(tiny_pipes[family])
+        settings = dict(wbits=8, abits=8, act_group_size=16, calibration=calibration_config(num_prompts=2, num_inference_steps=3))
+        settings.update(cfg)
+        diffquant.quantize(pipe, QuantConfig(**settings), calibration=PROMPTS[:2], progress=False)
+        _CACHE[key] = pipe
+    return copy.deepcopy(_CACHE[key])
+
+
+def test_config_validates_granularities_and_labels_them():
+    with pytest.raises(ValueError, match="unknown act_granularity 'per_channel'"):
+        QuantConfig(act_granularity="per_channel")
+    with pytest.raises(ValueError, match="unknown weight_granularity 'per_token'"):
+        QuantConfig(weight_granularity="per_token")
+    with pytest.raises(ValueError, match="group_size must be positive"):
+        QuantConfig(act_granularity="per_group", act_group_size=0)
+    assert QuantConfig(act_granularity="per_token").label == "rtn-w8a8-per_token"
+    assert QuantConfig().label == "rtn-w8a8"
+    assert QuantConfig(act_granularity="per_channel_smooth").attention_spec().granularity == "per_tensor"
+
+
+def test_per_token_scales_follow_each_input():
+    q = ActivationQuantizer(QuantSpec(bits=8, symmetric=False, granularity="per_token"), channel_axis=-1)
+    q.mode = "quantize"
+    x = torch.randn(3, 5, 64)
+    x[0, 0] *= 1000.0  # one loud token: a static per-tensor scale would flatten every other token
+    scale, _ = q.dynamic_qparams(x, 8)
+    assert scale.shape == (3, 5, 1) and scale[0, 0] > 100 * scale[1, 1]
+    scale2, _ = q.dynamic_qparams(2 * x, 8)
+    assert torch.allclose(scale2, 2 * scale)  # computed from the input at run time, no calibration
+    out = q(x)
+    assert rel_err(out[1:], x[1:]) < 0.01
+    assert q.calibrated and not step_size_parameters(torch.nn.ModuleList([q]))  # nothing for LSQ to learn
+
+
+@pytest.mark.parametrize("axis,shape", [(-1, (2, 7, 48)), (1, (2, 48, 5, 3))])
+def test_per_group_with_one_group_is_per_token(axis, shape):
+    x = torch.randn(*shape)
+    token = ActivationQuantizer(QuantSpec(granularity="per_token", symmetric=False), channel_axis=axis)
+    group = ActivationQuantizer(QuantSpec(granularity="per_group", group_size=48, symmetric=False), channel_axis=axis)
+    small = ActivationQuantizer(QuantSpec(granularity="per_group", group_size=16, symmetric=False), channel_axis=axis)
+    for q in (token, group, small):
+        q.mode = "quantize"
+    assert torch.equal(token(x), group(x))
+    assert rel_err(small(x), x) < rel_err(token(x), x)  # finer groups, smaller error
+
+
+def test_smoothing_keeps_the_float_output_and_moves_ranges(tiny_pipes):
+    unet = copy.deepcopy(tiny_pipes["sd"].unet)
+    reference = copy.deepcopy(unet)
+    wrap_denoiser(unet, QuantConfig(act_granularity="per_channel_smooth"))
+    set_state(unet, "calibrating")
+    with torch.no_grad():
+        unet(**unet_inputs(1))
+    set_state(unet, "learning")  # the search runs here, before weights are quantized or learned
+    layers = [m for m in quantized_layers(unet).values() if isinstance(m, (QuantLinear, QuantConv2d))]
+    smoothed = [m for m in layers if not torch.equal(m.input_quantizer.smooth, torch.ones_like(m.input_quantizer.smooth))]
+    assert len(smoothed) > len(layers) // 4
+    set_quant_enabled(unet, False)
+    inputs = unet_inputs(2)
+    with torch.no_grad():
+        out, ref = unet(**inputs)[0], reference(**inputs)[0]
+    assert (out - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+    name = next(n for n, m in quantized_layers(unet).items() if m in smoothed)
+    plain = diffquant.nn.unwrap_layer(unet, name)  # leaving quantization divides the factors back out
+    assert torch.allclose(plain.weight, reference.get_submodule(name).weight, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_each_granularity_end_to_end_with_rtn(tiny_pipes, family):
+    reference = sample_latents(tiny_pipes[family])
+    errors = {}
+    for granularity in GRANULARITIES:
+        pipe = quantized(tiny_pipes, family, act_granularity=granularity)
+        latents = sample_latents(pipe)
+        assert torch.isfinite(latents).all()
+        errors[granularity] = rel_err(latents, reference)
+    assert max(errors.values()) < 0.1, errors
+    # Finer activation scales are closer to float than one static scale per tensor on these models.
+    assert errors["per_token"] < errors["per_tensor"] and errors["per_group"] < errors["per_tensor"], errors
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel_smooth"])
+def test_converted_layers_match_fake_quant(tiny_pipes, granularity):
+    """int_mm with per-row scales (per token) or smoothed inputs reproduce fake quantization per layer, the
+    tolerance of tests/test_runtime.py; kxk convolutions under per-token scales run in float, with the reason."""
+    pipe = quantized(tiny_pipes, act_granularity=granularity, quantize_attention=False)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, (a[0], o)))
+             for n, m in pipe.unet.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    with torch.no_grad():
+        pipe.unet(**unet_inputs())
+    for h in hooks:
+        h.remove()
+    converted = convert(copy.deepcopy(pipe), backend="int_mm", progress=False).unet
+    runtime = diffquant.quant_record(converted).report["runtime"]
+    on_int = 0
+    for name, (x, ref) in seen.items():
+        layer = converted.get_submodule(name)
+        assert isinstance(layer, (IntLinear, IntConv2d)), name
+        with torch.no_grad():
+            out = layer(x)
+        assert rel_err(out, ref) < 1e-3, (name, rel_err(out, ref))
+        on_int += layer.backend == "int_mm"
+    assert on_int > 20
+    if granularity == "per_token":
+        assert "a patch mixes tokens" in runtime["float_fallback"]["conv_in"]
+        assert runtime["backends"]["down_blocks.0.attentions.0.proj_in"] == "int_mm"
+
+
+def test_per_group_converts_to_the_float_form_with_a_reason(tiny_pipes):
+    pipe = quantized(tiny_pipes, act_granularity="per_group", quantize_attention=False)
+    inputs = unet_inputs()
+    with torch.no_grad():
+        fake = pipe.unet(**inputs)[0]
+    converted = convert(pipe, progress=False).unet
+    with torch.no_grad():
+        out = converted(**inputs)[0]
+    assert rel_err(out, fake) < 1e-4
+    reasons = diffquant.quant_record(converted).report["runtime"]["float_fallback"]
+    assert all("no grouped int8 kernel" in r for r in reasons.values()) and len(reasons) > 20
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel_smooth"])
+def test_save_load_is_bit_exact(tiny_pipes, tmp_path, granularity):
+    pipe = quantized(tiny_pipes, act_granularity=granularity)
+    diffquant.save(pipe, tmp_path / "q")
+    loaded = diffquant.load(tmp_path / "q")
+    config = diffquant.quant_record(loaded.unet).config
+    assert (config.act_granularity, config.act_group_size) == (granularity, 16)
+    inputs = unet_inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded.unet(**inputs)[0], pipe.unet(**inputs)[0])
+    for name, m in quantized_layers(pipe.unet).items():
+        if isinstance(m, QuantLinear) and m.input_quantizer.smooth is not None:
+            assert torch.equal(loaded.unet.get_submodule(name).input_quantizer.smooth, m.input_quantizer.smooth)
+
+
+def test_dynamic_scales_refuse_onnx_and_pcr_refuses_smoothing(tiny_pipes, tmp_path):
+    pipe = convert(quantized(tiny_pipes, act_granularity="per_token"), backend="int_mm", progress=False)
+    with pytest.raises(ValueError, match="dynamic per_token activations do not export to ONNX"):
+        export_onnx(pipe, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="do not export to OpenVINO"):
+        quantized_models(pipe)
+    with pytest.raises(ValueError, match="pcr fits activations step by step"):
+        diffquant.quantize(copy.deepcopy(tiny_pipes["sd"]), QuantConfig(method="pcr", act_granularity="per_channel_smooth"),
+                           calibration=PROMPTS[:1], progress=False)
+
+
+def test_cli_refuses_an_unknown_granularity(tmp_path):
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", "--model", "mini-sd", "--out", str(tmp_path / "q"), "--act-granularity", "per_channel"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and errors == [
+        "error: unknown act_granularity 'per_channel'; choose one of per_tensor, per_channel_smooth, per_token, per_group"]
+
+
+def test_openvino_layers_divide_by_the_smoothing_factors(tiny_pipes):
+    """The OpenVINO int graph's form of each smoothed integer layer, run in torch on its real input, gives the
+    converted layer's output (the factors are a constant division before the FakeQuantize)."""
+    from diffquant.runtime.modules import _IntLayer
+    from diffquant.runtime.ovgraph import _int_layer_forward, _State, plan_groups
+
+    work = convert(quantized(tiny_pipes, act_granularity="per_channel_smooth"), backend="float", progress=False).unet
+    st = _State(plan_groups(work), "int")
+    errors = []
+    hooks = [m.register_forward_hook(lambda layer, args, out: errors.append(rel_err(_int_layer_forward(layer, st)(args[0]), out)))
+             for m in work.modules() if isinstance(m, _IntLayer)]
+    with torch.no_grad():
+        work(**unet_inputs())
+    for h in hooks:
+        h.remove()
+    assert len(errors) > 30 and max(errors) < 1e-3
