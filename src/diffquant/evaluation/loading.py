@@ -34,7 +34,8 @@ def check_same_architecture(reference, model, names: tuple[str, str] = ("--refer
         raise ValueError(f"{names[0]} is a {type(ref).__name__} but {names[1]} a {type(other).__name__}; "
                          "evaluate a model against the float model it was quantized from")
     a, b = dict(ref.config), dict(other.config)
-    for key in sorted(k for k in set(a) | set(b) if not k.startswith("_")):
+    # quantization_config names how a model was quantized (diffusers' loading hook), not its architecture.
+    for key in sorted(k for k in set(a) | set(b) if not k.startswith("_") and k != "quantization_config"):
         if a.get(key) != b.get(key):
             raise ValueError(f"{names[0]} and {names[1]} differ in denoiser {key} ({a.get(key)} vs {b.get(key)}); "
                              "evaluate a model against the float model it was quantized from")
