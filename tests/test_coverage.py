@@ -69,7 +69,7 @@ def test_same_function_on_peer_quantized_models():
     assert got["weight_coverage"] == pytest.approx(2 / 3) and got["mac_coverage"] == 0 and got["avg_abits"] == 32
 
 
-def test_layers_linear_leaves_convs_and_attention_float_with_the_reason():
+def test_layers_linear_leaves_convs_and_attention_float_with_the_reason(tmp_path):
     pipe = tiny_sd_pipeline(0)
     calib = CalibrationConfig(num_prompts=1, num_inference_steps=2, height=32, width=32)
     cfg = QuantConfig(wbits=8, abits=8, layers="linear", calibration=calib)
@@ -92,6 +92,9 @@ def test_layers_linear_leaves_convs_and_attention_float_with_the_reason():
     assert got["weight_coverage"] == pytest.approx(linear / total)
     assert got["avg_wbits"] == pytest.approx((8 * linear + 32 * (total - linear)) / total)
     assert 0 < got["mac_coverage"] < 1
+    diffquant.save(pipe, tmp_path / "q")  # the selection is saved with the model and restored by load
+    loaded = diffquant.load(tmp_path / "q").unet
+    assert diffquant.quant_record(loaded).config.layers == "linear" and layer_bits(loaded) == layer_bits(unet)
     with pytest.raises(ValueError, match="--layers"):
         QuantConfig(layers=" , ")
 

@@ -62,9 +62,11 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 OUTSIDE_LAYERS = "outside --layers"
 
 
-def selected_layers(adapter: DenoiserAdapter, terms: list[str]) -> tuple[set[str], set[str]]:
-    """(layer names, attention-module names) that ``QuantConfig.layers``' terms select; see its docstring."""
-    layers, attention = adapter.layers(), list(adapter.attention_modules())
+def selected_layers(adapter: DenoiserAdapter, terms: list[str], attention: list[str] | None = None) -> tuple[set[str], set[str]]:
+    """(layer names, attention-module names) that ``QuantConfig.layers``' terms select; see its docstring.
+    ``attention``: the adapter's attention modules, when the caller has them already."""
+    layers = adapter.layers()
+    attention = list(adapter.attention_modules()) if attention is None else attention
     inside = {n for n in layers if any(n.startswith(a + ".") for a in attention)}
     keep_layers: set[str] = set()
     keep_attention: set[str] = set()
@@ -94,7 +96,8 @@ def float_layer_reasons(adapter: DenoiserAdapter, config: QuantConfig, extra: di
     reasons = dict(extra or {})
     time_layers = set(adapter.time_layers()) if config.float_time_layers else set()
     io_layers = set(adapter.io_layers()) if config.float_io_layers else set()
-    keep_layers, keep_attention = selected_layers(adapter, config.layer_selection)
+    attention = list(adapter.attention_modules())
+    keep_layers, keep_attention = selected_layers(adapter, config.layer_selection, attention)
     for name in adapter.layers():
         if name in reasons:
             continue
@@ -106,7 +109,7 @@ def float_layer_reasons(adapter: DenoiserAdapter, config: QuantConfig, extra: di
             reasons[name] = "first/last layer (float_io_layers)"
         elif name not in keep_layers:
             reasons[name] = OUTSIDE_LAYERS
-    for name in adapter.attention_modules():
+    for name in attention:
         if name not in keep_attention and name not in reasons:
             reasons[name] = f"attention matmuls {OUTSIDE_LAYERS}"
     return reasons
