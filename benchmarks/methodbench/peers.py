@@ -114,7 +114,8 @@ def markdown(name: str, table: dict) -> list[str]:
     lines = [f"### {name}: diffquant and the peers on {table['n_images']} held-out prompts", "",
              f"Reproduce: `{table['command']}`. Prompts 0–{table['n_images'] - 1} of the table above (seed = index), "
              f"{s['steps']} steps, guidance {s['guidance']}, {s['height']}x{s['width']}; {table['calib_prompts']} calibration prompts "
-             f"for every row that calibrates. Run {table['started']}, {table['wall_s'] / 60:.0f} min.", "",
+             f"for every row that calibrates. Run {table['started']}, {table['wall_s'] / 60:.0f} min on {table.get('machine')}. "
+             f"FD to FP on {table['n_images']} images is biased upward against the 256-image table: compare it within this table.", "",
              "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
 
     def cells(summary: dict) -> str:
@@ -135,6 +136,9 @@ def markdown(name: str, table: dict) -> list[str]:
                    "methods table's time. RTN rerun here against its stored row on the same prompts: " + (check or "no stored row") + "."),
               "", ("Coverage and bits over the whole denoiser (`diffquant.evaluation.coverage`): quantized share of all parameter "
                    "elements and of the MACs of one denoiser call whose two operands are both quantized (weight-only quantization "
-                   "counts 0 MACs); bits per parameter and per MAC with float parts at 32 (float32). `denoiser file` is what would "
-                   "ship: diffquant's saved folder (int codes), OpenVINO's IR weights, a peer's state dict as safetensors."), ""]
+                   "counts 0 MACs); bits per parameter and per MAC with float parts at 32 (float32); the methods table above reports "
+                   "`diffquant.average_bits` instead (quantized layers, float layers at 16). `denoiser file` is what would "
+                   "ship: diffquant's saved folder (int codes), OpenVINO's IR weights, a peer's state dict as safetensors. "
+                   "`quantize` is wall time (quantization and calibration) on that machine, shared with other jobs: "
+                   "compare it within one run only."), ""]
     return lines
