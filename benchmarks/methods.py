@@ -28,6 +28,11 @@ progress; rerunning the same command reuses finished rows whose settings match (
 images cached under ``--cache-dir`` (keyed by model fingerprint), and Q-Diffusion's per-block / EMF's
 checkpoints under ``--work-dir``. Text under the page's "## Analysis" heading is kept when it is rewritten;
 ``--render-only`` rewrites the page from the JSON alone. The parts live in ``benchmarks/methodbench/``.
+
+``--peer-table`` adds the peers (torchao, quanto, SDNQ, bitsandbytes, NNCF) beside diffquant's rows on the first
+``--peer-prompts`` of the same prompts, with every row's coverage, bits and file size (``methodbench/peers.py``):
+
+    .venv/bin/python benchmarks/methods.py --models mini-sd,mini-sd3 --peer-table --peer-prompts 64
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from pathlib import Path
 
 import torch
 from methodbench import report
+from methodbench.peers import PEERS, run_peer_table
 from methodbench.runner import BUDGET_OPTIONS, VARIANTS, run_model, tune_allocator
 from methodbench.store import Store
 
@@ -86,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "methods-work"))
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "methods.json"))
     p.add_argument("--markdown", default=str(ROOT / "docs" / "results-methods.md"))
+    p.add_argument("--peer-table", action="store_true",
+                   help="instead of the methods rows: the peers and diffquant RTN on --peer-prompts prompts (methodbench/peers.py)")
+    p.add_argument("--peers", default=PEERS, help="peers of --peer-table (diffquant.evaluation.peers.PEERS)")
+    p.add_argument("--peer-prompts", type=int, default=64, help="held-out prompts of --peer-table (the first of the methods table's)")
     p.add_argument("--render-only", action="store_true", help="rewrite --markdown from --json and exit (no model runs)")
     args = p.parse_args(argv)
     args.model_paths = dict(spec.split("=", 1) for spec in args.model_path)
@@ -108,7 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         given = getattr(args, f"{method}_options")
         method_options[method] = parse_json(given, f"--{method}-options") if given is not None else dict(BUDGET_OPTIONS[method])
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        run_model(name, args, store, method_options)
+        if args.peer_table:
+            run_peer_table(name, args, store)
+        else:
+            run_model(name, args, store, method_options)
     print(Path(args.markdown).read_text())
 
 

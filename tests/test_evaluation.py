@@ -323,14 +323,41 @@ def test_bench_methods_and_peers(eval_run):
         assert s["psnr"] > 10 and len(rows[label]["timestep_error"]["rel_mse"]) == 2
     # Distinct models on the same pairs: the two methods' images differ, and the FP images are shared.
     assert rows["rtn-w8a8"]["fingerprint"] != rows["pcr-w8a8"]["fingerprint"]
-    assert rows["rtn-w8a8"]["summary"]["avg_wbits"] == 8 and rows["pcr-w8a8"]["summary"]["avg_abits"] >= 8
-    assert "avg_wbits" not in rows["torchao-w8a8"]["summary"]
+    # Coverage and bits over the whole denoiser, one computation for diffquant's rows and the peer's.
+    rtn, pcr, torchao = (rows[k]["summary"] for k in ("rtn-w8a8", "pcr-w8a8", "torchao-w8a8"))
+    assert rtn["mac_coverage"] == 1 and rtn["weight_coverage"] > 0.95 and 8 < rtn["avg_wbits"] < 9 and rtn["avg_abits"] == 8
+    assert pcr["avg_abits"] >= 8 and results["reference"]["summary"]["weight_coverage"] == 0
+    assert 0 < torchao["weight_coverage"] < rtn["weight_coverage"] and torchao["mac_coverage"] < 1  # Linear layers only
     # torchao's int4 kernels need a GPU or the mslk package; the row must then say so rather than vanish.
     w4 = rows["torchao-w4"]
     assert ("unavailable" in w4) or w4["summary"]["psnr"] > 10
     table = (root / "bench" / "results.md").read_text()
     assert table in result.output and all(label in table for label in rows)
-    assert "calibration wall time" in table and "denoiser on disk" in table
+    assert "calibration wall time" in table and "denoiser on disk" in table and "quantized share of MACs" in table
+
+
+@pytest.mark.slow
+def test_bench_sdnq_and_bitsandbytes_peers(eval_run):
+    """SDNQ and bitsandbytes through bench on the tiny pipeline: rows with their coverage read from their modules."""
+    pytest.importorskip("sdnq")
+    pytest.importorskip("bitsandbytes")
+    from diffquant.evaluation.cli import bench_command
+
+    root, _ = eval_run
+    (root / "calib.txt").write_text("a cyan star\na yellow circle\n")
+    result = _cli(bench_command, [
+        "--model", str(root / "fp"), "--methods", "none", "--peers", "sdnq-int8,sdnq-uint4-svd,bnb-nf4",
+        "--prompts", str(root / "prompts.txt"), "--calib-prompts", str(root / "calib.txt"), "--steps", "2", "--height", "32",
+        "--width", "32", "--batch-size", "3", "--metrics", "psnr", "--out", str(root / "bench-sdnq"), "--cache-dir", str(root / "cache")])
+    assert result.exit_code == 0, result.output
+    rows = {m["label"]: m for m in json.loads((root / "bench-sdnq" / "results.json").read_text())["models"]}
+    assert list(rows) == ["sdnq-int8", "sdnq-uint4-svd", "bnb-nf4"] and not any("unavailable" in r for r in rows.values())
+    int8, uint4, nf4 = (rows[k]["summary"] for k in rows)
+    # SDNQ by default quantizes only Linear layers of >= 16384 weights: two in the tiny UNet, weight-only.
+    assert 0 < int8["weight_coverage"] < 0.2 and int8["mac_coverage"] == 0 and int8["avg_abits"] == 32
+    assert uint4["weight_coverage"] == int8["weight_coverage"] and uint4["avg_wbits"] < int8["avg_wbits"]
+    assert nf4["weight_coverage"] > int8["weight_coverage"] and nf4["mac_coverage"] == 0  # every Linear, 4-bit weights
+    assert all(r["psnr"] > 15 for r in (int8, uint4, nf4))
 
 
 def test_bench_bad_input_is_one_line(tmp_path):

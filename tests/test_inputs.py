@@ -58,7 +58,7 @@ def test_absent_device_refused():
 def test_info_and_eval_report_one_average_bits_and_bench_counts_the_shipped_file(tiny_pipes, tmp_path):
     import diffquant
     from diffquant import QuantConfig
-    from diffquant.evaluation.bench import _shipped_bytes
+    from diffquant.evaluation.coverage import shipped_mib
     from diffquant.evaluation.peers import saved_size_bytes
     from diffquant.inspect import describe
     from tinyutil import PROMPTS, calibration_config
@@ -77,7 +77,7 @@ def test_info_and_eval_report_one_average_bits_and_bench_counts_the_shipped_file
 
     fp = StableDiffusionPipeline.from_pretrained(fp16, torch_dtype=torch.float32)
     shipped = sum(p.stat().st_size for p in (fp16 / "unet").glob("*.safetensors"))
-    assert _shipped_bytes(fp) == shipped < 0.6 * saved_size_bytes(fp.unet)
+    assert shipped_mib(fp, reference=True) * 2**20 == shipped < 0.6 * saved_size_bytes(fp.unet)
 
 
 def test_config_options_checked_against_the_same_types():

@@ -42,3 +42,6 @@ def test_bench_openvino_peers(tmp_path):
     assert float(fp32["psnr"]) > 40 and 10 < nncf["psnr"] < 40  # "inf" when every PNG matches
     assert rows["nncf-int8"]["fingerprint"] != rows["openvino-fp32"]["fingerprint"]  # no shared image cache
     assert len(rows["nncf-int8"]["timestep_error"]["rel_mse"]) == 2
+    # Coverage read from the graphs: NNCF quantizes every MatMul/Convolution and Q·Kᵀ (softmax·V stays float).
+    assert nncf["weight_coverage"] > 0.9 and 0.5 < nncf["mac_coverage"] < 1 and nncf["avg_abits"] < 32
+    assert fp32["weight_coverage"] == 0 and fp32["avg_wbits"] == 32

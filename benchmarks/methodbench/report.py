@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from . import peers
+
 ANALYSIS_HEADING = "## Analysis"
 
 
@@ -118,6 +120,8 @@ def markdown(all_results: dict, analysis: str) -> str:
                    "calibration + sensitivity + relaxing; EMF: serial dataset + sensitivity + training); `of which training` is EMF's QAT or "
                    "Q-Diffusion's block reconstruction; peak RSS is above the level at the start of quantization. `step rel. MSE` is the "
                    "denoiser's relative output error along the FP trajectory (8 prompts), averaged over steps."), ""]
+        if res.get("peers"):
+            lines += peers.markdown(name, res["peers"])
         resumed = [r["label"] for r in res["rows"] if r.get("resumed_from_workdir")]
         if resumed:
             lines += [f"Rows resumed from a checkpoint of an interrupted run (their times are partial): {', '.join(resumed)}.", ""]

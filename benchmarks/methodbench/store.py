@@ -73,6 +73,8 @@ class Store:
                  "load_start": earlier["load_start"],
                  **({k: earlier[k] for k in ("finished", "wall_s", "load_end")} if "wall_s" in earlier else {}),
                  "rows_run": [r["label"] for r in earlier.get("rows", [])]}]
+        if same_fp and "peers" in earlier:  # the methods-and-peers table (methodbench/peers.py) is rerun on its own
+            result["peers"] = earlier["peers"]
         session = {"command": result["command"].removeprefix(".venv/bin/python "), "started": result["started"],
                    "load_start": result["load_start"]}
         result["sessions"].append(session)

@@ -61,6 +61,8 @@ def quantize(
                                         "per_channel_smooth (SmoothQuant migration), per_token or per_group (dynamic)."),
     act_group_size: int = field_option(QuantConfig, "act_group_size", help="Input channels per group with --act-granularity per_group."),
     keep_float: list[str] = field_option(QuantConfig, "keep_float", help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
+    layers: str = field_option(QuantConfig, "layers", help="What to quantize: all, linear, conv, attention or name patterns, "
+                               "comma separated (e.g. 'linear': torchao's coverage); the rest stays float."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),
     preset: Optional[str] = typer.Option(None, help="Method preset, e.g. 'paper' (Q-Diffusion's paper-sized calibration)."),
     config: Optional[Path] = typer.Option(None, help="A QuantConfig JSON file; other flags are ignored when given."),
@@ -96,7 +98,7 @@ def quantize(
                 method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
                 weight_observer=weight_observer, act_observer=act_observer, act_granularity=act_granularity,
                 act_group_size=act_group_size, timestep_groups=timestep_groups,
-                keep_float=keep_float, seed=seed, max_memory=max_memory,
+                keep_float=keep_float, layers=layers, seed=seed, max_memory=max_memory,
                 options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},
                 calibration=CalibrationConfig(num_prompts=num_prompts, num_inference_steps=steps, guidance_scale=guidance,
                                               batch_size=batch_size, seed=seed),

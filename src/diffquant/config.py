@@ -84,6 +84,10 @@ class QuantConfig:
     weights (searched per layer on the calibration data); ``per_token`` / ``per_group`` dynamic scales per token
     (per group of ``act_group_size`` input channels), computed at run time. Attention matmul inputs follow the
     dynamic modes and stay static per-tensor under smoothing (they have no weight to migrate into).
+    ``layers`` chooses what is quantized at all (``--layers``): a comma list of ``all``, ``linear``, ``conv``,
+    ``attention`` (the Linear layers inside attention modules and their matmuls) or fnmatch patterns of layer and
+    attention-module names; the union is quantized, everything else stays float with the reason "outside
+    --layers" (``linear`` is torchao's coverage: no convolutions, no attention matmuls).
     """
 
     method: str = "rtn"
@@ -105,6 +109,7 @@ class QuantConfig:
     float_time_layers: bool = False
     float_io_layers: bool = False
     keep_float: list[str] = field(default_factory=list)
+    layers: str = "all"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -118,6 +123,8 @@ class QuantConfig:
         if self.version > CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is newer than this diffquant ({CONFIG_VERSION}); upgrade diffquant")
         self.keep_float = list(self.keep_float)
+        if not self.layer_selection:
+            raise ValueError("layers is empty; pass --layers all, linear, conv, attention or name patterns (comma separated)")
         if self.timestep_groups < 1:
             raise ValueError(f"timestep_groups must be >= 1, got {self.timestep_groups}")
         from .quant.spec import ACT_GRANULARITIES, WEIGHT_GRANULARITIES  # torch-free import of this module
@@ -140,6 +147,11 @@ class QuantConfig:
     def label(self) -> str:
         granularity = "" if self.abits is None or self.act_granularity == "per_tensor" else f"-{self.act_granularity}"
         return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}{granularity}"
+
+    @property
+    def layer_selection(self) -> list[str]:
+        """``layers`` as its comma-separated terms (keywords ``all``/``linear``/``conv``/``attention`` or patterns)."""
+        return [t.strip() for t in str(self.layers).split(",") if t.strip()]
 
     @property
     def use_split_shortcut(self) -> bool:

@@ -59,11 +59,45 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
+OUTSIDE_LAYERS = "outside --layers"
+
+
+def selected_layers(adapter: DenoiserAdapter, terms: list[str], attention: list[str] | None = None) -> tuple[set[str], set[str]]:
+    """(layer names, attention-module names) that ``QuantConfig.layers``' terms select; see its docstring.
+    ``attention``: the adapter's attention modules, when the caller has them already."""
+    layers = adapter.layers()
+    attention = list(adapter.attention_modules()) if attention is None else attention
+    inside = {n for n in layers if any(n.startswith(a + ".") for a in attention)}
+    keep_layers: set[str] = set()
+    keep_attention: set[str] = set()
+    for term in terms:
+        if term == "all":
+            keep_layers |= set(layers)
+            keep_attention |= set(attention)
+        elif term in ("linear", "conv"):
+            kind = nn.Linear if term == "linear" else nn.Conv2d
+            keep_layers |= {n for n, m in layers.items() if isinstance(m, kind)}
+        elif term == "attention":
+            keep_layers |= {n for n in inside if isinstance(layers[n], nn.Linear)}
+            keep_attention |= set(attention)
+        else:
+            found = {n for n in layers if matches_any(n, [term])}, {n for n in attention if matches_any(n, [term])}
+            if not found[0] and not found[1]:
+                raise ValueError(f"--layers pattern {term!r} matches no layer or attention module; use all, linear, conv, "
+                                 "attention or an fnmatch pattern of layer names (e.g. 'down_blocks.*')")
+            keep_layers |= found[0]
+            keep_attention |= found[1]
+    return keep_layers, keep_attention
+
+
 def float_layer_reasons(adapter: DenoiserAdapter, config: QuantConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Which quantizable layers stay float, and why (config patterns, time or io layers, method choices)."""
+    """Which quantizable layers (and attention modules, for their matmuls) stay float, and why: config patterns,
+    time or io layers, method choices, or outside ``--layers``."""
     reasons = dict(extra or {})
     time_layers = set(adapter.time_layers()) if config.float_time_layers else set()
     io_layers = set(adapter.io_layers()) if config.float_io_layers else set()
+    attention = list(adapter.attention_modules())
+    keep_layers, keep_attention = selected_layers(adapter, config.layer_selection, attention)
     for name in adapter.layers():
         if name in reasons:
             continue
@@ -73,6 +107,11 @@ def float_layer_reasons(adapter: DenoiserAdapter, config: QuantConfig, extra: di
             reasons[name] = "time-dependent layer (float_time_layers)"
         elif name in io_layers:
             reasons[name] = "first/last layer (float_io_layers)"
+        elif name not in keep_layers:
+            reasons[name] = OUTSIDE_LAYERS
+    for name in attention:
+        if name not in keep_attention and name not in reasons:
+            reasons[name] = f"attention matmuls {OUTSIDE_LAYERS}"
     return reasons
 
 
@@ -113,6 +152,8 @@ def wrap_denoiser(
         set_submodule(denoiser, name, q)
     if config.quantize_attention and act_spec is not None:
         for name, kind in adapter.attention_modules().items():
+            if name in reasons:  # its matmuls outside --layers
+                continue
             cls = PROCESSORS[kind]
             attention = denoiser.get_submodule(name)
             processor = cls(config.attention_spec(), config.softmax_spec(), context, num_groups).to(next(attention.parameters()).device)

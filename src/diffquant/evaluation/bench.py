@@ -1,24 +1,23 @@
 """``diffquant bench``: methods × bit widths and peer baselines, all scored on the same pairs.
 
 Each row also carries its costs: calibration wall time, peak memory during calibration (RSS above
-the level before it), and the denoiser's size on disk as saved.
+the level before it), and (from the harness, one computation for every row: ``evaluation.coverage``) its
+coverage, average bits over the whole denoiser and the size of the denoiser file that would ship.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable
 
+from .coverage import COVERAGE_KEYS
 from .harness import EvalOptions, Evaluation
 from ..config import CalibrationConfig
 from ..sampling import SamplingSettings, default_settings, sample
-from ..wrap import get_denoiser
 from .metrics import psnr
-from .peers import PEERS, PeakMemory, PeerUnavailable, apply_peer, saved_size_bytes
+from .peers import PEERS, PeakMemory, PeerUnavailable, apply_peer
 from .prompts import PromptItem
 
 
@@ -31,21 +30,6 @@ def parse_bits(spec: str) -> list[tuple[int, int]]:
             raise ValueError(f"bad bit width {part!r}: write each as wXaY, e.g. --bits w8a8,w4a8")
         out.append((int(m.group(1)), int(m.group(2))))
     return out
-
-
-def _folder_bytes(folder: Path, denoiser_names: tuple[str, ...] = ("unet", "transformer")) -> int:
-    """Bytes of the denoiser's weight files inside a saved pipeline folder (all weight files if none is named so)."""
-    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt")]
-    denoiser_files = [p for p in files if any(part in denoiser_names for part in p.relative_to(folder).parts)]
-    return sum(p.stat().st_size for p in (denoiser_files or files))
-
-
-def _shipped_bytes(pipe) -> int:
-    """The float denoiser's size as shipped (its files in the folder it was loaded from), else its safetensors re-save."""
-    origin = str(getattr(pipe.config, "_name_or_path", "") or getattr(pipe, "name_or_path", "") or "")
-    if origin and Path(origin).is_dir():
-        return _folder_bytes(Path(origin))
-    return saved_size_bytes(get_denoiser(pipe))
 
 
 def _sampler(pipe, settings: SamplingSettings, batch_size: int):
@@ -79,11 +63,9 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     ``<label>-<deploy_label>`` after each method's fake-quant row, scored against FP like every row and
     against the fake-quant images (``psnr_to_fake_quant``): does the deployed form keep the calibrated model?
     """
-    import diffquant
     from diffquant import QuantConfig
 
     ev = Evaluation(fp_pipe, model_spec, items, settings, options, prompts_spec=prompts_spec)
-    ev.reference["summary"]["denoiser_mib"] = _shipped_bytes(fp_pipe) / 2**20
     # Methods and peers calibrate with the bench's own sampling settings.
     # Extras the defaults policy supplies (mini-flux's max_sequence_length) come back when calibration resolves.
     implied = default_settings(fp_pipe).extras
@@ -93,14 +75,11 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
         for (wbits, abits), granularity in ((b, g) for b in bits for g in granularities):
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, calibration=calib_cfg)
             pipe, seconds, mib = quantize_copy(fp_pipe, cfg, calibration)
-            with tempfile.TemporaryDirectory() as folder:
-                diffquant.save(pipe, folder)
-                size = _folder_bytes(Path(folder))
-            ev.add(cfg.label, pipe, spec=f"diffquant {cfg.label}",
-                   extra={"calibration_s": seconds, "peak_memory_mib": mib, "denoiser_mib": size / 2**20})
+            row = ev.add(cfg.label, pipe, spec=f"diffquant {cfg.label}", extra={"calibration_s": seconds, "peak_memory_mib": mib})
             if deploy is not None:
                 label = f"{cfg.label}-{deploy_label}"
-                entry = ev.add(label, deploy(pipe), spec=f"diffquant {cfg.label} deployed on {deploy_label}")
+                same = {k: row["summary"][k] for k in COVERAGE_KEYS}  # the same layers at the same bits, in the engine's graph
+                entry = ev.add(label, deploy(pipe), spec=f"diffquant {cfg.label} deployed on {deploy_label}", extra=same)
                 entry["summary"]["psnr_to_fake_quant"] = float(psnr(ev.images[label], ev.images[cfg.label]).double().mean())
             del pipe
     for name in peers:
@@ -111,7 +90,6 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
         except PeerUnavailable as e:
             ev.add_unavailable(name, str(e))
             continue
-        costs.setdefault("denoiser_mib", saved_size_bytes(get_denoiser(pipe)) / 2**20)
         ev.add(name, pipe, spec=PEERS[name], extra={"peak_memory_mib": mem.mib, **costs})
         del pipe
     return ev

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import math
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch
 import diffquant
 
 from . import metrics as M
+from .coverage import coverage, layer_table, shipped_mib
 from .curves import layer_sensitivity, timestep_error
 from ..sampling import SamplingSettings, is_unconditional
 from ..wrap import get_denoiser
@@ -53,8 +53,10 @@ class Evaluation:
         fingerprint = model_fingerprint(reference_pipe)
         fp_images, stats = generate(reference_pipe, items, settings, options.cache_dir, options.batch_size, reference_label, fingerprint)
         self.images[reference_label] = fp_images
+        # Parameters and MACs of the float denoiser on one call of these settings: every row's coverage and bits.
+        self.layer_table = layer_table(reference_pipe, settings, items[0].prompt if items else "")
         self.reference = {"label": reference_label, "spec": reference_spec, "fingerprint": fingerprint,
-                          "generation": vars(stats), "summary": {}}
+                          "generation": vars(stats), "summary": self.costs(reference_pipe, reference=True)}
         sampling = {k: v for k, v in settings.to_dict().items() if k != "seed"}  # each item carries its own seed
         self.settings_record = {"prompts": prompts_spec, "n_images": len(items), **sampling, "batch_size": options.batch_size}
 
@@ -150,6 +152,13 @@ class Evaluation:
             summary["attr_mean"] = sum(others) / len(others)
 
     # ------------------------------------------------------------------ scoring
+    def costs(self, pipe, reference: bool = False, known: dict | None = None) -> dict:
+        """Coverage, average bits over the whole denoiser and shipped size (``evaluation.coverage``): one
+        computation for diffquant's rows, the peers' and the reference. ``known``: a size already measured."""
+        out = coverage(self.layer_table, get_denoiser(pipe))
+        out["denoiser_mib"] = (known or {}).get("denoiser_mib") or shipped_mib(pipe, reference)
+        return out
+
     def add(self, label: str, pipe, spec: str, extra: dict | None = None) -> dict:
         """Generate ``pipe``'s images on the pairs and score them; returns (and records) the model's entry."""
         opts = self.options
@@ -174,10 +183,7 @@ class Evaluation:
             summary["fd_fp"] = self._frechet("fd_fp", self.features(images), self.fp_feats)
         self._prompt_scores(entry, images)
         denoiser = get_denoiser(pipe)
-        if diffquant.quantized_layers(denoiser):
-            bits = diffquant.average_bits(denoiser)
-            summary["avg_wbits"] = bits["weight_bits"]
-            summary["avg_abits"] = bits["activation_bits"] if math.isfinite(bits["activation_bits"]) else None  # weight-only
+        summary.update({k: v for k, v in self.costs(pipe, known=summary).items() if k not in summary})  # given values win
         if "timestep" in opts.metrics:
             curve = timestep_error(self.pipe, denoiser, self.items[:opts.curve_items], self.settings, opts.batch_size)
             entry["timestep_error"] = curve

@@ -1,4 +1,8 @@
-"""Peer baselines (torchao, optimum-quanto, OpenVINO and its NNCF INT8) applied to a pipeline's denoiser, plus cost helpers.
+"""Peer baselines (torchao, optimum-quanto, SDNQ, bitsandbytes, OpenVINO and its NNCF INT8) applied to a pipeline's
+denoiser, plus cost helpers.
+
+Each peer runs at its own library's settings as a diffusers user would get them (``PEERS`` says which);
+its coverage and bits are read from its modules by ``evaluation.coverage``, like diffquant's rows.
 
 Peers run through the same paired harness as diffquant's methods, so their numbers are comparable.
 A peer that cannot run on this machine raises :class:`PeerUnavailable` with the library's reason;
@@ -35,6 +39,15 @@ PEERS: dict[str, str] = {
     "torchao-w4": "torchao Int4WeightOnlyConfig (int4 weight-only, group 128; Linear layers)",
     "quanto-w8a8": "optimum-quanto qint8 weights + qint8 activations, activation ranges from its Calibration over the calibration prompts",
     "quanto-w4": "optimum-quanto qint4 weights, float activations",
+    "sdnq-int8": "SDNQ int8 weights (sdnq_post_load_quant defaults: weight-only, Linear layers of >= 16384 elements, "
+                 "its skip list), dequantized to float32 for the matmul",
+    "sdnq-int8-svd": "SDNQ int8 weights with its SVD branch (use_svd, rank 32: a float low-rank part beside the codes)",
+    "sdnq-uint4": "SDNQ uint4 weights (its default group size for 4 bits), weight-only",
+    "sdnq-uint4-svd": "SDNQ uint4 weights with its SVD branch (use_svd, rank 32)",
+    "bnb-int8": "bitsandbytes LLM.int8 (Linear8bitLt, outlier threshold 6.0) on every Linear layer, as diffusers' "
+                "BitsAndBytesConfig(load_in_8bit=True) does; CPU kernels",
+    "bnb-nf4": "bitsandbytes NF4 weights (Linear4bit, blocksize 64, float32 compute) on every Linear layer, as "
+               "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') does; CPU kernels",
     "nncf-int8": "OpenVINO INT8 by NNCF (nncf.quantize, ModelType.TRANSFORMER with SmoothQuant, one sample per recorded "
                  "calibration call), run by OpenVINO at f32 precision hint like diffquant's deployed models",
     "openvino-fp32": "the float denoiser on OpenVINO, f32 precision hint",
@@ -73,6 +86,12 @@ def apply_peer(name: str, pipe, run_prompts: Callable[[list[str]], None], calibr
         start = time.perf_counter()
         if name in OV_PRECISION:
             costs = _openvino_peer(name, pipe, calibration, calibration_config or CalibrationConfig(num_prompts=len(calibration)))
+        elif name.startswith("sdnq"):
+            from sdnq import sdnq_post_load_quant
+
+            sdnq_post_load_quant(denoiser, weights_dtype=name.split("-")[1], use_svd=name.endswith("-svd"))
+        elif name.startswith("bnb"):
+            _bitsandbytes(denoiser, four_bit=name == "bnb-nf4")
         elif name.startswith("torchao"):
             from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, quantize_
 
@@ -96,6 +115,25 @@ def apply_peer(name: str, pipe, run_prompts: Callable[[list[str]], None], calibr
         raise PeerUnavailable(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
+def _bitsandbytes(denoiser: torch.nn.Module, four_bit: bool) -> None:
+    """Every ``nn.Linear`` of ``denoiser`` replaced by bitsandbytes' layer, its weight quantized on placement."""
+    import bitsandbytes as bnb
+
+    from ..wrap import set_submodule
+
+    for name, lin in [(n, m) for n, m in denoiser.named_modules() if type(m) is torch.nn.Linear]:
+        args = (lin.in_features, lin.out_features, lin.bias is not None)
+        if four_bit:
+            q = bnb.nn.Linear4bit(*args, compute_dtype=lin.weight.dtype, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4")
+        else:
+            q = bnb.nn.Linear8bitLt(*args, has_fp16_weights=False, threshold=6.0)
+            q.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
+        if lin.bias is not None:
+            q.bias = lin.bias
+        set_submodule(denoiser, name, q.to(lin.weight.device))
+
+
 def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationConfig) -> dict:
     """Put the OpenVINO form of ``pipe``'s float denoiser (NNCF-quantized for ``nncf-int8``) in its place."""
     from ..registry import sampling_defaults
@@ -113,8 +151,52 @@ def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationC
     size, digest = ir_file(model)
     costs["denoiser_mib"] = size / 2**20
     deployed = OVDenoiser(model, dict(denoiser.config), type(denoiser).__name__, precision=OV_PRECISION[name])
+    # What evaluation.coverage reads from torch layers, read from the graph: its layers' bits, float width, size.
+    deployed.layer_bits, deployed.float_bits, deployed.ir_bytes = openvino_layer_bits(model), 16 if name == "openvino-bf16" else 32, size
     setattr(pipe, "unet" if getattr(pipe, "unet", None) is denoiser else "transformer", identify(deployed, digest + name.encode()))
     return costs
+
+
+_PASS_THROUGH = ("Reshape", "Transpose", "Convert", "Multiply", "Subtract", "Unsqueeze", "Squeeze")
+
+
+def _source(node):
+    """The node behind reshapes, casts and dequantization steps: a FakeQuantize, a Constant or a computation."""
+    for _ in range(8):
+        if node.get_type_name() not in _PASS_THROUGH:
+            break
+        node = node.input_value(0).get_node()
+    return node
+
+
+def _node_bits(node) -> float | None:
+    """Bits of a quantized operand: a FakeQuantize's levels, or an integer Constant's width (compressed weights)."""
+    import math
+
+    kind = node.get_type_name()
+    if kind == "FakeQuantize":
+        return float(math.ceil(math.log2(node.get_levels())))
+    if kind == "Constant" and node.get_element_type().is_integral():
+        return float(node.get_element_type().bitwidth)
+    return None
+
+
+def openvino_layer_bits(model) -> dict[str, tuple[float | None, float | None]]:
+    """``evaluation.coverage.layer_bits`` of an OpenVINO graph traced from a denoiser (``runtime.ovgraph``): each
+    MatMul/Convolution and SDPA named by the torch module it came from, with its quantized operands' bits."""
+    out: dict[str, tuple[float | None, float | None]] = {}
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind not in ("MatMul", "Convolution", "ScaledDotProductAttention"):
+            continue
+        name = op.get_friendly_name().split("/")[0].removeprefix("__module.").removeprefix("denoiser.")
+        bits = [_node_bits(_source(op.input_value(i).get_node())) for i in range(2)]
+        if kind == "ScaledDotProductAttention":  # NNCF quantizes q and k (Q K^T); softmax x V stays float
+            if None not in bits:
+                out[f"{name}:qk"] = (None, min(bits))
+        elif bits != [None, None]:
+            out[name] = (bits[1], bits[0])
+    return out
 
 
 def identify(module: torch.nn.Module, identity: bytes) -> torch.nn.Module:
@@ -162,6 +244,8 @@ def ir_file(model) -> tuple[int, bytes]:
 
 def _flat_tensors(prefix: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
     """Plain tensors of ``t``: tensor subclasses (torchao, quanto) contribute their inner data, scales, zero points."""
+    if t is None:  # an optional part a subclass does not hold (quanto's unset activation scales)
+        return
     if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
         for name in t.__tensor_flatten__()[0]:
             _flat_tensors(f"{prefix}.{name}", getattr(t, name), out)

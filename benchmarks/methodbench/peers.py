@@ -1,0 +1,144 @@
+"""The methods-and-peers table: the peers (torchao, quanto, SDNQ, bitsandbytes, NNCF) beside diffquant's rows.
+
+The peers run through ``diffquant.evaluation.bench.run_bench`` on the first ``--peer-prompts`` held-out prompts of
+the methods table (prompt i with seed i, the same steps, guidance and size) and calibrate on the same calibration
+prompts; diffquant RTN is quantized again in the same run, so the table has fresh diffquant rows with every
+column. The methods table's stored rows (Q-Diffusion, PCR, EMF) join from their per-image results on the same
+prompts (PSNR, SSIM, attribute accuracy: exact, the images are the same); their Fréchet distance and coverage
+need their images and modules, which the store does not keep, so those cells stay empty. Every row's coverage,
+average bits and file size come from ``diffquant.evaluation.coverage`` (the harness), one computation for all.
+The result is the model's ``peers`` entry in methods.json, kept when the methods rows are rerun.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+PEERS = "torchao-w8a8,quanto-w8a8,sdnq-int8,nncf-int8,bnb-int8,quanto-w4,sdnq-uint4,sdnq-uint4-svd,sdnq-int8-svd,bnb-nf4"
+KEEP = ("psnr", "ssim", "fd_fp", "attr_all", "weight_coverage", "mac_coverage", "avg_wbits", "avg_abits", "denoiser_mib",
+        "calibration_s", "peak_memory_mib")
+
+
+def subset_row(row: dict, n: int) -> dict | None:
+    """A stored methods row on its first ``n`` prompts (PSNR, SSIM, attribute accuracy from its per-image lists)."""
+    per = row.get("per_image", {})
+    if len(per.get("psnr", [])) < n:
+        return None
+    out = {"label": f"diffquant {row['label']}", "source": f"methods table, first {n} of its prompts",
+           "summary": {k: sum(per[k][:n]) / n for k in ("psnr", "ssim", "attr_all") if len(per.get(k, [])) >= n}}
+    out["summary"]["calibration_s"] = row.get("quantize_s")
+    return out
+
+
+def _row(m: dict) -> dict:
+    if m.get("unavailable"):
+        return {"label": m["label"], "unavailable": m["unavailable"]}
+    label = f"diffquant {m['label']}" if m["label"].startswith("rtn") else m["label"]
+    return {"label": label, "spec": m["spec"], "source": "this run", "fingerprint": m["fingerprint"],
+            "summary": {k: m["summary"].get(k) for k in KEEP if m["summary"].get(k) is not None}}
+
+
+def run_peer_table(name: str, args, store) -> None:
+    """Peers and diffquant RTN on ``args.peer_prompts`` held-out prompts of model ``name``, stored as its ``peers``
+    entry after every row (a rerun skips finished rows; FP and row images come from the cache)."""
+    from diffquant import zoo
+    from diffquant.evaluation import EvalOptions, PromptItem
+    from diffquant.evaluation.bench import parse_bits, run_bench
+    from diffquant.evaluation.peers import parse_peers
+
+    from .runner import load_fp
+
+    model = store.data["models"].get(name)
+    if model is None:
+        raise SystemExit(f"{name} has no methods table in {store.json_path}; run the methods rows first")
+    started = time.time()
+    fp, settings, source = load_fp(name, args.model_paths.get(name))
+    if args.steps:
+        settings = type(settings)(args.steps, settings.guidance, settings.height, settings.width)
+    n = args.peer_prompts
+    items = [PromptItem(p, i) for i, p in enumerate(zoo.heldout_prompts(n))]
+    calib = zoo.calibration_prompts(model["calib_prompts"])  # the methods table's calibration set
+    options = EvalOptions(metrics=["psnr", "ssim", "fd_fp", "attributes"], cache_dir=Path(args.cache_dir) / name,
+                          batch_size=args.batch_size)
+    bits, peers = parse_bits(args.bits), parse_peers(args.peers)
+    plan = [("rtn", b, None) for b in sorted(bits, reverse=True)] + [(None, None, p) for p in peers]
+    table = model.get("peers") or {}
+    if table.get("n_images") != n or args.fresh:
+        table = {"rows": []}
+    done = {r["label"] for r in table["rows"] if r.get("source") == "this run" or r.get("unavailable")}
+    print(f"[{name}] peers: {n} prompts, {len(calib)} calibration prompts", flush=True)
+    for method, b, peer in plan:
+        label = f"diffquant rtn-w{b[0]}a{b[1]}" if method else peer
+        if label in done:
+            print(f"[{name}] {label}: finished in an earlier run, reused", flush=True)
+            continue
+        print(f"[{name}] {label}", flush=True)
+        ev = run_bench(fp, name, items, settings, options, methods=[method] if method else [], bits=[b] if method else [],
+                       peers=[peer] if peer else [], calibration=calib, prompts_spec=f"zoo:heldout:{n}")
+        res = ev.results()
+        row = _row(res["models"][0])
+        print(f"[{name}] {label}: {row.get('summary', row.get('unavailable'))}", flush=True)
+        rows = [r for r in table["rows"] if (r.get("source") == "this run" or r.get("unavailable")) and r["label"] != label] + [row]
+        order = {lab: i for i, lab in enumerate(f"diffquant rtn-w{x[0]}a{x[1]}" if m else p for m, x, p in plan)}
+        rows.sort(key=lambda r: order.get(r["label"], len(order)))
+        stored = [subset_row(r, n) for r in model["rows"] if r["variant"] in ("qdiffusion", "pcr", "emf")]
+        fresh_rtn = {r["label"]: r["summary"]["psnr"] for r in rows if r["label"].startswith("diffquant rtn") and "summary" in r}
+        stored_rtn = {f"diffquant {r['label']}": subset_row(r, n)["summary"]["psnr"] for r in model["rows"] if r["variant"] == "rtn"}
+        table = {
+            "command": f".venv/bin/python benchmarks/methods.py {args.line}".strip(), "n_images": n, "source": source,
+            "settings": res["settings"], "feature_space": res["feature_space"], "calib_prompts": len(calib),
+            "reference": {k: res["reference"]["summary"].get(k) for k in KEEP if res["reference"]["summary"].get(k) is not None},
+            "rows": rows + [r for r in stored if r is not None], "skipped": res["skipped"],
+            # the fresh RTN rows against the stored ones on the same prompts: do the two runs agree?
+            "rtn_check": {k: {"fresh": v, "stored": stored_rtn.get(k)} for k, v in fresh_rtn.items()},
+            "started": table.get("started") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+            "wall_s": table.get("wall_s", 0.0) + time.time() - started, "machine": model.get("machine"),
+        }
+        started = time.time()
+        model["peers"] = table
+        store.touched.add(name)
+        store.save()
+    print(f"[{name}] peers done", flush=True)
+
+
+COLUMNS = [("weight_coverage", "quantized weights", "{:.0%}"), ("mac_coverage", "quantized MACs", "{:.0%}"),
+           ("avg_wbits", "avg W bits", "{:.2f}"), ("avg_abits", "avg A bits", "{:.2f}"), ("psnr", "PSNR ↑ (dB)", "{:.2f}"),
+           ("ssim", "SSIM ↑", "{:.4f}"), ("fd_fp", "FD to FP ↓", "{:.2f}"), ("attr_all", "attr. all ↑", "{:.3f}"),
+           ("denoiser_mib", "denoiser file (MiB)", "{:.2f}"), ("calibration_s", "quantize (s)", "{:.0f}")]
+
+
+def markdown(name: str, table: dict) -> list[str]:
+    """The model's methods-and-peers section of the page."""
+    s = table["settings"]
+    lines = [f"### {name}: diffquant and the peers on {table['n_images']} held-out prompts", "",
+             f"Reproduce: `{table['command']}`. Prompts 0–{table['n_images'] - 1} of the table above (seed = index), "
+             f"{s['steps']} steps, guidance {s['guidance']}, {s['height']}x{s['width']}; {table['calib_prompts']} calibration prompts "
+             f"for every row that calibrates. Run {table['started']}, {table['wall_s'] / 60:.0f} min on {table.get('machine')}. "
+             f"FD to FP on {table['n_images']} images is biased upward against the 256-image table: compare it within this table.", "",
+             "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+
+    def cells(summary: dict) -> str:
+        return " | ".join("–" if summary.get(k) is None else f.format(summary[k]) for k, _, f in COLUMNS)
+
+    lines.append(f"| FP | {cells(table['reference'])} |")
+    for row in table["rows"]:
+        if row.get("unavailable"):
+            lines.append(f"| {row['label']} | unavailable: {row['unavailable']} |" + " |" * (len(COLUMNS) - 1))
+        else:
+            mark = " ¹" if row.get("source", "").startswith("methods table") else ""
+            lines.append(f"| {row['label']}{mark} | {cells(row['summary'])} |")
+    check = "; ".join(f"{k}: {v['fresh']:.2f} dB here, {v['stored']:.2f} dB in the stored row" for k, v in table["rtn_check"].items()
+                      if v["stored"] is not None)
+    lines += ["", ("¹ From the methods table's stored per-image results on the same prompts (same images): PSNR, SSIM and "
+                   "attribute accuracy are exact; FD and coverage need the images and modules, not stored (coverage equals RTN's "
+                   "at the same bits except PCR's relaxed steps and EMF's float time layers and mixed precision); `quantize` is the "
+                   "methods table's time. RTN rerun here against its stored row on the same prompts: " + (check or "no stored row") + "."),
+              "", ("Coverage and bits over the whole denoiser (`diffquant.evaluation.coverage`): quantized share of all parameter "
+                   "elements and of the MACs of one denoiser call whose two operands are both quantized (weight-only quantization "
+                   "counts 0 MACs); bits per parameter and per MAC with float parts at 32 (float32); the methods table above reports "
+                   "`diffquant.average_bits` instead (quantized layers, float layers at 16). `denoiser file` is what would "
+                   "ship: diffquant's saved folder (int codes), OpenVINO's IR weights, a peer's state dict as safetensors. "
+                   "`quantize` is wall time (quantization and calibration) on that machine, shared with other jobs: "
+                   "compare it within one run only."), ""]
+    return lines

@@ -1,0 +1,113 @@
+"""Coverage and average bits (evaluation.coverage): hand-computed answers, the same function on diffquant and peer
+models, and ``--layers`` selecting what is quantized."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import diffquant
+from diffquant import CalibrationConfig, QuantConfig
+from diffquant.evaluation.coverage import count_table, coverage, layer_bits
+from diffquant.models.tiny import tiny_sd_pipeline
+
+
+def _toy():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 8, bias=False), nn.Linear(8, 8, bias=False))
+
+
+# Layer 0: 128 weights, 16*8 = 128 MACs per row; layer 1: 64 weights, 64 MACs. Quantizing layer 0 alone at W8A8:
+# quantized weights 128/192, quantized MACs 128/192, bits (128*8 + 64*32)/192 = 16 for weights and for activations.
+HAND = {"weight_coverage": 2 / 3, "mac_coverage": 2 / 3, "avg_wbits": 16.0, "avg_abits": 16.0}
+
+
+def _check(denoiser, table):
+    got = coverage(table, denoiser)
+    assert got == pytest.approx(HAND), got
+
+
+def test_half_the_layers_quantized_gives_the_hand_fractions_for_diffquant():
+    from diffquant.nn import QuantLinear
+    from diffquant.quant import TimestepContext, TimestepGroups
+
+    x = torch.randn(3, 16)
+    model = _toy()
+    table = count_table(model, lambda: model(x))
+    assert table.weight_numel == {"0": 128, "1": 64} and table.macs == {"0": 3 * 128, "1": 3 * 64}
+    cfg = QuantConfig(wbits=8, abits=8)
+    model[0] = QuantLinear.from_float(model[0], cfg.weight_spec(), cfg.act_spec(), TimestepContext(TimestepGroups.uniform(1, 1000)), 1)
+    assert layer_bits(model) == {"0": (8.0, 8.0)}
+    _check(model, table)
+
+
+def test_same_function_on_peer_quantized_models():
+    """optimum-quanto W8A8 and torchao int8 dynamic on layer 0 only: the same hand answer as diffquant's."""
+    pytest.importorskip("optimum.quanto")
+    from optimum.quanto import freeze, qint8, quantize
+
+    x = torch.randn(3, 16)
+    model = _toy()
+    table = count_table(model, lambda: model(x))
+    quantize(model, weights=qint8, activations=qint8, include="0")
+    freeze(model)
+    _check(model, table)
+
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    model = _toy()
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, name: name == "0")
+    _check(model, table)
+    # Weight-only: the weights count, the MACs do not (they run in float on dequantized weights).
+    model = _toy()
+    quantize(model, weights=qint8, include="0")
+    got = coverage(table, model)
+    assert got["weight_coverage"] == pytest.approx(2 / 3) and got["mac_coverage"] == 0 and got["avg_abits"] == 32
+
+
+def test_layers_linear_leaves_convs_and_attention_float_with_the_reason(tmp_path):
+    pipe = tiny_sd_pipeline(0)
+    calib = CalibrationConfig(num_prompts=1, num_inference_steps=2, height=32, width=32)
+    cfg = QuantConfig(wbits=8, abits=8, layers="linear", calibration=calib)
+    assert QuantConfig.from_json(cfg.to_json()).layers == "linear"  # serialised with the config
+    diffquant.quantize(pipe, cfg, calibration=["a red circle"], progress=False)
+    unet = pipe.unet
+    reasons = diffquant.quant_record(unet).float_layers
+    convs = [n for n, m in unet.named_modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(reasons[n] == "outside --layers" for n in convs)
+    assert all(isinstance(m, nn.Linear) for n, m in diffquant.quantized_layers(unet).items())  # no processors either
+    attention = [n for n in reasons if reasons[n].startswith("attention matmuls")]
+    assert attention and all(not hasattr(unet.get_submodule(n).processor, "activation_quantizers") for n in attention)
+    linear = sum(m.weight.numel() for m in unet.modules() if type(m).__name__ == "QuantLinear")
+    total = sum(p.numel() for n, p in unet.named_parameters() if "quantizer" not in n)
+    from diffquant.evaluation.coverage import layer_table
+    from diffquant.sampling import SamplingSettings
+
+    table = layer_table(tiny_sd_pipeline(0), SamplingSettings(steps=2, guidance=5.0, height=32, width=32))
+    got = coverage(table, unet)
+    assert got["weight_coverage"] == pytest.approx(linear / total)
+    assert got["avg_wbits"] == pytest.approx((8 * linear + 32 * (total - linear)) / total)
+    assert 0 < got["mac_coverage"] < 1
+    diffquant.save(pipe, tmp_path / "q")  # the selection is saved with the model and restored by load
+    loaded = diffquant.load(tmp_path / "q").unet
+    assert diffquant.quant_record(loaded).config.layers == "linear" and layer_bits(loaded) == layer_bits(unet)
+    with pytest.raises(ValueError, match="--layers"):
+        QuantConfig(layers=" , ")
+
+
+def test_layer_patterns_and_keywords_select_the_union():
+    from diffquant.models.adapters import get_adapter
+    from diffquant.wrap import selected_layers
+
+    adapter = get_adapter(copy.deepcopy(tiny_sd_pipeline(0).unet))
+    layers, attention = selected_layers(adapter, ["conv", "mid_block.*"])
+    assert "conv_in" in layers and "mid_block.attentions.0.proj_in" in layers
+    assert any(n.startswith("mid_block") for n in attention) and not any(n.startswith("down") for n in attention)
+    layers, attention = selected_layers(adapter, ["attention"])
+    assert layers and all(".attn" in n for n in layers) and len(attention) == len(adapter.attention_modules())
+    with pytest.raises(ValueError, match="'dwn_blocks.*' matches no layer"):
+        selected_layers(adapter, ["linear", "dwn_blocks.*"])
