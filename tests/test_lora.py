@@ -22,12 +22,17 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 CONV = "down_blocks.0.resnets.0.conv1"
 
 
+def unet_copy(pipe):
+    """The pipeline around a deep copy of its UNet (the other components, which no test changes, shared)."""
+    return type(pipe)(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})
+
+
 @pytest.fixture(scope="module")
 def models(tiny_pipes):
-    fake = copy.deepcopy(tiny_pipes["sd"])
+    fake = unet_copy(tiny_pipes["sd"])
     cfg = QuantConfig(method="rtn", wbits=8, abits=8, calibration=calibration_config(num_prompts=2, num_inference_steps=3))
     diffquant.quantize(fake, cfg, calibration=PROMPTS[:2], progress=False)
-    return {"fake": fake, "converted": diffquant.convert(copy.deepcopy(fake), progress=False)}
+    return {"fake": fake, "converted": diffquant.convert(unet_copy(fake), progress=False)}
 
 
 def unet_inputs(seed: int = 0) -> dict:
@@ -66,7 +71,7 @@ def lora_delta(wrapper, x: torch.Tensor, adapter: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["fake", "converted"])
 def test_lora_runs_in_float_beside_the_quantized_base(models, kind, tmp_path):
-    pipe = copy.deepcopy(models[kind])
+    pipe = unet_copy(models[kind])
     unet = pipe.unet
     names = targets(unet)
     bases = {n: unet.get_submodule(n) for n in names}
@@ -106,7 +111,7 @@ def test_lora_runs_in_float_beside_the_quantized_base(models, kind, tmp_path):
 
 
 def test_fuse_requantizes_on_fake_quant_and_is_refused_on_converted(models, tmp_path):
-    pipe = copy.deepcopy(models["fake"])
+    pipe = unet_copy(models["fake"])
     unet = pipe.unet
     before = run(unet)
     weights = {n: unet.get_submodule(n).weight.clone() for n in targets(unet)}
@@ -132,7 +137,7 @@ def test_fuse_requantizes_on_fake_quant_and_is_refused_on_converted(models, tmp_
     assert isinstance(unet.get_submodule(targets(unet)[0]), QuantLinear)
     torch.testing.assert_close(run(unet), fused, rtol=0, atol=0)
 
-    converted = copy.deepcopy(models["converted"])
+    converted = unet_copy(models["converted"])
     converted.unet.load_lora_adapter(random_lora(converted.unet), prefix=None, adapter_name="style")
     with pytest.raises(ValueError, match="converted"):
         converted.fuse_lora()
@@ -140,7 +145,7 @@ def test_fuse_requantizes_on_fake_quant_and_is_refused_on_converted(models, tmp_
 
 
 def test_peft_adapter_trains_on_fake_quant_and_loads_on_converted(models):
-    fake, converted = copy.deepcopy(models["fake"]).unet, copy.deepcopy(models["converted"]).unet
+    fake, converted = copy.deepcopy(models["fake"].unet), copy.deepcopy(models["converted"].unet)
     base_state = {k: v.clone() for k, v in fake.state_dict().items()}
     torch.manual_seed(0)
     fake.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(ATTENTION)))
@@ -169,6 +174,6 @@ def test_every_lora_config_maps_diffquant_layers_and_variants_are_refused(models
     assert LoraConfig()._custom_modules == lora_layers()
     diffquant.lora.install()  # peft is imported: registers at once, idempotent
     assert LoraConfig(r=2)._custom_modules == lora_layers()
-    unet = copy.deepcopy(models["fake"]).unet
+    unet = copy.deepcopy(models["fake"].unet)
     with pytest.raises(ValueError, match="plain LoRA only"):
         unet.add_adapter(LoraConfig(r=2, use_dora=True, target_modules=["to_q"]))
