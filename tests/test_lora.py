@@ -177,3 +177,15 @@ def test_every_lora_config_maps_diffquant_layers_and_variants_are_refused(models
     unet = copy.deepcopy(models["fake"].unet)
     with pytest.raises(ValueError, match="plain LoRA only"):
         unet.add_adapter(LoraConfig(r=2, use_dora=True, target_modules=["to_q"]))
+
+
+@pytest.mark.slow
+def test_import_diffquant_leaves_peft_unimported_until_used():
+    """The import hook: no peft import cost for models that never see a LoRA, the mapping once peft loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diffquant; assert 'peft' not in sys.modules, 'peft imported'; import peft; "
+            "from diffquant.lora import lora_layers; assert peft.LoraConfig()._custom_modules == lora_layers()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
