@@ -27,11 +27,10 @@ pays for it. Plain LoRA only (no DoRA or other variants) on quantized layers.
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.util
-import sys
 import warnings
 from typing import Any
+
+from .hf_quantizer import after_import
 
 FUSE_CONVERTED = ("fuse_lora on a converted (integer) layer is not supported: fuse on the fake-quant model "
                   "(diffquant.load without convert), then diffquant.convert it, or keep the LoRA unfused")
@@ -60,35 +59,16 @@ def enable() -> None:
     LoraConfig._diffquant_layers = layers
 
 
-class _PeftImportHook(importlib.abc.MetaPathFinder):
-    """Runs ``enable()`` right after the module ``peft`` has executed (then leaves ``sys.meta_path``)."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name != "peft":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_enable(module: Any) -> None:
-            exec_module(module)
-            try:
-                enable()
-            except Exception as e:  # peft itself stays usable; only LoRA on quantized layers is missing
-                warnings.warn(f"diffquant: LoRA on quantized layers is unavailable ({e})", stacklevel=2)
-
-        spec.loader.exec_module = exec_then_enable
-        return spec
+def _enable_after_import(peft: Any) -> None:
+    try:
+        enable()
+    except Exception as e:  # peft itself stays usable; only LoRA on quantized layers is missing
+        warnings.warn(f"diffquant: LoRA on quantized layers is unavailable ({e})", stacklevel=2)
 
 
 def install() -> None:
     """Run ``enable()`` when peft gets imported, or now if it already is (``import diffquant`` calls this)."""
-    if "peft" in sys.modules:
-        enable()
-    elif not any(isinstance(f, _PeftImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PeftImportHook())
+    after_import("peft", _enable_after_import)
 
 
 @functools.cache
