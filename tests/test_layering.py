@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"methods"},
     {"api"},
     {"runtime"},
-    {"serialization", "deployment", "pipelines", "inspect", "hf_quantizer"},
+    {"serialization", "deployment", "pipelines", "inspect", "hf_quantizer", "lora"},
     {"zoo"},
     {"evaluation"},
     {"demo", "cli", "cli_common", ""},

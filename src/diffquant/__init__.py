@@ -76,3 +76,4 @@ __all__ = [
 ]
 
 from diffquant import hf_quantizer as _hf; _hf.install()
+from diffquant import lora as _lora; _lora.install()  # LoRA (peft) on quantized layers, once peft is imported

@@ -23,7 +23,7 @@ import warnings
 from enum import Enum
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 from .registry import HF_QUANT_METHOD
 
@@ -45,37 +45,47 @@ class QuantMethod(str, Enum):
 
 def install() -> None:
     """Register with diffusers now if its quantizer module is loaded, else right after it is (``import diffquant``)."""
-    if TARGET in sys.modules:
-        register(sys.modules[TARGET])
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    after_import(TARGET, register)
+
+
+def after_import(name: str, callback: Callable[[ModuleType], None]) -> None:
+    """``callback(module)`` now if module ``name`` is loaded, else once right after its first import (a one-shot finder
+    on ``sys.meta_path``): how diffquant joins another library's tables without importing it (diffusers here, peft in
+    ``diffquant.lora``)."""
+    if name in sys.modules:
+        callback(sys.modules[name])
+    elif not any(isinstance(f, _RegisterAfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport(name, callback))
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for ``TARGET`` it wraps the real loader so ``register`` runs once the module has run."""
+    """Finds nothing itself: for ``name`` it wraps the real loader so ``callback`` runs once the module has run."""
+
+    def __init__(self, name: str, callback: Callable[[ModuleType], None]) -> None:
+        self.name, self.callback = name, callback
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != TARGET:
+        if fullname != self.name:
             return None
         sys.meta_path.remove(self)  # once: the real finders resolve the module
         for finder in sys.meta_path:
             spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
             if spec is not None and spec.loader is not None:
-                spec.loader = _ThenRegister(spec.loader)
+                spec.loader = _ThenRegister(spec.loader, self.callback)
                 return spec
         return None
 
 
 class _ThenRegister(importlib.abc.Loader):
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
+    def __init__(self, loader: Any, callback: Callable[[ModuleType], None]) -> None:
+        self.loader, self.callback = loader, callback
 
     def create_module(self, spec: Any) -> Any:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
-        register(module)
+        self.callback(module)
 
     def __getattr__(self, name: str) -> Any:  # get_source, is_package, ... of the real loader
         return getattr(self.loader, name)

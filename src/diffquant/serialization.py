@@ -75,6 +75,9 @@ def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
     not_frozen = sorted({m.state.value for m in layers.values()} - {QuantState.FROZEN.value, QuantState.CONVERTED.value})
     if not_frozen:
         raise ValueError(f"only frozen models can be saved (found states {not_frozen}); finish diffquant.quantize first")
+    if any(name.endswith(".base_layer") for name in layers):
+        raise ValueError("a LoRA is loaded: pipe.unload_lora_weights() before saving (pipe.fuse_lora() first keeps it, "
+                         "fused into the quantized weights)")
     converted = {name: form for name, m in layers.items() if (form := m.converted_form()) is not None}
     folder.mkdir(parents=True, exist_ok=True)
     _write_config(denoiser, folder)
