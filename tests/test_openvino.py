@@ -61,7 +61,7 @@ def test_graphs_reach_every_group_layer_by_layer(two_groups):
     """Each integer layer's OpenVINO form (int graph: constant FakeQuantize of group 0 with x / r + d before and
     r * (y - d op(1)) after; float graph: gathered fake quantization), run in torch on the layer's real input,
     gives that group's fake-quant output, for both groups (zero points differ, so the shift terms are live)."""
-    from diffquant.runtime.modules import _IntLayer
+    from diffquant.runtime.modules import IntLayer
     from diffquant.runtime.ovgraph import _int_layer_forward, _State, convert, plan_groups
 
     work = copy.deepcopy(two_groups.unet)
@@ -78,7 +78,7 @@ def test_graphs_reach_every_group_layer_by_layer(two_groups):
                 rendered = _int_layer_forward(layer, st)(args[0])
                 errors[(graph, group, id(layer))] = rel_err(rendered, out)
 
-            hooks = [m.register_forward_hook(check) for m in work.modules() if isinstance(m, _IntLayer)]
+            hooks = [m.register_forward_hook(check) for m in work.modules() if isinstance(m, IntLayer)]
             try:
                 fake_quant_out(work, sd_inputs(work, 500.0), group)
             finally:
