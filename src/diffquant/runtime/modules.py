@@ -338,6 +338,29 @@ class IntLayer(QuantModule):
         w_hat = qd.dequantize_per_channel(w_codes, w_scale, torch.zeros_like(w_scale, dtype=torch.long), 0, -128, 127, torch.int8)
         return self.float_op(x_hat, w_hat, bias)
 
+    def _onednn_weights(self, i: int, prepack: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(oneDNN-packed int8 codes of block ``i``, their per-channel scales, zero points), packed once by
+        ``prepack(codes, scales)`` (the Linear or convolution packer) and cached."""
+        key = f"onednn{i}"
+        if key not in self._cache:
+            c0, c1, w_seg, _ = self.blocks()[i]
+            scales = self.weight_scales(w_seg)
+            self._cache[key] = (prepack(self.block_codes(c0, c1), scales), scales, torch.zeros(scales.shape[0], dtype=torch.long))
+        return self._cache[key]
+
+    def _int_mm_rows(self, i: int, rows: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """uint8 activation rows [M, K] times block ``i``'s int8 codes, in float [M, out]: ``int_mm`` on ``rows - 128``
+        (exact in int8), corrected by ``(128 - zp)`` times the weight's row sums, scaled, plus the bias."""
+        key = f"int_mm{i}"
+        if key not in self._cache:
+            c0, c1, w_seg, _ = self.blocks()[i]
+            w = self.block_codes(c0, c1).reshape(self.weight_shape[0], -1)
+            self._cache[key] = (w.t().contiguous(), w.sum(dim=1, dtype=torch.int32).float(), self.weight_scales(w_seg))
+        w_t, w_sum, w_scale = self._cache[key]
+        acc = int_mm((rows ^ 0x80).view(torch.int8), w_t).float()  # u - 128, exactly
+        y = (acc + (128 - zp) * w_sum) * (w_scale * scale)
+        return y + bias.float() if bias is not None else y
+
     def extra_repr(self) -> str:
         return f"w{self.weight_quantizer.bits} backend={self.backend}, blocks={len(self.weight_quantizer.bounds)}"
 
@@ -366,30 +389,13 @@ class IntLinear(IntLayer):
     def _onednn_block(
         self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        key = f"onednn{i}"
-        if key not in self._cache:
-            c0, c1, w_seg, _ = self.blocks()[i]
-            packed = torch.ops.onednn.qlinear_prepack(self.block_codes(c0, c1), None)
-            scales = self.weight_scales(w_seg)
-            self._cache[key] = (packed, scales, torch.zeros(scales.shape[0], dtype=torch.long))
-        packed, w_scale, w_zp = self._cache[key]
+        packed, w_scale, w_zp = self._onednn_weights(i, lambda codes, scales: torch.ops.onednn.qlinear_prepack(codes, None))
         b = None if bias is None else bias.float()
         return torch.ops.onednn.qlinear_pointwise(codes, scale, zp, packed, w_scale, w_zp, b, 1.0, 0, dtype, "none", [], "")
 
     def _int_mm_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
-        key = f"int_mm{i}"
-        if key not in self._cache:
-            c0, c1, w_seg, _ = self.blocks()[i]
-            w = self.block_codes(c0, c1)
-            self._cache[key] = (w.t().contiguous(), w.sum(dim=1, dtype=torch.int32).float(), self.weight_scales(w_seg))
-        w_t, w_sum, w_scale = self._cache[key]
         lead = codes.shape[:-1]
-        shifted = (codes.reshape(-1, codes.shape[-1]) ^ 0x80).view(torch.int8)  # u - 128, exactly
-        acc = int_mm(shifted, w_t).float()
-        y = (acc + (128 - zp) * w_sum) * (w_scale * scale)
-        if bias is not None:
-            y = y + bias.float()
-        return y.reshape(*lead, -1)
+        return self._int_mm_rows(i, codes.reshape(-1, codes.shape[-1]), scale, zp, bias).reshape(*lead, -1)
 
 
 class IntConv2d(IntLayer):
@@ -428,16 +434,8 @@ class IntConv2d(IntLayer):
     def _onednn_block(
         self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        key = f"onednn{i}"
-        if key not in self._cache:
-            c0, c1, w_seg, _ = self.blocks()[i]
-            scales = self.weight_scales(w_seg)
-            packed = torch.ops.onednn.qconv_prepack(
-                self.block_codes(c0, c1), scales, scale, zp, list(self.stride), list(self.padding), list(self.dilation),
-                self.groups, None,
-            )
-            self._cache[key] = (packed, scales, torch.zeros(scales.shape[0], dtype=torch.long))
-        packed, w_scale, w_zp = self._cache[key]
+        packed, w_scale, w_zp = self._onednn_weights(i, lambda codes, scales: torch.ops.onednn.qconv_prepack(
+            codes, scales, scale, zp, list(self.stride), list(self.padding), list(self.dilation), self.groups, None))
         b = None if bias is None else bias.float()
         return torch.ops.onednn.qconv2d_pointwise(
             codes, scale, zp, packed, w_scale, w_zp, b, list(self.stride), list(self.padding), list(self.dilation),
@@ -445,12 +443,6 @@ class IntConv2d(IntLayer):
         )
 
     def _int_mm_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
-        key = f"int_mm{i}"
-        if key not in self._cache:
-            c0, c1, w_seg, _ = self.blocks()[i]
-            w = self.block_codes(c0, c1).reshape(self.weight_shape[0], -1)
-            self._cache[key] = (w.t().contiguous(), w.sum(dim=1, dtype=torch.int32).float(), self.weight_scales(w_seg))
-        w_t, w_sum, w_scale = self._cache[key]
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         if ph or pw:
             codes = F.pad(codes, (pw, pw, ph, ph), value=zp)  # padding holds real zeros: code zp
@@ -458,11 +450,7 @@ class IntConv2d(IntLayer):
         patches = codes.unfold(2, kh, sh).unfold(3, kw, sw)  # [B, C, Ho, Wo, kh, kw]
         ho, wo = patches.shape[2:4]
         cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw)
-        acc = int_mm((cols ^ 0x80).view(torch.int8), w_t).float()
-        y = (acc + (128 - zp) * w_sum) * (w_scale * scale)
-        if bias is not None:
-            y = y + bias.float()
-        return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
+        return self._int_mm_rows(i, cols, scale, zp, bias).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 def dynamic_kernel_reason(layer: IntLayer) -> str | None:
