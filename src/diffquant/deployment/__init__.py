@@ -3,8 +3,10 @@
 Each engine is one module here, ``deployment/<engine>.py``, that implements its folder side (export, load, and an
 in-memory ``deploy``) over its graphs in ``runtime/`` and registers a ``registry.Engine``; the modules named in
 ``ENGINE_MODULES`` below are imported with this package, which registers them. ``load``, ``export``,
-``generate --backend``, ``export --format``, ``eval --backend`` and ``bench --backend`` consult the registry only. This layer sits beside ``serialization``
-(the torch form) and above the runtime, which never imports the layer that saves models.
+``generate --backend``, ``export --format``, ``eval --backend`` and ``bench --backend`` consult the registry only.
+An engine imports its own library inside its functions (``import openvino`` on first use), so it registers where
+the library is not installed (using it then raises ImportError). This layer sits beside ``serialization`` (the
+torch form) and above the runtime, which never imports the layer that saves models.
 """
 
 from __future__ import annotations
