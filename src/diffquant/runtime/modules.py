@@ -106,7 +106,11 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class IntLayer(QuantModule):
-    """Shared part of ``IntLinear`` / ``IntConv2d``; not instantiated directly."""
+    """Shared part of ``IntLinear`` / ``IntConv2d`` (``isinstance`` finds any converted layer); not instantiated directly.
+
+    Besides the forward, it names its structure for the exporters (onnx.py, ovgraph.py): ``blocks()``,
+    ``segments()``, ``act_params(group, segment)``, ``block_codes``, ``weight_scales``, ``channels`` and ``float_op``.
+    """
 
     is_layer = True
 
@@ -228,7 +232,7 @@ class IntLayer(QuantModule):
         return float(iq.scale[group, segment]), int(round(float(iq.zero_point[group, segment]))) - int(qmin), int(qmax - qmin), bits
 
     def _group_params(self, group: int) -> list[tuple[float, int, int, int]]:
-        """``_act_params`` of every activation segment of ``group`` (looked up once, then cached)."""
+        """``act_params`` of every activation segment of ``group`` (looked up once, then cached)."""
         if self._export:
             return self._export_params
         key = f"act{group}"
@@ -237,10 +241,12 @@ class IntLayer(QuantModule):
         return self._cache[key]
 
     def weight_scales(self, w_seg: int) -> torch.Tensor:
+        """Per-output-channel scales of weight segment ``w_seg`` (float32, one per output channel)."""
         scale = self.weight_quantizer.scale[:, w_seg].detach().float()
         return scale.expand(self.weight_shape[0]).contiguous()
 
     def block_codes(self, c0: int, c1: int) -> torch.Tensor:
+        """int8 weight codes of input channels ``c0:c1`` (one kernel block)."""
         return self.codes()[:, c0:c1].contiguous()
 
     def _dequantized(self) -> torch.Tensor:
@@ -381,6 +387,7 @@ class IntLinear(IntLayer):
         return x[..., a:b].contiguous()
 
     def float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's float operation with weight ``w``."""
         return F.linear(x, w, bias)
 
     def _float_forward(self, x_hat: torch.Tensor) -> torch.Tensor:
@@ -416,10 +423,15 @@ class IntConv2d(IntLayer):
         return x[:, a:b].contiguous()
 
     def float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's float operation with weight ``w`` (Linear: ``F.linear``; here the convolution)."""
+        x, padding = self.padded(x)
+        return F.conv2d(x, w, bias, self.stride, padding, self.dilation, self.groups)
+
+    def padded(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(input, padding left to the convolution): non-zero padding modes pad ``x`` here, zero padding is the conv's."""
         if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return x, self.padding
 
     def _float_forward(self, x_hat: torch.Tensor) -> torch.Tensor:
         return self.float_op(x_hat, self._dequantized(), self.bias)
@@ -476,7 +488,7 @@ def integer_backends(layer: IntLayer) -> list[str]:
 
 
 __all__ = [
-    "BACKENDS", "IntConv2d", "IntLinear", "dynamic_kernel_reason", "int_mm", "integer_backends", "onednn_available", "quantize_u8",
+    "BACKENDS", "IntConv2d", "IntLayer", "IntLinear", "dynamic_kernel_reason", "int_mm", "integer_backends", "onednn_available", "quantize_u8",
 ]
 
 for _layer in (IntLinear, IntConv2d):

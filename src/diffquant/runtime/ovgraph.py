@@ -138,9 +138,7 @@ def _ones_op(layer: IntLayer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The layer (no bias) applied to an all-ones input: row sums, or a ones map convolved (exact at borders)."""
     if not isinstance(layer, IntConv2d):
         return w.sum(1)
-    ones, padding = torch.ones_like(x[:1, :1]), layer.padding
-    if layer.padding_mode != "zeros":
-        ones, padding = F.pad(ones, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), 0
+    ones, padding = layer.padded(torch.ones_like(x[:1, :1]))
     return F.conv2d(ones, w.sum(1, keepdim=True), None, layer.stride, padding, layer.dilation)
 
 
