@@ -34,18 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def deploy_openvino(graph: str):
-    """pipeline -> the same pipeline with its quantized denoiser on OpenVINO (diffquant's scales, ``graph``, f32 hint)."""
-    from diffquant.evaluation.paired import model_fingerprint
-    from diffquant.evaluation.peers import identify
+    """pipeline -> the same pipeline with its quantized denoiser on OpenVINO (diffquant's scales, ``graph``, f32 hint):
+    the openvino engine's ``deploy`` with the graph chosen."""
     from diffquant.runtime.openvino import OVDenoiser
-    from diffquant.wrap import get_denoiser
+    from diffquant.serialization import with_denoiser
 
     def deploy(pipe):
-        denoiser = get_denoiser(pipe)
-        attr = "unet" if getattr(pipe, "unet", None) is denoiser else "transformer"
-        deployed = OVDenoiser.from_denoiser(pipe, graph=graph, precision="f32")
-        identify(deployed, f"{model_fingerprint(pipe)}/{deployed.graph}/f32".encode())  # the source model's identity
-        return type(pipe)(**{**pipe.components, attr: deployed})
+        return with_denoiser(pipe, OVDenoiser.from_denoiser(pipe, graph=graph, precision="f32"))
     return deploy
 
 

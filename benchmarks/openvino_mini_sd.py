@@ -23,8 +23,15 @@ import torch
 
 import diffquant
 from diffquant import zoo
-from diffquant.demo import _psnr, step_times
+from diffquant.demo import step_times
+from diffquant.evaluation.metrics import psnr
 from diffquant.runtime.openvino import OVDenoiser, cpu_has_vnni, pipeline_inputs
+
+
+def _psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two HxWx3 uint8 images (the evaluation's metric)."""
+    as_batch = [torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].float() / 255.0 for x in (a, b)]
+    return float(psnr(*as_batch)[0])
 
 
 def timed_parts(pipe) -> dict[str, list[float]]:
@@ -91,8 +98,8 @@ def main() -> None:
         images[key] = [np.asarray(ov_pipe(q, generator=torch.Generator().manual_seed(i), **defaults).images[0])
                        for i, q in enumerate(prompts)]
         report["image_split_ms"][key] = {k: round(1e3 * sum(v) / len(prompts), 1) for k, v in spent.items()}
-        report["psnr"][f"{key} vs fake-quant"] = [round(_psnr(a, b), 2) for a, b in zip(images[key], images["fake-quant"])]
-        report["psnr"][f"{key} vs fp"] = [round(_psnr(a, b), 2) for a, b in zip(images[key], images["fp"])]
+        report["psnr"][f"{key} vs fake-quant"] = [round(_psnr_u8(a, b), 2) for a, b in zip(images[key], images["fake-quant"])]
+        report["psnr"][f"{key} vs fp"] = [round(_psnr_u8(a, b), 2) for a, b in zip(images[key], images["fp"])]
     with torch.no_grad():
         from diffquant.models.adapters import get_adapter
 
@@ -102,7 +109,7 @@ def main() -> None:
         for _ in range(args.repeats):
             call(inputs)
         report["step_ms"]["torch fake-quant"] = round(1e3 * (time.perf_counter() - t0) / args.repeats, 2)
-    report["psnr"]["fake-quant vs fp"] = [round(_psnr(a, b), 2) for a, b in zip(images["fake-quant"], images["fp"])]
+    report["psnr"]["fake-quant vs fp"] = [round(_psnr_u8(a, b), 2) for a, b in zip(images["fake-quant"], images["fp"])]
     report["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report, indent=1))
 

@@ -53,7 +53,7 @@ from diffquant.calibration import CalibrationSet, DenoiserCall
 from diffquant.io import atomic_write_json, atomic_write_text
 from diffquant.models.fullsize import SD15_UNET as SD15
 from diffquant.runtime import convert
-from diffquant.runtime.modules import _IntLayer
+from diffquant.runtime.modules import IntLayer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import runtime_engines as engines  # noqa: E402  (sibling module: benchmarks/ is not a package)
@@ -102,7 +102,7 @@ def weight_mb(model: nn.Module) -> float:
     """Bytes of parameters and buffers, plus the kernel-ready weight copies integer layers cache (oneDNN packing)."""
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     for m in model.modules():
-        if isinstance(m, _IntLayer):
+        if isinstance(m, IntLayer):
             for entry in m._cache.values():
                 for t in entry if isinstance(entry, tuple) else (entry,):
                     if isinstance(t, torch.Tensor):
@@ -182,19 +182,21 @@ def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:
 def onnx_session(model: nn.Module, inputs: dict, folder: Path, quantized: bool, threads: int):
     import onnxruntime as ort
 
-    from diffquant.runtime.onnx import _UNetCall, export_onnx
+    from diffquant.runtime.flat import FlatCall
+    from diffquant.runtime.onnx import export_onnx
 
-    args = (inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+    names = ["sample", "timestep", "encoder_hidden_states"]
+    args = {k: inputs[k] for k in names}
     path = folder / ("int8.onnx" if quantized else "fp32.onnx")
     if quantized:
         export_onnx(model, path, inputs=args)
     else:
-        torch.onnx.export(_UNetCall(model).eval(), args, str(path), input_names=["sample", "timestep", "encoder_hidden_states"],
+        torch.onnx.export(FlatCall(model, names).eval(), tuple(args.values()), str(path), input_names=names,
                           output_names=["noise_pred"], dynamo=True, external_data=True)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feeds = {"sample": args[0].numpy(), "timestep": args[1].numpy(), "encoder_hidden_states": args[2].numpy()}
+    feeds = {k: v.numpy() for k, v in args.items()}
     return lambda: torch.from_numpy(session.run(None, feeds)[0])
 
 

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from diffquant.calibration import CalibrationSet
-from diffquant.evaluation.peers import flat_call, ir_file, nncf_int8
+from diffquant.evaluation.peers import flat_call, nncf_int8
+from diffquant.runtime.openvino import ir_bytes
 
 OPENVINO_VARIANTS = ("openvino_fp32", "openvino_bf16", "openvino_nncf_int8", "openvino_w8a8", "openvino_w4a8",
                      "openvino_w8a8_float", "openvino_w4a8_float")
@@ -52,7 +53,7 @@ def openvino_float(unet: nn.Module, calib: CalibrationSet, inputs: dict, precisi
     model = float_model(unet, flat_call(unet, calib.calls[0].kwargs()))
     denoiser = OVDenoiser(model, dict(unet.config), type(unet).__name__, precision=precision)
     note = {"build_s": time.perf_counter() - start, "kernels": kernel_precisions(denoiser)}
-    return _run(denoiser, inputs), ir_file(model)[0] / 2**20, note
+    return _run(denoiser, inputs), ir_bytes(model) / 2**20, note
 
 
 def openvino_nncf(unet: nn.Module, calib: CalibrationSet, inputs: dict, precision: str = "bf16"):
@@ -65,7 +66,7 @@ def openvino_nncf(unet: nn.Module, calib: CalibrationSet, inputs: dict, precisio
     denoiser = OVDenoiser(model, dict(unet.config), type(unet).__name__, precision=precision)
     note = {"calibration_samples": calib.num_samples(), "calibration_calls": len(calib), "quantize_s": quantize_s,
             "kernels": kernel_precisions(denoiser)}
-    return _run(denoiser, inputs), ir_file(model)[0] / 2**20, note
+    return _run(denoiser, inputs), ir_bytes(model) / 2**20, note
 
 
 def openvino_export(model: nn.Module, folder: Path, inputs: dict, graph: str, precision: str):
@@ -74,7 +75,7 @@ def openvino_export(model: nn.Module, folder: Path, inputs: dict, graph: str, pr
     ``graph="int"``: int8 kernels (``OVDenoiser`` picks it by itself only where the CPU has VNNI/AMX);
     ``"float"``: the exact fake-quant arithmetic with int8 weights decompressed.
     """
-    from diffquant.deployment import export_openvino
+    from diffquant.deployment.openvino import export_openvino
     from diffquant.runtime.openvino import GRAPHS, OVDenoiser
 
     start = time.perf_counter()

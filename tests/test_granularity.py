@@ -201,14 +201,14 @@ def test_cli_refuses_an_unknown_granularity(tmp_path):
 def test_openvino_layers_divide_by_the_smoothing_factors(tiny_pipes):
     """The OpenVINO int graph's form of each smoothed integer layer, run in torch on its real input, gives the
     converted layer's output (the factors are a constant division before the FakeQuantize)."""
-    from diffquant.runtime.modules import _IntLayer
+    from diffquant.runtime.modules import IntLayer
     from diffquant.runtime.ovgraph import _int_layer_forward, _State, plan_groups
 
     work = convert(quantized(tiny_pipes, act_granularity="per_channel_smooth"), backend="float", progress=False).unet
     st = _State(plan_groups(work), "int")
     errors = []
     hooks = [m.register_forward_hook(lambda layer, args, out: errors.append(rel_err(_int_layer_forward(layer, st)(args[0]), out)))
-             for m in work.modules() if isinstance(m, _IntLayer)]
+             for m in work.modules() if isinstance(m, IntLayer)]
     with torch.no_grad():
         work(**unet_inputs())
     for h in hooks:

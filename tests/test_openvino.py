@@ -61,7 +61,7 @@ def test_graphs_reach_every_group_layer_by_layer(two_groups):
     """Each integer layer's OpenVINO form (int graph: constant FakeQuantize of group 0 with x / r + d before and
     r * (y - d op(1)) after; float graph: gathered fake quantization), run in torch on the layer's real input,
     gives that group's fake-quant output, for both groups (zero points differ, so the shift terms are live)."""
-    from diffquant.runtime.modules import _IntLayer
+    from diffquant.runtime.modules import IntLayer
     from diffquant.runtime.ovgraph import _int_layer_forward, _State, convert, plan_groups
 
     work = copy.deepcopy(two_groups.unet)
@@ -78,7 +78,7 @@ def test_graphs_reach_every_group_layer_by_layer(two_groups):
                 rendered = _int_layer_forward(layer, st)(args[0])
                 errors[(graph, group, id(layer))] = rel_err(rendered, out)
 
-            hooks = [m.register_forward_hook(check) for m in work.modules() if isinstance(m, _IntLayer)]
+            hooks = [m.register_forward_hook(check) for m in work.modules() if isinstance(m, IntLayer)]
             try:
                 fake_quant_out(work, sd_inputs(work, 500.0), group)
             finally:
@@ -104,7 +104,7 @@ def test_relaxed_groups_go_to_the_float_graph(two_groups):
 
 @pytest.fixture(scope="module")
 def exported(two_groups, tmp_path_factory):
-    from diffquant.deployment import export_openvino
+    from diffquant.deployment.openvino import export_openvino
 
     folder = tmp_path_factory.mktemp("ov") / "q-ov"
     return export_openvino(two_groups, folder)
@@ -152,6 +152,52 @@ def test_generate_backend_openvino_writes_an_image(exported, tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (32, 32)
+
+
+def test_eval_backend_openvino_scores_the_deployed_images(two_groups, exported, tiny_pipes, tmp_path):
+    """``eval --backend openvino`` evaluates the deployed model like any other: paired with FP on the same noise, its
+    images near the fake-quant model's (same score within 1 dB), cached under its own fingerprint."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from diffquant.cli import app
+
+    tiny_pipes["sd"].save_pretrained(tmp_path / "fp")
+    diffquant.save(two_groups, tmp_path / "q")
+    (tmp_path / "p.txt").write_text("a red circle on the left\na blue square on the right\n")
+    common = ["--reference", str(tmp_path / "fp"), "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--metrics", "psnr",
+              "--cache-dir", str(tmp_path / "cache")]
+    rows = {}
+    for name, model, extra in (("ov", exported, ["--backend", "openvino"]), ("fq", tmp_path / "q", [])):
+        result = CliRunner().invoke(app, ["eval", "--model", str(model), "--out", str(tmp_path / name), *common, *extra])
+        assert result.exit_code == 0, result.output
+        rows[name] = json.loads((tmp_path / name / "results.json").read_text())["models"][0]
+    assert rows["ov"]["label"] == "q-ov-openvino" and rows["ov"]["generation"]["generated"] == 2
+    assert rows["ov"]["fingerprint"] != rows["fq"]["fingerprint"]
+    assert abs(rows["ov"]["summary"]["psnr"] - rows["fq"]["summary"]["psnr"]) < 1.0
+
+
+def test_deployed_models_have_their_own_fingerprint(tiny_pipes):
+    """An ``OVDenoiser`` has no weights: its ``identity`` buffer (the graphs it runs, its groups, graph and precision)
+    keeps two deployed models apart in the image cache, and the same graph keeps the same fingerprint."""
+    import numpy as np
+    import openvino.opset13 as ops
+
+    from diffquant.evaluation.paired import model_fingerprint
+    from diffquant.runtime.openvino import OVDenoiser
+
+    def graph(shift: float):
+        x = ops.parameter([-1, 4, 8, 8], np.float32, name="sample")
+        return ov.Model([ops.add(x, ops.constant(np.full((1, 4, 1, 1), shift, np.float32)))], [x], "tiny")
+
+    pipe = tiny_pipes["sd"]
+    config, name = dict(pipe.unet.config), type(pipe.unet).__name__
+    prints = []
+    for shift, precision in ((1.0, "f32"), (2.0, "f32"), (1.0, "f32"), (1.0, "bf16")):
+        deployed = OVDenoiser(graph(shift), config, name, precision=precision, threads=1)
+        prints.append(model_fingerprint(type(pipe)(**{**pipe.components, "unet": deployed})))
+    assert prints[0] != prints[1] and prints[0] == prints[2] and prints[0] != prints[3]
 
 
 def family_case(rtn_results, family: str):

@@ -20,8 +20,9 @@ from .lazy import lazy_attribute
 
 __version__ = "0.1.0"
 
-# The modules whose import fills diffquant.registry: recipes, bundled models and prompt sets, converted layers.
-_registry.provided_by(f"{__name__}.methods", f"{__name__}.zoo", f"{__name__}.runtime")
+# The modules whose import fills diffquant.registry: recipes, bundled models and prompt sets, converted layers,
+# deployment engines.
+_registry.provided_by(f"{__name__}.methods", f"{__name__}.zoo", f"{__name__}.runtime", f"{__name__}.deployment")
 
 # public name -> the submodule that defines it
 _API: dict[str, str] = {

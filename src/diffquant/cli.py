@@ -145,7 +145,7 @@ def generate(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Seeds of the images: '0,1,2' or '0-3' (instead of --seed/--num-samples)."),
     steps: Optional[int] = cli_common.STEPS, guidance: Optional[float] = cli_common.GUIDANCE,
     height: Optional[int] = cli_common.HEIGHT, width: Optional[int] = cli_common.WIDTH, device: str = cli_common.DEVICE,
-    backend: str = typer.Option("torch", help="Denoiser engine: torch, or openvino (a quantized or exported folder)."),
+    backend: str = cli_common.BACKEND,
     overwrite: bool = typer.Option(False, help="Replace --out if it exists (otherwise refuse)."),
 ):
     """Generate an image (or one per seed); an unconditional model (DDPM, DDIM, LDM) takes seeds and no prompt."""
@@ -188,19 +188,10 @@ def generate(
 
 
 def _convert_pipeline(pipe, prompts: list[str] | None) -> None:
-    """Convert to integer layers with the fixed kernel rule (reproducible; see diffquant.runtime.convert), sized on
-    the shapes of one recorded denoiser call."""
-    import diffquant
-    from diffquant.runtime import convert
-    from diffquant.sampling import is_unconditional, unconditional_prompts
+    """Convert to integer layers with the fixed kernel rule, as the torch engine exports (deployment/torch.py)."""
+    from diffquant.deployment.torch import convert_pipeline
 
-    one = unconditional_prompts(1) if is_unconditional(pipe) else (prompts or ["a photo"])[:1]
-    calib = diffquant.record_denoiser_calls(pipe, one,
-                                            CalibrationConfig(num_prompts=1, num_inference_steps=2), progress=False)
-    denoiser = diffquant.get_denoiser(pipe)
-    param = next(denoiser.parameters())
-    convert(pipe, example_inputs=calib.calls[0].kwargs(device=param.device, dtype=param.dtype), progress=False)
-    runtime = diffquant.quant_record(denoiser).report["runtime"]
+    runtime = convert_pipeline(pipe, prompts)
     typer.echo(f"converted {sum(b != 'float' for b in runtime['backends'].values())} layers to integer kernels; "
                f"{len(runtime['float_fallback'])} stay float (see `diffquant info`)")
 
@@ -208,34 +199,27 @@ def _convert_pipeline(pipe, prompts: list[str] | None) -> None:
 @app.command()
 def export(
     model: Path = typer.Option(..., "--model", "-m", help="A folder written by `diffquant quantize` (onnx: with --convert)."),
-    out: Path = typer.Option(..., "--out", "-o", help="ONNX file, or OpenVINO folder (loads with --backend openvino), to write."),
-    fmt: str = typer.Option("onnx", "--format", help="Export format: onnx, openvino."),
-    group: Optional[int] = typer.Option(None, help="Timestep group to export (needed when the model has several)."),
+    out: Path = typer.Option(..., "--out", "-o", help="ONNX file, or folder (openvino, torch; loads with --backend), to write."),
+    fmt: str = cli_common.EXPORT_FORMAT,
+    group: Optional[int] = typer.Option(None, help="Timestep group to export (onnx: needed when the model has several)."),
     batch_size: int = typer.Option(2, help="Batch size the graph is traced with."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
-    """Export a quantized denoiser: ONNX with QuantizeLinear/DequantizeLinear nodes, or an OpenVINO IR folder."""
+    """Export a quantized model for a deployment engine: ONNX with QuantizeLinear/DequantizeLinear nodes, an OpenVINO
+    IR folder, or a torch folder converted to integer kernels."""
 
     def body(output):
+        from diffquant.deployment import export as export_to
         from diffquant.pipelines import load_pipeline
-        from diffquant.runtime.onnx import export_onnx
+        from diffquant.registry import engine
 
-        if fmt not in ("onnx", "openvino"):
-            raise ValueError(f"unknown export format {fmt!r}; use --format onnx or --format openvino")
+        target = engine(fmt)  # an unknown format fails before the model loads
         check_writable(out)
         quiet_libraries()
-        pipe = load_pipeline(model)
-        if fmt == "openvino":
-            from diffquant.deployment import export_openvino
-
-            path = export_openvino(pipe, out, overwrite=overwrite)
-            size = sum(f.stat().st_size for f in path.rglob("*.bin"))
-            typer.echo(f"wrote {path} (OpenVINO IR, {size / 1e6:.2f} MB of graphs); run it with --backend openvino")
-            return
-        tokenizer = getattr(pipe, "tokenizer", None)
-        seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
-        path = export_onnx(pipe, out, group=group, batch=batch_size, seq_len=min(int(seq_len), 77))  # atomic itself
-        typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        path = export_to(load_pipeline(model), out, format=fmt, overwrite=overwrite, group=group, batch=batch_size)
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        run = f"; run it with --backend {fmt}" if target.load is not None and fmt != "torch" else ""
+        typer.echo(f"wrote {path} ({fmt}, {sum(f.stat().st_size for f in files) / 1e6:.2f} MB){run}")
 
     _run_writing(out, overwrite, body)
 

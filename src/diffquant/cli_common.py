@@ -196,6 +196,12 @@ GUIDANCE = typer.Option(None, "--guidance", help="Classifier-free guidance scale
 HEIGHT = typer.Option(None, "--height", help="Image height in pixels (default: the model's native size).")
 WIDTH = typer.Option(None, "--width", help="Image width in pixels (default: the model's native size).")
 DEVICE = typer.Option("cpu", "--device", help="torch device: cpu, cuda or cuda:N (checked before any model loads).")
+# Engines are what diffquant.deployment registers (diffquant.registry.ENGINES); the command checks the name when it
+# runs (an unknown one: a one-line error listing those registered), so the help does not import them.
+BACKEND = typer.Option("torch", "--backend", help="Denoiser engine: torch, or a registered deployment engine (openvino) "
+                       "for a quantized or exported folder.")
+EXPORT_FORMAT = typer.Option("onnx", "--format", help="A registered deployment engine: onnx (Q/DQ file), openvino "
+                             "(IR folder), torch (converted to integer kernels).")
 
 
 # --- options mirroring config fields -------------------------------------------------------------------
@@ -210,6 +216,7 @@ def field_option(cls: type, name: str, *param_decls: str, help: str, **kwargs: A
 
 
 __all__ = [
-    "DEVICE", "GUIDANCE", "HEIGHT", "STEPS", "USER_ERRORS", "WIDTH", "CommandGroup", "check_device", "check_positive", "check_writable", "fail", "field_option", "handled",
+    "BACKEND", "DEVICE", "EXPORT_FORMAT", "GUIDANCE", "HEIGHT", "STEPS", "USER_ERRORS", "WIDTH", "CommandGroup", "check_device",
+    "check_positive", "check_writable", "fail", "field_option", "handled",
     "parse_method_options", "run",
 ]

@@ -16,16 +16,18 @@ def load_pipeline(
 ) -> Any:
     """A pipeline from a zoo name (``mini-sd``), a ``diffquant.save`` folder, or a diffusers pipeline folder.
 
-    ``backend="openvino"`` runs the denoiser of a quantized folder (or an ``export --format openvino`` folder)
-    on OpenVINO; an exported folder always does.
+    ``backend`` names a registered engine (``diffquant.registry.ENGINES``): ``openvino`` runs the denoiser of a
+    quantized folder on OpenVINO; an exported folder always runs on its engine.
 
     Float pipelines load with ``use_safetensors=True``: pickled ``.bin`` weights are never unpickled.
     """
     from diffusers import DiffusionPipeline
 
     from .deployment import load
+    from .registry import engine
     from .serialization import is_quantized_folder
 
+    engine(backend, loads=True)
     name = str(spec)
     if backend != "torch" and (name in MODELS or not is_quantized_folder(spec)):
         raise ValueError(f"--backend {backend} runs a quantized model; pass a folder written by `diffquant quantize` or `export`")

@@ -1,11 +1,12 @@
-"""What the layers above the core plug into it: methods, bundled models, prompt sets, converted layer kinds.
+"""What the layers above the core plug into it: methods, bundled models, prompt sets, converted layer kinds,
+deployment engines.
 
 The core consults these tables and never imports their providers, so the import graph stays one-way:
 the package root names the providers (``diffquant.methods`` registers its recipes, ``diffquant.zoo`` its
-models' sampling defaults, loaders and prompt sets, ``diffquant.runtime`` its converted layers) with
-:func:`provided_by`, and the first read of any table imports them. ``import diffquant`` thus stays light
-(the CLI's ``--help`` loads no torch) while every lookup sees the full tables. A new method or model family
-registers here.
+models' sampling defaults, loaders and prompt sets, ``diffquant.runtime`` its converted layers,
+``diffquant.deployment`` its engines) with :func:`provided_by`, and the first read of any table imports them.
+``import diffquant`` thus stays light (the CLI's ``--help`` loads no torch) while every lookup sees the full tables.
+A new method, model family or engine registers here.
 """
 
 from __future__ import annotations
@@ -141,3 +142,43 @@ def register_converted(kind: str, build: Callable[[Any, dict], Any]) -> None:
 
 def register_prompt_set(name: str, prompts: Callable[..., list[str]]) -> None:
     PROMPT_SETS[name] = prompts
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A deployment engine: how a quantized model goes onto it (``export``) and comes back generating (``load``).
+
+    ``export(pipe, out, *, overwrite=False, group=None, batch=2) -> Path`` writes the quantized pipeline (or denoiser)
+    in the engine's form (``group``: one timestep group, for formats that hold one; ``batch``: the traced batch);
+    ``load(folder, *, device=None, torch_dtype=None)`` returns the pipeline (a bare denoiser for a bare export) whose
+    denoiser runs on the engine, or None for an export-only format; ``is_folder(path)`` says ``path`` is this
+    engine's export (it then loads on this engine whatever backend was asked); ``deploy(pipe)`` puts an in-memory
+    quantized pipeline on the engine without a folder (``load(save_folder, backend=name)``, ``bench --backend``),
+    None if it cannot. Registered by the module that implements it (``diffquant/deployment/<name>.py``).
+    """
+
+    name: str
+    export: Callable[..., Path]
+    load: Callable[..., Any] | None
+    is_folder: Callable[[Path], bool]
+    deploy: Callable[[Any], Any] | None = None
+    summary: str = ""
+
+
+ENGINES: dict[str, Engine] = _Table()
+
+
+def register_engine(engine: Engine) -> Engine:
+    ENGINES[engine.name] = engine
+    return engine
+
+
+def engine(name: str, *, loads: bool = False) -> Engine:
+    """The registered engine ``name`` (``loads``: one that runs models, not only writes them); else a one-line error."""
+    found = ENGINES.get(name)
+    if found is None or (loads and found.load is None):
+        names = sorted(n for n, e in ENGINES.items() if e.load is not None or not loads)
+        what = "backend" if loads else "export format"
+        hint = f" ({name} is an export format only)" if found is not None else ""
+        raise ValueError(f"unknown {what} {name!r}{hint}; choose one of {', '.join(names)}")
+    return found

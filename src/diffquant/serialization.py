@@ -58,6 +58,13 @@ def denoiser_attr(pipe: Any, denoiser: nn.Module) -> str:
     raise TypeError("the pipeline's denoiser is neither `unet` nor `transformer`")
 
 
+def with_denoiser(pipe: Any, denoiser: nn.Module, attr: str | None = None) -> Any:
+    """The same pipeline class built around ``denoiser`` in place of its own (``attr``: default where its denoiser
+    is); the pipeline's __init__ reads the new denoiser's config. The other components are shared."""
+    attr = attr or denoiser_attr(pipe, get_denoiser(pipe))
+    return type(pipe)(**{**pipe.components, attr: denoiser})
+
+
 def denoiser_tensors(denoiser: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each quantized weight replaced by its integer codes (``<layer>.weight_codes``)."""
     tensors = dict(denoiser.state_dict())

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from ..cli_common import BACKEND as _BACKEND
 from ..cli_common import DEVICE as _DEVICE
 from ..cli_common import GUIDANCE as _GUIDANCE
 from ..cli_common import HEIGHT as _HEIGHT
@@ -53,7 +54,7 @@ def eval_command(
     lpips_weights: Optional[str] = _LPIPS, reference_images: Optional[str] = _REF_IMAGES, metrics: str = _METRICS,
     sensitivity_max_layers: Optional[int] = _SENS_LAYERS,
     label: Optional[str] = typer.Option(None, "--label", help="Name of the model in the report (default: the folder name)."),
-    device: str = _DEVICE, overwrite: bool = _OVERWRITE,
+    device: str = _DEVICE, backend: str = _BACKEND, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Paired evaluation of one model against its FP reference: results.json plus a self-contained report.html.
 
@@ -61,16 +62,18 @@ def eval_command(
     ``b % N == rank`` into the shared --cache-dir); the main process then scores and writes the report.
     """
     run_writing(out, overwrite, lambda output: _eval(
-        reference, model, prompts, seeds, num_samples, steps, guidance, height, width, batch_size, out, label, device,
+        reference, model, prompts, seeds, num_samples, steps, guidance, height, width, batch_size, out, label, device, backend,
         _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
                  sensitivity_max_layers), output))
 
 
 def _eval(reference: str, model: str, prompts: str | None, seeds: str | None, num_samples: int | None, steps, guidance, height,
-          width, batch_size: int, out: Path, label: str | None, device: str, options: EvalOptions, output) -> None:
+          width, batch_size: int, out: Path, label: str | None, device: str, backend: str, options: EvalOptions,
+          output) -> None:
     from ..checkpoint import resume_log
     from ..distributed import launch_state
     from ..prompts import warn_truncated
+    from ..registry import engine
     from .harness import Evaluation
     from .loading import check_same_architecture, load_model, resolve_settings
     from .paired import render
@@ -78,6 +81,7 @@ def _eval(reference: str, model: str, prompts: str | None, seeds: str | None, nu
 
     check_positive(steps=steps, height=height, width=width)
     check_writable(out)
+    engine(backend, loads=True)  # an unknown engine fails before any model loads
     state = launch_state(check_device(device))
     if state is not None:
         device = str(state.device)
@@ -88,12 +92,13 @@ def _eval(reference: str, model: str, prompts: str | None, seeds: str | None, nu
     fp_pipe = load_model(reference, device)
     items = sample_items(fp_pipe, prompts, seeds, num_samples)
     settings = resolve_settings(fp_pipe, reference, steps, guidance, height, width)
-    q_pipe = load_model(model, device)
+    q_pipe = load_model(model, device, backend)
+    label = label or Path(model).name + (f"-{backend}" if backend != "torch" else "")
     check_same_architecture(fp_pipe, q_pipe)
     if any(it.prompt for it in items):
         warn_truncated(fp_pipe, sorted({it.prompt for it in items}))
     if state is not None:
-        for pipe, name in ((fp_pipe, "FP"), (q_pipe, label or Path(model).name)):
+        for pipe, name in ((fp_pipe, "FP"), (q_pipe, label)):
             render(pipe, items, settings, options.cache_dir, batch_size, name, shard=(state.process_index, state.num_processes))
         state.wait_for_everyone()
         if not state.is_main_process:
@@ -101,8 +106,8 @@ def _eval(reference: str, model: str, prompts: str | None, seeds: str | None, nu
     spec = prompts or (DEFAULT_PROMPTS if any(it.prompt for it in items) else f"{len(items)} unconditional samples")
     with resume_log() as reused:
         ev = Evaluation(fp_pipe, reference, items, settings, options, prompts_spec=spec)
-        ev.add(label or Path(model).name, q_pipe, spec=model)
-    _write(ev, output, reused, f"diffquant eval: {label or Path(model).name} vs {reference}")
+        ev.add(label, q_pipe, spec=model if backend == "torch" else f"{model} on {backend}")
+    _write(ev, output, reused, f"diffquant eval: {label} vs {reference}")
 
 
 def _write(ev, output, reused: list[str], title: str) -> None:
@@ -132,12 +137,16 @@ def bench_command(
     lpips_weights: Optional[str] = _LPIPS, reference_images: Optional[str] = _REF_IMAGES,
     metrics: str = typer.Option("psnr,ssim,lpips,fd_fp,fd_ref,clip,attributes,timestep", "--metrics",
                                 help="As for eval; per-layer sensitivity is off by default here (add 'sensitivity')."),
-    sensitivity_max_layers: Optional[int] = _SENS_LAYERS, device: str = _DEVICE, overwrite: bool = _OVERWRITE,
+    sensitivity_max_layers: Optional[int] = _SENS_LAYERS, device: str = _DEVICE,
+    backend: Optional[str] = typer.Option(None, "--backend", help="Also score each method's model deployed on this "
+                                          "registered engine (openvino; torch: integer kernels): a <label>-<engine> row."),
+    overwrite: bool = _OVERWRITE,
 ) -> None:
     """Several methods, bit widths and peer baselines on the same pairs: one table (markdown + JSON) and an HTML report."""
     def body(output) -> None:
         from ..checkpoint import resume_log
         from ..distributed import launch_state
+        from ..registry import engine
         from ..sampling import is_unconditional
         from .bench import parse_bits, run_bench
         from .loading import load_model, resolve_settings
@@ -148,6 +157,9 @@ def bench_command(
             raise ValueError("bench runs in one process; under accelerate launch run diffquant eval for each model")
         check_positive(steps=steps, height=height, width=width)
         check_writable(out)
+        deploy = engine(backend, loads=True).deploy if backend else None
+        if backend and deploy is None:
+            raise ValueError(f"engine {backend} runs only its own exports; bench needs one that deploys in memory")
         options = _options(metrics, cache_dir, batch_size, inception_weights, clip_model, lpips_weights, reference_images,
                            sensitivity_max_layers)
         method_list = [] if methods.strip() == "none" else [m.strip() for m in methods.split(",") if m.strip()]
@@ -163,7 +175,7 @@ def bench_command(
         settings = resolve_settings(fp_pipe, model, steps, guidance, height, width)
         with resume_log() as reused:
             ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration,
-                           prompts_spec=prompts or DEFAULT_PROMPTS,
+                           prompts_spec=prompts or DEFAULT_PROMPTS, deploy=deploy, deploy_label=backend or "",
                            granularities=[g.strip() for g in act_granularity.split(",") if g.strip()])
         _write(ev, output, reused, f"diffquant bench: {model}")
 

@@ -7,12 +7,13 @@ from ..registry import MODELS
 from ..sampling import SamplingSettings
 
 
-def load_model(spec: str, device: str = "cpu"):
-    """A pipeline for ``spec`` on ``device`` (see :func:`diffquant.pipelines.load_pipeline`); errors are ValueErrors."""
+def load_model(spec: str, device: str = "cpu", backend: str = "torch"):
+    """A pipeline for ``spec`` on ``device``, its denoiser on engine ``backend`` (see
+    :func:`diffquant.pipelines.load_pipeline`); errors are ValueErrors."""
     from ..pipelines import load_pipeline
 
     try:
-        pipe = load_pipeline(spec, device=device)
+        pipe = load_pipeline(spec, device=device, backend=backend)
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
     pipe.set_progress_bar_config(disable=True)
@@ -30,8 +31,10 @@ def resolve_settings(pipe, spec: str, steps: int | None, guidance: float | None,
 def check_same_architecture(reference, model, names: tuple[str, str] = ("--reference", "--model")) -> None:
     """Refuse a pair whose denoisers differ in class or config before any image is generated."""
     ref, other = get_denoiser(reference), get_denoiser(model)
-    if type(ref).__name__ != type(other).__name__:
-        raise ValueError(f"{names[0]} is a {type(ref).__name__} but {names[1]} a {type(other).__name__}; "
+    # A denoiser deployed on an engine (OVDenoiser) names the diffusers class it runs as ``class_name``.
+    kinds = [getattr(d, "class_name", None) or type(d).__name__ for d in (ref, other)]
+    if kinds[0] != kinds[1]:
+        raise ValueError(f"{names[0]} is a {kinds[0]} but {names[1]} a {kinds[1]}; "
                          "evaluate a model against the float model it was quantized from")
     a, b = dict(ref.config), dict(other.config)
     # quantization_config names how a model was quantized (diffusers' loading hook), not its architecture.

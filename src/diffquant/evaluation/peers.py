@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
 import os
 import tempfile
 import threading
@@ -137,7 +136,7 @@ def _bitsandbytes(denoiser: torch.nn.Module, four_bit: bool) -> None:
 def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationConfig) -> dict:
     """Put the OpenVINO form of ``pipe``'s float denoiser (NNCF-quantized for ``nncf-int8``) in its place."""
     from ..registry import sampling_defaults
-    from ..runtime.openvino import OVDenoiser
+    from ..runtime.openvino import OVDenoiser, ir_bytes
     from ..runtime.ovgraph import float_model
 
     denoiser = get_denoiser(pipe)
@@ -148,12 +147,12 @@ def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationC
         costs["calibration_samples"] = len(calls)
     else:
         model = float_model(denoiser)
-    size, digest = ir_file(model)
+    size = ir_bytes(model)
     costs["denoiser_mib"] = size / 2**20
     deployed = OVDenoiser(model, dict(denoiser.config), type(denoiser).__name__, precision=OV_PRECISION[name])
     # What evaluation.coverage reads from torch layers, read from the graph: its layers' bits, float width, size.
     deployed.layer_bits, deployed.float_bits, deployed.ir_bytes = openvino_layer_bits(model), 16 if name == "openvino-bf16" else 32, size
-    setattr(pipe, "unet" if getattr(pipe, "unet", None) is denoiser else "transformer", identify(deployed, digest + name.encode()))
+    setattr(pipe, "unet" if getattr(pipe, "unet", None) is denoiser else "transformer", deployed)
     return costs
 
 
@@ -199,16 +198,6 @@ def openvino_layer_bits(model) -> dict[str, tuple[float | None, float | None]]:
     return out
 
 
-def identify(module: torch.nn.Module, identity: bytes) -> torch.nn.Module:
-    """Give a module without weights (a compiled OpenVINO denoiser) ``identity`` as a buffer; returns it.
-
-    The image cache is keyed by ``model_fingerprint`` (weights, buffers, repr): two weightless wrappers
-    of different graphs would otherwise share one cache entry and one set of images.
-    """
-    module.register_buffer("identity", torch.frombuffer(bytearray(hashlib.sha256(identity).digest()), dtype=torch.uint8))
-    return module
-
-
 def flat_call(denoiser: torch.nn.Module, kwargs: dict) -> dict[str, torch.Tensor]:
     """A denoiser call's kwargs (``DenoiserCall.kwargs()``) as the named float tensors a traced graph takes (timestep [B])."""
     return {k: v.float() for k, v in get_adapter(denoiser, warn=False).flat_inputs((), kwargs).items()}
@@ -229,17 +218,6 @@ def nncf_int8(denoiser: torch.nn.Module, calls: CalibrationSet):
     names = [next(iter(port.get_names())) for port in model.inputs]
     items = [{k: v.numpy() for k, v in flat_call(denoiser, call.kwargs()).items() if k in names} for call in calls]
     return nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
-
-
-def ir_file(model) -> tuple[int, bytes]:
-    """(bytes of the weight file, SHA-256 of graph and weights) of an ``ov.Model`` as ``ov.save_model`` writes it."""
-    import openvino as ov
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.xml"
-        ov.save_model(model, str(path), compress_to_fp16=False)
-        digest = hashlib.sha256(path.read_bytes() + path.with_suffix(".bin").read_bytes()).digest()
-        return path.with_suffix(".bin").stat().st_size, digest
 
 
 def _flat_tensors(prefix: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..nn import QuantConv2d, QuantLinear, QuantModule, QuantState, quantized_layers
 from ..wrap import set_submodule, get_denoiser, quant_record
-from .modules import IntConv2d, IntLinear, _IntLayer, dynamic_kernel_reason, integer_backends, onednn_available
+from .modules import IntConv2d, IntLinear, IntLayer, dynamic_kernel_reason, integer_backends, onednn_available
 
 ATTENTION_REASON = "attention matmuls stay fake-quant in float (no integer attention kernel)"
 # Another form replaces the default integer kernel only when it is this much faster: single timings on a
@@ -43,7 +43,7 @@ def not_convertible(layer: QuantModule) -> str | None:
     return None
 
 
-def _int_layer(layer: QuantLinear | QuantConv2d, backend: str) -> _IntLayer:
+def _int_layer(layer: QuantLinear | QuantConv2d, backend: str) -> IntLayer:
     return (IntLinear if isinstance(layer, QuantLinear) else IntConv2d)(layer, backend)
 
 
@@ -98,7 +98,7 @@ def convert(
     denoiser = get_denoiser(model)
     record = quant_record(denoiser)
     device = next(denoiser.parameters()).device
-    layers = {n: m for n, m in quantized_layers(denoiser).items() if not isinstance(m, _IntLayer)}
+    layers = {n: m for n, m in quantized_layers(denoiser).items() if not isinstance(m, IntLayer)}
     if any(m.state in (QuantState.CALIBRATING, QuantState.LEARNING) for m in layers.values()):
         raise ValueError("only frozen models convert; finish diffquant.quantize (or set_state(model, 'frozen')) first")
     runtime = record.report.setdefault("runtime", {"backends": {}, "float_fallback": {}, "timings_ms": {}})
@@ -109,7 +109,7 @@ def convert(
             todo[name] = layer
         else:
             runtime["float_fallback"][name] = reason
-    chosen: dict[str, _IntLayer] = {}
+    chosen: dict[str, IntLayer] = {}
     bar = tqdm(total=len(todo), desc="convert", disable=not progress)
     if autotune and example_inputs is None:
         raise ValueError("autotune=True times each layer on a real denoiser call; pass example_inputs=")
@@ -208,7 +208,7 @@ def _autotune(
 
 def is_converted(model: Any) -> bool:
     """Whether any layer of ``model`` runs on integer kernels."""
-    return any(isinstance(m, _IntLayer) for m in get_denoiser(model).modules())
+    return any(isinstance(m, IntLayer) for m in get_denoiser(model).modules())
 
 
 __all__ = ["convert", "default_backend", "is_converted", "not_convertible"]

@@ -105,8 +105,12 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, b)[:m, :n]
 
 
-class _IntLayer(QuantModule):
-    """Shared part of ``IntLinear`` / ``IntConv2d``; not instantiated directly."""
+class IntLayer(QuantModule):
+    """Shared part of ``IntLinear`` / ``IntConv2d`` (``isinstance`` finds any converted layer); not instantiated directly.
+
+    Besides the forward, it names its structure for the exporters (onnx.py, ovgraph.py): ``blocks()``,
+    ``segments()``, ``act_params(group, segment)``, ``block_codes``, ``weight_scales``, ``channels`` and ``float_op``.
+    """
 
     is_layer = True
 
@@ -147,7 +151,7 @@ class _IntLayer(QuantModule):
         return {"kind": self.kind, "backend": self.backend}
 
     @classmethod
-    def from_saved(cls, source: QuantModule, info: dict) -> _IntLayer:
+    def from_saved(cls, source: QuantModule, info: dict) -> IntLayer:
         """An integer layer shaped like ``source`` whose tensors a state dict will fill (loading a converted model)."""
         if not isinstance(source, cls.source_type):
             raise ValueError(f"saved as an integer {cls.kind} layer but the model has a {type(source).__name__}")
@@ -160,9 +164,9 @@ class _IntLayer(QuantModule):
 
     def begin_export(self, group: int) -> None:
         """Emit Q/DQ ops with timestep group ``group``'s parameters as constants (ONNX export) until ``end_export``."""
-        self._export_params = [self._act_params(group, s) for s in range(len(self._segments()))]
+        self._export_params = [self.act_params(group, s) for s in range(len(self.segments()))]
         for i, (c0, c1, w_seg, _) in enumerate(self.blocks()):
-            self._cache[f"qdq{i}"] = (self._block_codes(c0, c1), self._weight_scales(w_seg))
+            self._cache[f"qdq{i}"] = (self.block_codes(c0, c1), self.weight_scales(w_seg))
         self._export = True
 
     def end_export(self) -> None:
@@ -204,7 +208,7 @@ class _IntLayer(QuantModule):
     def blocks(self) -> list[tuple[int, int, int, int]]:
         """(first input channel, end, weight segment, activation segment) of each kernel call."""
         if "blocks" not in self._cache:
-            starts = [a for a, _ in self._segments()]
+            starts = [a for a, _ in self.segments()]
             out = []
             for w_seg, (a, b) in enumerate(self.weight_quantizer.bounds):
                 c0, c1 = a // self._unit, b // self._unit
@@ -213,14 +217,14 @@ class _IntLayer(QuantModule):
             self._cache["blocks"] = out
         return self._cache["blocks"]
 
-    def _segments(self) -> list[tuple[int, int]]:
+    def segments(self) -> list[tuple[int, int]]:
         """(first input channel, end) of each activation segment (one, unless the input is split)."""
         if "segments" not in self._cache:
             splits = self.input_quantizer.channel_splits or [self.weight_shape[1]]
             self._cache["segments"] = [(sum(splits[:i]), sum(splits[: i + 1])) for i in range(len(splits))]
         return self._cache["segments"]
 
-    def _act_params(self, group: int, segment: int) -> tuple[float, int, int, int]:
+    def act_params(self, group: int, segment: int) -> tuple[float, int, int, int]:
         """(scale, uint8 zero point z - qmin, uint8 max qmax - qmin, bits) of a group and segment."""
         iq = self.input_quantizer
         bits = int(iq.bits[group])
@@ -228,19 +232,21 @@ class _IntLayer(QuantModule):
         return float(iq.scale[group, segment]), int(round(float(iq.zero_point[group, segment]))) - int(qmin), int(qmax - qmin), bits
 
     def _group_params(self, group: int) -> list[tuple[float, int, int, int]]:
-        """``_act_params`` of every activation segment of ``group`` (looked up once, then cached)."""
+        """``act_params`` of every activation segment of ``group`` (looked up once, then cached)."""
         if self._export:
             return self._export_params
         key = f"act{group}"
         if key not in self._cache:
-            self._cache[key] = [self._act_params(group, s) for s in range(len(self._segments()))]
+            self._cache[key] = [self.act_params(group, s) for s in range(len(self.segments()))]
         return self._cache[key]
 
-    def _weight_scales(self, w_seg: int) -> torch.Tensor:
+    def weight_scales(self, w_seg: int) -> torch.Tensor:
+        """Per-output-channel scales of weight segment ``w_seg`` (float32, one per output channel)."""
         scale = self.weight_quantizer.scale[:, w_seg].detach().float()
         return scale.expand(self.weight_shape[0]).contiguous()
 
-    def _block_codes(self, c0: int, c1: int) -> torch.Tensor:
+    def block_codes(self, c0: int, c1: int) -> torch.Tensor:
+        """int8 weight codes of input channels ``c0:c1`` (one kernel block)."""
         return self.codes()[:, c0:c1].contiguous()
 
     def _dequantized(self) -> torch.Tensor:
@@ -278,9 +284,9 @@ class _IntLayer(QuantModule):
         # One kernel call writes the output dtype itself; partial sums of several blocks add up in fp32.
         kernel_dtype = dtype if len(blocks) == 1 and dtype in (torch.float32, torch.bfloat16) else torch.float32
         out = None
-        for s, (a, b) in enumerate(self._segments()):
+        for s, (a, b) in enumerate(self.segments()):
             scale, zp, qmax, _ = params[s]
-            xs = x if (a, b) == (0, self.weight_shape[1]) else self._channels(x, a, b)
+            xs = x if (a, b) == (0, self.weight_shape[1]) else self.channels(x, a, b)
             if self._export:
                 codes = torch.ops.quantized_decomposed.quantize_per_tensor(xs.float(), scale, zp, 0, qmax, torch.uint8)
             else:
@@ -288,7 +294,7 @@ class _IntLayer(QuantModule):
             for i, (c0, c1, _, a_seg) in enumerate(blocks):
                 if a_seg != s:
                     continue
-                xb = codes if (c0, c1) == (a, b) else self._channels(codes, c0 - a, c1 - a)
+                xb = codes if (c0, c1) == (a, b) else self.channels(codes, c0 - a, c1 - a)
                 bias = self.bias if out is None else None
                 y = self._block(i, xb, scale, zp, qmax, bias, kernel_dtype)
                 out = y if out is None else out + y
@@ -303,8 +309,8 @@ class _IntLayer(QuantModule):
             return self._float_forward(iq.fake_quant(x, group))
         qmin, qmax = (int(v) for v in qrange(bits, iq.spec.symmetric, iq.spec.unsigned))
         out = None
-        for s, (a, b) in enumerate(self._segments()):
-            xs = x if (a, b) == (0, self.weight_shape[1]) else self._channels(x, a, b)
+        for s, (a, b) in enumerate(self.segments()):
+            xs = x if (a, b) == (0, self.weight_shape[1]) else self.channels(x, a, b)
             tokens = xs.float().movedim(iq.channel_axis, -1)
             scale, zero_point = iq.dynamic_qparams(tokens, bits)
             codes = tokens.div(scale).round_().add_(zero_point - qmin).clamp_(0, qmax - qmin).to(torch.uint8).movedim(-1, iq.channel_axis)
@@ -312,7 +318,7 @@ class _IntLayer(QuantModule):
             for i, (c0, c1, _, a_seg) in enumerate(self.blocks()):
                 if a_seg != s:
                     continue
-                xb = codes if (c0, c1) == (a, b) else self._channels(codes, c0 - a, c1 - a)
+                xb = codes if (c0, c1) == (a, b) else self.channels(codes, c0 - a, c1 - a)
                 y = self._int_mm_block(i, xb, rows_scale, rows_zp, self.bias if out is None else None)
                 out = y if out is None else out + y
         return out.to(output_dtype(x))
@@ -331,18 +337,41 @@ class _IntLayer(QuantModule):
         c0, c1, w_seg, _ = self.blocks()[i]
         key = f"qdq{i}"
         if key not in self._cache:
-            self._cache[key] = (self._block_codes(c0, c1), self._weight_scales(w_seg))
+            self._cache[key] = (self.block_codes(c0, c1), self.weight_scales(w_seg))
         w_codes, w_scale = self._cache[key]
         qd = torch.ops.quantized_decomposed
         x_hat = qd.dequantize_per_tensor(codes, scale, zp, 0, qmax, torch.uint8)
         w_hat = qd.dequantize_per_channel(w_codes, w_scale, torch.zeros_like(w_scale, dtype=torch.long), 0, -128, 127, torch.int8)
-        return self._float_op(x_hat, w_hat, bias)
+        return self.float_op(x_hat, w_hat, bias)
+
+    def _onednn_weights(self, i: int, prepack: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(oneDNN-packed int8 codes of block ``i``, their per-channel scales, zero points), packed once by
+        ``prepack(codes, scales)`` (the Linear or convolution packer) and cached."""
+        key = f"onednn{i}"
+        if key not in self._cache:
+            c0, c1, w_seg, _ = self.blocks()[i]
+            scales = self.weight_scales(w_seg)
+            self._cache[key] = (prepack(self.block_codes(c0, c1), scales), scales, torch.zeros(scales.shape[0], dtype=torch.long))
+        return self._cache[key]
+
+    def _int_mm_rows(self, i: int, rows: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
+        """uint8 activation rows [M, K] times block ``i``'s int8 codes, in float [M, out]: ``int_mm`` on ``rows - 128``
+        (exact in int8), corrected by ``(128 - zp)`` times the weight's row sums, scaled, plus the bias."""
+        key = f"int_mm{i}"
+        if key not in self._cache:
+            c0, c1, w_seg, _ = self.blocks()[i]
+            w = self.block_codes(c0, c1).reshape(self.weight_shape[0], -1)
+            self._cache[key] = (w.t().contiguous(), w.sum(dim=1, dtype=torch.int32).float(), self.weight_scales(w_seg))
+        w_t, w_sum, w_scale = self._cache[key]
+        acc = int_mm((rows ^ 0x80).view(torch.int8), w_t).float()  # u - 128, exactly
+        y = (acc + (128 - zp) * w_sum) * (w_scale * scale)
+        return y + bias.float() if bias is not None else y
 
     def extra_repr(self) -> str:
         return f"w{self.weight_quantizer.bits} backend={self.backend}, blocks={len(self.weight_quantizer.bounds)}"
 
 
-class IntLinear(_IntLayer):
+class IntLinear(IntLayer):
     """Converted ``QuantLinear``: uint8 activations x int8 (or packed int4) weights."""
 
     kind = "linear"
@@ -354,10 +383,11 @@ class IntLinear(_IntLayer):
         self._init_from(source, backend, codes)
 
     @staticmethod
-    def _channels(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    def channels(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
         return x[..., a:b].contiguous()
 
-    def _float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's float operation with weight ``w``."""
         return F.linear(x, w, bias)
 
     def _float_forward(self, x_hat: torch.Tensor) -> torch.Tensor:
@@ -366,33 +396,16 @@ class IntLinear(_IntLayer):
     def _onednn_block(
         self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        key = f"onednn{i}"
-        if key not in self._cache:
-            c0, c1, w_seg, _ = self.blocks()[i]
-            packed = torch.ops.onednn.qlinear_prepack(self._block_codes(c0, c1), None)
-            scales = self._weight_scales(w_seg)
-            self._cache[key] = (packed, scales, torch.zeros(scales.shape[0], dtype=torch.long))
-        packed, w_scale, w_zp = self._cache[key]
+        packed, w_scale, w_zp = self._onednn_weights(i, lambda codes, scales: torch.ops.onednn.qlinear_prepack(codes, None))
         b = None if bias is None else bias.float()
         return torch.ops.onednn.qlinear_pointwise(codes, scale, zp, packed, w_scale, w_zp, b, 1.0, 0, dtype, "none", [], "")
 
     def _int_mm_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
-        key = f"int_mm{i}"
-        if key not in self._cache:
-            c0, c1, w_seg, _ = self.blocks()[i]
-            w = self._block_codes(c0, c1)
-            self._cache[key] = (w.t().contiguous(), w.sum(dim=1, dtype=torch.int32).float(), self._weight_scales(w_seg))
-        w_t, w_sum, w_scale = self._cache[key]
         lead = codes.shape[:-1]
-        shifted = (codes.reshape(-1, codes.shape[-1]) ^ 0x80).view(torch.int8)  # u - 128, exactly
-        acc = int_mm(shifted, w_t).float()
-        y = (acc + (128 - zp) * w_sum) * (w_scale * scale)
-        if bias is not None:
-            y = y + bias.float()
-        return y.reshape(*lead, -1)
+        return self._int_mm_rows(i, codes.reshape(-1, codes.shape[-1]), scale, zp, bias).reshape(*lead, -1)
 
 
-class IntConv2d(_IntLayer):
+class IntConv2d(IntLayer):
     """Converted ``QuantConv2d``: uint8 activations x int8 (or packed int4) weights."""
 
     kind = "conv2d"
@@ -406,17 +419,22 @@ class IntConv2d(_IntLayer):
         self._init_from(source, backend, codes)
 
     @staticmethod
-    def _channels(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    def channels(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
         return x[:, a:b].contiguous()
 
-    def _float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def float_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's float operation with weight ``w`` (Linear: ``F.linear``; here the convolution)."""
+        x, padding = self.padded(x)
+        return F.conv2d(x, w, bias, self.stride, padding, self.dilation, self.groups)
+
+    def padded(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """(input, padding left to the convolution): non-zero padding modes pad ``x`` here, zero padding is the conv's."""
         if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+        return x, self.padding
 
     def _float_forward(self, x_hat: torch.Tensor) -> torch.Tensor:
-        return self._float_op(x_hat, self._dequantized(), self.bias)
+        return self.float_op(x_hat, self._dequantized(), self.bias)
 
     def integer_backends(self) -> list[str]:
         """Integer backends able to run this convolution (oneDNN: zero padding; int_mm: also ungrouped, undilated)."""
@@ -428,16 +446,8 @@ class IntConv2d(_IntLayer):
     def _onednn_block(
         self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
-        key = f"onednn{i}"
-        if key not in self._cache:
-            c0, c1, w_seg, _ = self.blocks()[i]
-            scales = self._weight_scales(w_seg)
-            packed = torch.ops.onednn.qconv_prepack(
-                self._block_codes(c0, c1), scales, scale, zp, list(self.stride), list(self.padding), list(self.dilation),
-                self.groups, None,
-            )
-            self._cache[key] = (packed, scales, torch.zeros(scales.shape[0], dtype=torch.long))
-        packed, w_scale, w_zp = self._cache[key]
+        packed, w_scale, w_zp = self._onednn_weights(i, lambda codes, scales: torch.ops.onednn.qconv_prepack(
+            codes, scales, scale, zp, list(self.stride), list(self.padding), list(self.dilation), self.groups, None))
         b = None if bias is None else bias.float()
         return torch.ops.onednn.qconv2d_pointwise(
             codes, scale, zp, packed, w_scale, w_zp, b, list(self.stride), list(self.padding), list(self.dilation),
@@ -445,12 +455,6 @@ class IntConv2d(_IntLayer):
         )
 
     def _int_mm_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, bias: torch.Tensor | None) -> torch.Tensor:
-        key = f"int_mm{i}"
-        if key not in self._cache:
-            c0, c1, w_seg, _ = self.blocks()[i]
-            w = self._block_codes(c0, c1).reshape(self.weight_shape[0], -1)
-            self._cache[key] = (w.t().contiguous(), w.sum(dim=1, dtype=torch.int32).float(), self._weight_scales(w_seg))
-        w_t, w_sum, w_scale = self._cache[key]
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         if ph or pw:
             codes = F.pad(codes, (pw, pw, ph, ph), value=zp)  # padding holds real zeros: code zp
@@ -458,14 +462,10 @@ class IntConv2d(_IntLayer):
         patches = codes.unfold(2, kh, sh).unfold(3, kw, sw)  # [B, C, Ho, Wo, kh, kw]
         ho, wo = patches.shape[2:4]
         cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, c * kh * kw)
-        acc = int_mm((cols ^ 0x80).view(torch.int8), w_t).float()
-        y = (acc + (128 - zp) * w_sum) * (w_scale * scale)
-        if bias is not None:
-            y = y + bias.float()
-        return y.reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
+        return self._int_mm_rows(i, cols, scale, zp, bias).reshape(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
-def dynamic_kernel_reason(layer: _IntLayer) -> str | None:
+def dynamic_kernel_reason(layer: IntLayer) -> str | None:
     """Why a layer with dynamic activation scales has no integer kernel (None: ``torch._int_mm`` runs it per token)."""
     iq = layer.input_quantizer
     if iq.dynamic and iq.spec.granularity != "per_token":
@@ -476,7 +476,7 @@ def dynamic_kernel_reason(layer: _IntLayer) -> str | None:
     return None
 
 
-def integer_backends(layer: _IntLayer) -> list[str]:
+def integer_backends(layer: IntLayer) -> list[str]:
     """Integer backends that can run ``layer`` on this build (oneDNN needs a CPU build with it; dynamic per-token
     activations run on int_mm only, per-row scales being no oneDNN argument)."""
     if layer.input_quantizer.dynamic:
@@ -488,7 +488,7 @@ def integer_backends(layer: _IntLayer) -> list[str]:
 
 
 __all__ = [
-    "BACKENDS", "IntConv2d", "IntLinear", "dynamic_kernel_reason", "int_mm", "integer_backends", "onednn_available", "quantize_u8",
+    "BACKENDS", "IntConv2d", "IntLayer", "IntLinear", "dynamic_kernel_reason", "int_mm", "integer_backends", "onednn_available", "quantize_u8",
 ]
 
 for _layer in (IntLinear, IntConv2d):

@@ -21,7 +21,7 @@ from ..quant import ActivationQuantizer
 from ..quant.affine import fake_quantize, qrange
 from ..wrap import get_denoiser, quant_record
 from .flat import FlatCall, example_inputs
-from .modules import _IntLayer
+from .modules import IntLayer
 
 
 @contextlib.contextmanager
@@ -30,7 +30,7 @@ def export_mode(denoiser: nn.Module, group: int):
     import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 
     record = quant_record(denoiser)
-    layers = [m for m in denoiser.modules() if isinstance(m, _IntLayer)]
+    layers = [m for m in denoiser.modules() if isinstance(m, IntLayer)]
     quantizers = [q for q in denoiser.modules() if isinstance(q, ActivationQuantizer) and q.mode == "quantize"]
     check_static(quantizers, "ONNX Q/DQ (DynamicQuantizeLinear computes one scale per tensor, not per token)")
     record.context.force(group)
@@ -106,7 +106,7 @@ def export_onnx(
         group = 0
     if not 0 <= group < groups:
         raise ValueError(f"--group {group} out of range 0..{groups - 1}")
-    if not any(isinstance(m, _IntLayer) for m in denoiser.modules()):
+    if not any(isinstance(m, IntLayer) for m in denoiser.modules()):
         raise ValueError("the model is not converted; run diffquant.convert (or `quantize --convert`) before exporting")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Deploy a quantized denoiser on OpenVINO with diffquant's own calibrated scales (no re-calibration).
 
-``diffquant.deployment.export_openvino(model, folder)`` writes ``denoiser.xml/.bin`` (the int8 graph, every <= 8-bit timestep
+``diffquant.deployment.openvino.export_openvino(model, folder)`` writes ``denoiser.xml/.bin`` (the int8 graph, every <= 8-bit timestep
 group served by one compiled model through runtime scalars: ovgraph.py) and ``denoiser_float.xml/.bin``
 (exact fake-quant arithmetic for every group: PCR's relaxed >8-bit steps, and CPUs without VNNI), and,
 for a pipeline, its other components so the folder loads as a generating pipeline. ``OVDenoiser`` wraps compiled models
@@ -10,7 +10,9 @@ way the torch model does (nearest group centre). Text encoders and the VAE stay 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checkpoint import fingerprint
 from ..models.adapters import adapter_class
 from ..quant import TimestepGroups
 from ..wrap import get_denoiser, quant_record
@@ -53,6 +56,11 @@ class OVDenoiser(nn.Module):
     ``timestep_group`` is fed when a graph takes it. ``precision``: OpenVINO's inference precision hint
     (``f32`` keeps the float parts exact; ``bf16`` is faster where the CPU has it). ``threads``: default
     torch's thread count.
+
+    It has no weights of its own, so it carries its identity as the buffer ``identity`` (what the evaluation's
+    image cache fingerprints: two different deployed models never share images): a digest of ``identity``
+    (default: ``graph_digest`` of the graphs it runs; ``from_denoiser``: the source model's weights and structure)
+    with the class, groups, graph and precision.
     """
 
     def __init__(
@@ -67,6 +75,7 @@ class OVDenoiser(nn.Module):
         precision: str = "f32",
         threads: int | None = None,
         report: dict | None = None,
+        identity: str | None = None,
     ) -> None:
         super().__init__()
         import openvino as ov
@@ -97,6 +106,11 @@ class OVDenoiser(nn.Module):
             self.add_embedding = _Stub(linear_1=_Stub(in_features=self.config["projection_class_embeddings_input_dim"]))
         self.calls: list[int] = []  # the timestep group of every call (tests and reports read it)
         self.report: dict = dict(report or {})  # the quantized model's report (sampling defaults, method numbers)
+        settings = {"class": class_name, "graph": graph, "precision": precision, "float_groups": sorted(self.float_groups),
+                    "groups": groups.to_dict() if groups is not None else None,
+                    "graphs": identity or {k: graph_digest(m) for k, m in sorted(models.items())}}
+        digest = bytes.fromhex(fingerprint(settings))
+        self.register_buffer("identity", torch.frombuffer(bytearray(digest), dtype=torch.uint8))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -148,8 +162,9 @@ class OVDenoiser(nn.Module):
         graph = ("int" if cpu_has_vnni() else "float") if graph == "auto" else graph
         models, plan = quantized_models(denoiser, inputs or pipeline_inputs(model), graphs=(graph,))
         record = quant_record(denoiser)
+        source = fingerprint({"class": type(denoiser).__name__, "repr": repr(denoiser)}, denoiser.state_dict())
         return cls(models, dict(denoiser.config), type(denoiser).__name__, groups=record.groups, report=record.report,
-                   float_groups=plan.float_groups, graph=graph if graph in models else "float", **options)
+                   float_groups=plan.float_groups, graph=graph if graph in models else "float", identity=source, **options)
 
     @classmethod
     def from_folder(cls, folder: str | Path, **options: Any) -> OVDenoiser:
@@ -162,13 +177,13 @@ class OVDenoiser(nn.Module):
                    float_groups=meta["float_groups"], report=meta.get("report"), **options)
 
 
-def pipeline_inputs(model: Any) -> dict[str, torch.Tensor]:
-    """Example inputs of one denoiser call sized like the pipeline's own (its tokenizer's sequence length;
-    batch 2: classifier-free guidance)."""
+def pipeline_inputs(model: Any, batch: int = 2) -> dict[str, torch.Tensor]:
+    """Example inputs of one denoiser call sized like the pipeline's own (its tokenizer's sequence length, at most
+    77; batch 2 by default: classifier-free guidance)."""
     denoiser = get_denoiser(model)
     tokenizer = getattr(model, "tokenizer", None)
     seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
-    return example_inputs(denoiser, batch=2, seq_len=min(int(seq_len), 77))
+    return example_inputs(denoiser, batch=batch, seq_len=min(int(seq_len), 77))
 
 
 def write_graphs(models: dict[str, Any], folder: Path) -> None:
@@ -180,8 +195,43 @@ def write_graphs(models: dict[str, Any], folder: Path) -> None:
         ov.save_model(model, str(folder / GRAPHS[graph]), compress_to_fp16=False)
 
 
+def graph_digest(model: Any) -> str:
+    """SHA-256 hex of what a graph computes, ``OVDenoiser``'s identity: a saved graph (the path of its .xml) by its
+    files' bytes; an ``ov.Model`` by its ops in order (type, attributes, inputs by position, output types, constants'
+    bytes) and input names, not by the node names OpenVINO numbers per process, so one graph built twice hashes alike."""
+    digest = hashlib.sha256()
+    if isinstance(model, (str, Path)):
+        for part in (Path(model), Path(model).with_suffix(".bin")):
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
+    position: dict[str, int] = {}
+    for i, op in enumerate(model.get_ordered_ops()):
+        position[op.get_name()] = i
+        sources = [port.get_source_output() for port in op.inputs()]
+        digest.update(json.dumps([
+            op.get_type_name(), [(position[src.get_node().get_name()], src.get_index()) for src in sources],
+            op.get_attributes(), [f"{out.get_partial_shape()}{out.get_element_type()}" for out in op.outputs()],
+        ], sort_keys=True, default=str).encode())
+        if op.get_type_name() == "Constant":
+            digest.update(np.ascontiguousarray(op.get_data()).tobytes())
+    digest.update(json.dumps([sorted(port.get_names()) for port in model.inputs]).encode())
+    return digest.hexdigest()
+
+
+def ir_bytes(model: Any) -> int:
+    """Bytes of the weight file of an ``ov.Model`` as ``ov.save_model`` writes it (fp32 constants)."""
+    import openvino as ov
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.xml"
+        ov.save_model(model, str(path), compress_to_fp16=False)
+        return path.with_suffix(".bin").stat().st_size
+
+
 def is_openvino_folder(folder: str | Path) -> bool:
     return (Path(folder) / OV_CONFIG).is_file()
 
 
-__all__ = ["GRAPHS", "OV_CONFIG", "OVDenoiser", "cpu_has_vnni", "is_openvino_folder", "pipeline_inputs", "write_graphs"]
+__all__ = ["GRAPHS", "OV_CONFIG", "OVDenoiser", "cpu_has_vnni", "graph_digest", "ir_bytes", "is_openvino_folder", "pipeline_inputs", "write_graphs"]

@@ -37,7 +37,7 @@ from ..quant.affine import qrange
 from ..wrap import get_denoiser, quant_record
 from .convert import convert, is_converted
 from .flat import FlatCall, example_inputs
-from .modules import IntConv2d, _IntLayer
+from .modules import IntConv2d, IntLayer
 from .onnx import check_static
 
 GROUP_INPUT = "timestep_group"
@@ -134,25 +134,23 @@ def _quantizer_forward(q: ActivationQuantizer, st: _State):
     return _Gathered(q, st, varying)
 
 
-def _ones_op(layer: _IntLayer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _ones_op(layer: IntLayer, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The layer (no bias) applied to an all-ones input: row sums, or a ones map convolved (exact at borders)."""
     if not isinstance(layer, IntConv2d):
         return w.sum(1)
-    ones, padding = torch.ones_like(x[:1, :1]), layer.padding
-    if layer.padding_mode != "zeros":
-        ones, padding = F.pad(ones, layer._reversed_padding_repeated_twice, mode=layer.padding_mode), 0
+    ones, padding = layer.padded(torch.ones_like(x[:1, :1]))
     return F.conv2d(ones, w.sum(1, keepdim=True), None, layer.stride, padding, layer.dilation)
 
 
-def _int_layer_forward(layer: _IntLayer, st: _State):
+def _int_layer_forward(layer: IntLayer, st: _State):
     """Int graph: FakeQuantize(x / r + d) -> int8-weight op per kernel block -> r * (y - d * op(1)) + bias.
     Float graph: gathered float fake quantization -> the same int8-weight ops (OpenVINO decompresses them)."""
     iq, groups, ref = layer.input_quantizer, st.groups, st.groups[0]
     gathered = _Gathered(iq, st, varying=True) if st.graph == "float" else None
-    segments, blocks = layer._segments(), layer.blocks()
+    segments, blocks = layer.segments(), layer.blocks()
     grids, tables = [], []
     for s in range(len(segments)):
-        scale0, zp0, qmax, _ = layer._act_params(ref, s)
+        scale0, zp0, qmax, _ = layer.act_params(ref, s)
         r = torch.ones(st.plan.num_groups)
         d = torch.zeros(st.plan.num_groups)
         for g in groups:
@@ -162,7 +160,7 @@ def _int_layer_forward(layer: _IntLayer, st: _State):
         tables.append((r if bool((r != 1).any()) else None, d if bool((d != 0).any()) else None))
     weights = []
     for c0, c1, w_seg, _ in blocks:
-        codes, w_scale = layer._block_codes(c0, c1), layer._weight_scales(w_seg)
+        codes, w_scale = layer.block_codes(c0, c1), layer.weight_scales(w_seg)
         weights.append((codes, w_scale.reshape([-1] + [1] * (codes.dim() - 1))))
     bias = None if layer.bias is None else layer.bias.detach().float().clone()
     whole = (0, layer.weight_shape[1])
@@ -171,7 +169,7 @@ def _int_layer_forward(layer: _IntLayer, st: _State):
         x, out = iq.smooth_input(x), None  # smoothing factors (per_channel_smooth): a constant division
         for s, (a, b) in enumerate(segments):
             scale0, zp0, qmax = grids[s]
-            xs = x.float() if (a, b) == whole else layer._channels(x.float(), a, b)
+            xs = x.float() if (a, b) == whole else layer.channels(x.float(), a, b)
             if gathered is not None:
                 r = d = None
                 x_hat = gathered(xs, segment=s)
@@ -187,8 +185,8 @@ def _int_layer_forward(layer: _IntLayer, st: _State):
                     continue
                 codes, w_scale = weights[i]
                 w = codes.float() * w_scale
-                xb = x_hat if (c0, c1) == (a, b) else layer._channels(x_hat, c0 - a, c1 - a)
-                y = layer._float_op(xb, w, None)
+                xb = x_hat if (c0, c1) == (a, b) else layer.channels(x_hat, c0 - a, c1 - a)
+                y = layer.float_op(xb, w, None)
                 if d is not None:  # r and d are [1]: they broadcast over any output
                     y = y - d * _ones_op(layer, xb, w)
                 if r is not None:
@@ -210,7 +208,7 @@ def graph_mode(denoiser: nn.Module, st: _State):
         q.forward = _quantizer_forward(q, st)
         patched.append(q)
     for m in denoiser.modules():
-        if isinstance(m, _IntLayer):
+        if isinstance(m, IntLayer):
             m.forward = _int_layer_forward(m, st)
             patched.append(m)
     record.context.force(st.groups[0])
