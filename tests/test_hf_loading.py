@@ -185,3 +185,23 @@ def test_saved_config_names_diffquant_and_the_manifest_hashes_it(saved):
     manifest = json.loads((folder / "diffquant_manifest.json").read_text())
     assert {"unet/config.json", "unet/diffusion_pytorch_model.safetensors"} <= set(manifest["files"])
     diffquant.serialization.verify(folder)
+
+
+def test_after_import_survives_availability_probes(tmp_path, monkeypatch):
+    """diffusers/transformers probe peft with importlib.util.find_spec before importing it: the probe must not use up
+    the one-shot hook (it did, and LoRA on quantized layers was then never enabled in such a process)."""
+    import importlib.util
+
+    from diffquant.hf_quantizer import after_import
+
+    (tmp_path / "dq_probe_target.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = []
+    after_import("dq_probe_target", lambda module: seen.append(module.VALUE))
+    assert importlib.util.find_spec("dq_probe_target") is not None and seen == []
+    import dq_probe_target  # noqa: F401
+
+    assert seen == [1]
+    after_import("dq_probe_target", lambda module: seen.append(2))  # already loaded: runs at once
+    assert seen == [1, 2]
+    monkeypatch.delitem(sys.modules, "dq_probe_target")

@@ -59,33 +59,44 @@ def after_import(name: str, callback: Callable[[ModuleType], None]) -> None:
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for ``name`` it wraps the real loader so ``callback`` runs once the module has run."""
+    """Finds nothing itself: for ``name`` it wraps the real loader so ``callback`` runs once the module has run.
+
+    It leaves ``sys.meta_path`` only when the module actually executes: availability probes such as
+    ``importlib.util.find_spec("peft")`` (diffusers and transformers make them) build a spec and never load it.
+    """
 
     def __init__(self, name: str, callback: Callable[[ModuleType], None]) -> None:
-        self.name, self.callback = name, callback
+        self.name, self.callback, self._searching = name, callback, False
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != self.name:
+        if fullname != self.name or self._searching:
             return None
-        sys.meta_path.remove(self)  # once: the real finders resolve the module
-        for finder in sys.meta_path:
-            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
-            if spec is not None and spec.loader is not None:
-                spec.loader = _ThenRegister(spec.loader, self.callback)
-                return spec
+        self._searching = True  # the real finders below may recurse into meta_path
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None and spec.loader is not None:
+                    spec.loader = _ThenRegister(spec.loader, self)
+                    return spec
+        finally:
+            self._searching = False
         return None
 
 
 class _ThenRegister(importlib.abc.Loader):
-    def __init__(self, loader: Any, callback: Callable[[ModuleType], None]) -> None:
-        self.loader, self.callback = loader, callback
+    def __init__(self, loader: Any, finder: _RegisterAfterImport) -> None:
+        self.loader, self.finder = loader, finder
 
     def create_module(self, spec: Any) -> Any:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
-        self.callback(module)
+        if self.finder in sys.meta_path:  # once
+            sys.meta_path.remove(self.finder)
+            self.finder.callback(module)
 
     def __getattr__(self, name: str) -> Any:  # get_source, is_package, ... of the real loader
         return getattr(self.loader, name)

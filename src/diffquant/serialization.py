@@ -231,7 +231,8 @@ def _load_denoiser(folder: Path, device: str | torch.device | None) -> nn.Module
     cls = getattr(diffusers, meta["class"], None)
     if cls is None or not issubclass(cls, diffusers.ModelMixin):
         raise ValueError(f"{folder}: unsupported denoiser class {meta['class']!r}")
-    denoiser = restore_denoiser(cls.from_config(cls.load_config(folder)), folder, meta)
+    # eval() as from_pretrained does: a model built from_config trains (dropout on), so loads were not deterministic
+    denoiser = restore_denoiser(cls.from_config(cls.load_config(folder)), folder, meta).eval()
     return denoiser.to(device) if device is not None else denoiser
 
 
