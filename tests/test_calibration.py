@@ -71,6 +71,7 @@ def test_same_config_and_seed_give_identical_quantized_weights(tiny_pipes):
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
 
+@pytest.mark.slow  # multi-process run, 25-60 s: `make test-slow`
 def test_two_process_recording_equals_one_process(tiny_pipes, tmp_path):
     """Two CPU processes (gloo, launched by accelerate) shard the prompt batches; the merge is identical."""
     import os

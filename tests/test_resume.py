@@ -175,6 +175,7 @@ class _Counter:
 # ---------------------------------------------------------------- tests
 
 
+@pytest.mark.slow  # subprocess run, 25-60 s: `make test-slow`
 def test_calibration_recording_and_reconstruction_resume_after_sigkill(sd, tmp_path, monkeypatch):
     from diffquant.learning import reconstruction
 
@@ -209,6 +210,7 @@ def test_pcr_resumes_after_sigkill(sd, tmp_path, monkeypatch):
                            calibration=PROMPTS, workdir=work, progress=False)
 
 
+@pytest.mark.slow  # subprocess run, 25-60 s: `make test-slow`
 def test_emf_qat_resumes_after_sigkill(sd, tmp_path):
     import json
 

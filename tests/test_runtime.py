@@ -235,6 +235,7 @@ def _onnx_layer_values(graph, layer_names: list[str]) -> dict[str, tuple[str, st
     return found
 
 
+@pytest.mark.slow  # subprocess run, 25-60 s: `make test-slow`
 def test_onnx_export_has_qdq_and_onnxruntime_matches(tiny_pipes, tmp_path):
     """ONNX Runtime runs the Q/DQ graph; fed ONNX Runtime's own input, every PyTorch integer layer gives its output."""
     onnx = pytest.importorskip("onnx")

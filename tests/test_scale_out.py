@@ -58,6 +58,7 @@ def _launch_two(module: str, *args: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # multi-process run, 25-60 s: `make test-slow`
 def test_two_process_evaluation_generates_the_same_images(fp_folder, tmp_path):
     from typer.testing import CliRunner
 
@@ -92,6 +93,7 @@ EMF = QuantConfig(method="emf", wbits=4, abits=8,
                   options=dict(steps_per_prompt=2, iterations=8, batch_size=16, distill_layers=2, sensitivity_rows=2))
 
 
+@pytest.mark.slow  # multi-process run, 25-60 s: `make test-slow`
 def test_two_process_emf_training_matches_one_process_and_converges(fp_folder, tmp_path):
     (tmp_path / "config.json").write_text(EMF.to_json())
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
@@ -124,6 +126,7 @@ def _launch_two_refused(*args: str) -> str:
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # multi-process run, 25-60 s: `make test-slow`
 def test_one_process_commands_refuse_a_launch_before_any_work(fp_folder, tmp_path):
     """docs/errors.md: quantize with a method other than EMF, and bench, under ``accelerate launch``."""
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
