@@ -50,6 +50,8 @@ def quiet(verbose: bool = False) -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # every Python warning raised outside diffquant's own code
         warnings.filterwarnings("default", module=r"diffquant(\.|$)")
+        # torch.jit's TracerWarnings point at our code when an export traces it; they are torch's, not ours
+        warnings.filterwarnings("ignore", message=r"(?s).*\bthe trace\b")
         try:
             yield
         finally:
