@@ -80,3 +80,24 @@ def test_claims_need_an_interval_that_excludes_zero():
     rtn["per_image"]["psnr"] = [v + (0.5 if i % 2 else -0.5) for i, v in enumerate(qd["per_image"]["psnr"])]
     c = claims.Comparator(result, None).compare("qdiffusion-w4a8", "rtn-w4a8", "psnr", 1)
     assert c["better"] and not c["clearly"]  # closer on average, but the interval straddles zero
+
+
+def test_a_stored_row_joins_the_peer_table_with_fd_from_its_saved_features_and_its_coverage(tmp_path):
+    import torch
+    from methodbench.peers import subset_row
+
+    from diffquant.evaluation.metrics import frechet_distance
+
+    torch.manual_seed(0)
+    fp, own = torch.randn(6, 3), torch.randn(6, 3) + 0.5
+    torch.save(fp, tmp_path / "FP.pt")
+    torch.save(own, tmp_path / "k1.pt")
+    row = {"label": "pcr-w8a8", "key": "k1", "quantize_s": 12.0,
+           "per_image": {"psnr": [40.0, 42.0, 44.0, 46.0, 48.0, 50.0], "ssim": [0.9] * 6, "attr_all": [1, 0, 1, 1, 1, 1]},
+           "summary": {"psnr": 45.0, "weight_coverage": 0.99, "avg_wbits": 8.1}}
+    s = subset_row(row, 4, tmp_path)["summary"]
+    assert s["psnr"] == 43.0 and s["attr_all"] == 0.75 and s["weight_coverage"] == 0.99 and s["avg_wbits"] == 8.1
+    assert s["fd_fp"] == pytest.approx(frechet_distance(own[:4], fp[:4]))  # the first 4 prompts only
+    assert s["fd_fp"] != pytest.approx(frechet_distance(own, fp))
+    assert "fd_fp" not in subset_row(row, 4, tmp_path / "missing")["summary"]  # rows saved before features: no FD
+    assert subset_row(row, 7, tmp_path) is None  # fewer images than the table

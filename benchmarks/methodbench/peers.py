@@ -4,8 +4,8 @@ The peers run through ``diffquant.evaluation.bench.run_bench`` on the first ``--
 the methods table (prompt i with seed i, the same steps, guidance and size) and calibrate on the same calibration
 prompts; diffquant RTN is quantized again in the same run, so the table has fresh diffquant rows with every
 column. The methods table's stored rows (Q-Diffusion, PCR, EMF) join from their per-image results on the same
-prompts (PSNR, SSIM, attribute accuracy: exact, the images are the same); their Fréchet distance and coverage
-need their images and modules, which the store does not keep, so those cells stay empty. Every row's coverage,
+prompts (PSNR, SSIM, attribute accuracy: exact, the images are the same), their Fréchet distance from the
+evaluator features the methods run saves per row, their coverage and bits from the row's summary. Every row's coverage,
 average bits and file size come from ``diffquant.evaluation.coverage`` (the harness), one computation for all.
 The result is the model's ``peers`` entry in methods.json, kept when the methods rows are rerun.
 """
@@ -16,19 +16,31 @@ import time
 from pathlib import Path
 
 PEERS = "torchao-w8a8,quanto-w8a8,sdnq-int8,nncf-int8,bnb-int8,quanto-w4,sdnq-uint4,sdnq-uint4-svd,sdnq-int8-svd,bnb-nf4"
+COVERAGE = ("weight_coverage", "mac_coverage", "avg_wbits", "avg_abits", "denoiser_mib")
 KEEP = ("psnr", "ssim", "fd_fp", "attr_all", "weight_coverage", "mac_coverage", "avg_wbits", "avg_abits", "denoiser_mib",
         "calibration_s", "peak_memory_mib")
 
 
-def subset_row(row: dict, n: int) -> dict | None:
-    """A stored methods row on its first ``n`` prompts (PSNR, SSIM, attribute accuracy from its per-image lists)."""
+def subset_row(row: dict, n: int, features_dir: Path | None = None) -> dict | None:
+    """A stored methods row on its first ``n`` prompts: PSNR, SSIM and attribute accuracy from its per-image lists,
+    FD to FP from the evaluator features the methods run saved (``<work-dir>/<model>/features/<key>.pt``, rows in
+    prompt order, FP in ``FP.pt``), coverage and bits from its summary (the harness computes them for every row)."""
     per = row.get("per_image", {})
     if len(per.get("psnr", [])) < n:
         return None
-    out = {"label": f"diffquant {row['label']}", "source": f"methods table, first {n} of its prompts",
-           "summary": {k: sum(per[k][:n]) / n for k in ("psnr", "ssim", "attr_all") if len(per.get(k, [])) >= n}}
-    out["summary"]["calibration_s"] = row.get("quantize_s")
-    return out
+    summary = {k: sum(per[k][:n]) / n for k in ("psnr", "ssim", "attr_all") if len(per.get(k, [])) >= n}
+    summary.update({k: row["summary"][k] for k in COVERAGE if row.get("summary", {}).get(k) is not None})
+    feats = features_dir / f"{row.get('key')}.pt" if features_dir is not None else None
+    if feats is not None and feats.is_file() and (features_dir / "FP.pt").is_file():
+        import torch
+
+        from diffquant.evaluation.metrics import frechet_distance
+
+        fp, own = (torch.load(p, weights_only=True) for p in (features_dir / "FP.pt", feats))
+        if len(fp) >= n and len(own) >= n:
+            summary["fd_fp"] = frechet_distance(own[:n], fp[:n])
+    summary["calibration_s"] = row.get("quantize_s")
+    return {"label": f"diffquant {row['label']}", "source": f"methods table, first {n} of its prompts", "summary": summary}
 
 
 def _row(m: dict) -> dict:
@@ -82,24 +94,33 @@ def run_peer_table(name: str, args, store) -> None:
         rows = [r for r in table["rows"] if (r.get("source") == "this run" or r.get("unavailable")) and r["label"] != label] + [row]
         order = {lab: i for i, lab in enumerate(f"diffquant rtn-w{x[0]}a{x[1]}" if m else p for m, x, p in plan)}
         rows.sort(key=lambda r: order.get(r["label"], len(order)))
-        stored = [subset_row(r, n) for r in model["rows"] if r["variant"] in ("qdiffusion", "pcr", "emf")]
-        fresh_rtn = {r["label"]: r["summary"]["psnr"] for r in rows if r["label"].startswith("diffquant rtn") and "summary" in r}
-        stored_rtn = {f"diffquant {r['label']}": subset_row(r, n)["summary"]["psnr"] for r in model["rows"] if r["variant"] == "rtn"}
         table = {
             "command": f".venv/bin/python benchmarks/methods.py {args.line}".strip(), "n_images": n, "source": source,
             "settings": res["settings"], "feature_space": res["feature_space"], "calib_prompts": len(calib),
             "reference": {k: res["reference"]["summary"].get(k) for k in KEEP if res["reference"]["summary"].get(k) is not None},
-            "rows": rows + [r for r in stored if r is not None], "skipped": res["skipped"],
-            # the fresh RTN rows against the stored ones on the same prompts: do the two runs agree?
-            "rtn_check": {k: {"fresh": v, "stored": stored_rtn.get(k)} for k, v in fresh_rtn.items()},
+            "rows": rows, "skipped": res["skipped"],
             "started": table.get("started") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
             "wall_s": table.get("wall_s", 0.0) + time.time() - started, "machine": model.get("machine"),
         }
         started = time.time()
-        model["peers"] = table
-        store.touched.add(name)
-        store.save()
+        _save(name, model, table, n, Path(args.work_dir) / name / "features", store)
+    if table.get("rows"):  # the stored methods rows may have changed (a --redo) although no peer row ran
+        _save(name, model, table, n, Path(args.work_dir) / name / "features", store)
     print(f"[{name}] peers done", flush=True)
+
+
+def _save(name: str, model: dict, table: dict, n: int, features: Path, store) -> None:
+    """Store ``table`` (this run's rows) with the methods table's Q-Diffusion/PCR/EMF rows joined on the same prompts,
+    and the fresh RTN rows checked against the stored ones (do the two runs agree?)."""
+    rows = [r for r in table["rows"] if r.get("source") == "this run" or r.get("unavailable")]
+    stored = [subset_row(r, n, features) for r in model["rows"] if r["variant"] in ("qdiffusion", "pcr", "emf")]
+    fresh_rtn = {r["label"]: r["summary"]["psnr"] for r in rows if r["label"].startswith("diffquant rtn") and "summary" in r}
+    stored_rtn = {f"diffquant {r['label']}": subset_row(r, n)["summary"]["psnr"] for r in model["rows"] if r["variant"] == "rtn"}
+    table.update(rows=rows + [r for r in stored if r is not None],
+                 rtn_check={k: {"fresh": v, "stored": stored_rtn.get(k)} for k, v in fresh_rtn.items()})
+    model["peers"] = table
+    store.touched.add(name)
+    store.save()
 
 
 COLUMNS = [("weight_coverage", "quantized weights", "{:.0%}"), ("mac_coverage", "quantized MACs", "{:.0%}"),
@@ -131,8 +152,8 @@ def markdown(name: str, table: dict) -> list[str]:
     check = "; ".join(f"{k}: {v['fresh']:.2f} dB here, {v['stored']:.2f} dB in the stored row" for k, v in table["rtn_check"].items()
                       if v["stored"] is not None)
     lines += ["", ("¹ From the methods table's stored per-image results on the same prompts (same images): PSNR, SSIM and "
-                   "attribute accuracy are exact; FD and coverage need the images and modules, not stored (coverage equals RTN's "
-                   "at the same bits except PCR's relaxed steps and EMF's float time layers and mixed precision); `quantize` is the "
+                   "attribute accuracy are exact; FD to FP from the evaluator features the methods run saved for those prompts, "
+                   "coverage and bits from the row's summary (– where a row predates them); `quantize` is the "
                    "methods table's time. RTN rerun here against its stored row on the same prompts: " + (check or "no stored row") + "."),
               "", ("Coverage and bits over the whole denoiser (`diffquant.evaluation.coverage`): quantized share of all parameter "
                    "elements and of the MACs of one denoiser call whose two operands are both quantized (weight-only quantization "
