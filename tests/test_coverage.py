@@ -111,3 +111,33 @@ def test_layer_patterns_and_keywords_select_the_union():
     assert layers and all(".attn" in n for n in layers) and len(attention) == len(adapter.attention_modules())
     with pytest.raises(ValueError, match="'dwn_blocks.*' matches no layer"):
         selected_layers(adapter, ["linear", "dwn_blocks.*"])
+
+
+def test_quanto_norms_without_weights_fingerprint_and_size():
+    """quanto's frozen LayerNorm without affine weights puts None in the state dict (mini-sd3's peer row failed on
+    it): the image-cache fingerprint and the shipped size skip the missing part, and weights still count."""
+    pytest.importorskip("optimum.quanto")
+    from optimum.quanto import freeze, qint8, quantize
+
+    from diffquant.evaluation.paired import model_fingerprint
+    from diffquant.evaluation.peers import saved_size_bytes
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.proj = torch.nn.LayerNorm(16, elementwise_affine=False), torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.proj(self.norm(x))
+
+    class Pipe:  # the part of a pipeline model_fingerprint reads
+        def __init__(self, unet):
+            self.components = {"unet": unet}
+
+    model = Block()
+    before = model_fingerprint(Pipe(model))
+    quantize(model, weights=qint8, activations=qint8)
+    freeze(model)
+    assert any(v is None for v in model.state_dict().values())
+    assert model_fingerprint(Pipe(model)) != before
+    assert saved_size_bytes(model) >= 16 * 16  # the int8 weight codes are in the file

@@ -38,18 +38,27 @@ class GenStats:
     cached: int = 0
 
 
-def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
-    """Hash a tensor's exact bytes; tensor subclasses (torchao, quanto) hash their inner tensors."""
-    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter and hasattr(t, "__tensor_flatten__"):
-        names, ctx = t.__tensor_flatten__()
-        h.update(f"{type(t).__name__}{ctx!r}".encode())
-        for name in names:
-            _hash_tensor(h, getattr(t, name))
+def plain_tensors(t: torch.Tensor | None, prefix: str = ""):
+    """(path, plain tensor) pairs of ``t``: tensor subclasses (torchao, quanto) contribute their inner data, scales
+    and zero points; an optional part a subclass does not hold (quanto's unset activation scales) is skipped."""
+    if t is None:
         return
-    t = t.detach().cpu().contiguous().reshape(-1)
-    h.update(f"{t.dtype}{t.numel()}".encode())
-    if t.numel():
-        h.update(t.view(torch.uint8).numpy())
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        for name in t.__tensor_flatten__()[0]:
+            yield from plain_tensors(getattr(t, name), f"{prefix}.{name}")
+        return
+    yield prefix, t.detach()
+
+
+def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
+    """Hash a tensor's exact bytes; a tensor subclass hashes its type, its context and its inner tensors."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        h.update(f"{type(t).__name__}{t.__tensor_flatten__()[1]!r}".encode())
+    for name, plain in plain_tensors(t):
+        plain = plain.cpu().contiguous().reshape(-1)
+        h.update(f"{name}{plain.dtype}{plain.numel()}".encode() if name else f"{plain.dtype}{plain.numel()}".encode())
+        if plain.numel():
+            h.update(plain.view(torch.uint8).numpy())
 
 
 def model_fingerprint(pipe) -> str:

@@ -32,6 +32,7 @@ from ..calibration import CalibrationSet, record_denoiser_calls
 from ..config import CalibrationConfig
 from ..models.adapters import get_adapter
 from ..wrap import get_denoiser
+from .paired import plain_tensors
 
 PEERS: dict[str, str] = {
     "torchao-w8a8": "torchao Int8DynamicActivationInt8WeightConfig (int8 dynamic activations, int8 weights; Linear layers)",
@@ -220,24 +221,13 @@ def nncf_int8(denoiser: torch.nn.Module, calls: CalibrationSet):
     return nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
 
 
-def _flat_tensors(prefix: str, t: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-    """Plain tensors of ``t``: tensor subclasses (torchao, quanto) contribute their inner data, scales, zero points."""
-    if t is None:  # an optional part a subclass does not hold (quanto's unset activation scales)
-        return
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
-        for name in t.__tensor_flatten__()[0]:
-            _flat_tensors(f"{prefix}.{name}", getattr(t, name), out)
-        return
-    out[prefix] = t.detach().cpu().contiguous().clone()
-
-
 def saved_size_bytes(module: torch.nn.Module) -> int:
     """Bytes of ``module``'s state dict written as safetensors, subclass tensors flattened to what they store."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     for key, value in module.state_dict().items():
-        _flat_tensors(key, value, tensors)
+        tensors.update((key + name, plain.cpu().contiguous().clone()) for name, plain in plain_tensors(value))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "denoiser.safetensors"
         save_file(tensors, str(path))
