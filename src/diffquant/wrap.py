@@ -141,12 +141,8 @@ def wrap_denoiser(
     for name, module in adapter.layers().items():
         if name in reasons:
             continue
-        if isinstance(module, nn.Linear):
-            q = QuantLinear.from_float(module, weight_spec, act_spec, context, num_groups, calibrate_weights)
-        else:
-            q = QuantConv2d.from_float(
-                module, weight_spec, act_spec, context, num_groups, splits.get(name), calibrate_weights
-            )
+        cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+        q = cls.from_float(module, weight_spec, act_spec, context, num_groups, splits.get(name), calibrate_weights)
         if q.input_quantizer is not None:
             q.input_quantizer.name = name
         set_submodule(denoiser, name, q)
