@@ -1,5 +1,6 @@
-"""Coverage and average bits (evaluation.coverage): hand-computed answers, the same function on diffquant and peer
-models, and ``--layers`` selecting what is quantized."""
+"""Coverage and average bits (diffquant.bits, the one convention): hand-computed answers, the same function on
+diffquant and peer models, ``diffquant.average_bits`` on fake-quant and converted models, and ``--layers`` selecting
+what is quantized."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from torch import nn
 
 import diffquant
 from diffquant import CalibrationConfig, QuantConfig
-from diffquant.evaluation.coverage import count_table, coverage, layer_bits
+from diffquant.bits import count_table, coverage, layer_bits, own_table
+from diffquant.models.adapters import get_adapter
 from diffquant.models.tiny import tiny_sd_pipeline
+from diffquant.wrap import wrap_denoiser
 
 
 def _toy():
@@ -67,6 +70,32 @@ def test_same_function_on_peer_quantized_models():
     quantize(model, weights=qint8, include="0")
     got = coverage(table, model)
     assert got["weight_coverage"] == pytest.approx(2 / 3) and got["mac_coverage"] == 0 and got["avg_abits"] == 32
+
+
+def test_average_bits_counts_the_float_models_table_on_fake_quant_and_converted_models():
+    """A quantized denoiser (wrapped, frozen or converted) has the float one's parameters and MACs, and
+    ``average_bits`` is :func:`coverage` with that table: W8A8 with every MAC quantized at 8 bits."""
+    pipe = tiny_sd_pipeline(0)
+    float_unet = copy.deepcopy(pipe.unet)
+    adapter = get_adapter(float_unet)
+    table = count_table(float_unet, lambda: adapter.call(adapter.example_inputs(batch=1)))
+    assert table.attention and all(table.macs[k] > 0 for k in table.attention)
+    cfg = QuantConfig(wbits=8, abits=8, calibration=CalibrationConfig(num_prompts=1, num_inference_steps=2, height=32, width=32))
+    wrapped = copy.deepcopy(float_unet)
+    wrap_denoiser(wrapped, cfg)
+    diffquant.set_state(wrapped, "calibrating")
+    with pytest.raises(ValueError, match="after diffquant.quantize"):  # its call would be observed
+        own_table(wrapped)
+    diffquant.quantize(pipe, cfg, calibration=["a red circle"], progress=False)
+    converted = diffquant.convert(copy.deepcopy(pipe)).unet
+    for unet in (pipe.unet, converted):
+        assert own_table(unet) == table
+        got, c = diffquant.average_bits(unet), coverage(table, unet)
+        assert got == {"weight_bits": c["avg_wbits"], "activation_bits": c["avg_abits"],
+                       "weight_coverage": c["weight_coverage"], "mac_coverage": c["mac_coverage"]}
+        quantized = sum(n for name, n in table.weight_numel.items() if name in diffquant.quantized_layers(unet))
+        assert got["weight_bits"] == pytest.approx((8 * quantized + 32 * (table.total_numel - quantized)) / table.total_numel)
+        assert got["mac_coverage"] == 1 and got["activation_bits"] == 8
 
 
 def test_layers_linear_leaves_convs_and_attention_float_with_the_reason(tmp_path):

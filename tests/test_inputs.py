@@ -4,6 +4,7 @@ bench's shipped float size (issue 20, item 5)."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import pytest
@@ -58,9 +59,14 @@ def test_absent_device_refused():
 def test_info_and_eval_report_one_average_bits_and_bench_counts_the_shipped_file(tiny_pipes, tmp_path):
     import diffquant
     from diffquant import QuantConfig
-    from diffquant.evaluation.coverage import shipped_mib
+    from diffquant.bits import BITS_CONVENTION, coverage
+    from diffquant.determinism import TIMINGS
+    from diffquant.evaluation.coverage import layer_table, shipped_mib
     from diffquant.evaluation.peers import saved_size_bytes
-    from diffquant.inspect import describe
+    from diffquant.inspect import OLD_CONVENTION, describe
+    from diffquant.io import file_table
+    from diffquant.sampling import SamplingSettings
+    from diffquant.serialization import MANIFEST
     from tinyutil import PROMPTS, calibration_config
 
     pipe = copy.deepcopy(tiny_pipes["sd"])
@@ -69,7 +75,27 @@ def test_info_and_eval_report_one_average_bits_and_bench_counts_the_shipped_file
     diffquant.save(pipe, tmp_path / "q")
     info = describe(tmp_path / "q")
     loaded = diffquant.load(tmp_path / "q").unet
-    assert info["average_weight_bits"] == diffquant.average_bits(loaded)["weight_bits"] > 4.0  # conv_in counts as 16
+    bits = diffquant.average_bits(loaded)
+    assert info["average_weight_bits"] == bits["weight_bits"] and info["average_activation_bits"] == bits["activation_bits"]
+    assert info["average_bits_convention"] == BITS_CONVENTION and info["weight_coverage"] == bits["weight_coverage"] < 1
+    # eval/bench's number for the same model: the float reference's table at the bench's settings. Weights do not
+    # depend on the call counted, so the figure is the same; conv_in counts at 32 (float32), the rest at 4.
+    table = layer_table(tiny_pipes["sd"], SamplingSettings(steps=2, guidance=5.0, height=32, width=32))
+    assert coverage(table, loaded)["avg_wbits"] == pytest.approx(bits["weight_bits"], rel=1e-12)
+    conv_in = table.weight_numel["conv_in"]
+    quantized = sum(table.weight_numel.values()) - conv_in
+    assert bits["weight_bits"] == pytest.approx((4 * quantized + 32 * (table.total_numel - quantized)) / table.total_numel)
+    # A folder saved before this convention keeps its numbers and says which convention they are in.
+    folder = tmp_path / "q" / "unet"
+    meta = json.loads((folder / "diffquant_config.json").read_text())
+    meta["average_bits"] = {"weight_bits": 4.1, "activation_bits": 8.0}
+    (folder / "diffquant_config.json").write_text(json.dumps(meta))
+    manifest = json.loads((tmp_path / "q" / MANIFEST).read_text())
+    manifest["files"] = file_table(tmp_path / "q", exclude=("unet/" + TIMINGS, MANIFEST))
+    (tmp_path / "q" / MANIFEST).write_text(json.dumps(manifest))
+    old = describe(tmp_path / "q")
+    assert old["average_weight_bits"] == 4.1 and old["average_bits_convention"] == OLD_CONVENTION
+    assert "float layers at 16 bits" in old["text"] and old["weight_coverage"] is None
 
     fp16 = tmp_path / "fp16"
     copy.deepcopy(tiny_pipes["sd"]).to(torch.float16).save_pretrained(fp16)

@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"models"},
     {"sampling"},
     {"config"},
-    {"wrap", "guard"},
+    {"wrap", "guard", "bits"},
     {"calibration"},
     {"learning"},
     {"methods"},

@@ -1,4 +1,5 @@
-"""LoRA (diffusers + peft) on quantized models: a float branch beside the quantized base, fake-quant and converted."""
+"""LoRA (diffusers + peft) on quantized models: a float branch beside the quantized base, fake-quant and converted;
+UNet (SD), SD3 and Flux transformers."""
 
 from __future__ import annotations
 
@@ -189,3 +190,81 @@ def test_import_diffquant_leaves_peft_unimported_until_used():
             "from diffquant.lora import lora_layers; assert peft.LoraConfig()._custom_modules == lora_layers()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --- SD3 (MMDiT) and Flux transformers: the same float branch, loaded through each pipeline's own LoRA loader ---
+TRANSFORMER_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.add_k_proj", "attn.to_out.0", "ff.net.2", "proj_out")
+
+
+@pytest.fixture(scope="module")
+def transformers(tiny_pipes):
+    from diffquant.models.tiny import tiny_flux_pipeline
+
+    out = {}
+    for family, pipe in (("sd3", tiny_pipes["sd3"]), ("flux", tiny_flux_pipeline(0))):
+        fake = type(pipe)(**{**pipe.components, "transformer": copy.deepcopy(pipe.transformer)})
+        cfg = QuantConfig(method="rtn", wbits=8, abits=8, calibration=calibration_config(num_prompts=2, num_inference_steps=2))
+        diffquant.quantize(fake, cfg, calibration=PROMPTS[:2], progress=False)
+        out[family] = {"fake": fake, "converted": diffquant.convert(transformer_copy(fake), progress=False)}
+    return out
+
+
+def transformer_copy(pipe):
+    return type(pipe)(**{**pipe.components, "transformer": copy.deepcopy(pipe.transformer)})
+
+
+def run_transformer(transformer) -> torch.Tensor:
+    from diffquant.models.adapters import get_adapter
+
+    adapter = get_adapter(transformer)
+    with torch.no_grad():
+        return adapter.call(adapter.example_inputs(batch=1, seq_len=8))
+
+
+def transformer_lora(transformer, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A diffusers-format LoRA (``transformer.<module>.lora_A/B.weight``) of random low-rank weights."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, m in transformer.named_modules():
+        if name.endswith(TRANSFORMER_TARGETS):
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.1
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.1
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["fake", "converted"])
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_lora_on_quantized_transformers_loads_switches_and_unloads_exactly(transformers, family, kind):
+    pipe = transformer_copy(transformers[family][kind])
+    t = pipe.transformer
+    lora = transformer_lora(t)
+    names = [k[len("transformer."):-len(".lora_A.weight")] for k in lora if k.endswith(".lora_A.weight")]
+    bases = {n: t.get_submodule(n) for n in names}
+    assert all(type(b).__name__ == ("QuantLinear" if kind == "fake" else "IntLinear") for b in bases.values())
+    before = run_transformer(t)
+    if family == "flux" and kind == "converted":  # the Flux loader's zero-padding of wider LoRAs needs float weights
+        wide = dict(lora)
+        key = f"transformer.{names[0]}.lora_A.weight"
+        wide[key] = torch.cat([wide[key], wide[key][:, :1]], dim=1)
+        with pytest.raises(ValueError, match="widening LoRAs"):
+            pipe.load_lora_weights(wide, adapter_name="wide")
+        assert all(t.get_submodule(n) is bases[n] for n in names)
+    pipe.load_lora_weights(lora, adapter_name="style")
+    assert all(t.get_submodule(n).base_layer is bases[n] for n in names)  # nothing re-quantized
+    with_lora = run_transformer(t)
+    assert (with_lora - before).abs().max() > 1e-2
+    pipe.set_adapters(["style"], adapter_weights=[0.5])
+    half = run_transformer(t)
+    assert (half - before).abs().max() > 1e-3 and (half - with_lora).abs().max() > 1e-3
+    if kind == "fake":
+        pipe.fuse_lora()
+        fused = run_transformer(t)
+        assert (fused - half).norm() < 0.5 * (before - half).norm()  # the delta quantized onto the layer's grid
+        pipe.unfuse_lora()
+        assert torch.equal(run_transformer(t), half)
+    else:
+        with pytest.raises(ValueError, match="converted"):
+            pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert all(t.get_submodule(n) is bases[n] for n in names)
+    assert torch.equal(run_transformer(t), before)

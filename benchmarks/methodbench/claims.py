@@ -142,6 +142,7 @@ def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict
         if p not in rows:
             continue
         act = rows[p].get("avg_abits")
+        over = "whole denoiser" if "weight_coverage" in rows[p].get("summary", {}) else "over its quantized layers"
         for other, name, short in ((f"qdiffusion-{bits}", "Q-Diffusion", "QD"), (f"rtn-{bits}", "RTN", "RTN")):
             c = cmp.compare(p, other, "fd_fp", -1)
             if c is None:
@@ -152,7 +153,7 @@ def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict
                 extra = f"; on the calibration prompts {a:.2f} vs {b:.2f}"
             claims["pcr"].append({"claim": f"{bits}: PCR beats {name} in FD to FP", "verdict": "holds" if c.get("clearly", c["better"]) else
                                   ("holds partly" if c["better"] else "does not hold"),
-                                  "text": _fmt_cmp(c, "PCR", short) + f" (PCR at {act:.2f} average activation bits){extra}",
+                                  "text": _fmt_cmp(c, "PCR", short) + f" (PCR at {act:.2f} average activation bits, {over}){extra}",
                                   "detail": c})
 
     # Issue 7 (EMF, seed 000)

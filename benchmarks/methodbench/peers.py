@@ -155,10 +155,11 @@ def markdown(name: str, table: dict) -> list[str]:
                    "attribute accuracy are exact; FD to FP from the evaluator features the methods run saved for those prompts, "
                    "coverage and bits from the row's summary (– where a row predates them); `quantize` is the "
                    "methods table's time. RTN rerun here against its stored row on the same prompts: " + (check or "no stored row") + "."),
-              "", ("Coverage and bits over the whole denoiser (`diffquant.evaluation.coverage`): quantized share of all parameter "
+              "", ("Coverage and bits over the whole denoiser (`diffquant.bits`, the one convention: `diffquant.average_bits` "
+                   "and `diffquant info` report the same): quantized share of all parameter "
                    "elements and of the MACs of one denoiser call whose two operands are both quantized (weight-only quantization "
-                   "counts 0 MACs); bits per parameter and per MAC with float parts at 32 (float32); the methods table above reports "
-                   "`diffquant.average_bits` instead (quantized layers, float layers at 16). `denoiser file` is what would "
+                   "counts 0 MACs); bits per parameter and per MAC with float parts at 32 (float32); rows of the methods table "
+                   "above marked ² were stored in the earlier convention (quantized layers, float layers at 16). `denoiser file` is what would "
                    "ship: diffquant's saved folder (int codes), OpenVINO's IR weights, a peer's state dict as safetensors. "
                    "`quantize` is wall time (quantization and calibration) on that machine, shared with other jobs: "
                    "compare it within one run only."), ""]

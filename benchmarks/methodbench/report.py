@@ -54,8 +54,22 @@ COLUMNS = [  # (key, header, format); key looked up in the row, then its summary
 ]
 
 
+def whole_denoiser_bits(row: dict) -> bool:
+    """Whether a row's average bits are ``diffquant.bits``' whole-denoiser convention: rows measured by the harness
+    since it computes coverage carry ``weight_coverage``; rows stored before carry the earlier ``average_bits``."""
+    return "weight_coverage" in row.get("summary", {})
+
+
+OLD_BITS_NOTE = ("² Stored before average bits had one convention: Linear/Conv2d weights only with float layers at 16 bits, "
+                 "activation bits the plain mean over activation quantizers (the earlier `diffquant.average_bits`); the other "
+                 "rows, like the peer table, use the whole-denoiser one (`diffquant.bits`: every parameter element, float ones "
+                 "at 32 bits in float32; activations MAC-weighted, float ones at 32). Rerun a row (`--redo`) for the latter.")
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key, row.get("summary", {}).get(key))
+    if key in ("avg_wbits", "avg_abits") and value is not None and not whole_denoiser_bits(row):
+        return fmt.format(value) + " ²"
     if key == "train_s":
         d = row.get("details", {})
         value = d.get("train", {}).get("seconds") or d.get("reconstruction_seconds")
@@ -116,6 +130,8 @@ def markdown(all_results: dict, analysis: str) -> str:
                 c = row.get("summary_calib") or {}
                 lines.append(f"| {row['label']} | " + " | ".join("–" if c.get(k) is None else f"{c[k]:.4g}" for k in ("psnr", "ssim", "fd_fp", "attr_all")) + " |")
             lines.append("")
+        if any(not whole_denoiser_bits(r) and r.get("avg_wbits") is not None for r in res["rows"]):
+            lines += [OLD_BITS_NOTE, ""]
         lines += [("`quantize` is the whole wall time of `diffquant.quantize` (Q-Diffusion: recording + ranges + reconstruction; PCR: progressive "
                    "calibration + sensitivity + relaxing; EMF: serial dataset + sensitivity + training); `of which training` is EMF's QAT or "
                    "Q-Diffusion's block reconstruction; peak RSS is above the level at the start of quantization. `step rel. MSE` is the "

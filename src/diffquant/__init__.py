@@ -33,7 +33,7 @@ _API: dict[str, str] = {
     "QuantSpec": "quant", "TimestepGroups": "quant",
     "load": "deployment",
     "save": "serialization",
-    "average_bits": "wrap", "get_denoiser": "wrap", "quant_record": "wrap",
+    "average_bits": "bits", "get_denoiser": "wrap", "quant_record": "wrap",
     "convert": "runtime",  # real integer inference, diffquant.runtime
 }
 
@@ -46,7 +46,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .quant import QuantSpec, TimestepGroups
     from .runtime import convert  # noqa: F401
     from .serialization import save
-    from .wrap import average_bits, get_denoiser, quant_record
+    from .bits import average_bits
+    from .wrap import get_denoiser, quant_record
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,9 @@ from safetensors import safe_open
 from .serialization import MANIFEST, QUANT_CONFIG, QUANT_WEIGHTS, read_denoiser_meta, verify
 
 
+OLD_CONVENTION = "quantized layers only, float layers at 16 bits (saved by an earlier diffquant)"
+
+
 def _denoiser_dir(folder: Path) -> Path:
     for sub in ("unet", "transformer", "."):
         if (folder / sub / QUANT_CONFIG).is_file():
@@ -47,6 +50,7 @@ def describe(folder: str | Path) -> dict:
     weight_file = (den / QUANT_WEIGHTS).stat().st_size
     fp16_bytes = 2 * (float_params + code_params)
     plan = meta["plan"]
+    saved = meta.get("average_bits") or {}
     summary = {
         "folder": str(folder),
         "class": meta["class"],
@@ -57,11 +61,15 @@ def describe(folder: str | Path) -> dict:
         "quantized_layers": len(layers),
         "float_layers": plan["float_layers"],
         "skip_splits": plan["skip_splits"],
-        # Written at save time by diffquant.average_bits (what `eval` reports); older folders: estimated from the file.
-        "average_weight_bits": meta.get("average_bits", {}).get(
+        # Written at save time by diffquant.average_bits (the whole-denoiser convention eval/bench use, diffquant.bits).
+        # Older folders carry, or are estimated in, the earlier one: quantized layers only, float layers at 16 bits.
+        "average_bits_convention": saved.get("convention", OLD_CONVENTION),
+        "average_weight_bits": saved.get(
             "weight_bits", (cfg["wbits"] * code_params + 16 * float_params) / max(code_params + float_params, 1)),
-        "average_activation_bits": meta.get("average_bits", {}).get(
+        "average_activation_bits": saved.get(
             "activation_bits", sum(act_bits) / len(act_bits) if act_bits else None),
+        "weight_coverage": saved.get("weight_coverage"),
+        "mac_coverage": saved.get("mac_coverage"),
         "denoiser_file_bytes": weight_file,
         "fp16_denoiser_bytes": fp16_bytes,
         "size_ratio_vs_fp16": weight_file / max(fp16_bytes, 1),
@@ -71,10 +79,13 @@ def describe(folder: str | Path) -> dict:
     lines = [
         f"{folder}: {summary['class']} ({summary['family']}), {summary['label']}",
         f"  quantized layers: {len(layers)}; kept float: {len(plan['float_layers'])}; timestep groups: {summary['timestep_groups']}",
-        f"  average bits: weights {summary['average_weight_bits']:.2f}"
+        f"  average bits ({summary['average_bits_convention']}): weights {summary['average_weight_bits']:.2f}"
         + (f", activations {summary['average_activation_bits']:.2f}" if summary["average_activation_bits"] else ", activations float"),
         f"  denoiser file: {weight_file / 1e6:.2f} MB ({summary['size_ratio_vs_fp16']:.2f}x of fp16 {fp16_bytes / 1e6:.2f} MB)",
     ]
+    if summary["weight_coverage"] is not None:
+        macs = f"{summary['mac_coverage']:.1%}" if summary["mac_coverage"] is not None else "n/a"
+        lines.append(f"  quantized share: {summary['weight_coverage']:.1%} of weights, {macs} of MACs")
     if plan["skip_splits"]:
         lines.append(f"  split-input layers: {len(plan['skip_splits'])}")
     for name, reason in sorted(plan["float_layers"].items()):

@@ -67,8 +67,44 @@ def _enable_after_import(peft: Any) -> None:
 
 
 def install() -> None:
-    """Run ``enable()`` when peft gets imported, or now if it already is (``import diffquant`` calls this)."""
+    """Run ``enable()`` when peft gets imported, or now if it already is (``import diffquant`` calls this); the same
+    for the Flux loader's widening check (``_converted_layers_kept_out``) when diffusers' LoRA loaders load."""
     after_import("peft", _enable_after_import)
+    after_import("diffusers.loaders.lora_pipeline", _converted_layers_kept_out)
+
+
+def _converted_layers_kept_out(lora_pipeline: Any) -> None:
+    """diffusers' Flux loader (``FluxLoraLoaderMixin._maybe_expand_lora_state_dict``) reads every target's float
+    weight from the state dict (``<layer>.weight``) to zero-pad LoRAs narrower than it (Control LoRAs); a converted
+    layer holds integer codes (``qweight``) instead, so that lookup fails. The targets that are converted layers are
+    checked here (the LoRA's input width must be the layer's: nothing is padded) and kept out of that step."""
+    mixin = getattr(lora_pipeline, "FluxLoraLoaderMixin", None)
+    original = getattr(mixin, "_maybe_expand_lora_state_dict", None)
+    if original is None or getattr(original, "_diffquant", False):
+        return
+
+    def expand(cls: Any, transformer: Any, lora_state_dict: dict) -> dict:
+        from .runtime import IntLayer
+
+        prefix, held = f"{cls.transformer_name}.", {}
+        for key in [k for k in lora_state_dict if k.startswith(prefix) and k.endswith(".lora_A.weight")]:
+            name = key[len(prefix):-len(".lora_A.weight")]
+            try:
+                layer = transformer.get_submodule(name)
+            except AttributeError:
+                continue
+            layer = getattr(layer, "base_layer", layer)  # a LoRA already loaded wraps it
+            if isinstance(layer, IntLayer):
+                if lora_state_dict[key].shape[1] != layer.weight_shape[1]:
+                    raise ValueError(f"{name}: the LoRA takes {lora_state_dict[key].shape[1]} inputs, the converted layer "
+                                     f"{layer.weight_shape[1]}; widening LoRAs (Control) need the float model")
+                held[key] = lora_state_dict.pop(key)
+        out = original.__func__(cls, transformer, lora_state_dict)
+        out.update(held)
+        return out
+
+    expand._diffquant = True
+    mixin._maybe_expand_lora_state_dict = classmethod(expand)
 
 
 @functools.cache

@@ -38,7 +38,8 @@ from .nn import QuantState, quantized_layers
 from .outputs import claim_output
 from .quant import TimestepGroups
 from .registry import CONVERTED, HF_QUANT_METHOD
-from .wrap import average_bits, get_denoiser, quant_record, set_submodule, wrap_denoiser
+from .bits import BITS_CONVENTION, average_bits
+from .wrap import get_denoiser, quant_record, set_submodule, wrap_denoiser
 
 FORMAT_VERSION = 1
 CONVERTED_FORMAT_VERSION = 2
@@ -105,8 +106,9 @@ def _save_denoiser(denoiser: nn.Module, folder: Path) -> None:
         "plan": record.plan(),
         "states": {name: m.state.value for name, m in layers.items()},
         "report": report,
-        # The one average-bits figure: `info` reads it from here, `eval` computes it with the same function.
-        "average_bits": {k: v if math.isfinite(v) else None for k, v in average_bits(denoiser).items()},
+        # The one average-bits convention (diffquant.bits): `info` reads it from here, eval/bench compute the same function.
+        "average_bits": {"convention": BITS_CONVENTION,
+                         **{k: v if math.isfinite(v) else None for k, v in average_bits(denoiser).items()}},
     })
     atomic_save_tensors(tensors, folder / QUANT_WEIGHTS, metadata={"format": "diffquant", "version": __version__})
     canonical_safetensors_header(folder / QUANT_WEIGHTS)

@@ -141,12 +141,8 @@ def wrap_denoiser(
     for name, module in adapter.layers().items():
         if name in reasons:
             continue
-        if isinstance(module, nn.Linear):
-            q = QuantLinear.from_float(module, weight_spec, act_spec, context, num_groups, calibrate_weights)
-        else:
-            q = QuantConv2d.from_float(
-                module, weight_spec, act_spec, context, num_groups, splits.get(name), calibrate_weights
-            )
+        cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
+        q = cls.from_float(module, weight_spec, act_spec, context, num_groups, splits.get(name), calibrate_weights)
         if q.input_quantizer is not None:
             q.input_quantizer.name = name
         set_submodule(denoiser, name, q)
@@ -172,21 +168,3 @@ def quant_record(denoiser: nn.Module) -> QuantRecord:
     if record is None:
         raise ValueError("this model is not quantized; run diffquant.quantize first")
     return record
-
-
-def average_bits(denoiser: nn.Module) -> dict[str, float]:
-    """Parameter-weighted mean weight bits (float layers count as 16) and step-mean activation bits."""
-    from .nn import QuantModule, quantized_layers
-
-    total = quantized = 0.0
-    for name, module in denoiser.named_modules():
-        if type(module) in (nn.Linear, nn.Conv2d) or (isinstance(module, QuantModule) and module.weight_quantizer is not None):
-            n = module.weight.numel()
-            bits = module.weight_quantizer.bits if isinstance(module, QuantModule) else 16
-            total += n
-            quantized += n * bits
-    act = [q.average_bits() for m in quantized_layers(denoiser).values() for q in m.activation_quantizers()]
-    return {
-        "weight_bits": quantized / max(total, 1.0),
-        "activation_bits": sum(act) / len(act) if act else float("nan"),
-    }

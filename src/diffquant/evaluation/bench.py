@@ -12,7 +12,7 @@ import re
 import time
 from typing import Any, Callable
 
-from .coverage import COVERAGE_KEYS
+from ..bits import COVERAGE_KEYS
 from .harness import EvalOptions, Evaluation
 from ..config import CalibrationConfig
 from ..sampling import SamplingSettings, default_settings, sample

@@ -16,7 +16,8 @@ import torch
 import diffquant
 
 from . import metrics as M
-from .coverage import coverage, layer_table, shipped_mib
+from ..bits import coverage
+from .coverage import layer_table, shipped_mib
 from .curves import layer_sensitivity, timestep_error
 from ..sampling import SamplingSettings, is_unconditional
 from ..wrap import get_denoiser

@@ -182,7 +182,7 @@ def _node_bits(node) -> float | None:
 
 
 def openvino_layer_bits(model) -> dict[str, tuple[float | None, float | None]]:
-    """``evaluation.coverage.layer_bits`` of an OpenVINO graph traced from a denoiser (``runtime.ovgraph``): each
+    """``diffquant.bits.layer_bits`` of an OpenVINO graph traced from a denoiser (``runtime.ovgraph``): each
     MatMul/Convolution and SDPA named by the torch module it came from, with its quantized operands' bits."""
     out: dict[str, tuple[float | None, float | None]] = {}
     for op in model.get_ops():

@@ -48,7 +48,8 @@ from ..learning import (
     record_features,
     save_sensitivity,
 )
-from ..wrap import average_bits, float_layer_reasons, wrap_denoiser
+from ..bits import average_bits
+from ..wrap import float_layer_reasons, wrap_denoiser
 from .base import Method, QuantJob
 
 PRESETS: dict[str, dict] = {

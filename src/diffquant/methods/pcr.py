@@ -44,7 +44,8 @@ from ..calibration.sensitivity import SENSITIVITY_METRICS, most_sensitive_steps,
 from ..nn import QuantState, set_state
 from ..quant import TimestepGroups
 from ..sampling import SamplingSettings, denoiser_calls, sample
-from ..wrap import average_bits, wrap_denoiser
+from ..bits import average_bits
+from ..wrap import wrap_denoiser
 from .base import Method, QuantJob
 
 

@@ -4,8 +4,9 @@ An adapter names what the methods need and nothing else: the reconstruction bloc
 fed by a skip concatenation (and the channel split), the time-dependent projections and how to run
 them alone (EMF's precalculation), the first and last layers, which attention processors to swap,
 where the timestep argument is and its range, and the pipeline arguments its sampling needs.
-Families beyond the UNet and the SD3 MMDiT live in their own modules (``flux.py``, ``pixart.py``: PixArt, SANA) and
-join ``ADAPTERS`` with ``register_adapter`` when ``diffquant.models`` is imported.
+This file holds the base class, the registry (``ADAPTERS``, ``register_adapter``, ``get_adapter``) and helpers the
+families share; each family lives in its own module (``unet.py``, ``sd3.py``, ``flux.py``, ``pixart.py``: PixArt and
+SANA, ``unet2d.py``) and joins ``ADAPTERS`` with ``@register_adapter`` when ``diffquant.models`` is imported.
 """
 
 from __future__ import annotations
@@ -146,126 +147,7 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class UNet2DConditionAdapter(DenoiserAdapter):
-    """UNet2DConditionModel: SD 1.x/2.x, and SDXL (``text_time`` added conditioning, deeper transformers)."""
-
-    family = "unet2d-condition"
-    model_class = "UNet2DConditionModel"
-    block_types = ("ResnetBlock2D", "BasicTransformerBlock", "Downsample2D", "Upsample2D")
-
-    def skip_splits(self) -> dict[str, list[int]]:
-        """Up-block ResNets see cat([deep, skip]); their 1x1 ``conv_shortcut`` reads the raw concatenation."""
-        m = self.model
-        if m.mid_block is not None:
-            prev = m.mid_block.resnets[-1].out_channels
-        else:
-            prev = m.down_blocks[-1].resnets[-1].out_channels
-        splits = {}
-        for i, block in enumerate(m.up_blocks):
-            for j, resnet in enumerate(block.resnets):
-                deep = prev if j == 0 else block.resnets[j - 1].out_channels
-                skip = resnet.in_channels - deep
-                if skip > 0 and resnet.conv_shortcut is not None:
-                    splits[f"up_blocks.{i}.resnets.{j}.conv_shortcut"] = [deep, skip]
-            prev = block.resnets[-1].out_channels
-        return splits
-
-    time_condition = ("added_cond_kwargs", "class_labels", "timestep_cond")
-
-    def time_layers(self) -> list[str]:
-        heads = ("time_embedding.", "add_embedding.", "class_embedding.")
-        return [n for n in self.layers() if n.startswith(heads) or n.endswith(".time_emb_proj")]
-
-    def time_path(self, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
-        unet = self.model
-        if unet.config.addition_embed_type not in (None, "text_time") or unet.class_embedding is not None:
-            raise ValueError("time precalculation supports UNets without class embeddings and with addition_embed_type None or 'text_time'")
-        param = next(unet.parameters())
-        proxy = torch.empty(t.shape[0], 1, device=param.device, dtype=param.dtype)
-        emb = unet.time_embedding(unet.get_time_embed(sample=proxy, timestep=t), cond.get("timestep_cond"))
-        added = {k.split(".", 1)[1]: v for k, v in cond.items() if k.startswith("added_cond_kwargs.")}
-        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=None, added_cond_kwargs=added)
-        emb = emb + aug if aug is not None else emb
-        if unet.time_embed_act is not None:
-            emb = unet.time_embed_act(emb)
-        for module in unet.modules():
-            if type(module).__name__ == "ResnetBlock2D" and module.time_emb_proj is not None:
-                module.time_emb_proj(emb if module.skip_time_act else module.nonlinearity(emb))
-
-    def io_layers(self) -> list[str]:
-        return [n for n in ("conv_in", "conv_out") if n in self.layers()]
-
-    @property
-    def input_names(self) -> tuple[str, ...]:  # type: ignore[override]
-        base = ("sample", "timestep", "encoder_hidden_states")
-        return base + ("text_embeds", "time_ids") if self.model.config.addition_embed_type == "text_time" else base
-
-    def example_inputs(self, batch: int = 2, size: int | None = None, seq_len: int = 77) -> dict[str, torch.Tensor]:
-        cfg, g = self.model.config, _gen()
-        size = size or cfg.sample_size
-        out = {"sample": torch.randn(batch, cfg.in_channels, size, size, generator=g),
-               "timestep": torch.full((batch,), 500.0),
-               "encoder_hidden_states": torch.randn(batch, seq_len, cfg.cross_attention_dim, generator=g)}
-        if cfg.addition_embed_type == "text_time":  # SDXL: pooled text + 6 size/crop ids, concatenated by add_embedding
-            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            out["text_embeds"] = torch.randn(batch, pooled, generator=g)
-            out["time_ids"] = torch.tensor([[8.0 * size, 8.0 * size, 0, 0, 8.0 * size, 8.0 * size]]).expand(batch, 6).contiguous()
-        return out
-
-    @classmethod
-    def flat_inputs(cls, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        named = dict(zip(("sample", "timestep", "encoder_hidden_states"), args))
-        named.update({k: kwargs[k] for k in ("sample", "timestep", "encoder_hidden_states") if k in kwargs})
-        out = {**named, "timestep": _batched_timestep(named["timestep"], named["sample"])}
-        out.update(kwargs.get("added_cond_kwargs") or {})
-        return out
-
-    def call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        added = {k: inputs[k] for k in ("text_embeds", "time_ids") if k in inputs} or None
-        return self.model(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                          added_cond_kwargs=added, return_dict=False)[0]
-
-
-class SD3TransformerAdapter(DenoiserAdapter):
-    """SD3Transformer2DModel (MMDiT): blocks are the joint transformer blocks; adaLN modulations are time layers."""
-
-    family = "sd3-transformer"
-    model_class = "SD3Transformer2DModel"
-    block_types = ("JointTransformerBlock",)
-    time_condition = ("pooled_projections",)
-
-    def time_layers(self) -> list[str]:
-        ada = {n for n, m in self.model.named_modules() if type(m).__name__ in ADA_NORMS}
-        return [n for n in self.layers() if n.startswith("time_text_embed.") or n.rsplit(".", 1)[0] in ada]
-
-    def time_path(self, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
-        run_ada_norms(self.model, self.model.time_text_embed(t, cond["pooled_projections"]))
-
-    def io_layers(self) -> list[str]:
-        return [n for n in ("pos_embed.proj", "proj_out") if n in self.layers()]
-
-    input_names = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
-
-    def example_inputs(self, batch: int = 2, size: int | None = None, seq_len: int = 77) -> dict[str, torch.Tensor]:
-        cfg, g = self.model.config, _gen()
-        size = size or cfg.sample_size
-        return {"hidden_states": torch.randn(batch, cfg.in_channels, size, size, generator=g),
-                "timestep": torch.full((batch,), 500.0),
-                "encoder_hidden_states": torch.randn(batch, seq_len, cfg.joint_attention_dim, generator=g),
-                "pooled_projections": torch.randn(batch, cfg.pooled_projection_dim, generator=g)}
-
-    @classmethod
-    def flat_inputs(cls, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        out = dict(zip(cls.input_names, args))
-        out.update({k: kwargs[k] for k in cls.input_names if k in kwargs})
-        out["timestep"] = _batched_timestep(out["timestep"], out["hidden_states"])
-        return out
-
-    def call(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**{k: inputs[k] for k in self.input_names}, return_dict=False)[0]
-
-
-ADAPTERS: list[type[DenoiserAdapter]] = [UNet2DConditionAdapter, SD3TransformerAdapter]
+ADAPTERS: list[type[DenoiserAdapter]] = []  # filled by @register_adapter as diffquant.models imports each family
 
 
 def register_adapter(cls: type[DenoiserAdapter]) -> type[DenoiserAdapter]:

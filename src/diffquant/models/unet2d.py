@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .adapters import UNet2DConditionAdapter, _batched_timestep, _gen, register_adapter
+from .adapters import _batched_timestep, _gen, register_adapter
+from .unet import UNet2DConditionAdapter
 
 
 @register_adapter

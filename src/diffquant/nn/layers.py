@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -13,90 +14,86 @@ from .base import QuantModule
 from .smoothing import unsmooth_weight
 
 
-class QuantLinear(nn.Linear, QuantModule):
-    """``nn.Linear`` with a weight quantizer and a static, timestep-indexed input quantizer."""
+class _QuantLayer(QuantModule):
+    """Shared part of ``QuantLinear`` / ``QuantConv2d``: built from the float layer on the meta device reusing its
+    parameters, and back (``to_float``). A subclass names its float type, input-channel axis and geometry."""
 
     is_layer = True
+    float_type: ClassVar[type[nn.Module]]
+    channel_axis: ClassVar[int]
+
+    @staticmethod
+    def geometry(module: nn.Module) -> tuple[tuple, dict[str, Any]]:
+        """Constructor arguments of a parameterless layer shaped like ``module`` (``bias`` included)."""
+        raise NotImplementedError
 
     @classmethod
     def from_float(
         cls,
-        module: nn.Linear,
-        weight_spec: QuantSpec,
-        act_spec: QuantSpec | None,
-        context: TimestepContext | None,
-        num_groups: int = 1,
-        calibrate_weights: bool = True,
-    ) -> QuantLinear:
-        q = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        q.weight, q.bias = module.weight, module.bias
-        q._init_quant()
-        q.weight_quantizer = WeightQuantizer(weight_spec, module.weight.shape).to(module.weight.device)
-        q.input_quantizer = (
-            ActivationQuantizer(act_spec, context, num_groups, channel_axis=-1, channels=module.in_features).to(module.weight.device)
-            if act_spec else None
-        )
-        if calibrate_weights:
-            q.weight_quantizer.calibrate(module.weight)
-        return q
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
-
-    def to_float(self) -> nn.Linear:
-        """The plain float layer over the same parameters (the layer leaves quantization; smoothing is undone)."""
-        unsmooth_weight(self)
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        layer.weight, layer.bias = self.weight, self.bias
-        return layer
-
-
-class QuantConv2d(nn.Conv2d, QuantModule):
-    """``nn.Conv2d`` with quantized weight and input; ``input_splits`` quantizes a concatenated
-    input in parts (activation scales and the matching input-channel slices of the weight)."""
-
-    is_layer = True
-
-    @classmethod
-    def from_float(
-        cls,
-        module: nn.Conv2d,
+        module: nn.Module,
         weight_spec: QuantSpec,
         act_spec: QuantSpec | None,
         context: TimestepContext | None,
         num_groups: int = 1,
         input_splits: list[int] | None = None,
         calibrate_weights: bool = True,
-    ) -> QuantConv2d:
-        q = cls(
-            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride, padding=module.padding,
-            dilation=module.dilation, groups=module.groups, bias=module.bias is not None, padding_mode=module.padding_mode,
-            device="meta",
-        )
+    ) -> _QuantLayer:
+        """Wrap ``module`` (its own parameters, no copy). ``input_splits`` quantizes a concatenated input in parts
+        (activation scales and the matching input-channel slices of the weight)."""
+        grouped = getattr(module, "groups", 1) != 1
+        if input_splits and grouped:
+            raise ValueError("split-input quantization needs an ungrouped convolution")
+        args, kwargs = cls.geometry(module)
+        q = cls(*args, **kwargs, device="meta")
         q.weight, q.bias = module.weight, module.bias
         q._init_quant()
-        if input_splits and module.groups != 1:
-            raise ValueError("split-input quantization needs an ungrouped convolution")
-        q.weight_quantizer = WeightQuantizer(weight_spec, module.weight.shape, input_splits=input_splits).to(module.weight.device)
-        if act_spec is not None and act_spec.granularity == "per_channel_smooth" and module.groups != 1:
+        device = module.weight.device
+        q.weight_quantizer = WeightQuantizer(weight_spec, module.weight.shape, input_splits=input_splits).to(device)
+        if act_spec is not None and act_spec.granularity == "per_channel_smooth" and grouped:
             act_spec = dataclasses.replace(act_spec, granularity="per_tensor")  # a grouped weight has no column per input channel
         q.input_quantizer = (
-            ActivationQuantizer(act_spec, context, num_groups, channel_splits=input_splits, channel_axis=1,
-                                channels=module.in_channels).to(module.weight.device)
+            ActivationQuantizer(act_spec, context, num_groups, channel_splits=input_splits, channel_axis=cls.channel_axis,
+                                channels=args[0]).to(device)
             if act_spec else None
         )
         if calibrate_weights:
             q.weight_quantizer.calibrate(module.weight)
         return q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
-
-    def to_float(self) -> nn.Conv2d:
+    def to_float(self) -> nn.Module:
         """The plain float layer over the same parameters (the layer leaves quantization; smoothing is undone)."""
         unsmooth_weight(self)
-        layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-                          dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
-                          padding_mode=self.padding_mode, device="meta")
+        args, kwargs = self.geometry(self)
+        layer = self.float_type(*args, **kwargs, device="meta")
         layer.weight, layer.bias = self.weight, self.bias
         return layer
+
+
+class QuantLinear(nn.Linear, _QuantLayer):
+    """``nn.Linear`` with a weight quantizer and a static, timestep-indexed input quantizer."""
+
+    float_type = nn.Linear
+    channel_axis = -1
+
+    @staticmethod
+    def geometry(module: nn.Linear) -> tuple[tuple, dict[str, Any]]:
+        return (module.in_features, module.out_features), {"bias": module.bias is not None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
+
+
+class QuantConv2d(nn.Conv2d, _QuantLayer):
+    """``nn.Conv2d`` with quantized weight and input; ``input_splits`` quantizes a concatenated input in parts."""
+
+    float_type = nn.Conv2d
+    channel_axis = 1
+
+    @staticmethod
+    def geometry(module: nn.Conv2d) -> tuple[tuple, dict[str, Any]]:
+        return (module.in_channels, module.out_channels, module.kernel_size), dict(
+            stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups,
+            bias=module.bias is not None, padding_mode=module.padding_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))

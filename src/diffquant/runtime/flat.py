@@ -1,6 +1,6 @@
 """A denoiser call as a flat list of named tensors: what exporters trace and deployed engines are fed.
 
-The names, example tensors and the call itself come from the family's adapter (``models/adapters.py``),
+The names, example tensors and the call itself come from the family's adapter (``models/<family>.py``),
 so every family an adapter knows exports without family checks here.
 """
 
