@@ -6,7 +6,7 @@ prompts; diffquant RTN is quantized again in the same run, so the table has fres
 column. The methods table's stored rows (Q-Diffusion, PCR, EMF) join from their per-image results on the same
 prompts (PSNR, SSIM, attribute accuracy: exact, the images are the same), their Fréchet distance from the
 evaluator features the methods run saves per row, their coverage and bits from the row's summary. Every row's coverage,
-average bits and file size come from ``diffquant.evaluation.coverage`` (the harness), one computation for all.
+average bits and file size come from ``diffquant.bits`` through the harness, one computation for all.
 The result is the model's ``peers`` entry in methods.json, kept when the methods rows are rerun.
 """
 
