@@ -170,3 +170,12 @@ def test_config_refuses_a_negative_rank():
     with pytest.raises(ValueError, match="lowrank_rank must be >= 0"):
         QuantConfig(lowrank_rank=-1)
     assert QuantConfig(lowrank_rank=16, wbits=4).label == "rtn-w4a8-r16"
+
+
+def test_bench_refuses_a_bad_rank_list():
+    from diffquant.evaluation.bench import parse_ranks
+
+    assert parse_ranks("0, 8,16") == [0, 8, 16]
+    for bad in ("8,x", "-1", ""):
+        with pytest.raises(ValueError, match="bad --lowrank-rank"):
+            parse_ranks(bad)
