@@ -10,8 +10,8 @@ from torch import nn
 
 import diffquant
 from diffquant import QuantConfig
-from diffquant.evaluation.coverage import layer_bits
-from diffquant.nn import QuantLinear, quantized_layers, set_state, unwrap_layer
+from diffquant.bits import layer_bits
+from diffquant.nn import QuantLinear, quantized_layers, unwrap_layer
 from diffquant.nn.lowrank import attach_branch, branch_bits
 from diffquant.quant import QuantSpec
 from diffquant.runtime import IntConv2d, IntLinear, convert
