@@ -17,33 +17,13 @@ from diffquant.quant import QuantSpec
 from diffquant.runtime import IntConv2d, IntLinear, convert
 from diffquant.wrap import get_denoiser
 
-from tinyutil import PROMPTS, calibration_config, sample_latents
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def unet_inputs(seed: int = 0, batch: int = 2) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return dict(sample=torch.randn(batch, 4, 16, 16, generator=g), timestep=torch.tensor(500.0),
-                encoder_hidden_states=torch.randn(batch, 16, 32, generator=g), return_dict=False)
-
-
-_CACHE: dict = {}
+from tinyutil import calibration_config, quantized_copy, rel_err, sample_latents, unet_inputs
 
 
 def quantized(tiny_pipes, family: str = "sd", **cfg):
-    """A copy of a tiny pipeline quantized with RTN under ``cfg`` (each configuration once per run)."""
-    key = (family, repr(sorted(cfg.items())))
-    if key not in _CACHE:
-        pipe = copy.deepcopy(tiny_pipes[family])
-        settings = dict(wbits=4, abits=8, lowrank_rank=4, act_group_size=16,
-                        calibration=calibration_config(num_prompts=2, num_inference_steps=3))
-        settings.update(cfg)
-        diffquant.quantize(pipe, QuantConfig(**settings), calibration=PROMPTS[:2], progress=False)
-        _CACHE[key] = pipe
-    return copy.deepcopy(_CACHE[key])
+    """A copy of a tiny pipeline quantized with RTN (W4A8, a rank-4 branch by default) under ``cfg`` (each configuration once per run)."""
+    return quantized_copy(tiny_pipes, family, dict(wbits=4, abits=8, lowrank_rank=4, act_group_size=16,
+                                                       calibration=calibration_config(num_prompts=2, num_inference_steps=3)), **cfg)
 
 
 def outlier_layer(seed: int = 0) -> tuple[nn.Linear, torch.Tensor]:
