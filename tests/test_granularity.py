@@ -17,34 +17,14 @@ from diffquant.runtime.onnx import export_onnx
 from diffquant.runtime.ovgraph import quantized_models
 from diffquant.wrap import wrap_denoiser
 
-from tinyutil import PROMPTS, calibration_config, sample_latents
+from tinyutil import PROMPTS, calibration_config, quantized_copy, rel_err, sample_latents, unet_inputs
 
 GRANULARITIES = ("per_tensor", "per_channel_smooth", "per_token", "per_group")
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def unet_inputs(seed: int = 0, batch: int = 2) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return dict(sample=torch.randn(batch, 4, 16, 16, generator=g), timestep=torch.tensor(500.0),
-                encoder_hidden_states=torch.randn(batch, 16, 32, generator=g), return_dict=False)
-
-
-_CACHE: dict = {}
-
-
 def quantized(tiny_pipes, family: str = "sd", **cfg):
-    """A copy of a tiny pipeline quantized with RTN under ``cfg`` (each configuration quantized once per run)."""
-    key = (family, tuple(sorted(cfg.items())))
-    if key not in _CACHE:
-        pipe = copy.deepcopy(tiny_pipes[family])
-        settings = dict(wbits=8, abits=8, act_group_size=16, calibration=calibration_config(num_prompts=2, num_inference_steps=3))
-        settings.update(cfg)
-        diffquant.quantize(pipe, QuantConfig(**settings), calibration=PROMPTS[:2], progress=False)
-        _CACHE[key] = pipe
-    return copy.deepcopy(_CACHE[key])
+    """A copy of a tiny pipeline quantized with RTN under ``cfg`` (each configuration once per run)."""
+    return quantized_copy(tiny_pipes, family, dict(wbits=8, abits=8, act_group_size=16, calibration=calibration_config(num_prompts=2, num_inference_steps=3)), **cfg)
 
 
 def test_config_validates_granularities_and_labels_them():

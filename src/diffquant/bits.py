@@ -8,9 +8,10 @@ every eval/bench row (``evaluation.harness``) compute the same function, :func:`
 - ``mac_coverage``: the share of its multiply-accumulates (Linear, Conv2d and the attention matmuls QK^T and PV)
   whose two operands are both quantized (weight and input activation; for attention, the activations on both
   sides). Weight-only quantization dequantizes before a float matmul: 0 here;
-- ``avg_wbits``: bits per parameter element, quantized weights at their code width (scales, zero points and
-  low-rank branches not counted: the file size shows them), every float element at the bits of the dtype it runs
-  in (32 for float32, 16 for float16/bfloat16);
+- ``avg_wbits``: bits per parameter element, quantized weights at their code width plus diffquant's low-rank float
+  branch (``QuantConfig.lowrank_rank``) at 16 bits per branch parameter, spread over its layer's weight (scales,
+  zero points and a peer's branches, e.g. SDNQ's SVD, not counted: the file size shows them), every float element
+  at the bits of the dtype it runs in (32 for float32, 16 for float16/bfloat16);
 - ``avg_abits``: bits of the input activation per MAC (MAC-weighted), float inputs at their dtype's bits; an
   attention matmul counts the mean of its quantized operands' bits (so PCR's relaxed steps, averaged over the
   timestep groups, and EMF's float layers show up).
@@ -35,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from .models.adapters import get_adapter
 from .nn import QuantModule, QuantState, quantized_layers
+from .nn.lowrank import LowRankBranch, branch_bits
 from .quant import ActivationQuantizer, WeightQuantizer
 
 Bits = tuple[float | None, float | None]  # (weight bits, input activation bits); None = float
@@ -73,7 +75,8 @@ def _weight_shape(module: nn.Module) -> tuple[int, ...] | None:
 def _model_parameters(denoiser: nn.Module):
     """(module name, module, its own parameters) of every module outside diffquant's quantizers (their scales are
     quantization parameters, not the model's)."""
-    inside = {id(m) for q in denoiser.modules() if isinstance(q, (WeightQuantizer, ActivationQuantizer)) for m in q.modules()}
+    inside = {id(m) for q in denoiser.modules() if isinstance(q, (WeightQuantizer, ActivationQuantizer, LowRankBranch))
+              for m in q.modules()}  # a low-rank branch counts in its layer's weight bits (layer_bits)
     for name, module in denoiser.named_modules():
         if id(module) not in inside:
             yield name, module, dict(module.named_parameters(recurse=False))
@@ -213,7 +216,7 @@ def layer_bits(denoiser: nn.Module) -> dict[str, Bits]:
             wq = getattr(m, "weight_quantizer", None)
             abits = sum(acts) / len(acts) if acts else None
             if m.is_layer:
-                out[name] = (float(wq.bits) if wq is not None else None, abits)
+                out[name] = (float(wq.bits) + branch_bits(m) if wq is not None else None, abits)
             else:  # an attention processor quantizes both matmuls' operands (q, k, v, softmax output)
                 attention = name.rsplit(".", 1)[0]
                 out[f"{attention}:qk"] = out[f"{attention}:pv"] = (None, abits)

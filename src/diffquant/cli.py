@@ -63,6 +63,10 @@ def quantize(
     keep_float: list[str] = field_option(QuantConfig, "keep_float", help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
     layers: str = field_option(QuantConfig, "layers", help="What to quantize: all, linear, conv, attention or name patterns, "
                                "comma separated (e.g. 'linear': torchao's coverage); the rest stays float."),
+    lowrank_rank: int = field_option(QuantConfig, "lowrank_rank", min=0, help="Rank of a 16-bit float low-rank branch beside "
+                                     "each quantized layer (SVDQuant; 0: none); it counts in the average weight bits."),
+    lowrank_layers: list[str] = field_option(QuantConfig, "lowrank_layers", help="Layer-name pattern given the branch "
+                                             "(repeatable; default: every quantized layer)."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),
     preset: Optional[str] = typer.Option(None, help="Method preset, e.g. 'paper' (Q-Diffusion's paper-sized calibration)."),
     config: Optional[Path] = typer.Option(None, help="A QuantConfig JSON file; other flags are ignored when given."),
@@ -98,7 +102,8 @@ def quantize(
                 method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
                 weight_observer=weight_observer, act_observer=act_observer, act_granularity=act_granularity,
                 act_group_size=act_group_size, timestep_groups=timestep_groups,
-                keep_float=keep_float, layers=layers, seed=seed, max_memory=max_memory,
+                keep_float=keep_float, layers=layers, seed=seed, max_memory=max_memory, lowrank_rank=lowrank_rank,
+                lowrank_layers=lowrank_layers,
                 options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},
                 calibration=CalibrationConfig(num_prompts=num_prompts, num_inference_steps=steps, guidance_scale=guidance,
                                               batch_size=batch_size, seed=seed),

@@ -88,6 +88,9 @@ class QuantConfig:
     ``attention`` (the Linear layers inside attention modules and their matmuls) or fnmatch patterns of layer and
     attention-module names; the union is quantized, everything else stays float with the reason "outside
     --layers" (``linear`` is torchao's coverage: no convolutions, no attention matmuls).
+    ``lowrank_rank`` > 0 gives every quantized Linear/Conv2d (or those matching a ``lowrank_layers`` fnmatch pattern)
+    SVDQuant's rank-r float branch beside its quantized residual (``diffquant.nn.lowrank``), set at wrap time so every
+    method calibrates the residual; its parameters count at 16 bits in the average weight bits.
     """
 
     method: str = "rtn"
@@ -110,6 +113,8 @@ class QuantConfig:
     float_io_layers: bool = False
     keep_float: list[str] = field(default_factory=list)
     layers: str = "all"
+    lowrank_rank: int = 0
+    lowrank_layers: list[str] = field(default_factory=list)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
@@ -123,6 +128,9 @@ class QuantConfig:
         if self.version > CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is newer than this diffquant ({CONFIG_VERSION}); upgrade diffquant")
         self.keep_float = list(self.keep_float)
+        self.lowrank_layers = list(self.lowrank_layers)
+        if self.lowrank_rank < 0:
+            raise ValueError(f"lowrank_rank must be >= 0 (0: no low-rank branch), got {self.lowrank_rank}")
         if not self.layer_selection:
             raise ValueError("layers is empty; pass --layers all, linear, conv, attention or name patterns (comma separated)")
         if self.timestep_groups < 1:
@@ -146,7 +154,8 @@ class QuantConfig:
     @property
     def label(self) -> str:
         granularity = "" if self.abits is None or self.act_granularity == "per_tensor" else f"-{self.act_granularity}"
-        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}{granularity}"
+        rank = f"-r{self.lowrank_rank}" if self.lowrank_rank else ""
+        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}{granularity}{rank}"
 
     @property
     def layer_selection(self) -> list[str]:

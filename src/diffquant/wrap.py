@@ -13,6 +13,7 @@ from torch import nn
 from .config import QuantConfig
 from .models.adapters import DenoiserAdapter, get_adapter, get_denoiser, matches_any  # noqa: F401  (get_denoiser re-exported)
 from .nn import PROCESSORS, QuantConv2d, QuantLinear
+from .nn.lowrank import attach_branch
 from .quant import TimestepContext, TimestepGroups
 
 
@@ -145,6 +146,8 @@ def wrap_denoiser(
         q = cls.from_float(module, weight_spec, act_spec, context, num_groups, splits.get(name), calibrate_weights)
         if q.input_quantizer is not None:
             q.input_quantizer.name = name
+        if config.lowrank_rank and (not config.lowrank_layers or matches_any(name, config.lowrank_layers)):
+            attach_branch(q, config.lowrank_rank, split=calibrate_weights)
         set_submodule(denoiser, name, q)
     if config.quantize_attention and act_spec is not None:
         for name, kind in adapter.attention_modules().items():

@@ -32,6 +32,17 @@ def parse_bits(spec: str) -> list[tuple[int, int]]:
     return out
 
 
+def parse_ranks(spec: str) -> list[int]:
+    """'0,8,16' -> [0, 8, 16] (low-rank branch ranks)."""
+    try:
+        ranks = [int(p) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        ranks = [-1]
+    if not ranks or min(ranks) < 0:
+        raise ValueError(f"bad --lowrank-rank {spec!r}: write ranks >= 0 separated by commas, e.g. 0,8,16")
+    return ranks
+
+
 def _sampler(pipe, settings: SamplingSettings, batch_size: int):
     def run(prompts: list[str]) -> None:
         for i in range(0, len(prompts), batch_size):
@@ -55,13 +66,16 @@ def quantize_copy(fp_pipe, cfg, calibration: list[str], **kwargs):
 def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: SamplingSettings, options: EvalOptions,
               methods: list[str], bits: list[tuple[int, int]], peers: list[str], calibration: list[str],
               prompts_spec: str = "", deploy: Callable[[Any], Any] | None = None, deploy_label: str = "openvino",
-              granularities: list[str] | tuple[str, ...] = ("per_tensor",)) -> Evaluation:
+              granularities: list[str] | tuple[str, ...] = ("per_tensor",), ranks: list[int] | tuple[int, ...] = (0,),
+              config: dict[str, Any] | None = None, method_options: dict[str, dict[str, Any]] | None = None) -> Evaluation:
     """Quantize copies of ``fp_pipe`` with every (method, bits, activation granularity) and peer, score each on the
     pairs, return the evaluation.
 
     ``deploy`` (a quantized pipeline -> the same model on an engine, e.g. OpenVINO) adds a row
     ``<label>-<deploy_label>`` after each method's fake-quant row, scored against FP like every row and
     against the fake-quant images (``psnr_to_fake_quant``): does the deployed form keep the calibrated model?
+    ``ranks``: low-rank branch ranks (``QuantConfig.lowrank_rank``, 0: none), one row each; ``config``: further
+    ``QuantConfig`` fields of every row (e.g. ``timestep_groups``); ``method_options``: method name -> its options.
     """
     from diffquant import QuantConfig
 
@@ -72,8 +86,9 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     own = settings.replace(extras={k: v for k, v in settings.extras.items() if implied.get(k, object()) != v})
     calib_cfg = CalibrationConfig.from_sampling(own, num_prompts=len(calibration), batch_size=options.batch_size)
     for method in methods:
-        for (wbits, abits), granularity in ((b, g) for b in bits for g in granularities):
-            cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, calibration=calib_cfg)
+        for (wbits, abits), granularity, rank in ((b, g, r) for b in bits for g in granularities for r in ranks):
+            cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, lowrank_rank=rank,
+                              calibration=calib_cfg, options=(method_options or {}).get(method, {}), **(config or {}))
             pipe, seconds, mib = quantize_copy(fp_pipe, cfg, calibration)
             row = ev.add(cfg.label, pipe, spec=f"diffquant {cfg.label}", extra={"calibration_s": seconds, "peak_memory_mib": mib})
             if deploy is not None:

@@ -16,7 +16,7 @@ from ..cli_common import GUIDANCE as _GUIDANCE
 from ..cli_common import HEIGHT as _HEIGHT
 from ..cli_common import STEPS as _STEPS
 from ..cli_common import WIDTH as _WIDTH
-from ..cli_common import check_device, check_positive, check_writable, field_option, run_writing
+from ..cli_common import check_device, check_positive, check_writable, field_option, parse_method_options, run_writing
 from ..console import quiet_libraries
 from .options import EvalOptions, parse_metrics
 
@@ -128,6 +128,10 @@ def bench_command(
     bits: str = typer.Option("w8a8", "--bits", help="Comma list of bit widths, e.g. w8a8,w4a8."),
     act_granularity: str = typer.Option("per_tensor", "--act-granularity",
                                         help="Comma list of activation granularities: per_tensor, per_channel_smooth, per_token, per_group."),
+    lowrank_rank: str = typer.Option("0", "--lowrank-rank", help="Comma list of low-rank float branch ranks (0: none), "
+                                     "one row each, e.g. 0,8,16."),
+    timestep_groups: int = typer.Option(1, "--timestep-groups", min=1, help="Activation parameter sets over the timestep range."),
+    option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable), for every method in --methods."),
     peers: str = typer.Option("all", "--peers", help="Comma list of torchao-w8a8,torchao-w4,quanto-w8a8,quanto-w4,nncf-int8,openvino-fp32,openvino-bf16, 'all' or 'none'."),
     calib_prompts: str = typer.Option("zoo:calibration:16", "--calib-prompts", help="Calibration prompts (same forms as --prompts)."),
     prompts: Optional[str] = _PROMPTS, seeds: Optional[str] = _SEEDS, steps: Optional[int] = _STEPS, guidance: Optional[float] = _GUIDANCE,
@@ -148,7 +152,7 @@ def bench_command(
         from ..distributed import launch_state
         from ..registry import engine
         from ..sampling import is_unconditional
-        from .bench import parse_bits, run_bench
+        from .bench import parse_bits, parse_ranks, run_bench
         from .loading import load_model, resolve_settings
         from .peers import parse_peers
         from .prompts import DEFAULT_PROMPTS, load_prompts, parse_seeds
@@ -164,6 +168,8 @@ def bench_command(
                            sensitivity_max_layers)
         method_list = [] if methods.strip() == "none" else [m.strip() for m in methods.split(",") if m.strip()]
         bit_list = parse_bits(bits)
+        ranks = parse_ranks(lowrank_rank)
+        method_options = {m: parse_method_options(m, option) for m in method_list}
         peer_list = parse_peers(peers)
         items = load_prompts(prompts or DEFAULT_PROMPTS, parse_seeds(seeds))
         calibration = [it.prompt for it in load_prompts(calib_prompts)]
@@ -176,7 +182,8 @@ def bench_command(
         with resume_log() as reused:
             ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration,
                            prompts_spec=prompts or DEFAULT_PROMPTS, deploy=deploy, deploy_label=backend or "",
-                           granularities=[g.strip() for g in act_granularity.split(",") if g.strip()])
+                           granularities=[g.strip() for g in act_granularity.split(",") if g.strip()], ranks=ranks,
+                           config={"timestep_groups": timestep_groups}, method_options=method_options)
         _write(ev, output, reused, f"diffquant bench: {model}")
 
     run_writing(out, overwrite, body)

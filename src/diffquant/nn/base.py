@@ -27,6 +27,7 @@ class QuantModule(nn.Module):
         self.state = QuantState.WRAPPED
         self.weight_quant_enabled = True
         self.act_quant_enabled = True
+        self.lowrank = None  # a LowRankBranch (nn.lowrank) when QuantConfig.lowrank_rank gives this layer one
 
     def activation_quantizers(self) -> list[ActivationQuantizer]:
         return [m for m in self.children() if isinstance(m, ActivationQuantizer)]
@@ -115,6 +116,10 @@ class QuantModule(nn.Module):
         if q.mode == "observe" or self.act_quant_enabled:
             return q(x)
         return x
+
+    def _add_branch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus the low-rank float branch on the layer's unquantized, unsmoothed input ``x`` (if it has one)."""
+        return y if self.lowrank is None else y + self.lowrank(x).to(y.dtype)
 
     # -- saving: each module says how it is stored, so serialization needs no module classes ----
     def saved_weight_codes(self) -> torch.Tensor | None:

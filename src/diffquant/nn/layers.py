@@ -11,6 +11,7 @@ from torch import nn
 
 from ..quant import ActivationQuantizer, QuantSpec, TimestepContext, WeightQuantizer
 from .base import QuantModule
+from .lowrank import merge_branch
 from .smoothing import unsmooth_weight
 
 
@@ -63,6 +64,7 @@ class _QuantLayer(QuantModule):
     def to_float(self) -> nn.Module:
         """The plain float layer over the same parameters (the layer leaves quantization; smoothing is undone)."""
         unsmooth_weight(self)
+        merge_branch(self)
         args, kwargs = self.geometry(self)
         layer = self.float_type(*args, **kwargs, device="meta")
         layer.weight, layer.bias = self.weight, self.bias
@@ -80,7 +82,8 @@ class QuantLinear(nn.Linear, _QuantLayer):
         return (module.in_features, module.out_features), {"bias": module.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
+        y = F.linear(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
+        return self._add_branch(x, y)
 
 
 class QuantConv2d(nn.Conv2d, _QuantLayer):
@@ -96,4 +99,5 @@ class QuantConv2d(nn.Conv2d, _QuantLayer):
             bias=module.bias is not None, padding_mode=module.padding_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
+        y = self._conv_forward(self._quantize_activation(self.input_quantizer, x), self._weight(x.dtype), self._bias(x.dtype))
+        return self._add_branch(x, y)

@@ -124,6 +124,7 @@ class IntLayer(QuantModule):
         self.input_quantizer = source.input_quantizer
         self.input_quantizer.mode = "quantize"
         self.bias = source.bias
+        self.lowrank = source.lowrank  # the float branch runs beside the integer GEMM, on the unquantized input
         self.backend = backend
         if codes is None:
             codes = source.weight_quantizer.integer_codes(source.weight).to(torch.int8)
@@ -256,6 +257,9 @@ class IntLayer(QuantModule):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._add_branch(x, self._integer_forward(x))
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         iq = self.input_quantizer
         x = iq.smooth_input(x)  # the weight codes hold the smoothing factors (per_channel_smooth)
         group = 0 if iq.context is None or iq.num_groups == 1 else iq.context.group

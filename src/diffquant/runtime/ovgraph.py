@@ -165,8 +165,8 @@ def _int_layer_forward(layer: IntLayer, st: _State):
     bias = None if layer.bias is None else layer.bias.detach().float().clone()
     whole = (0, layer.weight_shape[1])
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        x, out = iq.smooth_input(x), None  # smoothing factors (per_channel_smooth): a constant division
+    def forward(x_in: torch.Tensor) -> torch.Tensor:
+        x, out = iq.smooth_input(x_in), None  # smoothing factors (per_channel_smooth): a constant division
         for s, (a, b) in enumerate(segments):
             scale0, zp0, qmax = grids[s]
             xs = x.float() if (a, b) == whole else layer.channels(x.float(), a, b)
@@ -194,7 +194,7 @@ def _int_layer_forward(layer: IntLayer, st: _State):
                 out = y if out is None else out + y
         if bias is not None:
             out = out + (bias.reshape(-1, 1, 1) if isinstance(layer, IntConv2d) else bias)
-        return out.to(x.dtype)
+        return layer._add_branch(x_in, out.to(x.dtype))  # a low-rank branch: float ops on the unquantized input
 
     return forward
 
