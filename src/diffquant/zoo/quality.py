@@ -1,4 +1,5 @@
-"""The quality floor: generate the held-out captions with fixed seeds and score them with the evaluator."""
+"""The quality floor: generate the held-out captions (an unconditional model: seeds alone) with fixed seeds and score
+them with the evaluator."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from tqdm.auto import tqdm
 
 from ..sampling import SamplingSettings, default_settings, sample
 from . import DEFAULTS, MODEL_NAMES, data
-from .evaluator import ATTRIBUTES, Evaluator, evaluate_evaluator, load_evaluator
+from .evaluator import ATTRIBUTES, CONFIDENCE, Evaluator, evaluate_evaluator, load_evaluator
 
-FLOOR = {"evaluator": 0.95, "model": 0.80}  # evaluator: every attribute on real data; models: shape and colour
+# evaluator: every attribute on real data; text models: shape and colour; unconditional: valid scenes
+FLOOR = {"evaluator": 0.95, "model": 0.80, "unconditional": 0.90}
+UNCONDITIONAL = ("mini-ddim",)
+REAL_SEED = 12345  # the real scenes generated samples are compared with (a stream no model trains on)
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSettings, batch_size: int = 64) -> torch.Tensor:
@@ -35,6 +39,8 @@ def evaluate_model(name: str, pipe=None, n: int = 256, evaluator: Evaluator | No
         raise ValueError(f"unknown mini-zoo model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     pipe = pipe if pipe is not None else load_pipeline(name)
     ev = evaluator or load_evaluator()
+    if name in UNCONDITIONAL:
+        return evaluate_unconditional(name, pipe, n, ev, batch_size, save_grid, **overrides)
     settings = {**DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None}}
     sampling = default_settings(pipe, settings)
     prompts = data.heldout_prompts(n)
@@ -51,6 +57,35 @@ def evaluate_model(name: str, pipe=None, n: int = 256, evaluator: Evaluator | No
     return {"model": name, "n": n, "settings": settings, "heldout": acc, "train_captions": acc_train,
             "vae_round_trip": recon,
             "generation_s": wall, "floor": {"shape_and_colour": FLOOR["model"]}, "passed": passed}
+
+
+def real_scenes(n: int, seed: int = REAL_SEED) -> torch.Tensor:
+    """``n`` real training-distribution scenes [n, 3, 32, 32] in [0, 1], a stream of their own (``seed``)."""
+    return torch.from_numpy(data.make_batch(seed, 0, n, split="train")[0])
+
+
+def evaluate_unconditional(name: str, pipe, n: int = 256, evaluator: Evaluator | None = None, batch_size: int = 64,
+                           save_grid: Path | None = None, **overrides) -> dict:
+    """Quality floor of an unconditional model: seeds 0..n-1 at its default settings; the fraction of samples the
+    evaluator reads as a valid scene with confidence (``Evaluator.valid_scenes``), and the Fréchet distance of
+    their evaluator features to ``n`` real scenes. Beside them, for scale: the same numbers for a second real set."""
+    from ..evaluation.metrics import frechet_distance
+
+    ev = evaluator or load_evaluator()
+    settings = {**DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None and k != "guidance_scale"}}
+    t0 = time.time()
+    images = generate(pipe, [""] * n, list(range(n)), default_settings(pipe, settings), batch_size=batch_size)
+    wall = time.time() - t0
+    real, other = real_scenes(n), real_scenes(n, REAL_SEED + 1)
+    valid, real_valid = np.mean(ev.valid_scenes(images)), np.mean(ev.valid_scenes(other))
+    if save_grid is not None:
+        save_image_grid(images[:64], save_grid)
+    features = ev.features(real)
+    return {"model": name, "n": n, "settings": settings, "confidence": CONFIDENCE, "valid_scenes": float(valid),
+            "fd_real": frechet_distance(ev.features(images), features),
+            "real_valid_scenes": float(real_valid), "real_fd_real": frechet_distance(ev.features(other), features),
+            "generation_s": wall, "floor": {"valid_scenes": FLOOR["unconditional"]},
+            "passed": bool(valid >= FLOOR["unconditional"])}
 
 
 @torch.no_grad()
@@ -90,6 +125,17 @@ def save_image_grid(images: torch.Tensor, path: Path, cols: int = 8, scale: int 
 def format_table(result: dict) -> str:
     """The quality-floor table printed by ``diffquant zoo eval``."""
     lines = []
+    if "valid_scenes" in result:
+        s = result["settings"]
+        return "\n".join([
+            f"{result['model']} on seeds 0..{result['n'] - 1}, {s['num_inference_steps']} DDIM steps (floor "
+            f"{result['floor']['valid_scenes']:.0%} valid scenes, each object's shape and colour at p >= {result['confidence']:g})",
+            f"{'':20s}{'valid scenes':>14s}{'FD to real':>12s}",
+            f"{'generated':20s}{result['valid_scenes']:>14.1%}{result['fd_real']:>12.2f}",
+            f"{'real (other seed)':20s}{result['real_valid_scenes']:>14.1%}{result['real_fd_real']:>12.2f}",
+            f"(FD in the evaluator's 256-d features against {result['n']} real scenes; the second row is real scenes "
+            "of another stream: the ceiling, and the FD two real sets of this size differ by)",
+            "PASS" if result["passed"] else "BELOW FLOOR"])
     if result["model"] == "evaluator":
         lines.append(f"evaluator on {result['n']} real held-out scenes (floor {result['floor']['every_attribute']:.0%} per attribute)")
         rows = {"real held-out": result["heldout_real"]}
