@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..sampling import SamplingSettings, default_settings, sample
 from . import DEFAULTS, MODEL_NAMES, data
-from .evaluator import ATTRIBUTES, CONFIDENCE, Evaluator, evaluate_evaluator, load_evaluator
+from .evaluator import ATTRIBUTES, CONFIDENCE, TOLERANCE, Evaluator, evaluate_evaluator, load_evaluator
 
 # evaluator: every attribute on real data; text models: shape and colour; unconditional: valid scenes
 FLOOR = {"evaluator": 0.95, "model": 0.80, "unconditional": 0.90}
@@ -81,7 +81,7 @@ def evaluate_unconditional(name: str, pipe, n: int = 256, evaluator: Evaluator |
     if save_grid is not None:
         save_image_grid(images[:64], save_grid)
     features = ev.features(real)
-    return {"model": name, "n": n, "settings": settings, "confidence": CONFIDENCE, "valid_scenes": float(valid),
+    return {"model": name, "n": n, "settings": settings, "confidence": CONFIDENCE, "tolerance": TOLERANCE, "valid_scenes": float(valid),
             "fd_real": frechet_distance(ev.features(images), features),
             "real_valid_scenes": float(real_valid), "real_fd_real": frechet_distance(ev.features(other), features),
             "generation_s": wall, "floor": {"valid_scenes": FLOOR["unconditional"]},
@@ -129,7 +129,8 @@ def format_table(result: dict) -> str:
         s = result["settings"]
         return "\n".join([
             f"{result['model']} on seeds 0..{result['n'] - 1}, {s['num_inference_steps']} DDIM steps (floor "
-            f"{result['floor']['valid_scenes']:.0%} valid scenes, each object's shape and colour at p >= {result['confidence']:g})",
+            f"{result['floor']['valid_scenes']:.0%} valid scenes: each object's shape and colour at p >= {result['confidence']:g}, "
+            f"re-rendered within {result['tolerance']:g} of the image)",
             f"{'':20s}{'valid scenes':>14s}{'FD to real':>12s}",
             f"{'generated':20s}{result['valid_scenes']:>14.1%}{result['fd_real']:>12.2f}",
             f"{'real (other seed)':20s}{result['real_valid_scenes']:>14.1%}{result['real_fd_real']:>12.2f}",
