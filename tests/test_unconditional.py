@@ -169,7 +169,28 @@ def test_cli_quantize_generate_eval_from_seeds(folders, tmp_path):
     assert "unconditional" in results["skipped"]["clip"] and "unconditional" in results["skipped"]["attributes"]
 
 
+def test_calibration_seeds_name_each_sample(pipes, tmp_path, folders):
+    from diffquant.calibration.collect import record_denoiser_calls
+
+    def first_inputs(**calibration):
+        cfg = CalibrationConfig(num_prompts=2, num_inference_steps=2, batch_size=1, **calibration)
+        calls = record_denoiser_calls(pipes["ddim"], unconditional_prompts(2), cfg, progress=False).calls
+        return torch.cat([c.inputs["sample"] for c in calls if c.step == 0])
+
+    noise = torch.cat([torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (5, 9)])
+    assert torch.equal(first_inputs(seeds=[5, 9]), noise)  # sample i starts from seed i's noise, as generate --seeds
+    assert not torch.equal(first_inputs(), noise)
+    with pytest.raises(ValueError, match="one per sample"):
+        CalibrationConfig(num_prompts=3, seeds=[1, 2])
+    q = tmp_path / "q"
+    result = _cli("quantize", "--model", folders / "ddim", "--method", "rtn", "--seeds", "100-102", "--steps", "2", "--out", q)
+    assert result.exit_code == 0, result.output
+    record = diffquant.quant_record(diffquant.load(q).unet)
+    assert record.report["calibration_samples"] == 6 and record.config.calibration.seeds == [100, 101, 102]
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["quantize", "--model", "{sd}", "--seeds", "0,1", "--out", "{tmp}/q"], "--seeds picks calibration samples of unconditional"),
     (["quantize", "--model", "{ddim}", "--prompts", "{p}", "--out", "{tmp}/q"], "DDIMPipeline is unconditional and takes no prompts"),
     (["generate", "--model", "{ddim}", "--prompt", "a red circle", "--out", "{tmp}/i.png"], "DDIMPipeline is unconditional"),
     (["eval", "--reference", "{ddim}", "--model", "{ddim}", "--prompts", "{p}", "--out", "{tmp}/e"], "takes no prompts"),
