@@ -169,6 +169,21 @@ def test_cli_quantize_generate_eval_from_seeds(folders, tmp_path):
     assert "unconditional" in results["skipped"]["clip"] and "unconditional" in results["skipped"]["attributes"]
 
 
+def test_bench_pairs_an_unconditional_model_by_seed(folders, tmp_path):
+    import json
+
+    result = _cli("bench", "--model", folders / "ddim", "--methods", "rtn", "--bits", "w8a8,w4a8", "--peers", "none",
+                  "--num-samples", "3", "--calib-samples", "2", "--steps", "2", "--metrics", "psnr,ssim,fd_fp,fd_ref",
+                  "--reference-images", "zoo:scenes", "--out", tmp_path / "b", "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "b/results.json").read_text())
+    assert results["settings"]["n_images"] == 3 and [m["label"] for m in results["models"]] == ["rtn-w8a8", "rtn-w4a8"]
+    assert [row["seed"] for row in results["models"][0]["per_image"]] == [0, 1, 2]
+    w8, w4 = (m["summary"] for m in results["models"])
+    assert w8["psnr"] > w4["psnr"] and all(k in w8 for k in ("ssim", "fd_fp", "fd_ref"))
+    assert "fd_ref" in results["reference"]["summary"]  # FP's own distance to the real scenes, beside each row's
+
+
 def test_calibration_seeds_name_each_sample(pipes, tmp_path, folders):
     from diffquant.calibration.collect import record_denoiser_calls
 
@@ -200,7 +215,8 @@ def test_calibration_seeds_name_each_sample(pipes, tmp_path, folders):
     (["generate", "--model", "{sd}", "--out", "{tmp}/i.png"], "StableDiffusionPipeline is text-conditioned and needs prompts"),
     (["eval", "--reference", "{sd}", "--model", "{sd}", "--num-samples", "2", "--out", "{tmp}/e"],
      "--num-samples is for unconditional models"),
-    (["bench", "--model", "{ddim}", "--peers", "none", "--out", "{tmp}/b"], "bench does not run unconditional models"),
+    (["bench", "--model", "{ddim}", "--calib-prompts", "{p}", "--peers", "none", "--out", "{tmp}/b"], "drop --calib-prompts"),
+    (["bench", "--model", "{sd}", "--calib-samples", "2", "--peers", "none", "--out", "{tmp}/b"], "--calib-samples is for unconditional"),
 ])
 def test_cli_refuses_prompts_for_unconditional_models(folders, tmp_path, argv, message):
     names = {"ddim": folders / "ddim", "sd": folders / "sd", "p": folders / "p.txt", "tmp": tmp_path}

@@ -15,10 +15,10 @@ from typing import Any, Callable
 from ..bits import COVERAGE_KEYS
 from .harness import EvalOptions, Evaluation
 from ..config import CalibrationConfig
-from ..sampling import SamplingSettings, default_settings, sample
+from ..sampling import SamplingSettings, default_settings, is_unconditional, sample
 from .metrics import psnr
 from .peers import PEERS, PeakMemory, PeerUnavailable, apply_peer
-from .prompts import PromptItem
+from .prompts import PromptItem, calibration_seeds
 
 
 def parse_bits(spec: str) -> list[tuple[int, int]]:
@@ -62,6 +62,8 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     ``deploy`` (a quantized pipeline -> the same model on an engine, e.g. OpenVINO) adds a row
     ``<label>-<deploy_label>`` after each method's fake-quant row, scored against FP like every row and
     against the fake-quant images (``psnr_to_fake_quant``): does the deployed form keep the calibrated model?
+    An unconditional ``fp_pipe`` calibrates from ``len(calibration)`` samples (empty prompts) drawn from
+    ``calibration_seeds``, never from the evaluation's seeds.
     """
     from diffquant import QuantConfig
 
@@ -70,11 +72,13 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     # Extras the defaults policy supplies (mini-flux's max_sequence_length) come back when calibration resolves.
     implied = default_settings(fp_pipe).extras
     own = settings.replace(extras={k: v for k, v in settings.extras.items() if implied.get(k, object()) != v})
-    calib_cfg = CalibrationConfig.from_sampling(own, num_prompts=len(calibration), batch_size=options.batch_size)
+    unconditional = is_unconditional(fp_pipe)
+    calib_cfg = CalibrationConfig.from_sampling(own, num_prompts=len(calibration), batch_size=options.batch_size,
+                                                seeds=calibration_seeds(len(calibration)) if unconditional else None)
     for method in methods:
         for (wbits, abits), granularity in ((b, g) for b in bits for g in granularities):
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, calibration=calib_cfg)
-            pipe, seconds, mib = quantize_copy(fp_pipe, cfg, calibration)
+            pipe, seconds, mib = quantize_copy(fp_pipe, cfg, None if unconditional else calibration)
             row = ev.add(cfg.label, pipe, spec=f"diffquant {cfg.label}", extra={"calibration_s": seconds, "peak_memory_mib": mib})
             if deploy is not None:
                 label = f"{cfg.label}-{deploy_label}"
