@@ -42,13 +42,14 @@ def _sampler(pipe, settings: SamplingSettings, batch_size: int):
 def quantize_copy(fp_pipe, cfg, calibration: list[str], **kwargs):
     """``(pipe, seconds, peak MiB)``: a quantized deep copy of ``fp_pipe``, its wall time and its peak RSS above the start.
 
-    ``kwargs`` go to ``diffquant.quantize`` (e.g. ``workdir``, ``progress``)."""
+    ``kwargs`` go to ``diffquant.quantize`` (e.g. ``workdir``, ``progress``). An unconditional pipeline calibrates from
+    ``cfg.calibration`` alone (its number of samples and seeds; ``calibration``, empty prompts, only sizes it)."""
     import diffquant
 
     pipe = copy.deepcopy(fp_pipe)
     start = time.perf_counter()
     with PeakMemory() as mem:
-        diffquant.quantize(pipe, cfg, calibration=calibration, **kwargs)
+        diffquant.quantize(pipe, cfg, calibration=None if is_unconditional(fp_pipe) else calibration, **kwargs)
     return pipe, time.perf_counter() - start, mem.mib
 
 
@@ -78,7 +79,7 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     for method in methods:
         for (wbits, abits), granularity in ((b, g) for b in bits for g in granularities):
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, calibration=calib_cfg)
-            pipe, seconds, mib = quantize_copy(fp_pipe, cfg, None if unconditional else calibration)
+            pipe, seconds, mib = quantize_copy(fp_pipe, cfg, calibration)
             row = ev.add(cfg.label, pipe, spec=f"diffquant {cfg.label}", extra={"calibration_s": seconds, "peak_memory_mib": mib})
             if deploy is not None:
                 label = f"{cfg.label}-{deploy_label}"

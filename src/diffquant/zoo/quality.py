@@ -177,6 +177,8 @@ _SPLIT_NOTE = {
     "mini-sd": "No component (VAE, text encoder, UNet) saw a held-out composition in training.",
     "mini-sd3": "No component (VAE, text encoders, transformer) saw a held-out composition in training.",
     "mini-flux": "No component (VAE, text encoder, transformer) saw a held-out composition in training.",
+    "mini-ddim": "mini-ddim trains on the training split's images with their captions ignored (unconditional); it is "
+                 "judged on whether its samples are valid scenes and how far they are from real ones (below).",
 }
 
 _DESCRIPTIONS = {
@@ -194,5 +196,9 @@ _DESCRIPTIONS = {
                  "FluxTransformer2DModel (double-stream and single-stream blocks, RoPE, guidance embedding learned online "
                  "as model guidance: `guidance_scale` works as in FLUX.1-dev), flow matching with "
                  "FlowMatchEulerDiscreteScheduler. Load with `FluxPipeline.from_pretrained(folder)`.",
+    "mini-ddim": "Unconditional pixel-space diffusion, Q-Diffusion's CIFAR-10 setting in miniature: UNet2DModel on 32x32x3 "
+                 "images (three levels of 32/64/64 channels, one ResNet each, self-attention at 8x8, skip concatenations "
+                 "feeding 1x1 conv_shortcuts on the up path), linear betas, epsilon prediction, DDIM (25 steps by default, "
+                 "x0 clipped). No text encoder, no VAE. Load with `DDIMPipeline.from_pretrained(folder)`.",
     "evaluator": "A small CNN predicting, per position slot, empty/shape/colour/size and the background.",
 }
