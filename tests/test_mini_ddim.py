@@ -41,8 +41,11 @@ def test_training_checkpoints_resumes_exactly_and_exports_a_ddim_folder(tmp_path
 
 @needs_evaluator
 def test_valid_scene_judge_passes_real_scenes_and_refuses_noise():
+    from diffquant.zoo.data import real_scenes as real
     from diffquant.zoo.evaluator import load_evaluator
-    from diffquant.zoo.quality import real_scenes
+
+    def real_scenes(n):
+        return torch.from_numpy(real(n))
 
     ev = load_evaluator()
     assert all(ev.valid_scenes(real_scenes(128)))

@@ -114,7 +114,7 @@ def markdown(all_results: dict, analysis: str) -> str:
         s, cols = res["settings"], columns(res)
         pairs = (f"{s['n_images']} unconditional samples (seed = sample index), {s['steps']} steps; {res['calib_prompts']} "
                  "calibration samples (seeds 1000000..) for every method; FD to real: against as many real scenes "
-                 "(`zoo.quality.real_scenes`)" if res.get("unconditional") else
+                 "(`zoo.data.real_scenes`)" if res.get("unconditional") else
                  f"{s['n_images']} held-out prompts (`zoo.heldout_prompts`, seed = prompt index), {s['steps']} steps, guidance "
                  f"{s['guidance']}, {s['height']}x{s['width']}; {res['calib_prompts']} calibration prompts (`zoo.calibration_prompts`) "
                  "for every method")

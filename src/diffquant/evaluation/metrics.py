@@ -163,10 +163,10 @@ ZOO_SCENES = "zoo:scenes"  # --reference-images value: the mini zoo's real scene
 def zoo_real_scenes(n: int) -> torch.Tensor:
     """``n`` real training-distribution scenes of the mini zoo, the ones its quality floor compares samples with."""
     try:
-        from diffquant.zoo.quality import real_scenes
+        from diffquant.zoo import data
     except ImportError as e:
         raise MetricUnavailable(f"diffquant.zoo is not importable ({e})") from None
-    return real_scenes(n)
+    return torch.from_numpy(data.real_scenes(n))
 
 
 def zoo_reference_images(prompts: list[str]) -> torch.Tensor:

@@ -18,7 +18,6 @@ from .evaluator import ATTRIBUTES, CONFIDENCE, TOLERANCE, Evaluator, evaluate_ev
 # evaluator: every attribute on real data; text models: shape and colour; unconditional: valid scenes
 FLOOR = {"evaluator": 0.95, "model": 0.80, "unconditional": 0.90}
 UNCONDITIONAL = ("mini-ddim",)
-REAL_SEED = 12345  # the real scenes generated samples are compared with (a stream no model trains on)
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSettings, batch_size: int = 64) -> torch.Tensor:
@@ -59,11 +58,6 @@ def evaluate_model(name: str, pipe=None, n: int = 256, evaluator: Evaluator | No
             "generation_s": wall, "floor": {"shape_and_colour": FLOOR["model"]}, "passed": passed}
 
 
-def real_scenes(n: int, seed: int = REAL_SEED) -> torch.Tensor:
-    """``n`` real training-distribution scenes [n, 3, 32, 32] in [0, 1], a stream of their own (``seed``)."""
-    return torch.from_numpy(data.make_batch(seed, 0, n, split="train")[0])
-
-
 def evaluate_unconditional(name: str, pipe, n: int = 256, evaluator: Evaluator | None = None, batch_size: int = 64,
                            save_grid: Path | None = None, **overrides) -> dict:
     """Quality floor of an unconditional model: seeds 0..n-1 at its default settings; the fraction of samples the
@@ -76,7 +70,7 @@ def evaluate_unconditional(name: str, pipe, n: int = 256, evaluator: Evaluator |
     t0 = time.time()
     images = generate(pipe, [""] * n, list(range(n)), default_settings(pipe, settings), batch_size=batch_size)
     wall = time.time() - t0
-    real, other = real_scenes(n), real_scenes(n, REAL_SEED + 1)
+    real, other = (torch.from_numpy(data.real_scenes(n, seed)) for seed in (data.REAL_SEED, data.REAL_SEED + 1))
     valid, real_valid = np.mean(ev.valid_scenes(images)), np.mean(ev.valid_scenes(other))
     if save_grid is not None:
         save_image_grid(images[:64], save_grid)
