@@ -101,3 +101,29 @@ def test_a_stored_row_joins_the_peer_table_with_fd_from_its_saved_features_and_i
     assert s["fd_fp"] != pytest.approx(frechet_distance(own, fp))
     assert "fd_fp" not in subset_row(row, 4, tmp_path / "missing")["summary"]  # rows saved before features: no FD
     assert subset_row(row, 7, tmp_path) is None  # fewer images than the table
+
+
+def test_unconditional_fd_change_claim_and_its_column(tmp_path):
+    """At W4A8, Q-Diffusion's FD to real scenes stays near FP's while RTN's grows: the claim holds with a paired
+    interval; with the two rows swapped it does not; the table gains an "FD to real" column only when measured."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    real, fp = torch.randn(64, 4, generator=g), torch.randn(64, 4, generator=g)
+    feats = {"real": real, "FP": fp, "kq": fp + 0.01 * torch.randn(64, 4, generator=g), "kr": fp + 3.0}
+    for key, value in feats.items():
+        torch.save(value, tmp_path / f"{key}.pt")
+    from diffquant.evaluation.metrics import frechet_distance
+
+    def row(label, key):
+        return {"label": label, "key": key, "bits": "w4a8", "summary": {"fd_ref": frechet_distance(feats[key], real)}}
+
+    result = {"unconditional": True, "bits": ["w4a8"], "reference": {"summary": {"fd_ref": frechet_distance(fp, real)}},
+              "rows": [row("qdiffusion-w4a8", "kq"), row("rtn-w4a8", "kr")]}
+    (claim,) = [c for c in claims.check_claims(result, tmp_path)["qdiffusion"] if "FD to real" in c["claim"]]
+    assert claim["verdict"] == "holds" and claim["detail"]["rtn_minus_qdiffusion_interval"][0] > 0
+    result["rows"] = [row("qdiffusion-w4a8", "kr"), row("rtn-w4a8", "kq")]
+    (claim,) = [c for c in claims.check_claims(result, tmp_path)["qdiffusion"] if "FD to real" in c["claim"]]
+    assert claim["verdict"] == "does not hold"
+    assert ("fd_ref", "FD to real ↓", "{:.2f}") in report.columns(result)
+    assert report.columns({"reference": {"summary": {}}}) == report.COLUMNS

@@ -169,7 +169,43 @@ def test_cli_quantize_generate_eval_from_seeds(folders, tmp_path):
     assert "unconditional" in results["skipped"]["clip"] and "unconditional" in results["skipped"]["attributes"]
 
 
+def test_bench_pairs_an_unconditional_model_by_seed(folders, tmp_path):
+    import json
+
+    result = _cli("bench", "--model", folders / "ddim", "--methods", "rtn", "--bits", "w8a8,w4a8", "--peers", "none",
+                  "--num-samples", "3", "--calib-samples", "2", "--steps", "2", "--metrics", "psnr,ssim,fd_fp,fd_ref",
+                  "--reference-images", "zoo:scenes", "--out", tmp_path / "b", "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "b/results.json").read_text())
+    assert results["settings"]["n_images"] == 3 and [m["label"] for m in results["models"]] == ["rtn-w8a8", "rtn-w4a8"]
+    assert [row["seed"] for row in results["models"][0]["per_image"]] == [0, 1, 2]
+    w8, w4 = (m["summary"] for m in results["models"])
+    assert w8["psnr"] > w4["psnr"] and all(k in w8 for k in ("ssim", "fd_fp", "fd_ref"))
+    assert "fd_ref" in results["reference"]["summary"]  # FP's own distance to the real scenes, beside each row's
+
+
+def test_calibration_seeds_name_each_sample(pipes, tmp_path, folders):
+    from diffquant.calibration.collect import record_denoiser_calls
+
+    def first_inputs(**calibration):
+        cfg = CalibrationConfig(num_prompts=2, num_inference_steps=2, batch_size=1, **calibration)
+        calls = record_denoiser_calls(pipes["ddim"], unconditional_prompts(2), cfg, progress=False).calls
+        return torch.cat([c.inputs["sample"] for c in calls if c.step == 0])
+
+    noise = torch.cat([torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (5, 9)])
+    assert torch.equal(first_inputs(seeds=[5, 9]), noise)  # sample i starts from seed i's noise, as generate --seeds
+    assert not torch.equal(first_inputs(), noise)
+    with pytest.raises(ValueError, match="one per sample"):
+        CalibrationConfig(num_prompts=3, seeds=[1, 2])
+    q = tmp_path / "q"
+    result = _cli("quantize", "--model", folders / "ddim", "--method", "rtn", "--seeds", "100-102", "--steps", "2", "--out", q)
+    assert result.exit_code == 0, result.output
+    record = diffquant.quant_record(diffquant.load(q).unet)
+    assert record.report["calibration_samples"] == 6 and record.config.calibration.seeds == [100, 101, 102]
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["quantize", "--model", "{sd}", "--seeds", "0,1", "--out", "{tmp}/q"], "--seeds picks calibration samples of unconditional"),
     (["quantize", "--model", "{ddim}", "--prompts", "{p}", "--out", "{tmp}/q"], "DDIMPipeline is unconditional and takes no prompts"),
     (["generate", "--model", "{ddim}", "--prompt", "a red circle", "--out", "{tmp}/i.png"], "DDIMPipeline is unconditional"),
     (["eval", "--reference", "{ddim}", "--model", "{ddim}", "--prompts", "{p}", "--out", "{tmp}/e"], "takes no prompts"),
@@ -179,7 +215,8 @@ def test_cli_quantize_generate_eval_from_seeds(folders, tmp_path):
     (["generate", "--model", "{sd}", "--out", "{tmp}/i.png"], "StableDiffusionPipeline is text-conditioned and needs prompts"),
     (["eval", "--reference", "{sd}", "--model", "{sd}", "--num-samples", "2", "--out", "{tmp}/e"],
      "--num-samples is for unconditional models"),
-    (["bench", "--model", "{ddim}", "--peers", "none", "--out", "{tmp}/b"], "bench does not run unconditional models"),
+    (["bench", "--model", "{ddim}", "--calib-prompts", "{p}", "--peers", "none", "--out", "{tmp}/b"], "drop --calib-prompts"),
+    (["bench", "--model", "{sd}", "--calib-samples", "2", "--peers", "none", "--out", "{tmp}/b"], "--calib-samples is for unconditional"),
 ])
 def test_cli_refuses_prompts_for_unconditional_models(folders, tmp_path, argv, message):
     names = {"ddim": folders / "ddim", "sd": folders / "sd", "p": folders / "p.txt", "tmp": tmp_path}

@@ -60,15 +60,20 @@ def _installed(name: str) -> bool:
 def test_pipeline_loads_offline_and_generates(name):
     if not _installed(name):
         pytest.skip(f"{name} weights not installed")
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import DDIMPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    cls = {"mini-sd": StableDiffusionPipeline, "mini-flux": FluxPipeline}.get(name, StableDiffusion3Pipeline)
+    cls = {"mini-sd": StableDiffusionPipeline, "mini-flux": FluxPipeline,
+           "mini-ddim": DDIMPipeline}.get(name, StableDiffusion3Pipeline)
     plain = cls.from_pretrained(str(zoo.model_path(name)), local_files_only=True)  # no extra arguments needed
     assert plain is not None
     pipe = zoo.load_pipeline(name)
     settings = {**zoo.DEFAULTS[name], "num_inference_steps": 4}
-    out = pipe(prompt=zoo.heldout_prompts(2), generator=[torch.Generator().manual_seed(i) for i in range(2)],
-               output_type="pt", **settings).images
+    generator = [torch.Generator().manual_seed(i) for i in range(2)]
+    if name == "mini-ddim":  # unconditional: a batch size, no prompt; DDIMPipeline returns numpy [B, H, W, C]
+        out = torch.from_numpy(pipe(batch_size=2, generator=generator, output_type="np", **settings).images)
+        assert out.shape == (2, 32, 32, 3) and torch.isfinite(out).all()
+        return
+    out = pipe(prompt=zoo.heldout_prompts(2), generator=generator, output_type="pt", **settings).images
     assert out.shape == (2, 3, settings["height"], settings["width"]) and torch.isfinite(out).all()
 
 

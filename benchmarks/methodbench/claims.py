@@ -24,18 +24,56 @@ def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float
     return mean, mean - half, mean + half
 
 
-def fd_interval(fp: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor, n_boot: int = 200, seed: int = 0) -> tuple[float, float]:
-    """Paired bootstrap (same resampled images for FP, A and B) 95 % interval of FD(A, FP) - FD(B, FP)."""
+def fd_interval(fp: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor, n_boot: int = 200, seed: int = 0,
+                paired_reference: bool = True) -> tuple[float, float]:
+    """Paired bootstrap (same resampled images for FP, A and B) 95 % interval of FD(A, FP) - FD(B, FP).
+
+    ``paired_reference=False``: ``fp`` is a fixed reference set of other images (real scenes), not resampled;
+    A and B are still resampled together (the same seeds)."""
     from diffquant.evaluation.metrics import frechet_distance
 
     g = torch.Generator().manual_seed(seed)
     diffs = []
-    n = fp.shape[0]
+    n = fa.shape[0]
     for _ in range(n_boot):
         idx = torch.randint(0, n, (n,), generator=g)
-        diffs.append(frechet_distance(fa[idx], fp[idx]) - frechet_distance(fb[idx], fp[idx]))
+        ref = fp[idx] if paired_reference else fp
+        diffs.append(frechet_distance(fa[idx], ref) - frechet_distance(fb[idx], ref))
     diffs.sort()
     return diffs[int(0.025 * n_boot)], diffs[int(0.975 * n_boot) - 1]
+
+
+SMALL_CHANGE = 0.25  # "small while RTN's is large": Q-Diffusion's FD change at most this fraction of RTN's
+
+
+def fd_real_change_claim(result: dict, cmp: Comparator, bits: str = "w4a8") -> dict | None:
+    """Q-Diffusion's headline on unconditional models: at ``bits`` its change in Fréchet distance to real images from
+    FP's is small while RTN's is large (paper: FID +2.34 at most vs > 100). Holds when RTN's change minus
+    Q-Diffusion's has a paired interval above zero and Q-Diffusion's change is at most ``SMALL_CHANGE`` of RTN's;
+    partly when only the first is true. Intervals: bootstrap over the samples (same seeds for FP and both rows)
+    against the fixed real set."""
+    q, r = cmp.rows.get(f"qdiffusion-{bits}"), cmp.rows.get(f"rtn-{bits}")
+    fp_fd = result["reference"]["summary"].get("fd_ref")
+    if q is None or r is None or fp_fd is None or q["summary"].get("fd_ref") is None or r["summary"].get("fd_ref") is None:
+        return None
+    dq, dr = q["summary"]["fd_ref"] - fp_fd, r["summary"]["fd_ref"] - fp_fd
+    real, fp, fq, fr = (cmp.features(k) for k in ("real", "FP", q["key"], r["key"]))
+    text = f"FD to real scenes: FP {fp_fd:.2f}, QD {q['summary']['fd_ref']:.2f} ({dq:+.2f}), RTN {r['summary']['fd_ref']:.2f} ({dr:+.2f})"
+    detail: dict = {"fp": fp_fd, "qdiffusion_change": dq, "rtn_change": dr}
+    clear = None
+    if all(x is not None for x in (real, fp, fq, fr)):
+        detail["qdiffusion_change_interval"] = fd_interval(real, fq, fp, paired_reference=False)
+        detail["rtn_change_interval"] = fd_interval(real, fr, fp, paired_reference=False)
+        detail["rtn_minus_qdiffusion_interval"] = lo_hi = fd_interval(real, fr, fq, paired_reference=False)
+        clear = lo_hi[0] > 0
+        text += "; 95 % CI of the changes: QD [{:+.2f}, {:+.2f}], RTN [{:+.2f}, {:+.2f}], RTN − QD [{:+.2f}, {:+.2f}]".format(
+            *detail["qdiffusion_change_interval"], *detail["rtn_change_interval"], *lo_hi)
+    small = abs(dq) <= SMALL_CHANGE * dr
+    text += (f"; QD's change is {'at most' if small else 'more than'} {SMALL_CHANGE:g} of RTN's"
+             + ("" if clear is not None else "; no stored features, so no interval"))
+    verdict = "holds" if clear and small else "holds partly" if clear or (clear is None and small) else "does not hold"
+    return {"claim": f"{bits.upper()}: Q-Diffusion's change in FD to real scenes from FP's is small while RTN's is large "
+                     "(unconditional; the paper's FID-change claim)", "verdict": verdict, "text": text, "detail": detail}
 
 
 _FD_INTERVALS: dict[tuple[str, str], tuple[float, float]] = {}  # (key A, key B) -> interval; the bootstrap takes ~15 s
@@ -135,6 +173,11 @@ def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict
                     "claim": f"W8A8: {name} attribute accuracy within 2 points of FP", "verdict": "holds" if abs(gap) <= 2.0 else "does not hold",
                     "text": text,
                     "detail": {"fp": fp["attr_all"], variant: rows[q]["summary"]["attr_all"], "gap_points": gap, "interval_points": interval}})
+
+    if result.get("unconditional"):
+        change = fd_real_change_claim(result, cmp)
+        if change is not None:
+            claims["qdiffusion"].append(change)
 
     # Issue 6 (PCR, seed 002): FID to FP, PCR vs Q-Diffusion (and RTN) at the same bits
     for bits in bits_list:

@@ -22,8 +22,10 @@ def error_dynamics(fp_pipe, q_pipe, items, settings) -> dict:
     (share of the error energy that is a constant offset per image and channel) and ``coherence`` per image,
     |sum_i e_i|^2 / sum_i |e_i|^2 over the steps, averaged (1: the steps' errors are uncorrelated; up to the
     number of steps: the same error at every step, which adds up instead of averaging out).
+    An unconditional pipeline (no step callback) gives its drift on the denoiser's input at each step instead: the
+    same latents, one step earlier.
     """
-    from diffquant.sampling import denoiser_calls, initial_noise, prediction, sample
+    from diffquant.sampling import denoiser_calls, is_unconditional, paired_noise, prediction, sample
     from diffquant.wrap import get_denoiser
 
     def trajectory(pipe, after=None):
@@ -33,8 +35,15 @@ def error_dynamics(fp_pipe, q_pipe, items, settings) -> dict:
             lat.append(kw["latents"].detach().float().clone())
             return {}
 
+        noise = paired_noise(pipe, [it.seed for it in items], settings)
+        if is_unconditional(pipe):
+            def before(call):
+                lat.append((call.args[0] if call.args else call.kwargs["sample"]).detach().float().clone())
+            with denoiser_calls(pipe, before=before, after=after):
+                sample(pipe, [it.prompt for it in items], settings, **noise)
+            return lat
         with denoiser_calls(pipe, after=after):
-            sample(pipe, [it.prompt for it in items], settings, latents=initial_noise(pipe, [it.seed for it in items], settings),
+            sample(pipe, [it.prompt for it in items], settings, **noise,
                    callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
         return lat
 
@@ -42,7 +51,7 @@ def error_dynamics(fp_pipe, q_pipe, items, settings) -> dict:
         return float(((a - b) ** 2).sum() / (b ** 2).sum().clamp_min(1e-20))
 
     def guided(x):
-        if settings.guidance > 1 and x.shape[0] == 2 * len(items):
+        if settings.guidance is not None and settings.guidance > 1 and x.shape[0] == 2 * len(items):
             u, c = x.chunk(2)
             return u + settings.guidance * (c - u)
         return x
@@ -72,7 +81,7 @@ def activation_clipping(q_pipe, items, settings, top: int = 12) -> dict:
     Returns the ``top`` quantizers by total relative error (which quantizers dominate, and whether by clipping)."""
     from diffquant.quant.affine import qrange
     from diffquant.quant.quantizers import ActivationQuantizer
-    from diffquant.sampling import initial_noise, sample
+    from diffquant.sampling import paired_noise, sample
     from diffquant.wrap import get_denoiser
 
     stats: dict[str, dict] = {}
@@ -99,7 +108,7 @@ def activation_clipping(q_pipe, items, settings, top: int = 12) -> dict:
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in denoiser.named_modules()
                if isinstance(m, ActivationQuantizer)]
     try:
-        sample(q_pipe, [it.prompt for it in items], settings, latents=initial_noise(q_pipe, [it.seed for it in items], settings))
+        sample(q_pipe, [it.prompt for it in items], settings, **paired_noise(q_pipe, [it.seed for it in items], settings))
     finally:
         for h in handles:
             h.remove()

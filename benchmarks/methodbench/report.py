@@ -66,6 +66,14 @@ OLD_BITS_NOTE = ("² Stored before average bits had one convention: Linear/Conv2
                  "at 32 bits in float32; activations MAC-weighted, float ones at 32). Rerun a row (`--redo`) for the latter.")
 
 
+def columns(res: dict) -> list[tuple[str, str, str]]:
+    """The table's columns: FD to real images beside FD to FP where it was measured (unconditional models)."""
+    if res["reference"]["summary"].get("fd_ref") is None:
+        return COLUMNS
+    at = next(i for i, c in enumerate(COLUMNS) if c[0] == "fd_fp") + 1
+    return COLUMNS[:at] + [("fd_ref", "FD to real ↓", "{:.2f}")] + COLUMNS[at:]
+
+
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key, row.get("summary", {}).get(key))
     if key in ("avg_wbits", "avg_abits") and value is not None and not whole_denoiser_bits(row):
@@ -103,12 +111,16 @@ def markdown(all_results: dict, analysis: str) -> str:
     lines = ["# RTN vs Q-Diffusion vs PCR vs EMF on the mini zoo (issues 5, 6, 7)", "",
              "Written by `benchmarks/methods.py` (JSON: `benchmarks/results/methods.json`); the hand-written analysis is at the end.", ""]
     for name, res in all_results["models"].items():
-        s = res["settings"]
+        s, cols = res["settings"], columns(res)
+        pairs = (f"{s['n_images']} unconditional samples (seed = sample index), {s['steps']} steps; {res['calib_prompts']} "
+                 "calibration samples (seeds 1000000..) for every method; FD to real: against as many real scenes "
+                 "(`zoo.data.real_scenes`)" if res.get("unconditional") else
+                 f"{s['n_images']} held-out prompts (`zoo.heldout_prompts`, seed = prompt index), {s['steps']} steps, guidance "
+                 f"{s['guidance']}, {s['height']}x{s['width']}; {res['calib_prompts']} calibration prompts (`zoo.calibration_prompts`) "
+                 "for every method")
         lines += [f"## {name}", "",
                   f"Reproduce: `.venv/bin/python {_main_command(res)}`", "",
-                  (f"Weights: {res['source']} (FP fingerprint `{res['reference']['fingerprint']}`). {s['n_images']} held-out prompts "
-                   f"(`zoo.heldout_prompts`, seed = prompt index), {s['steps']} steps, guidance {s['guidance']}, {s['height']}x{s['width']}; "
-                   f"{res['calib_prompts']} calibration prompts (`zoo.calibration_prompts`) for every method. Fréchet distances: "
+                  (f"Weights: {res['source']} (FP fingerprint `{res['reference']['fingerprint']}`). {pairs}. Fréchet distances: "
                    f"{res['feature_space']}."), "",
                   f"Machine: {res['machine']}. FP images {res['reference']['summary'].get('generate_s', 0):.0f} s (first session). Sessions: "
                   + "; ".join(f"`{x['command']}` {x['started']} – "
@@ -117,11 +129,11 @@ def markdown(all_results: dict, analysis: str) -> str:
                                  f"{', '.join(x['rows_run']) or 'none'})" if "wall_s" in x else "")
                               for i, x in enumerate(res.get("sessions", []))) + ".", "",
                   "Method options (beyond the library defaults): `" + json.dumps(res["method_options"], sort_keys=True) + "`.", "",
-                  "| row | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+                  "| row | " + " | ".join(h for _, h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         fp_row = {"bits": "float", "summary": res["reference"]["summary"]}
-        lines.append("| FP | " + " | ".join(_cell(fp_row, k, f) for k, _, f in COLUMNS) + " |")
+        lines.append("| FP | " + " | ".join(_cell(fp_row, k, f) for k, _, f in cols) + " |")
         for row in res["rows"]:
-            lines.append(f"| {row['label']} | " + " | ".join(_cell(row, k, f) for k, _, f in COLUMNS) + " |")
+            lines.append(f"| {row['label']} | " + " | ".join(_cell(row, k, f) for k, _, f in cols) + " |")
         lines.append("")
         if any(r.get("summary_calib") for r in res["rows"]):
             lines += ["On the calibration prompts (PCR's prompt-generalization protocol):", "",

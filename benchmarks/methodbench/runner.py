@@ -1,5 +1,9 @@
 """One model's rows: the FP reference once, then every (method, bits) row quantized, scored and diagnosed.
 
+An unconditional model (mini-ddim, tiny-ddim) is paired by seed instead of prompt (sample i from seed i), calibrates
+from ``calibration_seeds`` (apart from the evaluation's) and adds the Fréchet distance to real scenes (``fd_ref``:
+the zoo's, ``zoo:scenes``) beside FD to FP; their features are kept for the claims' paired intervals.
+
 Quantizing goes through ``diffquant.evaluation.bench`` (the row's config and a quantized copy with its cost),
 images and metrics through the paired harness (``Evaluation``: same prompts, seeds and initial noise, PNG cache
 keyed by model fingerprint); finished rows come back from the store by key and are not run again.
@@ -50,7 +54,7 @@ BUDGET_OPTIONS: dict[str, dict] = {
     "emf": {"iterations": 100},
 }
 
-TINY = {"tiny-sd": "tiny_sd_pipeline", "tiny-sd3": "tiny_sd3_pipeline"}
+TINY = {"tiny-sd": "tiny_sd_pipeline", "tiny-sd3": "tiny_sd3_pipeline", "tiny-ddim": "tiny_ddim_pipeline"}
 
 
 def tune_allocator() -> None:
@@ -68,11 +72,12 @@ def load_fp(name: str, folder: str | None):
     from diffquant.sampling import SamplingSettings
 
     if name in TINY:
-        from diffquant.models import tiny
+        from diffquant.models import tiny, tiny_unconditional
 
-        pipe = getattr(tiny, TINY[name])()
+        pipe = getattr(tiny_unconditional if name == "tiny-ddim" else tiny, TINY[name])()
         pipe.set_progress_bar_config(disable=True)
-        return pipe, SamplingSettings(steps=8, guidance=5.0, height=32, width=32), "random tiny pipeline (smoke run only)"
+        settings = SamplingSettings(steps=8) if name == "tiny-ddim" else SamplingSettings(steps=8, guidance=5.0, height=32, width=32)
+        return pipe, settings, "random tiny pipeline (smoke run only)"
     from diffquant import zoo
     from diffquant.evaluation.loading import load_model, resolve_settings
 
@@ -81,13 +86,17 @@ def load_fp(name: str, folder: str | None):
     return pipe, resolve_settings(pipe, name, None, None, None, None), folder or "installed zoo weights"
 
 
-def make_config(variant: str, wbits: int, abits: int, settings, calib_prompts: list[str], method_options: dict, batch_size: int):
-    """The row's QuantConfig: the variant's method and overrides, calibrating with the benchmark's sampling settings."""
+def make_config(variant: str, wbits: int, abits: int, settings, calib_prompts: list[str], method_options: dict, batch_size: int,
+                unconditional: bool = False):
+    """The row's QuantConfig: the variant's method and overrides, calibrating with the benchmark's sampling settings
+    (an unconditional model: on ``calibration_seeds``, never on the evaluation's)."""
     from diffquant import CalibrationConfig, QuantConfig
+    from diffquant.evaluation.prompts import calibration_seeds
 
     method, overrides, extra = VARIANTS[variant]
     overrides = {k: (settings.steps if v == "steps" else v) for k, v in overrides.items()}
-    calib = CalibrationConfig.from_sampling(settings, num_prompts=len(calib_prompts), batch_size=batch_size)
+    calib = CalibrationConfig.from_sampling(settings, num_prompts=len(calib_prompts), batch_size=batch_size,
+                                            seeds=calibration_seeds(len(calib_prompts)) if unconditional else None)
     return QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib,
                        options={**method_options.get(method, {}), **extra}, **overrides)
 
@@ -194,20 +203,28 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
     from diffquant import zoo
     from diffquant.evaluation import EvalOptions, Evaluation, PromptItem, model_fingerprint
     from diffquant.evaluation.bench import parse_bits
+    from diffquant.evaluation.metrics import ZOO_SCENES
+    from diffquant.sampling import is_unconditional, unconditional_prompts
 
     started = time.time()
     load_start = os.getloadavg()[0]
     fp, settings, source = load_fp(name, args.model_paths.get(name))
     if args.steps:
         settings = type(settings)(args.steps, settings.guidance, settings.height, settings.width)
-    items = [PromptItem(p, i) for i, p in enumerate(zoo.heldout_prompts(args.prompts))]
-    metrics = ["psnr", "ssim", "fd_fp", "attributes"] + ([] if args.no_curves else ["timestep", "sensitivity"])
+    unconditional = is_unconditional(fp)
+    if unconditional and args.calib_eval:
+        raise SystemExit(f"{name} is unconditional: --calib-eval (prompt generalization) does not apply; drop it")
+    prompts = unconditional_prompts(args.prompts) if unconditional else zoo.heldout_prompts(args.prompts)
+    items = [PromptItem(p, i) for i, p in enumerate(prompts)]
+    metrics = ["psnr", "ssim", "fd_fp", "fd_ref" if unconditional else "attributes"] + ([] if args.no_curves else ["timestep", "sensitivity"])
     options = EvalOptions(metrics=metrics, cache_dir=Path(args.cache_dir) / name, batch_size=args.batch_size,
-                          curve_items=min(8, len(items)), sensitivity_items=2, sensitivity_steps=3)
-    calib_prompts = zoo.calibration_prompts(args.calib_prompts)
+                          curve_items=min(8, len(items)), sensitivity_items=2, sensitivity_steps=3,
+                          reference_images=ZOO_SCENES if unconditional else None)
+    calib_prompts = unconditional_prompts(args.calib_prompts) if unconditional else zoo.calibration_prompts(args.calib_prompts)
     print(f"[{name}] FP: {len(items)} images", flush=True)
     t0 = time.perf_counter()
-    evals = {"heldout": Evaluation(fp, name, items, settings, options, prompts_spec=f"zoo:heldout:{args.prompts}")}
+    spec = f"{args.prompts} unconditional samples, seeds 0..{args.prompts - 1}" if unconditional else f"zoo:heldout:{args.prompts}"
+    evals = {"heldout": Evaluation(fp, name, items, settings, options, prompts_spec=spec)}
     fp_s = time.perf_counter() - t0
     if args.calib_eval:
         calib_items = [PromptItem(p, i) for i, p in enumerate(zoo.calibration_prompts(args.calib_eval))]
@@ -219,6 +236,8 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
     if ev.features is not None:
         features_dir.mkdir(parents=True, exist_ok=True)
         torch.save(ev.fp_feats.cpu(), features_dir / "FP.pt")
+        if ev.ref_feats is not None:
+            torch.save(ev.ref_feats.cpu(), features_dir / "real.pt")  # FD to real scenes: its paired intervals
 
     bits_list = [f"w{w}a{a}" for w, a in parse_bits(args.bits)]
     emf_bits = bits_list if args.emf_bits == "all" else [f"w{w}a{a}" for w, a in parse_bits(args.emf_bits)]
@@ -234,7 +253,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
     result = {
         "command": f".venv/bin/python benchmarks/methods.py {args.line}".strip(),
         "source": source, "settings": ev.settings_record, "feature_space": ev.feature_space,
-        "calib_prompts": len(calib_prompts), "method_options": method_options, "bits": bits_list,
+        "calib_prompts": len(calib_prompts), "unconditional": unconditional, "method_options": method_options, "bits": bits_list,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "load_start": load_start,
         "reference": {"fingerprint": fp_fingerprint, "summary": ref_summary,
@@ -256,7 +275,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
             if (method == "emf" or variant == "rtn-float-time") and bits not in emf_bits:
                 continue
             label = f"{variant}-{bits}"
-            cfg = make_config(variant, wbits, abits, settings, calib_prompts, method_options, args.calib_batch_size)
+            cfg = make_config(variant, wbits, abits, settings, calib_prompts, method_options, args.calib_batch_size, unconditional)
             key = row_key(fp_fingerprint, variant, cfg, settings, args.prompts, args.calib_eval, calib_prompts)
             if key in previous and "summary" in previous[key] and variant not in args.redo:
                 print(f"[{name}] {label}: finished in an earlier run, reused", flush=True)

@@ -53,6 +53,9 @@ def quantize(
             raise ValueError(f"{type(pipeline).__name__} is unconditional: calibrate it from seeds "
                              "(calibration=None or a number of samples), not prompts")
         prompts = unconditional_prompts(calibration if calibration is not None else config.calibration.num_prompts)
+        if config.calibration.seeds is not None and len(prompts) != len(config.calibration.seeds):
+            raise ValueError(f"{len(prompts)} calibration samples but {len(config.calibration.seeds)} calibration seeds; "
+                             "pass calibration=None to sample one per seed")
     elif isinstance(calibration, (str, Path)):
         prompts = prompt_list(calibration)
     elif calibration is not None:

@@ -51,6 +51,8 @@ def quantize(
     guidance: Optional[float] = field_option(CalibrationConfig, "guidance_scale", "--guidance",
                                              help="Guidance scale while recording (default: the model's)."),
     batch_size: int = field_option(CalibrationConfig, "batch_size", help="Prompts per calibration sampling batch."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="An unconditional model's calibration samples by seed: "
+                                        "'0,1,2' or '100-163' (instead of --num-samples; keep them apart from eval seeds)."),
     timestep_groups: int = field_option(QuantConfig, "timestep_groups", help="Activation parameter sets over the timestep range."),
     granularity: str = field_option(QuantConfig, "weight_granularity", "--granularity",
                                     help="Weight granularity: per_tensor, per_channel, per_group."),
@@ -93,6 +95,13 @@ def quantize(
         check_positive(steps=steps, num_prompts=num_prompts, batch_size=batch_size)
         check_device(device)
         torch_dtype = diffquant.api.check_dtype(dtype)
+        seed_list = None
+        if seeds is not None:
+            from diffquant.evaluation.prompts import parse_seeds
+
+            seed_list = parse_seeds(seeds)
+            if prompts is not None or config is not None:
+                raise ValueError("--seeds names an unconditional model's calibration samples; drop --prompts/--config or --seeds")
         if config is not None:
             if not config.is_file():
                 raise FileNotFoundError(f"config file {config} not found")
@@ -105,8 +114,9 @@ def quantize(
                 keep_float=keep_float, layers=layers, seed=seed, max_memory=max_memory, lowrank_rank=lowrank_rank,
                 lowrank_layers=lowrank_layers,
                 options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},
-                calibration=CalibrationConfig(num_prompts=num_prompts, num_inference_steps=steps, guidance_scale=guidance,
-                                              batch_size=batch_size, seed=seed),
+                calibration=CalibrationConfig(num_prompts=len(seed_list) if seed_list else num_prompts,
+                                              num_inference_steps=steps, guidance_scale=guidance,
+                                              batch_size=batch_size, seed=seed, seeds=seed_list),
             )
         calib = prompt_list(prompts) if prompts else None
         state = launch_state(device)  # under `accelerate launch`: EMF trains data-parallel (docs/scale-out.md)
@@ -116,7 +126,10 @@ def quantize(
         typer.echo(f"loading {model}")
         pipe = load_pipeline(model, device=str(state.device) if state is not None else device, torch_dtype=torch_dtype)
         if is_unconditional(pipe):
-            check_prompts(pipe, calib)  # calibrated from --num-samples seeds
+            check_prompts(pipe, calib)  # calibrated from --num-samples or --seeds seeds
+        elif seed_list is not None:
+            raise ValueError(f"--seeds picks calibration samples of unconditional models; {type(pipe).__name__} is "
+                             "text-conditioned: pass --prompts FILE")
         elif calib is None and not diffquant.api.sampling_defaults(pipe):
             raise ValueError("calibration prompts needed: pass --prompts FILE (one prompt per line)")
         typer.echo(f"quantizing with {cfg.label}")

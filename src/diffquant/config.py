@@ -25,6 +25,9 @@ class CalibrationConfig:
     ``num_inference_steps``/``guidance_scale``/``height``/``width``/``seed`` are the sampling part, read as
     one ``SamplingSettings`` through ``sampling`` (flat here, so saved configs of every version load);
     ``None`` means the defaults policy of ``diffquant.sampling`` (the mini zoo's, else the pipeline's).
+    ``seeds``: one seed per calibration sample, whose initial noise it draws alone (as ``generate --seeds``),
+    so an unconditional model's calibration samples can be named and kept apart from evaluation seeds;
+    ``None``: each batch ``b`` draws from one generator seeded ``seed + b``.
     """
 
     num_prompts: int = 8
@@ -36,12 +39,22 @@ class CalibrationConfig:
     height: int | None = None
     width: int | None = None
     seed: int = 0
+    seeds: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "every_k", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"calibration {name} must be >= 1, got {getattr(self, name)}")
+        if self.seeds is not None:
+            self.seeds = [int(s) for s in self.seeds]
+            if len(self.seeds) != self.num_prompts or min(self.seeds, default=-1) < 0:
+                raise ValueError(f"calibration seeds must be {self.num_prompts} non-negative integers (one per sample), "
+                                 f"got {len(self.seeds)}; set num_prompts to their number")
         self.sampling  # validates steps and size with the sampling core's messages
+
+    def seeds_for(self, start: int, n: int) -> list[int] | None:
+        """The seeds of calibration samples ``start .. start + n - 1`` (None without ``seeds``)."""
+        return None if self.seeds is None else self.seeds[start:start + n]
 
     @property
     def sampling(self) -> SamplingSettings:

@@ -256,7 +256,7 @@ def record_denoiser_calls(
         first = len(calls)
         sampler.manual_seed(config.seed + 7919 * (b + 1))
         with denoiser_calls(pipe, before, after):
-            sample(pipe, batch, settings.replace(seed=config.seed + b))
+            sample(pipe, batch, settings.replace(seed=config.seed + b), seeds=config.seeds_for(b * config.batch_size, len(batch)))
         if path is not None:
             _write_shard(calls[first:], path)
         calls[first:] = CalibrationSet(calls[first:]).bounded(memory).calls

@@ -88,6 +88,7 @@ def progressive_calibrate(
     checkpoint_dir: str | Path | None = None,
     depends_on: dict | None = None,
     freeze: bool = True,
+    seeds: list[int] | None = None,
 ) -> list[float]:
     """Fit each step's activation group on the trajectory of the already-quantized earlier steps.
 
@@ -99,6 +100,7 @@ def progressive_calibrate(
     ends with every quantized module frozen, without it the float weights stay for a float reference run
     (PCR's per-step sensitivity switches quantization off, which a frozen weight cannot undo).
     ``checkpoint_dir`` makes the pass resumable (module docstring); ``depends_on`` (JSON) names what else the result depends on, e.g. the observers.
+    ``seeds``: one per prompt, each sample's own noise (``sample``); None: one generator from ``settings.seed``.
     """
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
@@ -112,7 +114,7 @@ def progressive_calibrate(
         )
     checkpoint = None if checkpoint_dir is None else state_checkpoint(
         Path(checkpoint_dir), denoiser, {"prompts": list(prompts), "sampling": settings.to_dict(), "start_step": start_step,
-                                         "seed": seed, "settings": depends_on or {}}, "a progressive calibration")
+                                         "seed": seed, "settings": depends_on or {}, **({"seeds": seeds} if seeds else {})}, "a progressive calibration")
     done: list[dict] = list(checkpoint.done().values()) if checkpoint is not None else []
     # Quantized weights now; each step's activation group is fitted below before that step runs quantized.
     set_state(denoiser, QuantState.LEARNING, fit_activations_later=True)
@@ -144,7 +146,7 @@ def progressive_calibrate(
 
     try:
         with denoiser_calls(denoiser, before=calibrate_step):
-            sample(pipe, prompts, settings)
+            sample(pipe, prompts, settings, seeds=seeds)
     finally:
         bar.close()
     if freeze:

@@ -29,8 +29,10 @@ def _rel_mse(q: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def step_sensitivity(pipe, prompts: list[str], settings: SamplingSettings, *, progress: bool = True) -> dict:
-    """Sample ``prompts`` (one batch, resolved ``settings``) once in float and once per step with only that step quantized.
+def step_sensitivity(pipe, prompts: list[str], settings: SamplingSettings, *, progress: bool = True,
+                     seeds: list[int] | None = None) -> dict:
+    """Sample ``prompts`` (one batch, resolved ``settings``, ``seeds`` as in ``sample``) once in float and once per
+    step with only that step quantized.
 
     Returns ``{"metrics": {...}, "steps": [{"step", "timestep", "final_rel_mse", "step_rel_mse"}, ...]}``
     with one entry per sampling step. Costs (steps + 1) sampling runs of ``prompts``.
@@ -49,7 +51,7 @@ def step_sensitivity(pipe, prompts: list[str], settings: SamplingSettings, *, pr
     try:
         set_quant_enabled(denoiser, False)
         with denoiser_calls(denoiser, after=keep_output(None)):
-            reference = sample(pipe, prompts, settings, output_type="pt").float()
+            reference = sample(pipe, prompts, settings, seeds=seeds, output_type="pt").float()
         fp_outputs = dict(outputs)
         entries = []
         for s in tqdm(range(settings.steps), desc="pcr: per-step sensitivity", disable=not progress):
@@ -61,7 +63,7 @@ def step_sensitivity(pipe, prompts: list[str], settings: SamplingSettings, *, pr
 
             set_quant_enabled(denoiser, False)
             with denoiser_calls(denoiser, before=only_step_s, after=keep_output(s)):
-                final = sample(pipe, prompts, settings, output_type="pt").float()
+                final = sample(pipe, prompts, settings, seeds=seeds, output_type="pt").float()
             entries.append({
                 "step": s,
                 "timestep": timesteps[s],

@@ -15,10 +15,10 @@ from typing import Any, Callable
 from ..bits import COVERAGE_KEYS
 from .harness import EvalOptions, Evaluation
 from ..config import CalibrationConfig
-from ..sampling import SamplingSettings, default_settings, sample
+from ..sampling import SamplingSettings, default_settings, is_unconditional, sample
 from .metrics import psnr
 from .peers import PEERS, PeakMemory, PeerUnavailable, apply_peer
-from .prompts import PromptItem
+from .prompts import PromptItem, calibration_seeds
 
 
 def parse_bits(spec: str) -> list[tuple[int, int]]:
@@ -53,13 +53,14 @@ def _sampler(pipe, settings: SamplingSettings, batch_size: int):
 def quantize_copy(fp_pipe, cfg, calibration: list[str], **kwargs):
     """``(pipe, seconds, peak MiB)``: a quantized deep copy of ``fp_pipe``, its wall time and its peak RSS above the start.
 
-    ``kwargs`` go to ``diffquant.quantize`` (e.g. ``workdir``, ``progress``)."""
+    ``kwargs`` go to ``diffquant.quantize`` (e.g. ``workdir``, ``progress``). An unconditional pipeline calibrates from
+    ``cfg.calibration`` alone (its number of samples and seeds; ``calibration``, empty prompts, only sizes it)."""
     import diffquant
 
     pipe = copy.deepcopy(fp_pipe)
     start = time.perf_counter()
     with PeakMemory() as mem:
-        diffquant.quantize(pipe, cfg, calibration=calibration, **kwargs)
+        diffquant.quantize(pipe, cfg, calibration=None if is_unconditional(fp_pipe) else calibration, **kwargs)
     return pipe, time.perf_counter() - start, mem.mib
 
 
@@ -76,6 +77,8 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     against the fake-quant images (``psnr_to_fake_quant``): does the deployed form keep the calibrated model?
     ``ranks``: low-rank branch ranks (``QuantConfig.lowrank_rank``, 0: none), one row each; ``config``: further
     ``QuantConfig`` fields of every row (e.g. ``timestep_groups``); ``method_options``: method name -> its options.
+    An unconditional ``fp_pipe`` calibrates from ``len(calibration)`` samples (empty prompts) drawn from
+    ``calibration_seeds``, never from the evaluation's seeds.
     """
     from diffquant import QuantConfig
 
@@ -84,7 +87,9 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
     # Extras the defaults policy supplies (mini-flux's max_sequence_length) come back when calibration resolves.
     implied = default_settings(fp_pipe).extras
     own = settings.replace(extras={k: v for k, v in settings.extras.items() if implied.get(k, object()) != v})
-    calib_cfg = CalibrationConfig.from_sampling(own, num_prompts=len(calibration), batch_size=options.batch_size)
+    unconditional = is_unconditional(fp_pipe)
+    calib_cfg = CalibrationConfig.from_sampling(own, num_prompts=len(calibration), batch_size=options.batch_size,
+                                                seeds=calibration_seeds(len(calibration)) if unconditional else None)
     for method in methods:
         for (wbits, abits), granularity, rank in ((b, g, r) for b in bits for g in granularities for r in ranks):
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, lowrank_rank=rank,

@@ -30,7 +30,8 @@ _CACHE = field_option(EvalOptions, "cache_dir", "--cache-dir",
 _INCEPTION = typer.Option(None, "--inception-weights", help="TorchScript Inception file for FID (e.g. clean-fid's inception-2015-12-05.pt).")
 _CLIP = typer.Option(None, "--clip-model", help="Local transformers CLIPModel folder for CLIP score.")
 _LPIPS = typer.Option(None, "--lpips-weights", help="torchvision AlexNet weights (.pth/.safetensors) for LPIPS.")
-_REF_IMAGES = typer.Option(None, "--reference-images", help="Folder of reference images for Fréchet distance to a reference set (zoo prompts default to their rendered scenes).")
+_REF_IMAGES = typer.Option(None, "--reference-images", help="Folder of reference images for Fréchet distance to a reference set, "
+                           "or zoo:scenes (the mini zoo's real scenes; zoo prompts default to their renders, mini-ddim to zoo:scenes).")
 _METRICS = typer.Option("all", "--metrics", help="Comma list of psnr,ssim,lpips,fd_fp,fd_ref,clip,attributes,timestep,sensitivity, or 'all'.")
 _OVERWRITE = typer.Option(False, "--overwrite", help="Replace --out if it exists (otherwise refuse).")
 _SENS_LAYERS = typer.Option(None, "--sensitivity-max-layers", min=1, help="Measure only the first N quantized layers (per-layer sensitivity costs a few denoiser calls per layer).")
@@ -133,8 +134,12 @@ def bench_command(
     timestep_groups: int = typer.Option(1, "--timestep-groups", min=1, help="Activation parameter sets over the timestep range."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable), for every method in --methods."),
     peers: str = typer.Option("all", "--peers", help="Comma list of torchao-w8a8,torchao-w4,quanto-w8a8,quanto-w4,nncf-int8,openvino-fp32,openvino-bf16, 'all' or 'none'."),
-    calib_prompts: str = typer.Option("zoo:calibration:16", "--calib-prompts", help="Calibration prompts (same forms as --prompts)."),
-    prompts: Optional[str] = _PROMPTS, seeds: Optional[str] = _SEEDS, steps: Optional[int] = _STEPS, guidance: Optional[float] = _GUIDANCE,
+    calib_prompts: Optional[str] = typer.Option(None, "--calib-prompts", help="Calibration prompts (same forms as --prompts; "
+                                                "default zoo:calibration:16)."),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", min=1, help="Unconditional models: calibration "
+                                                "samples, from seeds 1000000.. (apart from the evaluation's; default 16)."),
+    prompts: Optional[str] = _PROMPTS, seeds: Optional[str] = _SEEDS, num_samples: Optional[int] = _NUM_SAMPLES,
+    steps: Optional[int] = _STEPS, guidance: Optional[float] = _GUIDANCE,
     height: Optional[int] = _HEIGHT, width: Optional[int] = _WIDTH, batch_size: int = _BATCH,
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Folder for results.json, results.md and report.html."),
     cache_dir: Path = _CACHE, inception_weights: Optional[str] = _INCEPTION, clip_model: Optional[str] = _CLIP,
@@ -146,16 +151,19 @@ def bench_command(
                                           "registered engine (openvino; torch: integer kernels): a <label>-<engine> row."),
     overwrite: bool = _OVERWRITE,
 ) -> None:
-    """Several methods, bit widths and peer baselines on the same pairs: one table (markdown + JSON) and an HTML report."""
+    """Several methods, bit widths and peer baselines on the same pairs: one table (markdown + JSON) and an HTML report.
+
+    An unconditional model (DDPM, DDIM, LDM) is paired by seed (--num-samples or --seeds) and scored by PSNR/SSIM and
+    Fréchet distance to FP and Fréchet distance to real images (--reference-images; mini-ddim: the zoo's scenes)."""
     def body(output) -> None:
         from ..checkpoint import resume_log
         from ..distributed import launch_state
         from ..registry import engine
-        from ..sampling import is_unconditional
+        from ..sampling import is_unconditional, unconditional_prompts
         from .bench import parse_bits, parse_ranks, run_bench
         from .loading import load_model, resolve_settings
         from .peers import parse_peers
-        from .prompts import DEFAULT_PROMPTS, load_prompts, parse_seeds
+        from .prompts import DEFAULT_PROMPTS, DEFAULT_SAMPLES, load_prompts, parse_seeds, sample_items
 
         if launch_state(check_device(device)) is not None:
             raise ValueError("bench runs in one process; under accelerate launch run diffquant eval for each model")
@@ -171,17 +179,28 @@ def bench_command(
         ranks = parse_ranks(lowrank_rank)
         method_options = {m: parse_method_options(m, option) for m in method_list}
         peer_list = parse_peers(peers)
-        items = load_prompts(prompts or DEFAULT_PROMPTS, parse_seeds(seeds))
-        calibration = [it.prompt for it in load_prompts(calib_prompts)]
+        for spec in (prompts, calib_prompts):
+            if spec is not None:
+                load_prompts(spec)  # a bad prompt file fails before any model loads
+        parse_seeds(seeds)
         quiet_libraries()
         fp_pipe = load_model(model, device)
+        items = sample_items(fp_pipe, prompts, seeds, num_samples)
         if is_unconditional(fp_pipe):
-            raise ValueError(f"bench does not run unconditional models ({type(fp_pipe).__name__}) yet; "
-                             "quantize each method and compare with `diffquant eval --num-samples N`")
+            if calib_prompts is not None:
+                raise ValueError(f"{type(fp_pipe).__name__} is unconditional and takes no prompts; drop --calib-prompts "
+                                 "and pass --calib-samples N")
+            calibration = unconditional_prompts(calib_samples or DEFAULT_SAMPLES)
+        elif calib_samples is not None:
+            raise ValueError(f"--calib-samples is for unconditional models; {type(fp_pipe).__name__} is text-conditioned: "
+                             "pass --calib-prompts")
+        else:
+            calibration = [it.prompt for it in load_prompts(calib_prompts or "zoo:calibration:16")]
         settings = resolve_settings(fp_pipe, model, steps, guidance, height, width)
         with resume_log() as reused:
+            spec = f"{len(items)} unconditional samples" if is_unconditional(fp_pipe) else prompts or DEFAULT_PROMPTS
             ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration,
-                           prompts_spec=prompts or DEFAULT_PROMPTS, deploy=deploy, deploy_label=backend or "",
+                           prompts_spec=spec, deploy=deploy, deploy_label=backend or "",
                            granularities=[g.strip() for g in act_granularity.split(",") if g.strip()], ranks=ranks,
                            config={"timestep_groups": timestep_groups}, method_options=method_options)
         _write(ev, output, reused, f"diffquant bench: {model}")

@@ -19,6 +19,7 @@ from . import metrics as M
 from ..bits import coverage
 from .coverage import layer_table, shipped_mib
 from .curves import layer_sensitivity, timestep_error
+from ..registry import model_for
 from ..sampling import SamplingSettings, is_unconditional
 from ..wrap import get_denoiser
 from .paired import generate, model_fingerprint
@@ -39,10 +40,13 @@ class Evaluation:
         self.skipped: dict[str, str] = {}
         if is_unconditional(reference_pipe):  # no prompt to score against or to render a reference set from
             unscored = {"clip": "an unconditional model has no prompts to score", "attributes": "an unconditional model has no captions to check"}
-            if not options.reference_images:
-                unscored["fd_ref"] = "an unconditional model has no prompts to render reference scenes from; pass --reference-images FOLDER"
+            # A bundled (mini-zoo) model's real data are the zoo's scenes; any other needs a folder of real images.
+            real = options.reference_images or (M.ZOO_SCENES if model_for(reference_pipe) is not None else None)
+            if not real:
+                unscored["fd_ref"] = (f"an unconditional model has no prompts to render reference scenes from; pass "
+                                      f"--reference-images FOLDER (or {M.ZOO_SCENES} for models of the mini zoo's data)")
             self.skipped.update({k: v for k, v in unscored.items() if k in options.metrics})
-            options = dataclasses.replace(options, metrics=[m for m in options.metrics if m not in unscored])
+            options = dataclasses.replace(options, metrics=[m for m in options.metrics if m not in unscored], reference_images=real)
         self.pipe, self.items, self.settings, self.options = reference_pipe, items, settings, options
         self.prompts = [it.prompt for it in items]
         self.models: list[dict] = []
@@ -54,6 +58,7 @@ class Evaluation:
         fingerprint = model_fingerprint(reference_pipe)
         fp_images, stats = generate(reference_pipe, items, settings, options.cache_dir, options.batch_size, reference_label, fingerprint)
         self.images[reference_label] = fp_images
+        self.fp_size = tuple(fp_images.shape[-2:])  # an unconditional model's settings carry no size
         # Parameters and MACs of the float denoiser on one call of these settings: every row's coverage and bits.
         self.layer_table = layer_table(reference_pipe, settings, items[0].prompt if items else "")
         self.reference = {"label": reference_label, "spec": reference_spec, "fingerprint": fingerprint,
@@ -116,11 +121,16 @@ class Evaluation:
         return evaluator.features
 
     def _reference_set(self) -> torch.Tensor:
-        if self.options.reference_images:
-            return M.load_image_folder(self.options.reference_images, (self.settings.height, self.settings.width))
-        images = M.zoo_reference_images(self.prompts)
-        if images.shape[-2:] != (self.settings.height, self.settings.width):
-            images = torch.nn.functional.interpolate(images, size=(self.settings.height, self.settings.width), mode="area")
+        """Real images for ``fd_ref``: a folder, the zoo's real scenes (as many as items), or the renders of the prompts."""
+        size = (self.fp_size if self.settings.height is None else (self.settings.height, self.settings.width))
+        if self.options.reference_images == M.ZOO_SCENES:
+            images = M.zoo_real_scenes(len(self.items))
+        elif self.options.reference_images:
+            return M.load_image_folder(self.options.reference_images, size)
+        else:
+            images = M.zoo_reference_images(self.prompts)
+        if images.shape[-2:] != size:
+            images = torch.nn.functional.interpolate(images, size=size, mode="area")
         return images
 
     def _frechet(self, name: str, a: torch.Tensor, b: torch.Tensor) -> float | None:

@@ -157,6 +157,18 @@ def zoo_evaluator():
         raise MetricUnavailable(f"zoo evaluator weights unavailable ({e})") from None
 
 
+ZOO_SCENES = "zoo:scenes"  # --reference-images value: the mini zoo's real scenes (unconditional models)
+
+
+def zoo_real_scenes(n: int) -> torch.Tensor:
+    """``n`` real training-distribution scenes of the mini zoo, the ones its quality floor compares samples with."""
+    try:
+        from diffquant.zoo import data
+    except ImportError as e:
+        raise MetricUnavailable(f"diffquant.zoo is not importable ({e})") from None
+    return torch.from_numpy(data.real_scenes(n))
+
+
 def zoo_reference_images(prompts: list[str]) -> torch.Tensor:
     """Ground-truth renders of mini-zoo captions: the procedural scenes the captions describe."""
     try:

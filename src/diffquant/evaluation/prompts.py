@@ -54,6 +54,15 @@ def load_prompts(spec: str | Path, seeds: list[int] | None = None, limit: int | 
     return items[:limit] if limit is not None else items
 
 
+CALIBRATION_SEED_BASE = 1_000_000
+
+
+def calibration_seeds(n: int) -> list[int]:
+    """Seeds of ``n`` calibration samples of an unconditional model in a paired comparison: 1000000 + i, apart from
+    every evaluation seed below a million (a model calibrated on the images it is judged on would flatter itself)."""
+    return [CALIBRATION_SEED_BASE + i for i in range(n)]
+
+
 def sample_items(pipe, prompts: str | None, seeds: str | None, num_samples: int | None) -> list[PromptItem]:
     """The (prompt, seed) items a sampling command runs on ``pipe``: ``prompts`` (default the zoo's held-out set)
     crossed with ``seeds`` for a text model; for an unconditional one, one empty-prompt item per seed (``--seeds``, else

@@ -48,12 +48,13 @@ _SHARED = "__shared__/"  # key prefix, on disk, of the inputs every row shares
 
 @dataclass
 class SerialDatasetConfig:
-    """Which trajectories to sample (``sampling``, resolved: steps set; batch ``b`` uses seed ``sampling.seed + b``)
-    and how many of their steps to keep per prompt."""
+    """Which trajectories to sample (``sampling``, resolved: steps set; batch ``b`` uses seed ``sampling.seed + b``,
+    or with ``seeds`` prompt i its own seed ``seeds[i]``) and how many of their steps to keep per prompt."""
 
     sampling: SamplingSettings
     steps_per_prompt: int = 4
     batch_size: int = 8
+    seeds: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.sampling, dict):
@@ -64,7 +65,8 @@ class SerialDatasetConfig:
             raise ValueError(f"steps_per_prompt must be in 1..steps ({self.sampling.steps}), got {self.steps_per_prompt}")
 
     def to_dict(self) -> dict:
-        return {"sampling": self.sampling.to_dict(), "steps_per_prompt": self.steps_per_prompt, "batch_size": self.batch_size}
+        return {"sampling": self.sampling.to_dict(), "steps_per_prompt": self.steps_per_prompt, "batch_size": self.batch_size,
+                **({"seeds": self.seeds} if self.seeds is not None else {})}  # absent: earlier datasets keep their fingerprint
 
     def fingerprint(self, prompts: list[str]) -> str:
         return fingerprint({"config": self.to_dict(), "prompts": prompts})
@@ -218,7 +220,8 @@ def _sample_batch(pipe, prompts: list[str], first_prompt: int, config: SerialDat
             parts.append(SerialDataset(inputs, call.prediction[index].detach().clone(), step_ids, prompt_ids, shared))
 
     with denoiser_calls(pipe, before, after) as seen:
-        sample(pipe, prompts, config.sampling.replace(seed=seed))
+        seeds = None if config.seeds is None else config.seeds[first_prompt:first_prompt + len(prompts)]
+        sample(pipe, prompts, config.sampling.replace(seed=seed), seeds=seeds)
     if seen.calls != steps:
         raise RuntimeError(f"the pipeline called its denoiser {seen.calls} times for {steps} steps; "
                            "the serial dataset needs one call per step")

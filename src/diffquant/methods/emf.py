@@ -113,7 +113,8 @@ class EMF(Method):
         if job.pipeline is None or not job.prompts:
             return SerialDataset.from_calibration(job.calibration_set(keep_outputs=True))
         calib = job.config.calibration
-        config = SerialDatasetConfig(job.sampling(), steps_per_prompt=opts.steps_per_prompt, batch_size=calib.batch_size)
+        config = SerialDatasetConfig(job.sampling(), steps_per_prompt=opts.steps_per_prompt, batch_size=calib.batch_size,
+                                     seeds=calib.seeds)
         return generate_serial_dataset(job.pipeline, job.prompts[: calib.num_prompts], config, folder=folder, progress=job.progress,
                                        memory=job.memory())
 

@@ -161,8 +161,9 @@ class PCR(Method):
             self._relax(job, group_of_step, relaxed, options.relax_bits)
         work = job.workdir / "pcr" if job.workdir else None
         settings = {"config": job.config.to_dict()}
+        seeds = job.config.calibration.seeds_for(0, len(prompts))
         progressive_calibrate(job.pipeline, prompts, sampling, seed=job.config.seed, progress=job.progress,
-                              checkpoint_dir=work / "pass-1" if work else None, depends_on=settings, freeze=False)
+                              checkpoint_dir=work / "pass-1" if work else None, depends_on=settings, freeze=False, seeds=seeds)
         report["progressive_passes"] = 1
         sensitivity = None
         if options.sensitivity_prompts > 0:
@@ -173,7 +174,8 @@ class PCR(Method):
             if relaxed:
                 self._relax(job, group_of_step, relaxed, options.relax_bits)
                 progressive_calibrate(job.pipeline, prompts, sampling, start_step=relaxed[0], seed=job.config.seed,
-                                      progress=job.progress, checkpoint_dir=work / "pass-2" if work else None, depends_on=settings)
+                                      progress=job.progress, checkpoint_dir=work / "pass-2" if work else None, depends_on=settings,
+                                      seeds=seeds)
                 report["progressive_passes"] = 2
         set_state(job.denoiser, QuantState.FROZEN)
         step_bits = [self._step_bits(job, group_of_step[s]) for s in range(steps)]
@@ -192,8 +194,9 @@ class PCR(Method):
     @staticmethod
     def _sensitivity(job: QuantJob, prompts: list[str], sampling: SamplingSettings, work: Path | None, settings: dict) -> dict:
         """``step_sensitivity`` of the current model, kept in ``work/sensitivity/`` so a rerun skips it."""
+        seeds = job.config.calibration.seeds_for(0, len(prompts))
         if work is None:
-            return step_sensitivity(job.pipeline, prompts, sampling, progress=job.progress)
+            return step_sensitivity(job.pipeline, prompts, sampling, progress=job.progress, seeds=seeds)
         checkpoint = state_checkpoint(work / "sensitivity", job.denoiser,
                                       {"prompts": prompts, "sampling": sampling.to_dict(), "settings": settings},
                                       "a per-step sensitivity")
@@ -201,7 +204,7 @@ class PCR(Method):
         if saved is not None:
             checkpoint.reused(1, "measurement")
             return saved
-        sensitivity = step_sensitivity(job.pipeline, prompts, sampling, progress=job.progress)
+        sensitivity = step_sensitivity(job.pipeline, prompts, sampling, progress=job.progress, seeds=seeds)
         checkpoint.save_json("sensitivity.json", sensitivity)
         return sensitivity
 

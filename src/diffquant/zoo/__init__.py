@@ -7,6 +7,8 @@ stock ``from_pretrained`` code paths:
 
 - ``mini-sd``: AutoencoderKL + CLIPTextModel + UNet2DConditionModel + DDIM (SD 1.x layout).
 - ``mini-sd3``: AutoencoderKL + two CLIPTextModelWithProjection + SD3Transformer2DModel + flow matching.
+- ``mini-flux``: AutoencoderKL + CLIPTextModel + T5EncoderModel + FluxTransformer2DModel + flow matching.
+- ``mini-ddim``: an unconditional pixel-space UNet2DModel + DDIM (Q-Diffusion's CIFAR-10 setting), no text.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from .data import calibration_prompts, heldout_prompts
 if TYPE_CHECKING:
     import torch
 
-MODEL_NAMES: tuple[str, ...] = ("mini-sd", "mini-sd3", "mini-flux")
+MODEL_NAMES: tuple[str, ...] = ("mini-sd", "mini-sd3", "mini-flux", "mini-ddim")
 MODELS_DIR = Path(__file__).parent / "models"
 
 DEFAULTS: dict[str, dict] = {
     "mini-sd": dict(num_inference_steps=25, guidance_scale=5.0, height=32, width=32),
     "mini-sd3": dict(num_inference_steps=25, guidance_scale=2.5, height=32, width=32),
     "mini-flux": dict(num_inference_steps=25, guidance_scale=4.0, height=32, width=32, max_sequence_length=24),
+    "mini-ddim": dict(num_inference_steps=25),  # unconditional: no guidance, samples at its model's size
 }
 
 __all__ = ["MODEL_NAMES", "DEFAULTS", "model_path", "load_pipeline", "calibration_prompts", "heldout_prompts"]
@@ -53,7 +56,7 @@ def load_pipeline(name: str, torch_dtype: torch.dtype | None = None, device: str
     """Load ``name`` with the real ``from_pretrained`` on its installed folder (offline, progress bar off);
     ``torch_dtype`` None is float32 (torch is imported here, not with the package: the CLI's --help stays light)."""
     import torch
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import DDIMPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
     torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
     folder = model_path(name)
@@ -61,7 +64,7 @@ def load_pipeline(name: str, torch_dtype: torch.dtype | None = None, device: str
         pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, safety_checker=None,
                                                        requires_safety_checker=False, local_files_only=True)
     else:
-        cls = FluxPipeline if name == "mini-flux" else StableDiffusion3Pipeline
+        cls = {"mini-flux": FluxPipeline, "mini-ddim": DDIMPipeline}.get(name, StableDiffusion3Pipeline)
         pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -76,11 +79,16 @@ def float32_text_encoders(folder: Path) -> None:
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _no_prompts() -> list[str]:
+    """mini-ddim is unconditional: it calibrates from seeds (``diffquant.quantize`` never asks it for prompts)."""
+    return []
+
+
 # The core finds the bundled models, their defaults and prompt sets here (the package root imports the zoo).
 for _name in MODEL_NAMES:
     register_model(BundledModel(
         name=_name, folder=functools.partial(model_path, _name), load=functools.partial(load_pipeline, _name),
-        sampling=DEFAULTS[_name], calibration_prompts=calibration_prompts,
+        sampling=DEFAULTS[_name], calibration_prompts=_no_prompts if _name == "mini-ddim" else calibration_prompts,
     ))
 for _split, _prompts in (("heldout", heldout_prompts), ("eval", heldout_prompts), ("test", heldout_prompts),
                          ("calibration", calibration_prompts), ("calib", calibration_prompts),

@@ -1,4 +1,4 @@
-"""The mini zoo's architectures: the VAE, the word-level tokenizer, the text encoders and the two denoiser pipelines.
+"""The mini zoo's architectures: the VAE, the word-level tokenizer, the text encoders and the denoiser pipelines.
 
 Built from configs (no weights), so training, tests and the model cards share one definition.
 """
@@ -70,6 +70,30 @@ def build_sd_pipeline(vae, tokenizer):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_ddim_pipeline(width: int = 32):
+    """mini-ddim: an unconditional pixel-space UNet2DModel (32x32x3) + DDIM, Q-Diffusion's CIFAR-10 setting in miniature.
+
+    Three levels (32, 16, 8 pixels; ``width``, 2 ``width``, 2 ``width`` channels) of one ResNet each, two-head
+    self-attention at 8x8 only, the up path's skip
+    concatenations feeding 1x1 ``conv_shortcut``s (what the shortcut split quantizes). Linear betas as in
+    DDPM; "trailing" spacing makes the first DDIM step t=999; x0 is clipped to [-1, 1] as in DDIM's CIFAR runs.
+    """
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=data.RESOLUTION, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(width, 2 * width, 2 * width), down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=width,
+        norm_num_groups=min(16, width // 2),
+    )
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+                              clip_sample=True, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+                              timestep_spacing="trailing")
+    pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

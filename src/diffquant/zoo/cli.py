@@ -17,7 +17,7 @@ from ..console import quiet_libraries
 app = typer.Typer(help="The mini zoo: small models trained here, the default for demo, tests and benchmarks.",
                   no_args_is_help=True, rich_markup_mode=None, cls=CommandGroup)
 
-TRAINABLE = ("mini-sd", "mini-sd3", "mini-flux", "evaluator", "vae")
+TRAINABLE = ("mini-sd", "mini-sd3", "mini-flux", "mini-ddim", "evaluator", "vae")
 
 
 @app.command("list")
@@ -37,7 +37,7 @@ def list_models() -> None:
 @handled
 def train(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="mini-sd, mini-sd3, mini-flux, evaluator or vae"),
+    name: str = typer.Argument(..., help="mini-sd, mini-sd3, mini-flux, mini-ddim, evaluator or vae"),
     out: Optional[Path] = typer.Option(None, help="run folder (default runs/zoo/NAME)"),
     steps: Optional[int] = typer.Option(None, help="training steps (default: the recipe's)"),
     seed: int = typer.Option(0, help="seed: data stream, init and noise are functions of it"),
@@ -89,6 +89,11 @@ def train(
                                   checkpoint_every=checkpoint_every, batch_size=batch_size or 128)
         result = out / "evaluator"
         typer.echo(json.dumps(metrics, indent=2))
+    elif name == "mini-ddim":
+        from .ddim_training import train_ddim
+
+        result = train_ddim(out, steps=steps, seed=seed, batch_size=batch_size, lr=lr, resume=resume, device=device,
+                            checkpoint_every=checkpoint_every, time_budget_s=time_budget)
     elif name == "vae":
         stage1 = train_vae(out, steps=steps or vae_steps, seed=seed, resume=resume, device=device,
                            batch_size=batch_size or 32, checkpoint_every=checkpoint_every)
@@ -112,7 +117,7 @@ def train(
 @app.command("eval")
 @handled
 def eval_cmd(
-    name: str = typer.Argument(..., help="mini-sd, mini-sd3, mini-flux or evaluator"),
+    name: str = typer.Argument(..., help="mini-sd, mini-sd3, mini-flux, mini-ddim or evaluator"),
     n: int = typer.Option(256, help="number of held-out captions (seeds 0..n-1)"),
     model: Optional[Path] = typer.Option(None, help="evaluate this pipeline folder instead of the installed one"),
     steps: Optional[int] = typer.Option(None, help="override the default number of inference steps"),

@@ -216,6 +216,15 @@ def make_batch(seed: int, index: int, batch_size: int, split: str = "train") -> 
     return np.ascontiguousarray(images), captions, scenes
 
 
+REAL_SEED = 12345  # the stream of real scenes generated samples are compared with (no model trains on it)
+
+
+def real_scenes(n: int, seed: int = REAL_SEED) -> np.ndarray:
+    """``n`` real training-distribution scenes [n, 3, H, W] in [0, 1]: what an unconditional model's samples are
+    judged against (``zoo eval mini-ddim``, ``--reference-images zoo:scenes``)."""
+    return make_batch(seed, 0, n, split="train")[0]
+
+
 def _prompt_set(seed: int, split: str, n: int) -> list[str]:
     import numpy as np
 

@@ -1,4 +1,5 @@
-"""The quality floor: generate the held-out captions with fixed seeds and score them with the evaluator."""
+"""The quality floor: generate the held-out captions (an unconditional model: seeds alone) with fixed seeds and score
+them with the evaluator."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from tqdm.auto import tqdm
 
 from ..sampling import SamplingSettings, default_settings, sample
 from . import DEFAULTS, MODEL_NAMES, data
-from .evaluator import ATTRIBUTES, Evaluator, evaluate_evaluator, load_evaluator
+from .evaluator import ATTRIBUTES, CONFIDENCE, TOLERANCE, Evaluator, evaluate_evaluator, load_evaluator
 
-FLOOR = {"evaluator": 0.95, "model": 0.80}  # evaluator: every attribute on real data; models: shape and colour
+# evaluator: every attribute on real data; text models: shape and colour; unconditional: valid scenes
+FLOOR = {"evaluator": 0.95, "model": 0.80, "unconditional": 0.90}
+UNCONDITIONAL = ("mini-ddim",)
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSettings, batch_size: int = 64) -> torch.Tensor:
@@ -35,6 +38,8 @@ def evaluate_model(name: str, pipe=None, n: int = 256, evaluator: Evaluator | No
         raise ValueError(f"unknown mini-zoo model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     pipe = pipe if pipe is not None else load_pipeline(name)
     ev = evaluator or load_evaluator()
+    if name in UNCONDITIONAL:
+        return evaluate_unconditional(name, pipe, n, ev, batch_size, save_grid, **overrides)
     settings = {**DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None}}
     sampling = default_settings(pipe, settings)
     prompts = data.heldout_prompts(n)
@@ -51,6 +56,30 @@ def evaluate_model(name: str, pipe=None, n: int = 256, evaluator: Evaluator | No
     return {"model": name, "n": n, "settings": settings, "heldout": acc, "train_captions": acc_train,
             "vae_round_trip": recon,
             "generation_s": wall, "floor": {"shape_and_colour": FLOOR["model"]}, "passed": passed}
+
+
+def evaluate_unconditional(name: str, pipe, n: int = 256, evaluator: Evaluator | None = None, batch_size: int = 64,
+                           save_grid: Path | None = None, **overrides) -> dict:
+    """Quality floor of an unconditional model: seeds 0..n-1 at its default settings; the fraction of samples the
+    evaluator reads as a valid scene with confidence (``Evaluator.valid_scenes``), and the Fréchet distance of
+    their evaluator features to ``n`` real scenes. Beside them, for scale: the same numbers for a second real set."""
+    from ..evaluation.metrics import frechet_distance
+
+    ev = evaluator or load_evaluator()
+    settings = {**DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None and k != "guidance_scale"}}
+    t0 = time.time()
+    images = generate(pipe, [""] * n, list(range(n)), default_settings(pipe, settings), batch_size=batch_size)
+    wall = time.time() - t0
+    real, other = (torch.from_numpy(data.real_scenes(n, seed)) for seed in (data.REAL_SEED, data.REAL_SEED + 1))
+    valid, real_valid = np.mean(ev.valid_scenes(images)), np.mean(ev.valid_scenes(other))
+    if save_grid is not None:
+        save_image_grid(images[:64], save_grid)
+    features = ev.features(real)
+    return {"model": name, "n": n, "settings": settings, "confidence": CONFIDENCE, "tolerance": TOLERANCE, "valid_scenes": float(valid),
+            "fd_real": frechet_distance(ev.features(images), features),
+            "real_valid_scenes": float(real_valid), "real_fd_real": frechet_distance(ev.features(other), features),
+            "generation_s": wall, "floor": {"valid_scenes": FLOOR["unconditional"]},
+            "passed": bool(valid >= FLOOR["unconditional"])}
 
 
 @torch.no_grad()
@@ -90,6 +119,18 @@ def save_image_grid(images: torch.Tensor, path: Path, cols: int = 8, scale: int 
 def format_table(result: dict) -> str:
     """The quality-floor table printed by ``diffquant zoo eval``."""
     lines = []
+    if "valid_scenes" in result:
+        s = result["settings"]
+        return "\n".join([
+            f"{result['model']} on seeds 0..{result['n'] - 1}, {s['num_inference_steps']} DDIM steps (floor "
+            f"{result['floor']['valid_scenes']:.0%} valid scenes: each object's shape and colour at p >= {result['confidence']:g}, "
+            f"re-rendered within {result['tolerance']:g} of the image)",
+            f"{'':20s}{'valid scenes':>14s}{'FD to real':>12s}",
+            f"{'generated':20s}{result['valid_scenes']:>14.1%}{result['fd_real']:>12.2f}",
+            f"{'real (other seed)':20s}{result['real_valid_scenes']:>14.1%}{result['real_fd_real']:>12.2f}",
+            f"(FD in the evaluator's 256-d features against {result['n']} real scenes; the second row is real scenes "
+            "of another stream: the ceiling, and the FD two real sets of this size differ by)",
+            "PASS" if result["passed"] else "BELOW FLOOR"])
     if result["model"] == "evaluator":
         lines.append(f"evaluator on {result['n']} real held-out scenes (floor {result['floor']['every_attribute']:.0%} per attribute)")
         rows = {"real held-out": result["heldout_real"]}
@@ -130,6 +171,8 @@ _SPLIT_NOTE = {
     "mini-sd": "No component (VAE, text encoder, UNet) saw a held-out composition in training.",
     "mini-sd3": "No component (VAE, text encoders, transformer) saw a held-out composition in training.",
     "mini-flux": "No component (VAE, text encoder, transformer) saw a held-out composition in training.",
+    "mini-ddim": "mini-ddim trains on the training split's images with their captions ignored (unconditional); it is "
+                 "judged on whether its samples are valid scenes and how far they are from real ones (below).",
 }
 
 _DESCRIPTIONS = {
@@ -147,5 +190,9 @@ _DESCRIPTIONS = {
                  "FluxTransformer2DModel (double-stream and single-stream blocks, RoPE, guidance embedding learned online "
                  "as model guidance: `guidance_scale` works as in FLUX.1-dev), flow matching with "
                  "FlowMatchEulerDiscreteScheduler. Load with `FluxPipeline.from_pretrained(folder)`.",
+    "mini-ddim": "Unconditional pixel-space diffusion, Q-Diffusion's CIFAR-10 setting in miniature: UNet2DModel on 32x32x3 "
+                 "images (three levels of 32/64/64 channels, one ResNet each, self-attention at 8x8, skip concatenations "
+                 "feeding 1x1 conv_shortcuts on the up path), linear betas, epsilon prediction, DDIM (25 steps by default, "
+                 "x0 clipped). No text encoder, no VAE. Load with `DDIMPipeline.from_pretrained(folder)`.",
     "evaluator": "A small CNN predicting, per position slot, empty/shape/colour/size and the background.",
 }

@@ -407,11 +407,12 @@ def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, ou
 
 def load_pipeline_folder(name: str, folder: Path, torch_dtype: torch.dtype = torch.float32):
     """Load a mini-zoo pipeline from any folder (e.g. a run's ``pipeline``), progress bar off."""
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+    from diffusers import DDIMPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
     if not (Path(folder) / "model_index.json").exists():
         raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
-    cls = {"mini-sd": StableDiffusionPipeline, "mini-flux": FluxPipeline}.get(name, StableDiffusion3Pipeline)
+    cls = {"mini-sd": StableDiffusionPipeline, "mini-flux": FluxPipeline,
+           "mini-ddim": DDIMPipeline}.get(name, StableDiffusion3Pipeline)
     kw = dict(safety_checker=None, requires_safety_checker=False) if name == "mini-sd" else {}
     pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True, **kw)
     pipe.set_progress_bar_config(disable=True)
