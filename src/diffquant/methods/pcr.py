@@ -36,7 +36,9 @@ import torch
 
 from ..calibration import replay
 from ..calibration.progressive import (
+    RangePrior,
     activation_quantizers,
+    pooled_ranges,
     progressive_calibrate,
     state_checkpoint,
 )
@@ -47,6 +49,9 @@ from ..sampling import SamplingSettings, denoiser_calls, sample
 from ..bits import average_bits
 from ..wrap import wrap_denoiser
 from .base import Method, QuantJob
+
+
+STEP_RANGES = ("literal", "pooled_shrink")
 
 
 @dataclass
@@ -62,8 +67,14 @@ class PCROptions:
     sensitivity_prompts: int = 2
     reconstruct_weights: bool = False
     reconstruction_iterations: int = 200
+    step_ranges: str = "pooled_shrink"
+    prior_samples: float = 64.0
 
     def __post_init__(self) -> None:
+        if self.step_ranges not in STEP_RANGES:
+            raise ValueError(f"pcr step_ranges must be one of {', '.join(STEP_RANGES)}, got {self.step_ranges!r}")
+        if not float(self.prior_samples) > 0:
+            raise ValueError(f"pcr prior_samples must be > 0, got {self.prior_samples}; e.g. 64")
         if not 0.0 <= float(self.relax_fraction) <= 1.0:
             raise ValueError(f"pcr relax_fraction must be within [0, 1], got {self.relax_fraction}; the paper uses 0.2")
         if not isinstance(self.relax_bits, int) or not 2 <= self.relax_bits <= 16:
@@ -156,13 +167,21 @@ class PCR(Method):
         if fp_denoiser is not None:
             report["reconstruction"] = _reconstruct_weights(job, fp_denoiser, options.reconstruction_iterations)
             del fp_denoiser
+        prior = None
+        if options.step_ranges == "pooled_shrink":
+            if "reconstruction" not in report:  # reconstruction fitted every step on the FP trajectories already
+                set_state(job.denoiser, QuantState.CALIBRATING, seed=job.config.seed)
+                sample(job.pipeline, prompts, sampling)
+                set_state(job.denoiser, QuantState.LEARNING)
+            prior = RangePrior(pooled_ranges(job.denoiser), float(options.prior_samples))
+            report["step_ranges"] = {"form": "pooled_shrink", "prior_samples": prior.prior_samples}
         relaxed = options.relax_steps
         if relaxed is not None:
             self._relax(job, group_of_step, relaxed, options.relax_bits)
         work = job.workdir / "pcr" if job.workdir else None
         settings = {"config": job.config.to_dict()}
         progressive_calibrate(job.pipeline, prompts, sampling, seed=job.config.seed, progress=job.progress,
-                              checkpoint_dir=work / "pass-1" if work else None, depends_on=settings, freeze=False)
+                              checkpoint_dir=work / "pass-1" if work else None, depends_on=settings, freeze=False, prior=prior)
         report["progressive_passes"] = 1
         sensitivity = None
         if options.sensitivity_prompts > 0:
@@ -173,7 +192,8 @@ class PCR(Method):
             if relaxed:
                 self._relax(job, group_of_step, relaxed, options.relax_bits)
                 progressive_calibrate(job.pipeline, prompts, sampling, start_step=relaxed[0], seed=job.config.seed,
-                                      progress=job.progress, checkpoint_dir=work / "pass-2" if work else None, depends_on=settings)
+                                      progress=job.progress, checkpoint_dir=work / "pass-2" if work else None, depends_on=settings,
+                                      prior=prior)
                 report["progressive_passes"] = 2
         set_state(job.denoiser, QuantState.FROZEN)
         step_bits = [self._step_bits(job, group_of_step[s]) for s in range(steps)]
