@@ -58,7 +58,8 @@ def pcr_sd(tiny_pipes):
 
     progressive.fit_group_from_call = recording
     try:
-        diffquant.quantize(pipe, _config(relax_fraction=0.34), calibration=PROMPTS, progress=False)
+        # The paper's literal ranges: the level count below needs the relaxed step's range fitted to its own data.
+        diffquant.quantize(pipe, _config(relax_fraction=0.34, step_ranges="literal"), calibration=PROMPTS, progress=False)
     finally:
         progressive.fit_group_from_call = original
     return {"pipe": pipe, "fp": tiny_pipes["sd"], "observed": observed}

@@ -15,6 +15,19 @@ Recipe (our reading of the paper, choices marked):
    Choice: sensitivity is measured on the progressively calibrated base-bit model, before relaxing.
 5. Inference with another step count: each timestep uses the group of the nearest calibrated
    timestep (``TimestepGroups.index``), so its step's parameters and bit width.
+6. Robust per-step ranges (``step_ranges``; our addition, docs/pcr.md). ``literal`` is the paper's: a step's
+   range is the min/max of its calibration batch (2 x prompts samples with guidance), which held-out prompts
+   leave (mini-sd: the held-out range exceeds 81 % of the (quantizer, step) ranges of 32 calibration prompts;
+   the clipped error compounds into diverged trajectories). ``pooled_shrink`` (default) widens each fitted
+   step's range toward the range pooled over all steps of the float calibration trajectories by
+   ``prior_samples / (prior_samples + n)`` (``calibration.progressive.RangePrior``), before the step runs, so
+   progressive calibration still sees the inference trajectory. Candidates not taken: a percentile or MSE
+   criterion per step narrows ranges, the opposite of what a held-out prompt needs; pooling the previous steps
+   (all the progressive order has) reduces the range excess about as much per unit of widening but reaches less
+   far. Reading (``benchmarks/pcr_ranges.py``, mini-sd float trajectories, 32 calibration vs 64 held-out
+   prompts): w = 0.5 (the default ``prior_samples=64`` at 32 prompts) halves the mean excess (3.3 % -> 1.3 % of
+   the range) at 13 % more width. The default rests on that diagnostic: the held-out fidelity run (docs/pcr.md)
+   did not finish on the loaded machine.
 
 Resume (with a workdir): each progressive pass checkpoints per step (``workdir/pcr/pass-N``, see
 ``calibration.progressive``) and the sensitivity analysis is kept in ``workdir/pcr/sensitivity``;
