@@ -217,6 +217,31 @@ def test_emf_end_to_end(tiny_pipes, family, options, tmp_path):
     torch.testing.assert_close(sample_latents(loaded, **SMALL), out, rtol=1e-4, atol=1e-4)  # time layers live after load
 
 
+def test_emf_with_quantized_time_layers_has_the_nominal_bits(tiny_pipes, tmp_path):
+    """time_layers="quantized": the time layers are quantized like RTN's (same average weight bits), the tables cache
+    their quantized outputs, and a reload computing them live gives the same images."""
+    pipe = copy.deepcopy(tiny_pipes["sd3"])
+    cfg = QuantConfig(method="emf", wbits=4, abits=8, calibration=calibration_config(height=16, width=16),
+                      options=dict(steps_per_prompt=2, iterations=4, batch_size=4, distill_layers=1, sensitivity_rows=2,
+                                   time_layers="quantized"))
+    diffquant.quantize(pipe, cfg, calibration=PROMPTS, progress=False)
+    denoiser = pipe.transformer
+    time_layers = set(get_adapter(denoiser).time_layers())
+    assert time_layers and time_layers <= set(quantized_layers(denoiser))
+    report = diffquant.quant_record(denoiser).report["emf"]
+    assert report["time_precalculation"]["time_layers"] == "quantized" and report["time_precalculation"]["table_entries"] > 0
+    rtn = copy.deepcopy(tiny_pipes["sd3"])
+    diffquant.quantize(rtn, QuantConfig(method="rtn", wbits=4, abits=None), progress=False)
+    assert report["average_bits"]["weight_bits"] == pytest.approx(diffquant.average_bits(rtn.transformer)["weight_bits"])
+    out = sample_latents(pipe, **SMALL)
+    assert torch.isfinite(out).all()
+    loaded = diffquant.load(diffquant.save(pipe, tmp_path / "q"))
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(sample_latents(loaded, **SMALL), out, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="time_layers must be one of float, quantized"):
+        QuantConfig(method="emf", options={"time_layers": "int4"})
+
+
 def test_serial_dataset_refuses_batches_whose_shared_inputs_differ():
     """Flux's img_ids/txt_ids are one tensor for the whole dataset: batches sampled at other sizes are refused."""
     from diffquant.learning.dataset import SerialDataset

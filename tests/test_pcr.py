@@ -58,7 +58,8 @@ def pcr_sd(tiny_pipes):
 
     progressive.fit_group_from_call = recording
     try:
-        diffquant.quantize(pipe, _config(relax_fraction=0.34), calibration=PROMPTS, progress=False)
+        # The paper's literal ranges: the level count below needs the relaxed step's range fitted to its own data.
+        diffquant.quantize(pipe, _config(relax_fraction=0.34, step_ranges="literal"), calibration=PROMPTS, progress=False)
     finally:
         progressive.fit_group_from_call = original
     return {"pipe": pipe, "fp": tiny_pipes["sd"], "observed": observed}
@@ -172,6 +173,8 @@ def test_bad_input_is_refused(tiny_pipes):
         QuantConfig(method="pcr", options={"relax_steps": "first"})
     with pytest.raises(ValueError, match="sensitivity_metric"):
         QuantConfig(method="pcr", options={"sensitivity_metric": "fid"})
+    with pytest.raises(ValueError, match="step_ranges must be one of literal, pooled_shrink"):
+        QuantConfig(method="pcr", options={"step_ranges": "mean"})
     with pytest.raises(ValueError, match="needs the pipeline"):
         diffquant.quantize(copy.deepcopy(tiny_pipes["sd"].unet), _config(), progress=False)
 
@@ -195,3 +198,52 @@ def test_weight_reconstruction_reuses_qdiffusion_code(tiny_pipes):
     assert recon["blocks"] > 5 and report["relaxed_steps"] == []
     assert recon["weight_loss_sum"] < recon["rtn_loss_sum"], recon  # AdaRound lowered the block reconstruction error
     assert states(pipe.unet) == {"frozen": len(diffquant.quantized_layers(pipe.unet))}
+
+
+def test_range_prior_widens_by_the_evidence_and_never_narrows():
+    from diffquant.quant import ActivationQuantizer, QuantSpec
+
+    q = ActivationQuantizer(QuantSpec(bits=8), num_groups=2)
+    q.set_group_range(0, torch.tensor([-1.0]), torch.tensor([1.0]))
+    q.set_group_range(1, torch.tensor([-3.0]), torch.tensor([3.0]))
+    lo, hi = q.group_range(1)
+    assert torch.allclose(hi, torch.tensor([3.0])) and torch.allclose(lo, -hi)  # set_group_range inverts group_range
+    progressive.RangePrior([(torch.tensor([-4.0]), torch.tensor([4.0]))], prior_samples=8).apply([q], 0, samples=8)
+    assert torch.allclose(q.group_range(0)[1], torch.tensor([2.5]))  # halfway: the pooled range counts as much as the step's 8
+    progressive.RangePrior([(torch.tensor([-2.0]), torch.tensor([2.0]))], prior_samples=8).apply([q], 1, samples=8)
+    assert torch.allclose(q.group_range(1)[1], torch.tensor([3.0]))  # a pooled range inside the step's own leaves it
+
+
+def _clipped_elements(pipe, calls) -> int:
+    """Activation elements beyond their group's range by more than one grid step, over ``calls`` replayed through ``pipe``."""
+    counts = []
+
+    def count(q, args, out):
+        x, group = args[0], q.current_group()
+        lo, hi = (q.broadcast_param(v, x, False) for v in q.group_range(group))
+        step = q.broadcast_param(q.scale[group].detach(), x, False)
+        counts.append(int(((x < lo - step) | (x > hi + step)).sum()))
+
+    hooks = [q.register_forward_hook(count) for q in activation_quantizers(pipe.unet)]
+    try:
+        with torch.no_grad():
+            for args, kwargs in calls:
+                pipe.unet(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(counts)
+
+
+def test_robust_step_ranges_clip_a_held_out_prompt_less_than_the_literal_ones(tiny_pipes):
+    calls = []
+    with denoiser_calls(tiny_pipes["sd"], before=lambda c: calls.append((c.args, c.kwargs))):
+        sample(tiny_pipes["sd"], PROMPTS[2:4], RUN.replace(seed=5))  # held out: calibration sees PROMPTS[:1] only
+    clipped = {}
+    for form in ("literal", "pooled_shrink"):
+        pipe = copy.deepcopy(tiny_pipes["sd"])
+        diffquant.quantize(pipe, _config(step_ranges=form, relax_fraction=0.0, sensitivity_prompts=0), calibration=PROMPTS,
+                           progress=False)
+        clipped[form] = _clipped_elements(pipe, calls)
+    assert clipped["literal"] > 0
+    assert clipped["pooled_shrink"] < clipped["literal"], clipped

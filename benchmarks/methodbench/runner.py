@@ -34,10 +34,14 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "pcr": ("pcr", {}, {}),
     "emf": ("emf", {}, {}),
     "emf-serial": ("emf", {}, {"order": "serial"}),
+    # EMF at equal bits: its time-dependent layers quantized like the others (their outputs still precalculated).
+    "emf-quantized-time": ("emf", {}, {"time_layers": "quantized"}),
     # PCR ablations: one activation group per sampling step from FP trajectories (PCR without progressive
     # calibration or relaxing), and PCR without relaxing.
     "rtn-per-step": ("rtn", {"timestep_groups": "steps"}, {}),
     "pcr-no-relax": ("pcr", {}, {"relax_fraction": 0.0, "sensitivity_prompts": 0}),
+    # PCR with robust per-step ranges (step_ranges="pooled_shrink", docs/pcr.md) beside the default, the paper's literal ones.
+    "pcr-robust": ("pcr", {}, {"step_ranges": "pooled_shrink"}),
     # RTN with the time-dependent layers (time embedding, adaLN modulation / time_emb_proj) left float, as EMF's
     # time precalculation leaves them: separates that choice from EMF's training.
     "rtn-float-time": ("rtn", {"float_time_layers": True}, {}),
@@ -122,7 +126,7 @@ def method_details(variant: str, quant_report: dict) -> dict:
     elif method == "pcr" and "pcr" in quant_report:
         p = quant_report["pcr"]
         out = {k: p.get(k) for k in ("relaxed_steps", "relax_bits", "step_activation_bits", "average_step_activation_bits",
-                                     "calibration_timesteps", "progressive_passes", "pcr_seconds", "sensitivity")}
+                                     "calibration_timesteps", "progressive_passes", "pcr_seconds", "sensitivity", "step_ranges")}
     elif method == "emf" and "emf" in quant_report:
         e = quant_report["emf"]
         train = e["train"]
@@ -297,9 +301,10 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
                     shutil.rmtree(work / key, ignore_errors=True)
                 store.save()
                 continue
-            # The serial EMF ablation shares the parallel row's workdir: its dataset and layer sensitivity are
-            # reused (QAT checkpoints are keyed by the training settings), so compare the two by training time.
-            shared = variant == "emf-serial" and bits in emf_workdirs
+            # The serial EMF ablation and EMF with quantized time layers share the parallel row's workdir: its dataset
+            # (and, for the serial one, layer sensitivity) are reused (QAT checkpoints are keyed by the training
+            # settings), so compare them by training time.
+            shared = variant in ("emf-serial", "emf-quantized-time") and bits in emf_workdirs
             workdir = emf_workdirs[bits] if shared else work / key
             print(f"[{name}] {label}: quantizing", flush=True)
             pipe, cost = quantize_row(fp, cfg, calib_prompts, workdir, shared)

@@ -21,6 +21,7 @@ another model, run or config is refused.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,6 +57,43 @@ def fit_group_from_call(denoiser: nn.Module, group: int, args: tuple, kwargs: di
         q.refit_group(group)
 
 
+@dataclass
+class RangePrior:
+    """PCR's robust per-step ranges (``step_ranges="pooled_shrink"``): after step t's group is fitted on its n
+    calibration samples, its range moves toward ``pooled`` (one ``(lo, hi)`` per activation quantizer, per channel
+    segment: the range over every step) by ``w = prior_samples / (prior_samples + n)``: the pooled range counts as
+    ``prior_samples`` samples of evidence, so more calibration prompts keep a step closer to its own range. A range
+    only widens (``lo' = lo + w·min(0, L − lo)``, ``hi' = hi + w·max(0, H − hi)``): the failure it corrects is a
+    held-out prompt leaving a range fitted on few samples, never one too wide."""
+
+    pooled: list[tuple[torch.Tensor, torch.Tensor]]
+    prior_samples: float
+
+    @torch.no_grad()
+    def apply(self, quantizers: list[ActivationQuantizer], group: int, samples: int) -> None:
+        w = self.prior_samples / (self.prior_samples + samples)
+        for q, (pooled_lo, pooled_hi) in zip(quantizers, self.pooled, strict=True):
+            if q.dynamic:
+                continue
+            lo, hi = q.group_range(group)
+            lo_gap, hi_gap = (pooled_lo - lo).clamp(max=0), (pooled_hi - hi).clamp(min=0)
+            if bool((lo_gap < 0).any() or (hi_gap > 0).any()):
+                q.set_group_range(group, lo + w * lo_gap, hi + w * hi_gap)
+
+
+def pooled_ranges(denoiser: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each activation quantizer's range over all its timestep groups as now fitted (``RangePrior.pooled``)."""
+    out = []
+    for q in activation_quantizers(denoiser):
+        ranges = [q.group_range(g) for g in range(q.num_groups)]
+        out.append((torch.stack([lo for lo, _ in ranges]).amin(dim=0), torch.stack([hi for _, hi in ranges]).amax(dim=0)))
+    return out
+
+
+def _batch(call: DenoiserStep) -> int:
+    return next(v for v in (*call.args, *call.kwargs.values()) if torch.is_tensor(v) and v.dim() > 0).shape[0]
+
+
 def state_checkpoint(folder: Path, denoiser: nn.Module, settings: dict, what: str) -> Checkpoint:
     """The checkpoint in ``folder`` of work on ``denoiser``'s current tensors (weights, quantizer parameters and
     bit widths) under JSON ``settings``."""
@@ -89,6 +127,7 @@ def progressive_calibrate(
     depends_on: dict | None = None,
     freeze: bool = True,
     seeds: list[int] | None = None,
+    prior: RangePrior | None = None,
 ) -> list[float]:
     """Fit each step's activation group on the trajectory of the already-quantized earlier steps.
 
@@ -101,6 +140,7 @@ def progressive_calibrate(
     (PCR's per-step sensitivity switches quantization off, which a frozen weight cannot undo).
     ``checkpoint_dir`` makes the pass resumable (module docstring); ``depends_on`` (JSON) names what else the result depends on, e.g. the observers.
     ``seeds``: one per prompt, each sample's own noise (``sample``); None: one generator from ``settings.seed``.
+    ``prior`` widens each fitted step's ranges toward the pooled ones before the step runs (``RangePrior``).
     """
     if not prompts:
         raise ValueError("no calibration prompts given; pass a prompt list or a non-empty prompt file")
@@ -137,6 +177,8 @@ def progressive_calibrate(
             fitted = step >= start_step
             if fitted:
                 fit_group_from_call(denoiser, group, args, kwargs, seed=seed + 7919 * step)
+                if prior is not None:
+                    prior.apply(quantizers, group, _batch(call))
             if checkpoint is not None:
                 if fitted:
                     atomic_save_tensors({f"{k}/{name}": value for k, q in enumerate(quantizers)

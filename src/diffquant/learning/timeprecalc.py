@@ -7,7 +7,9 @@ adaLN-single projection) depends only on the timestep and, where the model has i
 pooled conditioning. The adapter runs that path alone (``time_path``) and names its inputs
 (``time_condition``). Its output is computed once per
 (timestep, conditioning) key in full precision and afterwards looked up, so those layers leave
-the quantized graph (they stay plain float ``nn.Linear``) and cost no matmul in the loop.
+the quantized graph (they stay plain float ``nn.Linear``) and cost no matmul in the loop. A time layer may also
+be a fake-quantized ``QuantLinear`` / ``QuantConv2d`` (EMF's ``time_layers="quantized"``): the table then caches
+its quantized output, computed once per key like the float one.
 
 Readings chosen (the paper gives only figure captions):
 
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -83,7 +87,8 @@ class _Lookup:
             return live(self.layer, x)
         missing = [i for i, k in enumerate(keys) if k not in self.table]
         if missing:
-            with torch.no_grad():
+            scale = self.owner.adapter.timestep_range / 1000.0
+            with torch.no_grad(), self.owner.groups_of(torch.tensor([keys[i][0] * scale for i in missing])):
                 rows = live(self.layer, x[missing]).detach()
             for i, row in zip(missing, rows):
                 self.table.setdefault(keys[i], row)
@@ -114,8 +119,8 @@ class TimePrecalculation:
         self = cls(denoiser)
         for name in self.layer_names:
             layer = denoiser.get_submodule(name)
-            if type(layer) not in (nn.Linear, nn.Conv2d):
-                raise ValueError(f"time layer {name} is {type(layer).__name__}; keep time layers float before installing tables")
+            if not isinstance(layer, (nn.Linear, nn.Conv2d)):  # float, or diffquant's fake-quant subclasses
+                raise ValueError(f"time layer {name} is {type(layer).__name__}; install tables before converting the model")
             lookup = _Lookup(self, layer)
             layer.forward = lookup
             self._lookups[name] = lookup
@@ -136,6 +141,22 @@ class TimePrecalculation:
     def condition_args(self) -> tuple[str, ...]:
         """The denoiser arguments (besides t) the time path reads: the keys' conditioning."""
         return self.adapter.time_condition
+
+    @contextmanager
+    def groups_of(self, timesteps: torch.Tensor) -> Iterator[None]:
+        """While computing rows of ``timesteps``, quantized time layers (a wrapped denoiser's) use those rows' own
+        activation groups, not the group of the call in flight: a table row may belong to any step of the schedule."""
+        record = getattr(self.denoiser, "diffquant", None)
+        if record is None:
+            yield
+            return
+        context = record.context
+        saved = context.timestep, context.group
+        context.set_timestep(timesteps)
+        try:
+            yield
+        finally:
+            context.timestep, context.group = saved
 
     def attach_scheduler(self, scheduler: Any) -> None:
         """Precalculate every step of ``scheduler.timesteps`` when a new prompt batch first calls the denoiser."""
@@ -183,7 +204,8 @@ class TimePrecalculation:
         self.keys = row_keys(t, cond, n, self.adapter.timestep_range)
         misses = self.misses  # filling is not a miss
         try:
-            self.adapter.time_path(t, cond)
+            with self.groups_of(t):
+                self.adapter.time_path(t, cond)
         finally:
             self.keys = None
             self.misses = misses

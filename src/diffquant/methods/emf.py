@@ -5,7 +5,9 @@ Recipe (each step a reusable piece of ``diffquant.learning``):
 1. Serial dataset: the FP pipeline samples the calibration prompts with its own scheduler and
    guidance; ``steps_per_prompt`` random steps per prompt are kept with their FP outputs.
 2. Time information precalculation: the time-dependent layers stay float and become lookup
-   tables keyed by (t, pooled conditioning), filled before training and generation.
+   tables keyed by (t, pooled conditioning), filled before training and generation
+   (``time_layers="quantized"``: they are quantized like the others and the tables cache their quantized
+   outputs, so the model has the nominal weight bits).
 3. Wrap with ``timestep_groups`` activation parameter sets (multi-timestep activation
    quantization), initialise activation ranges min/max (RTN) on every recorded calibration call
    (the FP trajectories RTN calibrates on; ``init_rows=N`` uses N serial-dataset rows instead: too
@@ -59,6 +61,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
+TIME_LAYERS = ("float", "quantized")
+
+
 @dataclass
 class EMFOptions(QATConfig):
     """EMF knobs (``QuantConfig.options`` / ``--option key=value``; ``--preset gpu`` for a larger budget):
@@ -74,9 +79,15 @@ class EMFOptions(QATConfig):
     # None: activation ranges from every recorded calibration call (RTN's data); an int: that many
     # serial-dataset rows (the earlier reading; on mini-sd W4A8 its ranges clip held-out prompts, docs/emf.md).
     init_rows: int | None = None
+    # "float": the paper's precalculation, time layers kept float (their weights count 16 bits); "quantized": the
+    # time layers are quantized like every other layer (wbits/abits) and the tables cache their quantized outputs,
+    # so the model is compared at the nominal weight bits (docs/emf.md, "EMF at equal bits").
+    time_layers: str = "float"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.time_layers not in TIME_LAYERS:
+            raise ValueError(f"emf time_layers must be one of {', '.join(TIME_LAYERS)}, got {self.time_layers!r}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"unknown emf preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.seed != 0:
@@ -129,14 +140,10 @@ class EMF(Method):
         init_calls = job.calibration_set() if config.abits is not None and opts.init_rows is None else None
 
         adapter = get_adapter(denoiser)
-        time_layers = {n: "EMF time precalculation (float lookup table)" for n in adapter.time_layers()}
+        time_layers = {n: "EMF time precalculation (float lookup table)" for n in adapter.time_layers()} if opts.time_layers == "float" else {}
         num_groups = opts.timestep_groups or (config.timestep_groups if config.timestep_groups > 1 else 4)
         record = wrap_denoiser(denoiser, config, groups=TimestepGroups.uniform(num_groups, adapter.timestep_range),
                                float_layers=float_layer_reasons(adapter, config, time_layers))
-        tables = TimePrecalculation.install(denoiser)
-        tables.precalculate(dataset.timestep, dataset.conditioning(tables.condition_args))
-        if job.pipeline is not None:
-            tables.attach_scheduler(job.pipeline.scheduler)
         param = next(denoiser.parameters())
 
         if config.abits is not None:
@@ -173,6 +180,12 @@ class EMF(Method):
                 if feature_dir is not None:
                     dataset.save_features(feature_dir)
 
+        # Tables from here on: calibration, sensitivity and FP features above ran the time layers live, so quantized time
+        # layers were observed and switched off like any layer; training then reads their (fixed) outputs from the tables.
+        tables = TimePrecalculation.install(denoiser)
+        tables.precalculate(dataset.timestep, dataset.conditioning(tables.condition_args))
+        if job.pipeline is not None:
+            tables.attach_scheduler(job.pipeline.scheduler)
         trainer = QATTrainer(denoiser, dataset, opts.qat(seed=config.seed), sensitive,
                              checkpoint_dir=workdir / "qat" if workdir else None, progress=job.progress)
         resumed = trainer.iteration if trainer.try_resume() else 0
@@ -185,7 +198,7 @@ class EMF(Method):
             "dataset": {"rows": len(dataset), "steps_per_prompt": opts.steps_per_prompt, "distinct_timesteps": int(dataset.timestep.unique().numel()),
                         "seconds": dataset_seconds},
             "timestep_groups": num_groups,
-            "time_precalculation": {"layers": len(tables.layer_names), "table_entries": tables.entries(),
+            "time_precalculation": {"layers": len(tables.layer_names), "time_layers": opts.time_layers, "table_entries": tables.entries(),
                                     "misses_during_training": tables.misses - misses_before},
             "sensitivity_top": {n: errors[n] for n in ranked[:10]},
             "sensitive_layers": sensitive,
@@ -202,7 +215,8 @@ class EMF(Method):
                      progress: bool) -> dict[str, float]:
         setting = {k: v for k, v in config.to_dict().items() if k != "options"}  # training knobs do not change it
         checkpoint = None if workdir is None else Checkpoint(
-            workdir / "sensitivity", fingerprint([setting, len(dataset), opts.sensitivity_rows, opts.timestep_groups]),
+            workdir / "sensitivity", fingerprint([setting, len(dataset), opts.sensitivity_rows, opts.timestep_groups]
+                                                 + ([opts.time_layers] if opts.time_layers != "float" else [])),
             "an EMF layer sensitivity").open()
         saved = checkpoint.load_json("layers.json") if checkpoint is not None else None
         if saved is not None:

@@ -15,6 +15,20 @@ Recipe (our reading of the paper, choices marked):
    Choice: sensitivity is measured on the progressively calibrated base-bit model, before relaxing.
 5. Inference with another step count: each timestep uses the group of the nearest calibrated
    timestep (``TimestepGroups.index``), so its step's parameters and bit width.
+6. Robust per-step ranges (``step_ranges``; our addition, docs/pcr.md). ``literal`` is the paper's: a step's
+   range is the min/max of its calibration batch (2 x prompts samples with guidance), which held-out prompts
+   leave (mini-sd: the held-out range exceeds 81 % of the (quantizer, step) ranges of 32 calibration prompts;
+   the clipped error compounds into diverged trajectories); it stays the default until the robust form is measured
+   on held-out images (docs/pcr.md). ``pooled_shrink`` widens each fitted
+   step's range toward the range pooled over all steps of the float calibration trajectories by
+   ``prior_samples / (prior_samples + n)`` (``calibration.progressive.RangePrior``), before the step runs, so
+   progressive calibration still sees the inference trajectory. Candidates not taken: a percentile or MSE
+   criterion per step narrows ranges, the opposite of what a held-out prompt needs; pooling the previous steps
+   (all the progressive order has) reduces the range excess about as much per unit of widening but reaches less
+   far. Reading (``benchmarks/pcr_ranges.py``, mini-sd float trajectories, 32 calibration vs 64 held-out
+   prompts): w = 0.5 (the default ``prior_samples=64`` at 32 prompts) halves the mean excess (3.3 % -> 1.3 % of
+   the range) at 13 % more width. The default rests on that diagnostic: the held-out fidelity run (docs/pcr.md)
+   did not finish on the loaded machine.
 
 Resume (with a workdir): each progressive pass checkpoints per step (``workdir/pcr/pass-N``, see
 ``calibration.progressive``) and the sensitivity analysis is kept in ``workdir/pcr/sensitivity``;
@@ -36,7 +50,9 @@ import torch
 
 from ..calibration import replay
 from ..calibration.progressive import (
+    RangePrior,
     activation_quantizers,
+    pooled_ranges,
     progressive_calibrate,
     state_checkpoint,
 )
@@ -47,6 +63,9 @@ from ..sampling import SamplingSettings, denoiser_calls, sample
 from ..bits import average_bits
 from ..wrap import wrap_denoiser
 from .base import Method, QuantJob
+
+
+STEP_RANGES = ("literal", "pooled_shrink")
 
 
 @dataclass
@@ -62,8 +81,14 @@ class PCROptions:
     sensitivity_prompts: int = 2
     reconstruct_weights: bool = False
     reconstruction_iterations: int = 200
+    step_ranges: str = "literal"
+    prior_samples: float = 64.0
 
     def __post_init__(self) -> None:
+        if self.step_ranges not in STEP_RANGES:
+            raise ValueError(f"pcr step_ranges must be one of {', '.join(STEP_RANGES)}, got {self.step_ranges!r}")
+        if not float(self.prior_samples) > 0:
+            raise ValueError(f"pcr prior_samples must be > 0, got {self.prior_samples}; e.g. 64")
         if not 0.0 <= float(self.relax_fraction) <= 1.0:
             raise ValueError(f"pcr relax_fraction must be within [0, 1], got {self.relax_fraction}; the paper uses 0.2")
         if not isinstance(self.relax_bits, int) or not 2 <= self.relax_bits <= 16:
@@ -156,14 +181,23 @@ class PCR(Method):
         if fp_denoiser is not None:
             report["reconstruction"] = _reconstruct_weights(job, fp_denoiser, options.reconstruction_iterations)
             del fp_denoiser
+        prior = None
+        seeds = job.config.calibration.seeds_for(0, len(prompts))
+        if options.step_ranges == "pooled_shrink":
+            if "reconstruction" not in report:  # reconstruction fitted every step on the FP trajectories already
+                set_state(job.denoiser, QuantState.CALIBRATING, seed=job.config.seed)
+                sample(job.pipeline, prompts, sampling, seeds=seeds)
+                set_state(job.denoiser, QuantState.LEARNING)
+            prior = RangePrior(pooled_ranges(job.denoiser), float(options.prior_samples))
+            report["step_ranges"] = {"form": "pooled_shrink", "prior_samples": prior.prior_samples}
         relaxed = options.relax_steps
         if relaxed is not None:
             self._relax(job, group_of_step, relaxed, options.relax_bits)
         work = job.workdir / "pcr" if job.workdir else None
         settings = {"config": job.config.to_dict()}
-        seeds = job.config.calibration.seeds_for(0, len(prompts))
         progressive_calibrate(job.pipeline, prompts, sampling, seed=job.config.seed, progress=job.progress,
-                              checkpoint_dir=work / "pass-1" if work else None, depends_on=settings, freeze=False, seeds=seeds)
+                              checkpoint_dir=work / "pass-1" if work else None, depends_on=settings, freeze=False, seeds=seeds,
+                              prior=prior)
         report["progressive_passes"] = 1
         sensitivity = None
         if options.sensitivity_prompts > 0:
@@ -175,7 +209,7 @@ class PCR(Method):
                 self._relax(job, group_of_step, relaxed, options.relax_bits)
                 progressive_calibrate(job.pipeline, prompts, sampling, start_step=relaxed[0], seed=job.config.seed,
                                       progress=job.progress, checkpoint_dir=work / "pass-2" if work else None, depends_on=settings,
-                                      seeds=seeds)
+                                      seeds=seeds, prior=prior)
                 report["progressive_passes"] = 2
         set_state(job.denoiser, QuantState.FROZEN)
         step_bits = [self._step_bits(job, group_of_step[s]) for s in range(steps)]

@@ -319,6 +319,21 @@ class ActivationQuantizer(nn.Module):
         self.zero_point[group] = zero_point.to(self.zero_point.device)
         self.calibrated = True
 
+    def group_range(self, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) per channel segment that group ``group``'s grid spans; ``set_group_range`` of it is the identity
+        (a symmetric grid reports ``±qmax·scale``, the range ``qparams_from_range`` maps onto it)."""
+        qmin, qmax = qrange(int(self.bits[group]), self.spec.symmetric, self.spec.unsigned)
+        scale, zero_point = self.scale[group].detach().float(), self.zero_point[group].float()
+        if self.spec.symmetric and not self.spec.unsigned:
+            return -qmax * scale, qmax * scale
+        return (qmin - zero_point) * scale, (qmax - zero_point) * scale
+
+    @torch.no_grad()
+    def set_group_range(self, group: int, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Map ``[lo, hi]`` (per channel segment) onto group ``group``'s grid at its own bit width."""
+        scale, zero_point = qparams_from_range(lo, hi, int(self.bits[group]), self.spec.symmetric, self.spec.unsigned)
+        self.set_group_params(group, scale, zero_point)
+
     def group_bits(self, group: int) -> int:
         return int(self.bits[group])
 
