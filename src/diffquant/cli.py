@@ -60,7 +60,8 @@ def quantize(
     weight_observer: str = field_option(QuantConfig, "weight_observer", help="Weight range: minmax, percentile, mse."),
     act_observer: str = field_option(QuantConfig, "act_observer", help="Activation range: minmax, percentile, mse."),
     act_granularity: str = field_option(QuantConfig, "act_granularity", help="Activation scales: per_tensor (static), "
-                                        "per_channel_smooth (SmoothQuant migration), per_token or per_group (dynamic)."),
+                                        "per_channel_smooth (SmoothQuant migration), per_token or per_group (dynamic; "
+                                        "the softmax output then per query row)."),
     act_group_size: int = field_option(QuantConfig, "act_group_size", help="Input channels per group with --act-granularity per_group."),
     keep_float: list[str] = field_option(QuantConfig, "keep_float", help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
     layers: str = field_option(QuantConfig, "layers", help="What to quantize: all, linear, conv, attention or name patterns, "

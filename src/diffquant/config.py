@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from .quant import QuantSpec
     from .sampling import SamplingSettings
 
-CONFIG_VERSION = 1
+# 2: the softmax output follows a dynamic act_granularity (per query row); version-1 configs keep it static.
+CONFIG_VERSION = 2
 
 
 @dataclass
@@ -197,9 +198,19 @@ class QuantConfig:
         return dataclasses.replace(spec, granularity="per_tensor")
 
     def softmax_spec(self) -> QuantSpec | None:
+        """The attention probabilities' spec: unsigned ``softmax_bits`` codes, static per-tensor (min/max) under
+        per_tensor and smoothing; under per_token/per_group dynamic like the layers' inputs, each query row scaled
+        by its own maximum (per_group: each group of ``act_group_size`` keys of a row). A static grid steps by
+        1/255 of the largest probability seen in calibration, which flattens the small probabilities of long
+        joint-attention rows (mini-sd3: 35 dB); a row's own maximum keeps them. Configs saved before version 2
+        keep the static softmax they were calibrated with."""
         if self.abits is None:
             return None
-        return _spec("softmax", bits=self.softmax_bits, symmetric=False, unsigned=True, observer="minmax")
+        from .quant.spec import DYNAMIC_GRANULARITIES
+
+        dynamic = self.act_granularity in DYNAMIC_GRANULARITIES and self.version >= 2
+        return _spec("softmax", bits=self.softmax_bits, symmetric=False, unsigned=True, observer="minmax",
+                     granularity=self.act_granularity if dynamic else "per_tensor", group_size=self.act_group_size)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -337,15 +337,17 @@ class IntLayer(QuantModule):
         return self._int_mm_block(i, codes, scale, zp, bias)
 
     def _qdq_block(self, i: int, codes: torch.Tensor, scale: float, zp: int, qmax: int, bias: torch.Tensor | None) -> torch.Tensor:
-        """Export form: DequantizeLinear on uint8 activations and int8 weights, then the float op (ONNX Q/DQ)."""
+        """Export form: DequantizeLinear on uint8 activations, then ``qdq_op`` (ONNX Q/DQ)."""
+        return self.qdq_op(i, torch.ops.quantized_decomposed.dequantize_per_tensor(codes, scale, zp, 0, qmax, torch.uint8), bias)
+
+    def qdq_op(self, i: int, x_hat: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Export form of block ``i`` on a dequantized input: DequantizeLinear on its int8 weight codes, the float op."""
         c0, c1, w_seg, _ = self.blocks()[i]
-        key = f"qdq{i}"
-        if key not in self._cache:
-            self._cache[key] = (self.block_codes(c0, c1), self.weight_scales(w_seg))
-        w_codes, w_scale = self._cache[key]
-        qd = torch.ops.quantized_decomposed
-        x_hat = qd.dequantize_per_tensor(codes, scale, zp, 0, qmax, torch.uint8)
-        w_hat = qd.dequantize_per_channel(w_codes, w_scale, torch.zeros_like(w_scale, dtype=torch.long), 0, -128, 127, torch.int8)
+        if f"qdq{i}" not in self._cache:
+            self._cache[f"qdq{i}"] = (self.block_codes(c0, c1), self.weight_scales(w_seg))
+        w_codes, w_scale = self._cache[f"qdq{i}"]
+        zeros = torch.zeros_like(w_scale, dtype=torch.long)
+        w_hat = torch.ops.quantized_decomposed.dequantize_per_channel(w_codes, w_scale, zeros, 0, -128, 127, torch.int8)
         return self.float_op(x_hat, w_hat, bias)
 
     def _onednn_weights(self, i: int, prepack: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:

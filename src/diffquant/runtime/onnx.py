@@ -6,6 +6,12 @@ standard QDQ form that ONNX Runtime fuses into integer kernels where it can. The
 fixed at export (``group``); a model with several groups exports one file per group (OpenVINO serves all
 groups from one graph: openvino.py). Layers that run in float (and timestep groups wider than 8 bits)
 export their fake-quant arithmetic as float ops.
+
+Dynamic activations (per token / per group, and the per-row softmax that follows them) compute their scales in
+the graph, as fake quantization does (ReduceMin/ReduceMax per row), and quantize with ``QuantizeLinear`` /
+``DequantizeLinear`` along the row axis (one scale and zero point per row: ``dynamic_qdq``). ONNX's
+``DynamicQuantizeLinear`` does not fit: it computes one scale for the whole tensor, a coarser grid than the
+model was evaluated with.
 """
 
 from __future__ import annotations
@@ -32,29 +38,62 @@ def export_mode(denoiser: nn.Module, group: int):
     record = quant_record(denoiser)
     layers = [m for m in denoiser.modules() if isinstance(m, IntLayer)]
     quantizers = [q for q in denoiser.modules() if isinstance(q, ActivationQuantizer) and q.mode == "quantize"]
-    check_static(quantizers, "ONNX Q/DQ (DynamicQuantizeLinear computes one scale per tensor, not per token)")
     record.context.force(group)
     for m in layers:
         m.begin_export(group)
+        if m.input_quantizer.dynamic:
+            m.forward = _dynamic_layer_forward(m, group)
     for q in quantizers:  # constants instead of buffer lookups: the exporter cannot branch on tensor values
-        q.forward = _constant_fake_quant(q, group)
+        q.forward = dynamic_qdq(q, group) if q.dynamic else _constant_fake_quant(q, group)
     try:
         yield
     finally:
         for q in quantizers:
             del q.forward
         for m in layers:
+            m.__dict__.pop("forward", None)
             m.end_export()
         record.context.force(None)
 
 
-def check_static(quantizers: list[ActivationQuantizer], engine: str) -> None:
-    """Refuse dynamic activation scales (per token / per group) for an engine graph that has no form for them."""
-    dynamic = [q for q in quantizers if q.dynamic]
-    if dynamic:
-        raise ValueError(f"{dynamic[0].name or 'a layer'}: dynamic {dynamic[0].spec.granularity} activations do not export to "
-                         f"{engine}; quantize with --act-granularity per_tensor or per_channel_smooth to export, or deploy "
-                         "with the torch runtime (diffquant.convert)")
+def dynamic_qdq(q: ActivationQuantizer, group: int):
+    """Export form of dynamic quantizer ``q`` in timestep group ``group``: each row's scale and zero point computed in
+    the graph (``dynamic_qparams``), then per-row QuantizeLinear/DequantizeLinear (uint8, axis 0 of the rows: tokens,
+    or tokens x channel groups); float ops over 8 bits or where groups differ in size."""
+    bits = int(q.bits[group])
+    qmin, qmax = (int(v) for v in qrange(bits, q.spec.symmetric, q.spec.unsigned))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        xm = x.float().movedim(q.channel_axis, -1)
+        bounds = q.dynamic_bounds(xm.shape[-1])
+        size = bounds[0][1] - bounds[0][0]
+        if bits > 8 or any(b - a != size for a, b in bounds):
+            return q.fake_quant(x, group)
+        rows = xm.reshape(-1, size)
+        scale, zero_point = q.dynamic_qparams(rows, bits)
+        scale, zero_point = scale[:, 0], (zero_point[:, 0] - qmin).to(torch.int64)
+        qd = torch.ops.quantized_decomposed
+        codes = qd.quantize_per_channel(rows, scale, zero_point, 0, 0, qmax - qmin, torch.uint8)
+        x_hat = qd.dequantize_per_channel(codes, scale, zero_point, 0, 0, qmax - qmin, torch.uint8)
+        return x_hat.reshape(xm.shape).movedim(-1, q.channel_axis).to(x.dtype)
+
+    return forward
+
+
+def _dynamic_layer_forward(layer: IntLayer, group: int):
+    """Export form of an integer layer with dynamic inputs: per-row Q/DQ of the input, then each block's int8-weight
+    DequantizeLinear and float op (``IntLayer.qdq_op``)."""
+    qdq = dynamic_qdq(layer.input_quantizer, group)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x_hat, out = qdq(x), None
+        for i, (c0, c1, _, _) in enumerate(layer.blocks()):
+            xb = x_hat if (c0, c1) == (0, layer.weight_shape[1]) else layer.channels(x_hat, c0, c1)
+            y = layer.qdq_op(i, xb, layer.bias if out is None else None)
+            out = y if out is None else out + y
+        return out.to(x.dtype)
+
+    return forward
 
 
 def _constant_fake_quant(q: ActivationQuantizer, group: int):
@@ -133,4 +172,4 @@ def _needs_external_data(denoiser: nn.Module) -> bool:
     return size > 1.5 * 2**30
 
 
-__all__ = ["check_static", "export_mode", "export_onnx"]
+__all__ = ["dynamic_qdq", "export_mode", "export_onnx"]

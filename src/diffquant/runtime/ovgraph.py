@@ -19,6 +19,12 @@ int8 constants that OpenVINO decompresses). It is also the graph for x86 CPUs wi
 kernels sum u8 x s8 pairs in int16 and saturate on full-range weight codes. Quantizers outside integer
 layers (attention matmuls, float-fallback layers) are constant FakeQuantize in the int graph when one grid
 serves all its groups, else float fake quantization with gathered parameters.
+
+Dynamic activations (per token / per group, and the per-row softmax) have no constant grid: in both graphs they are
+their own fake quantization with per-row ranges computed in the graph (ReduceMin/ReduceMax; exact), and a layer's
+int8 weight constant follows. Whether the matmul then runs on int8 kernels is OpenVINO's choice: its CPU plugin
+quantizes the input of such weight-compressed FullyConnected layers itself where the CPU has int8 dot products
+(``DYNAMIC_QUANTIZATION_GROUP_SIZE``, 32 by default), on top of the per-row grid.
 """
 
 from __future__ import annotations
@@ -38,7 +44,6 @@ from ..wrap import get_denoiser, quant_record
 from .convert import convert, is_converted
 from .flat import FlatCall, example_inputs
 from .modules import IntConv2d, IntLayer
-from .onnx import check_static
 
 GROUP_INPUT = "timestep_group"
 OUTPUT = "out_sample"
@@ -117,9 +122,23 @@ class _Gathered:
         return ((codes - z) * s).to(x.dtype)
 
 
+def _dynamic_forward(q: ActivationQuantizer, st: _State):
+    """A dynamic quantizer in either graph: its own fake quantization, per-row scales computed in the graph (exact),
+    bits gathered by group where they change with t."""
+    varying = _varies(q.bits, st.groups)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():  # fake_quantize's out-of-place form: OpenVINO's frontend rejects in-place ops on views
+            return q.fake_quant(x, st.group if varying else st.groups[0])
+
+    return forward
+
+
 def _quantizer_forward(q: ActivationQuantizer, st: _State):
     """Int graph: FakeQuantize with group g0's constants when one grid serves its groups; otherwise (and in the
     float graph, where a FakeQuantize would pull in int8 kernels) float arithmetic with gathered parameters."""
+    if q.dynamic:
+        return _dynamic_forward(q, st)
     groups, ref = st.groups, st.groups[0]
     bits = int(q.bits[ref])
     qmin, qmax = (int(v) for v in qrange(bits, q.spec.symmetric, q.spec.unsigned))
@@ -146,7 +165,8 @@ def _int_layer_forward(layer: IntLayer, st: _State):
     """Int graph: FakeQuantize(x / r + d) -> int8-weight op per kernel block -> r * (y - d * op(1)) + bias.
     Float graph: gathered float fake quantization -> the same int8-weight ops (OpenVINO decompresses them)."""
     iq, groups, ref = layer.input_quantizer, st.groups, st.groups[0]
-    gathered = _Gathered(iq, st, varying=True) if st.graph == "float" else None
+    dynamic = _dynamic_forward(iq, st) if iq.dynamic else None
+    gathered = _Gathered(iq, st, varying=True) if st.graph == "float" and dynamic is None else None
     segments, blocks = layer.segments(), layer.blocks()
     grids, tables = [], []
     for s in range(len(segments)):
@@ -167,10 +187,14 @@ def _int_layer_forward(layer: IntLayer, st: _State):
 
     def forward(x_in: torch.Tensor) -> torch.Tensor:
         x, out = iq.smooth_input(x_in), None  # smoothing factors (per_channel_smooth): a constant division
+        x_dynamic = None if dynamic is None else dynamic(x.float())  # every segment's rows at once
         for s, (a, b) in enumerate(segments):
             scale0, zp0, qmax = grids[s]
             xs = x.float() if (a, b) == whole else layer.channels(x.float(), a, b)
-            if gathered is not None:
+            if x_dynamic is not None:
+                r = d = None
+                x_hat = x_dynamic if (a, b) == whole else layer.channels(x_dynamic, a, b)
+            elif gathered is not None:
                 r = d = None
                 x_hat = gathered(xs, segment=s)
             else:
@@ -251,7 +275,6 @@ def quantized_models(
     """
     denoiser = get_denoiser(model)
     quant_record(denoiser)
-    check_static(_quantizers(denoiser), "OpenVINO (its graph has constant FakeQuantize ranges)")
     work = copy.deepcopy(denoiser).float()
     if not is_converted(work):
         convert(work, backend="float", progress=False)
