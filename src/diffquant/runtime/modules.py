@@ -4,8 +4,7 @@ A converted layer holds its weight as integer codes (int8, or int4 packed two pe
 the frozen layer's quantizers for the scales: per-(row, segment) weight scales and the
 per-timestep-group activation scale, zero point and bit width. Per call it
 
-1. looks up the activation parameters of the current timestep group (per sample when a batch mixes
-   timesteps),
+1. looks up the activation parameters of the current timestep group (per sample when timesteps mix),
 2. quantizes the input to uint8 codes ``u = q - qmin`` with zero point ``z - qmin`` (so signed,
    unsigned and asymmetric grids of up to 8 bits all become one uint8 grid),
 3. multiplies int8 x int8 -> int32 and rescales by ``s_x * s_w`` plus the bias in the same kernel.
@@ -15,9 +14,8 @@ Backends: ``onednn`` (PyTorch's oneDNN int8 matmul/convolution, AMX/VNNI, fused 
 from weight row sums), ``float`` (the fake-quant arithmetic on the dequantized weight: used where
 the integer form measured slower, and for timestep groups wider than 8 bits, e.g. PCR's 10-bit
 steps, which no int8 kernel can take). Inputs split into channel segments (Q-Diffusion's shortcut
-splitting) and per-group weight scales become several kernel calls whose outputs are summed.
-Smoothed inputs (``per_channel_smooth``) are divided by their factors first (the weight codes hold them);
-dynamic per-token inputs take one scale per row on ``int_mm`` (``_token_forward``).
+splitting) and per-group weight scales become several kernel calls whose outputs are summed. Smoothed inputs
+are divided by their factors first (the weight codes hold them); per-token inputs take row scales (``_token_forward``).
 """
 
 from __future__ import annotations
@@ -346,8 +344,8 @@ class IntLayer(QuantModule):
         if f"qdq{i}" not in self._cache:
             self._cache[f"qdq{i}"] = (self.block_codes(c0, c1), self.weight_scales(w_seg))
         w_codes, w_scale = self._cache[f"qdq{i}"]
-        zeros = torch.zeros_like(w_scale, dtype=torch.long)
-        w_hat = torch.ops.quantized_decomposed.dequantize_per_channel(w_codes, w_scale, zeros, 0, -128, 127, torch.int8)
+        w_hat = torch.ops.quantized_decomposed.dequantize_per_channel(w_codes, w_scale, torch.zeros_like(w_scale, dtype=torch.long),
+                                                                      0, -128, 127, torch.int8)
         return self.float_op(x_hat, w_hat, bias)
 
     def _onednn_weights(self, i: int, prepack: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
