@@ -167,10 +167,12 @@ def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict
                 text = (f"FP {fp['attr_all']:.3f}, {tag} {rows[q]['summary']['attr_all']:.3f} ({gap:+.1f} points"
                         + (f", paired 95 % CI [{interval[0]:+.1f}, {interval[1]:+.1f}]" if interval else "") + ")"
                         + (f"; RTN {rows[r]['summary']['attr_all']:.3f} ({rtn_gap:+.1f} points)" if rtn_gap is not None else ""))
-                if interval and (interval[0] < -2.0 < interval[1] or interval[0] < 2.0 < interval[1]):
+                unsettled = bool(interval and (interval[0] < -2.0 < interval[1] or interval[0] < 2.0 < interval[1]))
+                if unsettled:
                     text += "; the interval reaches both sides of a 2-point gap: these prompts cannot settle the claim"
                 claims["qdiffusion"].append({
-                    "claim": f"W8A8: {name} attribute accuracy within 2 points of FP", "verdict": "holds" if abs(gap) <= 2.0 else "does not hold",
+                    "claim": f"W8A8: {name} attribute accuracy within 2 points of FP",
+                    "verdict": "not settled" if unsettled else "holds" if abs(gap) <= 2.0 else "does not hold",
                     "text": text,
                     "detail": {"fp": fp["attr_all"], variant: rows[q]["summary"]["attr_all"], "gap_points": gap, "interval_points": interval}})
 
@@ -195,7 +197,7 @@ def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict
                 a, b = rows[p]["summary_calib"]["fd_fp"], rows[other]["summary_calib"]["fd_fp"]
                 extra = f"; on the calibration prompts {a:.2f} vs {b:.2f}"
             claims["pcr"].append({"claim": f"{bits}: PCR beats {name} in FD to FP", "verdict": "holds" if c.get("clearly", c["better"]) else
-                                  ("holds partly" if c["better"] else "does not hold"),
+                                  ("not settled" if c["better"] else "does not hold"),
                                   "text": _fmt_cmp(c, "PCR", short) + f" (PCR at {act:.2f} average activation bits, {over}){extra}",
                                   "detail": c})
 
