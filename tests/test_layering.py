@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "diffquant"
 MAX_LINES = 500
 
 LAYERS: list[set[str]] = [
-    {"io", "distributed", "tokenizers", "registry", "prompts", "plots", "determinism", "typed", "checkpoint", "outputs", "store", "lazy", "console"},
+    {"io", "distributed", "tokenizers", "registry", "prompts", "plots", "determinism", "typed", "checkpoint", "outputs", "store", "lazy", "console", "stats"},
     {"quant"},
     {"nn"},
     {"models"},

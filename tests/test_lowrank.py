@@ -128,7 +128,7 @@ def test_openvino_layer_form_adds_the_branch(tiny_pipes):
     assert len(errors) > 20 and max(errors) < 1e-3
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", [pytest.param("sd", marks=pytest.mark.slow), "sd3"])  # sd: ~25 s
 def test_w4a4_end_to_end(tiny_pipes, family):
     """W4A4 quantizes, samples and converts on the tiny SD and SD3 models, with the branch, dynamic per-group
     activations and timestep groups; the branch and the finer scales each bring it closer to float."""

@@ -213,7 +213,7 @@ def family_case(rtn_results, family: str):
     return pipe, denoiser, inputs, ref, rel_err(w4, ref)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", [pytest.param("sdxl", marks=pytest.mark.slow), "sd3"])  # sdxl: ~1 min of export
 def test_sdxl_and_sd3_run_on_openvino(rtn_results, family):
     """SDXL's added conditioning and SD3's joint attention deploy through their adapters, called the diffusers way
     (batch traced at 2, run at 1: the batch is dynamic); outputs match the fake-quant model far closer than W4 does."""

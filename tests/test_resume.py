@@ -192,6 +192,7 @@ def test_calibration_recording_and_reconstruction_resume_after_sigkill(sd, tmp_p
     assert reconstructed.calls == blocks - 3
 
 
+@pytest.mark.slow  # ~30 s; the evaluation and Q-Diffusion SIGKILL tests stay in the default run
 def test_pcr_resumes_after_sigkill(sd, tmp_path, monkeypatch):
     from diffquant.calibration import progressive
 

@@ -104,7 +104,7 @@ class _AttentionMacs(TorchFunctionMode):
         if self.stack:
             name = self.stack[-1]
             if func is torch.nn.functional.scaled_dot_product_attention:
-                q, k, v = args[:3]
+                q, k, v = (*args, *(kwargs[n] for n in ("query", "key", "value")[len(args):3]))[:3]  # positional or by name
                 rows = q.numel() // q.shape[-1] * k.shape[-2]
                 self._add(f"{name}:qk", rows * q.shape[-1])
                 self._add(f"{name}:pv", rows * v.shape[-1])

@@ -213,7 +213,10 @@ class QuantConfig:
                      granularity=self.act_granularity if dynamic else "per_tensor", group_size=self.act_group_size)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["calibration"].get("seeds") is None:  # configs without calibration seeds keep their earlier JSON
+            del data["calibration"]["seeds"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

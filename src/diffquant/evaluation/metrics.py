@@ -15,9 +15,7 @@ import torch
 from torch import nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-
-class MetricUnavailable(RuntimeError):
-    """A metric cannot run here (weights or package missing); the message says why and how to enable it."""
+from ..stats import MetricUnavailable, frechet_distance  # noqa: F401  (the zoo's floor uses them too)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,23 +26,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM (Gaussian window 11, σ 1.5, data range 1)."""
     return structural_similarity_index_measure(a.double(), b.double(), data_range=1.0, reduction="none").float()
-
-
-def frechet_distance(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
-    """Fréchet distance between Gaussians fitted to feature sets x [N, D] and y [M, D] (the FID formula).
-
-    Computed in float64, with the trace of the matrix square root from eigenvalues (as torchmetrics does).
-    """
-    x = np.asarray(x.double() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-    y = np.asarray(y.double() if isinstance(y, torch.Tensor) else y, dtype=np.float64)
-    if len(x) < 2 or len(y) < 2:
-        raise MetricUnavailable("Fréchet distance needs at least 2 images per set; add prompts or seeds")
-    mu1, mu2 = x.mean(0), y.mean(0)
-    s1, s2 = np.atleast_2d(np.cov(x, rowvar=False)), np.atleast_2d(np.cov(y, rowvar=False))
-    # Tr sqrt(S1 S2) = Σ sqrt(eigenvalues of S1 S2): they are real and >= 0 in exact arithmetic (both PSD),
-    # and this stays finite for singular covariances (fewer samples than dimensions), unlike sqrtm.
-    tr_covmean = np.sqrt(np.linalg.eigvals(s1 @ s2).astype(np.complex128)).real.sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 
 # ---------------------------------------------------------------- LPIPS (AlexNet backbone from a local file)

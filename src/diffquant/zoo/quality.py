@@ -63,7 +63,7 @@ def evaluate_unconditional(name: str, pipe, n: int = 256, evaluator: Evaluator |
     """Quality floor of an unconditional model: seeds 0..n-1 at its default settings; the fraction of samples the
     evaluator reads as a valid scene with confidence (``Evaluator.valid_scenes``), and the Fréchet distance of
     their evaluator features to ``n`` real scenes. Beside them, for scale: the same numbers for a second real set."""
-    from ..evaluation.metrics import frechet_distance
+    from ..stats import frechet_distance
 
     ev = evaluator or load_evaluator()
     settings = {**DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None and k != "guidance_scale"}}
