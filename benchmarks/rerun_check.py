@@ -53,6 +53,10 @@ def compare(old: dict, new: dict, variants: list[str], tolerance: float) -> dict
     return result
 
 
+def num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
 def markdown(result: dict[str, list[dict]], command: str, tolerance: float) -> str:
     lines = ["# Methods table rerun against the recorded rows", "", f"Reproduce: `{command}`.", "",
              "Paired per-image differences new − old on the same held-out prompts (seed = index), normal 95 % intervals. "
@@ -62,9 +66,6 @@ def markdown(result: dict[str, list[dict]], command: str, tolerance: float) -> s
                   "images unchanged | FD to FP old → new | attr. old → new | matches |", "|---" * 9 + "|"]
         for r in rows:
             p, s, fd, at = r["psnr"], r["ssim"], r["fd_fp"], r["attr_all"]
-
-            def num(v, f):
-                return "–" if v is None else f.format(v)
             lines.append(f"| {r['label']} | {p['old']:.2f} → {p['new']:.2f} | {p['diff']:+.2f} [{p['ci'][0]:+.2f}, {p['ci'][1]:+.2f}] | "
                          f"{s['old']:.4f} → {s['new']:.4f} | {s['diff']:+.4f} [{s['ci'][0]:+.4f}, {s['ci'][1]:+.4f}] | "
                          f"{r['unchanged_images']:.0%} | {num(fd['old'], '{:.2f}')} → {num(fd['new'], '{:.2f}')} | "

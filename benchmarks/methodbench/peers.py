@@ -79,6 +79,8 @@ def run_peer_table(name: str, args, store) -> None:
     if table.get("n_images") != n or args.fresh:
         table = {"rows": []}
     done = {r["label"] for r in table["rows"] if r.get("source") == "this run" or r.get("unavailable")}
+    features = Path(args.work_dir) / name / "features"
+    ran = False
     print(f"[{name}] peers: {n} prompts, {len(calib)} calibration prompts", flush=True)
     for method, b, peer in plan:
         label = f"diffquant rtn-w{b[0]}a{b[1]}" if method else peer
@@ -102,10 +104,10 @@ def run_peer_table(name: str, args, store) -> None:
             "started": table.get("started") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
             "wall_s": table.get("wall_s", 0.0) + time.time() - started, "machine": model.get("machine"),
         }
-        started = time.time()
-        _save(name, model, table, n, Path(args.work_dir) / name / "features", store)
-    if table.get("rows"):  # the stored methods rows may have changed (a --redo) although no peer row ran
-        _save(name, model, table, n, Path(args.work_dir) / name / "features", store)
+        started, ran = time.time(), True
+        _save(name, model, table, n, features, store)
+    if not ran and table.get("rows"):  # the stored methods rows may have changed (a --redo) although no peer row ran
+        _save(name, model, table, n, features, store)
     print(f"[{name}] peers done", flush=True)
 
 

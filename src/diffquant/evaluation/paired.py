@@ -38,12 +38,17 @@ class GenStats:
     cached: int = 0
 
 
+def _is_subclass(t: torch.Tensor) -> bool:
+    """A tensor subclass that stores its data in inner tensors (torchao, quanto), not a plain tensor or parameter."""
+    return type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__")
+
+
 def plain_tensors(t: torch.Tensor | None, prefix: str = ""):
     """(path, plain tensor) pairs of ``t``: tensor subclasses (torchao, quanto) contribute their inner data, scales
     and zero points; an optional part a subclass does not hold (quanto's unset activation scales) is skipped."""
     if t is None:
         return
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+    if _is_subclass(t):
         for name in t.__tensor_flatten__()[0]:
             yield from plain_tensors(getattr(t, name), f"{prefix}.{name}")
         return
@@ -52,11 +57,11 @@ def plain_tensors(t: torch.Tensor | None, prefix: str = ""):
 
 def _hash_tensor(h: "hashlib._Hash", t: torch.Tensor) -> None:
     """Hash a tensor's exact bytes; a tensor subclass hashes its type, its context and its inner tensors."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+    if _is_subclass(t):
         h.update(f"{type(t).__name__}{t.__tensor_flatten__()[1]!r}".encode())
     for name, plain in plain_tensors(t):
         plain = plain.cpu().contiguous().reshape(-1)
-        h.update(f"{name}{plain.dtype}{plain.numel()}".encode() if name else f"{plain.dtype}{plain.numel()}".encode())
+        h.update(f"{name}{plain.dtype}{plain.numel()}".encode())  # name is "" for a plain tensor: its earlier hash
         if plain.numel():
             h.update(plain.view(torch.uint8).numpy())
 
