@@ -8,7 +8,8 @@ For every row of the chosen variants present in both files (same model, same lab
 new - old per-image PSNR and SSIM with its normal 95 % interval (``methodbench.claims.paired_interval``), the
 share of images whose PSNR is unchanged to 1e-3 dB, the attribute accuracy of both, and FD to FP of both (the
 old run's features are not kept, so FD is compared by value only). A row "matches" when each paired interval
-contains zero or the whole interval lies within ``--tolerance`` (dB for PSNR, x1/100 for SSIM) of it.
+contains zero or the whole interval lies within ``--tolerance`` (dB for PSNR, x1/100 for SSIM) of it. Text from the
+page's "## What moved" heading on is written by hand and kept when the page is rewritten.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from methodbench.claims import paired_interval  # noqa: E402
+from methodbench.report import analysis  # noqa: E402
+
+NOTES_HEADING = "## What moved"  # the hand-written findings below the tables, kept when the page is rewritten
 
 
 def compare_row(old: dict, new: dict, tolerance: float) -> dict:
@@ -89,7 +93,8 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     if args.markdown:
-        Path(args.markdown).write_text(page + "\n")
+        notes = analysis(Path(args.markdown), NOTES_HEADING)
+        Path(args.markdown).write_text(page + "\n" + ("\n" + notes if notes else ""))
     print(page)
 
 

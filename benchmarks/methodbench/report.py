@@ -240,12 +240,12 @@ def figures(name: str, res: dict, img_dir: Path, page_dir: Path) -> list[str]:
     return [os.path.relpath(p, page_dir) for p in paths]
 
 
-def analysis(md_path: Path) -> str:
-    """The hand-written text of the page (from its ``## Analysis`` heading on), kept when the page is rewritten."""
+def analysis(md_path: Path, heading: str = ANALYSIS_HEADING) -> str:
+    """The hand-written text of the page (from its ``heading`` on), kept when the page is rewritten."""
     if not md_path.is_file():
         return ""
     text = md_path.read_text()
-    i = text.find("\n" + ANALYSIS_HEADING)
+    i = text.find("\n" + heading)
     return text[i + 1:] if i >= 0 else ""
 
 
