@@ -31,7 +31,7 @@ DEFAULTS: dict[str, dict] = {
     "mini-sd": dict(num_inference_steps=25, guidance_scale=5.0, height=32, width=32),
     "mini-sd3": dict(num_inference_steps=25, guidance_scale=2.5, height=32, width=32),
     "mini-flux": dict(num_inference_steps=25, guidance_scale=4.0, height=32, width=32, max_sequence_length=24),
-    "mini-ddim": dict(num_inference_steps=25),  # unconditional: no guidance, samples at its model's size
+    "mini-ddim": dict(num_inference_steps=100),  # Q-Diffusion's CIFAR-10 DDIM steps; unconditional: no guidance
 }
 
 __all__ = ["MODEL_NAMES", "DEFAULTS", "model_path", "load_pipeline", "calibration_prompts", "heldout_prompts"]

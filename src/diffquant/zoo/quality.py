@@ -192,7 +192,7 @@ _DESCRIPTIONS = {
                  "FlowMatchEulerDiscreteScheduler. Load with `FluxPipeline.from_pretrained(folder)`.",
     "mini-ddim": "Unconditional pixel-space diffusion, Q-Diffusion's CIFAR-10 setting in miniature: UNet2DModel on 32x32x3 "
                  "images (three levels of 32/64/64 channels, one ResNet each, self-attention at 8x8, skip concatenations "
-                 "feeding 1x1 conv_shortcuts on the up path), linear betas, epsilon prediction, DDIM (25 steps by default, "
+                 "feeding 1x1 conv_shortcuts on the up path), linear betas, epsilon prediction, DDIM (100 steps by default, as Q-Diffusion samples CIFAR-10; "
                  "x0 clipped). No text encoder, no VAE. Load with `DDIMPipeline.from_pretrained(folder)`.",
     "evaluator": "A small CNN predicting, per position slot, empty/shape/colour/size and the background.",
 }
