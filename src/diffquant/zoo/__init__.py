@@ -34,7 +34,7 @@ DEFAULTS: dict[str, dict] = {
     "mini-ddim": dict(num_inference_steps=100),  # Q-Diffusion's CIFAR-10 DDIM steps; unconditional: no guidance
 }
 
-__all__ = ["MODEL_NAMES", "DEFAULTS", "model_path", "load_pipeline", "calibration_prompts", "heldout_prompts"]
+__all__ = ["MODEL_NAMES", "DEFAULTS", "model_path", "load_pipeline", "load_pipeline_folder", "calibration_prompts", "heldout_prompts"]
 
 
 def _check_name(name: str) -> None:
@@ -55,19 +55,24 @@ def model_path(name: str) -> Path:
 def load_pipeline(name: str, torch_dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load ``name`` with the real ``from_pretrained`` on its installed folder (offline, progress bar off);
     ``torch_dtype`` None is float32 (torch is imported here, not with the package: the CLI's --help stays light)."""
+    return load_pipeline_folder(name, model_path(name), torch_dtype).to(device)
+
+
+def load_pipeline_folder(name: str, folder: Path, torch_dtype: torch.dtype | None = None):
+    """Load a mini-zoo pipeline of kind ``name`` from any folder (the installed one, or a run's ``pipeline``) with
+    its pipeline class, offline, progress bar off; ``torch_dtype`` None is float32."""
     import torch
     from diffusers import DDIMPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    torch_dtype = torch.float32 if torch_dtype is None else torch_dtype
-    folder = model_path(name)
-    if name == "mini-sd":
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch_dtype, safety_checker=None,
-                                                       requires_safety_checker=False, local_files_only=True)
-    else:
-        cls = {"mini-flux": FluxPipeline, "mini-ddim": DDIMPipeline}.get(name, StableDiffusion3Pipeline)
-        pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True)
+    if not (Path(folder) / "model_index.json").exists():
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
+    cls = {"mini-sd": StableDiffusionPipeline, "mini-flux": FluxPipeline,
+           "mini-ddim": DDIMPipeline}.get(name, StableDiffusion3Pipeline)
+    kw = dict(safety_checker=None, requires_safety_checker=False) if name == "mini-sd" else {}
+    pipe = cls.from_pretrained(str(folder), torch_dtype=torch.float32 if torch_dtype is None else torch_dtype,
+                               local_files_only=True, **kw)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe
 
 
 def float32_text_encoders(folder: Path) -> None:

@@ -141,7 +141,7 @@ def eval_cmd(
         else:
             pipe = None
             if model is not None:
-                from .train import load_pipeline_folder
+                from . import load_pipeline_folder
 
                 pipe = load_pipeline_folder(name, model)
             result = evaluate_model(name, pipe=pipe, n=n, num_inference_steps=steps, guidance_scale=guidance,

@@ -11,13 +11,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..sampling import SamplingSettings, default_settings, sample
+from ..sampling import SamplingSettings, default_settings, is_unconditional, sample
 from . import DEFAULTS, MODEL_NAMES, data
 from .evaluator import ATTRIBUTES, CONFIDENCE, TOLERANCE, Evaluator, evaluate_evaluator, load_evaluator
 
 # evaluator: every attribute on real data; text models: shape and colour; unconditional: valid scenes
 FLOOR = {"evaluator": 0.95, "model": 0.80, "unconditional": 0.90}
-UNCONDITIONAL = ("mini-ddim",)
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplingSettings, batch_size: int = 64) -> torch.Tensor:
@@ -38,7 +37,7 @@ def evaluate_model(name: str, pipe=None, n: int = 256, evaluator: Evaluator | No
         raise ValueError(f"unknown mini-zoo model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
     pipe = pipe if pipe is not None else load_pipeline(name)
     ev = evaluator or load_evaluator()
-    if name in UNCONDITIONAL:
+    if is_unconditional(pipe):  # no captions: judged by valid scenes and FD to real scenes
         return evaluate_unconditional(name, pipe, n, ev, batch_size, save_grid, **overrides)
     settings = {**DEFAULTS[name], **{k: v for k, v in overrides.items() if v is not None}}
     sampling = default_settings(pipe, settings)

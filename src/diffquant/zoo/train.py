@@ -405,20 +405,6 @@ def export_pipeline(name: str, pipe, modules: dict[str, nn.Module], ema: EMA, ou
         return output.publish()
 
 
-def load_pipeline_folder(name: str, folder: Path, torch_dtype: torch.dtype = torch.float32):
-    """Load a mini-zoo pipeline from any folder (e.g. a run's ``pipeline``), progress bar off."""
-    from diffusers import DDIMPipeline, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
-
-    if not (Path(folder) / "model_index.json").exists():
-        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
-    cls = {"mini-sd": StableDiffusionPipeline, "mini-flux": FluxPipeline,
-           "mini-ddim": DDIMPipeline}.get(name, StableDiffusion3Pipeline)
-    kw = dict(safety_checker=None, requires_safety_checker=False) if name == "mini-sd" else {}
-    pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype, local_files_only=True, **kw)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def replace_vae_weights(pipeline_dir: Path, vae_dir: Path) -> None:
     """Put ``vae_dir``'s weights (fp16) into a pipeline folder, keeping the pipeline's VAE config.
 
