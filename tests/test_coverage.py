@@ -103,6 +103,7 @@ def test_layers_linear_leaves_convs_and_attention_float_with_the_reason(tmp_path
     calib = CalibrationConfig(num_prompts=1, num_inference_steps=2, height=32, width=32)
     cfg = QuantConfig(wbits=8, abits=8, layers="linear", calibration=calib)
     assert QuantConfig.from_json(cfg.to_json()).layers == "linear"  # serialised with the config
+    assert cfg.label == "rtn-w8a8-linear" and QuantConfig(wbits=8, abits=8).label == "rtn-w8a8"  # bench rows say it
     diffquant.quantize(pipe, cfg, calibration=["a red circle"], progress=False)
     unet = pipe.unet
     reasons = diffquant.quant_record(unet).float_layers

@@ -169,7 +169,8 @@ class QuantConfig:
     def label(self) -> str:
         granularity = "" if self.abits is None or self.act_granularity == "per_tensor" else f"-{self.act_granularity}"
         rank = f"-r{self.lowrank_rank}" if self.lowrank_rank else ""
-        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}{granularity}{rank}"
+        coverage = "" if self.layer_selection == ["all"] else "-" + "+".join(self.layer_selection)
+        return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}{granularity}{rank}{coverage}"
 
     @property
     def layer_selection(self) -> list[str]:

@@ -132,6 +132,8 @@ def bench_command(
     lowrank_rank: str = typer.Option("0", "--lowrank-rank", help="Comma list of low-rank float branch ranks (0: none), "
                                      "one row each, e.g. 0,8,16."),
     timestep_groups: int = typer.Option(1, "--timestep-groups", min=1, help="Activation parameter sets over the timestep range."),
+    layers: str = typer.Option("all", "--layers", help="What every method row quantizes: all, linear (torchao's coverage), "
+                               "conv, attention or name patterns, comma separated (as for quantize)."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable), for every method in --methods."),
     peers: str = typer.Option("all", "--peers", help="Comma list of torchao-w8a8,torchao-w4,quanto-w8a8,quanto-w4,nncf-int8,openvino-fp32,openvino-bf16, 'all' or 'none'."),
     calib_prompts: Optional[str] = typer.Option(None, "--calib-prompts", help="Calibration prompts (same forms as --prompts; "
@@ -202,7 +204,7 @@ def bench_command(
             ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration,
                            prompts_spec=spec, deploy=deploy, deploy_label=backend or "",
                            granularities=[g.strip() for g in act_granularity.split(",") if g.strip()], ranks=ranks,
-                           config={"timestep_groups": timestep_groups}, method_options=method_options)
+                           config={"timestep_groups": timestep_groups, "layers": layers}, method_options=method_options)
         _write(ev, output, reused, f"diffquant bench: {model}")
 
     run_writing(out, overwrite, body)
