@@ -64,10 +64,11 @@ VARIANTS = (
     "fake_quant_w8a8", "converted_w8a8", "converted_w8a8_bf16", "converted_w8a8_compiled",
     "fake_quant_w4a8", "converted_w4a8", "converted_w4a8_bf16",
     "fake_quant_w8a8_attn", "converted_w8a8_attn", "converted_w8a8_attn_bf16",
+    "fake_quant_w8a8_tok", "converted_w8a8_tok", "openvino_w8a8_tok", "openvino_w8a8_tok_float",
     "torchao_int8_dynamic", "torchao_int8_dynamic_compiled", "onnxruntime_fp32", "onnxruntime_int8_qdq",
 ) + engines.ENGINE_VARIANTS
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and v != "fake_quant_w4a8")
-QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn")
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and "tok" not in v and v != "fake_quant_w4a8")
+QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok")  # _tok: dynamic per-token activation scales (issue 22)
 
 
 class PeakRSS:
@@ -175,7 +176,8 @@ def build(model: str):
 
 
 def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:
-    cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith("_attn"))
+    cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith("_attn"),
+                      act_granularity="per_token" if tag.endswith("_tok") else "per_tensor")
     return diffquant.quantize(copy.deepcopy(unet), cfg, calibration=calib, progress=False)
 
 
@@ -376,7 +378,7 @@ def markdown(out: dict) -> str:
             lines += [f"| `{o['op']}` | {o['self_ms']} | {o['share']:.1%} | {o['calls']} |" for o in ops]
         lines += ["", "Notes:", ""] + [f"- {line}" for line in note_lines(res["notes"])] + [""]
         targets = engines.target_lines(name, res)
-        lines += ["Targets (issue 14):", ""] + [f"- {line}" for line in targets] + [""] if targets else []
+        lines += ["Targets (issues 14 and 22):", ""] + [f"- {line}" for line in targets] + [""] if targets else []
     return "\n".join(lines)
 
 
