@@ -19,7 +19,7 @@ then collect them into one table (JSON + markdown) and check the issue's targets
 
 Every row carries the coverage and average bits ``diffquant bench`` computes for it (``evaluation.coverage``, the
 same function for diffquant and peer rows), its prompt count and its run's folder. Targets: the best full-coverage
-W8A8 row reaches ``TARGETS_DB``; at a W8A8 peer's coverage (``PEER_COVERAGE``) diffquant's best row beats the peer
+W8A8 row reaches ``TARGETS_DB``; at a peer's coverage and bits (``PEER_COVERAGE``) diffquant's best row beats the peer
 on PSNR and on FD to FP. The ``probes`` of an existing ``--json`` (``granularity_probe.py``) are kept.
 """
 
@@ -32,9 +32,10 @@ from pathlib import Path
 
 GRANULARITIES = ("per_tensor", "per_channel_smooth", "per_token", "per_group")
 TARGETS_DB = {"mini-sd": 50.0, "mini-sd3": 45.0}  # W8A8, best granularity, full coverage, PSNR to FP
-# A W8A8 peer's coverage in diffquant's --layers terms: torchao quantizes Linear layers only; quanto every Linear and
+# A peer's coverage and bits in diffquant's --layers terms: torchao quantizes Linear layers only; quanto every Linear and
 # Conv2d (diffquant's "all" adds the attention matmuls, more than quanto covers: a harder setting, not an easier one).
-PEER_COVERAGE = {"torchao-w8a8": "linear", "quanto-w8a8": "all"}
+# quanto W4 is weight-only: it meets diffquant's weight-only rows (`--bits w4`, label w4af) at full coverage.
+PEER_COVERAGE = {"torchao-w8a8": ("linear", "w8a8"), "quanto-w8a8": ("all", "w8a8"), "quanto-w4": ("all", "w4af")}
 ROW_KEYS = ("psnr", "fd_fp", "calibration_s", "weight_coverage", "mac_coverage", "avg_wbits", "avg_abits", "denoiser_mib")
 LABEL = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<bits>w\d+a(?:\d+|f))(?:-(?P<gran>" + "|".join(GRANULARITIES[1:])
                    + r"))?(?:-r(?P<rank>\d+))?(?:-(?P<layers>.+))?$")
@@ -44,8 +45,8 @@ def parse_label(label: str, spec: str) -> dict:
     """What a bench row is: a diffquant row's method, bits, granularity and coverage, or a peer."""
     match = LABEL.match(label)
     if not spec.startswith("diffquant") or match is None:
-        return {"kind": "peer", "method": label, "bits": label.split("-")[-1], "granularity": None,
-                "layers": PEER_COVERAGE.get(label)}
+        layers, bits = PEER_COVERAGE.get(label, (None, label.split("-")[-1]))
+        return {"kind": "peer", "method": label, "bits": bits, "granularity": None, "layers": layers}
     return {"kind": "diffquant", "method": match["method"], "bits": match["bits"],
             "granularity": match["gran"] or "per_tensor", "layers": match["layers"] or "all"}
 
@@ -73,7 +74,7 @@ def _best(rows: list[dict], **match) -> dict | None:
 
 
 def targets(rows: list[dict]) -> dict:
-    """The issue's targets per model: full-coverage W8A8 PSNR, and diffquant's best row against each W8A8 peer at its coverage."""
+    """The issue's targets per model: full-coverage W8A8 PSNR, and diffquant's best row against each peer at its coverage and bits."""
     out: dict = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -83,11 +84,11 @@ def targets(rows: list[dict]) -> dict:
             entry["full_w8a8"] = {"target_db": TARGETS_DB[model], "best": best["label"], "psnr": best["psnr"],
                                   "prompts": best["prompts"], "met": best["psnr"] >= TARGETS_DB[model]}
         for peer in (r for r in mine if r["kind"] == "peer" and r["layers"] is not None and r["psnr"] is not None):
-            ours = _best(mine, bits="w8a8", layers=peer["layers"])
+            ours = _best(mine, bits=peer["bits"], layers=peer["layers"])
             if ours is None:
                 continue
             entry[f"vs_{peer['label']}"] = {
-                "coverage": peer["layers"], "diffquant": ours["label"], "psnr": ours["psnr"], "fd_fp": ours["fd_fp"],
+                "coverage": peer["layers"], "bits": peer["bits"], "diffquant": ours["label"], "psnr": ours["psnr"], "fd_fp": ours["fd_fp"],
                 "peer_psnr": peer["psnr"], "peer_fd_fp": peer["fd_fp"],
                 "met": ours["psnr"] > peer["psnr"] and (ours["fd_fp"] or 0) < (peer["fd_fp"] or float("inf"))}
         out[model] = entry
@@ -100,7 +101,8 @@ def _cell(value, fmt: str) -> str:
 
 def _order(row: dict) -> tuple:
     gran = GRANULARITIES.index(row["granularity"]) if row["granularity"] in GRANULARITIES else len(GRANULARITIES)
-    return (row["model"], row["kind"] != "diffquant", row["bits"], row["layers"] != "all", row["method"], gran, row["label"])
+    wbits = int(re.match(r"w(\d+)", row["bits"])[1]) if re.match(r"w\d+", row["bits"]) else 0
+    return (row["model"], row["kind"] != "diffquant", -wbits, row["layers"] != "all", row["method"], gran, row["label"])
 
 
 def markdown(data: dict) -> str:
@@ -121,9 +123,9 @@ def markdown(data: dict) -> str:
                 lines.append(f"- {model}: best full-coverage W8A8 row {t['best']} at {t['psnr']:.2f} dB ({t['prompts']} prompts); "
                              f"target >= {t['target_db']:.0f} dB {verdict}.")
             else:
-                lines.append(f"- {model}, at {key[3:]}'s coverage ({t['coverage']}): {t['diffquant']} {t['psnr']:.2f} dB / FD "
+                lines.append(f"- {model}, at {key[3:]}'s coverage ({t['coverage']}, {t['bits']}): {t['diffquant']} {t['psnr']:.2f} dB / FD "
                              f"{_cell(t['fd_fp'], '{:.2f}')} vs {t['peer_psnr']:.2f} / {_cell(t['peer_fd_fp'], '{:.2f}')}: "
-                             f"beats the peer on both {verdict}.")
+                             f"beats the peer on both: {verdict}.")
     return "\n".join(lines) + "\n"
 
 

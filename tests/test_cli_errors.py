@@ -126,7 +126,7 @@ ROWS = [
     ("eval-other-architecture", _set(E, model="{env}/other"), "differ in denoiser sample_size", None),
     ("eval-nan", _set(E, model="{env}/nan"), "NaN/Inf in the denoiser output at 'nan' sampling step 1", None),
     ("bench-seeds-empty", _set(B, seeds="3-1"), "empty --seeds range", None),
-    ("bench-bits", _set(B, bits="w8"), "bad bit width 'w8'", None),
+    ("bench-bits", _set(B, bits="w8x8"), "bad bit width 'w8x8'", None),
     ("info-future-manifest", ["info", "--model", "{env}/future-manifest"], "format version 99, newer than this diffquant", None),
     ("info-future-config", ["info", "--model", "{env}/future-config"], "format version 99, newer than this diffquant", None),
     ("export-not-converted", ["export", "--model", "{env}/q-sd3", "--out", "{tmp}/m.onnx"], "the model is not converted", None),

@@ -365,5 +365,7 @@ def test_bench_bad_input_is_one_line(tmp_path):
 
     result = _cli(bench_command, ["--model", str(tmp_path), "--bits", "8/8"])
     assert result.exit_code == 2 and "wXaY" in result.output
+    from diffquant.evaluation.bench import parse_bits
+    assert parse_bits("w8a8, w4,w4af") == [(8, 8), (4, None), (4, None)]  # wX / wXaf: weight-only rows
     result = _cli(bench_command, ["--model", str(tmp_path), "--peers", "tensorrt"])
     assert result.exit_code == 2 and "unknown peer 'tensorrt'" in result.output

@@ -21,14 +21,14 @@ from .peers import PEERS, PeakMemory, PeerUnavailable, apply_peer
 from .prompts import PromptItem, calibration_seeds
 
 
-def parse_bits(spec: str) -> list[tuple[int, int]]:
-    """'w8a8,w4a8' -> [(8, 8), (4, 8)]."""
+def parse_bits(spec: str) -> list[tuple[int, int | None]]:
+    """'w8a8,w4a8,w4' -> [(8, 8), (4, 8), (4, None)]: ``wX`` or ``wXaf`` is weight-only (float activations)."""
     out = []
     for part in spec.split(","):
-        m = re.fullmatch(r"\s*w(\d+)a(\d+)\s*", part.lower())
+        m = re.fullmatch(r"\s*w(\d+)(?:a(\d+|f))?\s*", part.lower())
         if not m:
-            raise ValueError(f"bad bit width {part!r}: write each as wXaY, e.g. --bits w8a8,w4a8")
-        out.append((int(m.group(1)), int(m.group(2))))
+            raise ValueError(f"bad bit width {part!r}: write each as wXaY (wX or wXaf: weight-only), e.g. --bits w8a8,w4a8,w4")
+        out.append((int(m.group(1)), None if m.group(2) in (None, "f") else int(m.group(2))))
     return out
 
 
@@ -92,6 +92,8 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
                                                 seeds=calibration_seeds(len(calibration)) if unconditional else None)
     for method in methods:
         for (wbits, abits), granularity, rank in ((b, g, r) for b in bits for g in granularities for r in ranks):
+            if abits is None and granularity != granularities[0]:
+                continue  # weight-only: no activation granularity, one row
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, lowrank_rank=rank,
                               calibration=calib_cfg, options=(method_options or {}).get(method, {}), **(config or {}))
             pipe, seconds, mib = quantize_copy(fp_pipe, cfg, calibration)

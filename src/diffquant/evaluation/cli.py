@@ -126,7 +126,7 @@ def _write(ev, output, reused: list[str], title: str) -> None:
 def bench_command(
     model: str = typer.Option(..., "--model", help="FP model: diffusers folder or mini-zoo name."),
     methods: str = typer.Option("rtn", "--methods", help="Comma list of diffquant methods, e.g. rtn,qdiffusion,pcr,emf ('none' for peers only)."),
-    bits: str = typer.Option("w8a8", "--bits", help="Comma list of bit widths, e.g. w8a8,w4a8."),
+    bits: str = typer.Option("w8a8", "--bits", help="Comma list of bit widths, e.g. w8a8,w4a8 (w4: weight-only)."),
     act_granularity: str = typer.Option("per_tensor", "--act-granularity",
                                         help="Comma list of activation granularities: per_tensor, per_channel_smooth, per_token, per_group."),
     lowrank_rank: str = typer.Option("0", "--lowrank-rank", help="Comma list of low-rank float branch ranks (0: none), "
