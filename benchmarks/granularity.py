@@ -49,8 +49,9 @@ def parse_label(label: str, spec: str) -> dict:
     if not spec.startswith("diffquant") or match is None:
         layers, bits = PEER_COVERAGE.get(label, (None, label.split("-")[-1]))
         return {"kind": "peer", "method": label, "bits": bits, "granularity": None, "layers": layers}
+    weight_only = match["bits"].endswith("af")  # no activation quantizer: no granularity
     return {"kind": "diffquant", "method": match["method"], "bits": match["bits"],
-            "granularity": match["gran"] or "per_tensor", "layers": match["layers"] or "all"}
+            "granularity": None if weight_only else match["gran"] or "per_tensor", "layers": match["layers"] or "all"}
 
 
 def collect(folders: list[Path]) -> dict:
@@ -59,7 +60,7 @@ def collect(folders: list[Path]) -> dict:
     for folder in folders:
         results = json.loads((folder / "results.json").read_text())
         settings = results["settings"]
-        model = settings.get("model") or folder.name.split("granularity-")[-1].rsplit("-", 1)[0]
+        model = results["reference"]["spec"]  # the FP model as given to --model (a zoo name or a folder)
         runs.append({"folder": str(folder), "model": model, "settings": settings, "created": results["created"]})
         for row in results["models"]:
             summary = row.get("summary", {})
@@ -103,7 +104,8 @@ def _cell(value, fmt: str) -> str:
 def _order(row: dict) -> tuple:
     gran = GRANULARITIES.index(row["granularity"]) if row["granularity"] in GRANULARITIES else len(GRANULARITIES)
     wbits = int(re.match(r"w(\d+)", row["bits"])[1]) if re.match(r"w\d+", row["bits"]) else 0
-    return (row["model"], row["kind"] != "diffquant", -wbits, row["layers"] != "all", row["method"], gran, row["label"])
+    return (row["model"], row["kind"] != "diffquant", -wbits, row["bits"].endswith("af"), row["layers"] != "all", row["method"], gran,
+            row["label"])
 
 
 def markdown(data: dict) -> str:
@@ -111,7 +113,7 @@ def markdown(data: dict) -> str:
              "| MACs quantized | avg weight bits | avg act. bits | denoiser MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(data["rows"], key=_order):
         coverage = row["layers"] or "own"
-        cells = [coverage, row["granularity"] or "(peer's own)", _cell(row.get("prompts"), "{}"), _cell(row["psnr"], "{:.2f}"),
+        cells = [coverage, row["granularity"] or ("(peer's own)" if row["kind"] == "peer" else "– (weight-only)"), _cell(row.get("prompts"), "{}"), _cell(row["psnr"], "{:.2f}"),
                  _cell(row["fd_fp"], "{:.2f}"), _cell(row.get("weight_coverage"), "{:.1%}"),
                  _cell(row.get("mac_coverage"), "{:.1%}"), _cell(row.get("avg_wbits"), "{:.2f}"),
                  _cell(row.get("avg_abits"), "{:.2f}"), _cell(row.get("denoiser_mib"), "{:.2f}")]
