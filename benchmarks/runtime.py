@@ -286,7 +286,7 @@ def bench_model(name: str, variants: list[str], args, out: dict, save) -> None:
         with tempfile.TemporaryDirectory() as tmp:  # one export (of the frozen model) serves both graphs
             for suffix, graph, precision in (("", "int", "bf16"), ("_float", "float", "f32")):
                 attempt(f"openvino_{tag}{suffix}", lambda: engine(
-                    f"openvino_{tag}{suffix}", lambda: engines.openvino_export(model, Path(tmp) / "ov", inputs, graph, precision), fake))
+                    f"openvino_{tag}{suffix}", lambda: engines.openvino_export(model, Path(tmp) / "ov", inputs, graph, precision, args.ov_in_memory), fake))
         if not (any(f"converted_{tag}{s}" in variants for s in ("", "_bf16", "_compiled"))
                 or (tag == "w8a8" and "onnxruntime_int8_qdq" in variants)):
             save()  # no torch-runtime row asked for: skip converting and its file-size note
@@ -411,6 +411,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="intra-op threads (PyTorch and ONNX Runtime)")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
                         help="convert without timing each layer (oneDNN everywhere) instead of diffquant.convert(example_inputs=...)")
+    parser.add_argument("--ov-in-memory", action="store_true", help="trace each of diffquant's OpenVINO graphs on its "
+                        "own in memory instead of exporting both (what fits SD 1.5 in 24 GB)")
     parser.add_argument("--autotune-repeats", type=int, default=2, help="timed calls per layer and form while converting")
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler table of the converted model")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "runtime.json")

@@ -69,16 +69,28 @@ def openvino_nncf(unet: nn.Module, calib: CalibrationSet, inputs: dict, precisio
     return _run(denoiser, inputs), ir_bytes(model) / 2**20, note
 
 
-def openvino_export(model: nn.Module, folder: Path, inputs: dict, graph: str, precision: str):
+def openvino_export(model: nn.Module, folder: Path, inputs: dict, graph: str, precision: str, in_memory: bool = False):
     """diffquant's own export of a quantized model (``export_openvino``: its calibrated scales), its ``graph`` compiled.
 
     ``graph="int"``: int8 kernels (``OVDenoiser`` picks it by itself only where the CPU has VNNI/AMX);
-    ``"float"``: the exact fake-quant arithmetic with int8 weights decompressed.
+    ``"float"``: the exact fake-quant arithmetic with int8 weights decompressed. ``in_memory``: trace only that
+    graph, in memory (``OVDenoiser.from_denoiser``'s path, the same graph), instead of exporting both to ``folder``:
+    what keeps a full-size UNet within 24 GB (the export of SD 1.5 holds both traces at once and ran out).
     """
     from diffquant.deployment.openvino import export_openvino
     from diffquant.runtime.openvino import GRAPHS, OVDenoiser
 
     start = time.perf_counter()
+    if in_memory:
+        from diffquant.runtime.openvino import pipeline_inputs
+        from diffquant.runtime.ovgraph import quantized_models
+
+        models, plan = quantized_models(model, pipeline_inputs(model), graphs=(graph,))  # as OVDenoiser.from_denoiser
+        build_s = time.perf_counter() - start
+        weights = ir_bytes(models[graph]) / 2**20
+        denoiser = OVDenoiser(models, dict(model.config), type(model).__name__, float_groups=plan.float_groups,
+                              graph=graph, precision=precision)
+        return _run(denoiser, inputs), weights, {"build_s": build_s, "in_memory": True, "kernels": kernel_precisions(denoiser)}
     if not folder.exists():
         export_openvino(model, folder)
     export_s = time.perf_counter() - start
