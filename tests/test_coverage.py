@@ -104,6 +104,8 @@ def test_layers_linear_leaves_convs_and_attention_float_with_the_reason(tmp_path
     cfg = QuantConfig(wbits=8, abits=8, layers="linear", calibration=calib)
     assert QuantConfig.from_json(cfg.to_json()).layers == "linear"  # serialised with the config
     assert cfg.label == "rtn-w8a8-linear" and QuantConfig(wbits=8, abits=8).label == "rtn-w8a8"  # bench rows say it
+    names = QuantConfig(wbits=8, abits=None, layers="down_blocks.0.resnets.0.conv1,down_blocks.0.resnets.0.conv2").label
+    assert names.startswith("rtn-w8af-layers") and len(names) == len("rtn-w8af-layers") + 6  # a name list: a digest
     diffquant.quantize(pipe, cfg, calibration=["a red circle"], progress=False)
     unet = pipe.unet
     reasons = diffquant.quant_record(unet).float_layers

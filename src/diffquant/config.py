@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
@@ -169,7 +170,10 @@ class QuantConfig:
     def label(self) -> str:
         granularity = "" if self.abits is None or self.act_granularity == "per_tensor" else f"-{self.act_granularity}"
         rank = f"-r{self.lowrank_rank}" if self.lowrank_rank else ""
-        coverage = "" if self.layer_selection == ["all"] else "-" + "+".join(self.layer_selection)
+        coverage = "" if self.layer_selection == ["all"] else "+".join(self.layer_selection)
+        if len(coverage) > 32:  # a list of layer names: a short digest keeps the label readable
+            coverage = "layers" + hashlib.sha1(coverage.encode()).hexdigest()[:6]
+        coverage = f"-{coverage}" if coverage else ""
         return f"{self.method}-w{self.wbits}a{self.abits if self.abits is not None else 'f'}{granularity}{rank}{coverage}"
 
     @property
