@@ -36,13 +36,15 @@ TARGETS_DB = {"mini-sd": 50.0, "mini-sd3": 45.0}  # W8A8, best granularity, full
 # and Conv2d (attention matmuls float; diffquant's "all" adds them); quanto W4 is weight-only, met by diffquant's
 # weight-only rows (`--bits w4`, label w4af). A diffquant row at a coverage that includes the peer's (COVERS) counts too:
 # quantizing more is a harder setting, not an easier one.
-# SDNQ quantizes the large Linear layers' weights only, bitsandbytes every Linear's: NF4 weight-only, and LLM.int8
+# SDNQ quantizes the large Linear layers' weights only (coverage "sdnq": diffquant rows run with `--layers` set to the
+# names SDNQ replaced, whose labels carry a digest of that list, named with --coverage-name DIGEST=sdnq), bitsandbytes every Linear's: NF4 weight-only, and LLM.int8
 # weight-only too on the CPU (its images equal diffquant's RTN W8 weight-only Linear rows to the last digit on both
 # mini models, 2026-12-02: its int8 activation path does not run here). diffquant's Linear-only rows include them.
 PEER_COVERAGE = {"torchao-w8a8": ("linear", "w8a8"), "quanto-w8a8": ("linear+conv", "w8a8"), "quanto-w4": ("all", "w4af"),
-                 "bnb-int8": ("linear", "w8af"), "bnb-nf4": ("linear", "w4af"), "sdnq-int8": ("linear", "w8af"),
-                 "sdnq-uint4": ("linear", "w4af")}
-COVERS = {"linear": ("linear", "linear+conv", "all"), "linear+conv": ("linear+conv", "all"), "all": ("all",)}
+                 "bnb-int8": ("linear", "w8af"), "bnb-nf4": ("linear", "w4af"), "sdnq-int8": ("sdnq", "w8af"),
+                 "sdnq-uint4": ("sdnq", "w4af")}
+COVERS = {"sdnq": ("sdnq", "linear", "linear+conv", "all"), "linear": ("linear", "linear+conv", "all"),
+          "linear+conv": ("linear+conv", "all"), "all": ("all",)}
 # (for a weight-only peer a row with more weight coverage is still the harder setting)
 TIE_DB = 0.05  # PSNR differences below this are read as a tie, not a win (no paired interval here)
 ROW_KEYS = ("psnr", "fd_fp", "calibration_s", "weight_coverage", "mac_coverage", "avg_wbits", "avg_abits", "denoiser_mib")
@@ -61,7 +63,7 @@ def parse_label(label: str, spec: str) -> dict:
             "granularity": None if weight_only else match["gran"] or "per_tensor", "layers": match["layers"] or "all"}
 
 
-def collect(folders: list[Path]) -> dict:
+def collect(folders: list[Path], names: dict[str, str] | None = None) -> dict:
     """Every row of every run: ``{"rows": [{model, label, kind, method, bits, granularity, layers, metrics...}], "runs"}``."""
     rows, runs = [], []
     for folder in folders:
@@ -71,7 +73,9 @@ def collect(folders: list[Path]) -> dict:
         runs.append({"folder": str(folder), "model": model, "settings": settings, "created": results["created"]})
         for row in results["models"]:
             summary = row.get("summary", {})
-            entry = {"model": model, "label": row["label"], **parse_label(row["label"], row.get("spec", "diffquant")),
+            kind = parse_label(row["label"], row.get("spec", "diffquant"))
+            kind["layers"] = (names or {}).get(kind["layers"], kind["layers"])
+            entry = {"model": model, "label": row["label"], **kind,
                      **{k: summary.get(k) for k in ROW_KEYS}, "prompts": settings.get("n_images"), "run": str(folder)}
             rows = [r for r in rows if (r["model"], r["label"]) != (model, row["label"])] + [entry]
     return {"rows": rows, "runs": runs}
@@ -146,8 +150,11 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="`diffquant bench --out` folders")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/granularity.json"))
     parser.add_argument("--markdown", type=Path, default=None, help="Also write the table here.")
+    parser.add_argument("--coverage-name", action="append", default=[], metavar="LAYERS_DIGEST=NAME",
+                        help="name a coverage given as a layer list (label part layersXXXXXX), e.g. layers1a2b3c=sdnq")
     args = parser.parse_args()
-    data = collect([f for f in args.runs if (f / "results.json").is_file()])
+    names = dict(pair.split("=", 1) for pair in args.coverage_name)
+    data = collect([f for f in args.runs if (f / "results.json").is_file()], names)
     if args.json.is_file():  # granularity_probe.py results survive
         data["probes"] = json.loads(args.json.read_text()).get("probes", {})
     data["targets"] = targets(data["rows"])
