@@ -88,8 +88,7 @@ def openvino_export(model: nn.Module, folder: Path, inputs: dict, graph: str, pr
         models, plan = quantized_models(model, pipeline_inputs(model), graphs=(graph,))  # as OVDenoiser.from_denoiser
         build_s = time.perf_counter() - start
         weights = ir_bytes(models[graph]) / 2**20
-        denoiser = OVDenoiser(models, dict(model.config), type(model).__name__, float_groups=plan.float_groups,
-                              graph=graph, precision=precision)
+        denoiser = OVDenoiser.from_traced(model, models, plan, graph=graph, precision=precision)
         return _run(denoiser, inputs), weights, {"build_s": build_s, "in_memory": True, "kernels": kernel_precisions(denoiser)}
     if not folder.exists():
         export_openvino(model, folder)

@@ -26,7 +26,7 @@ from ..quant import TimestepGroups
 from ..wrap import get_denoiser, quant_record
 from .flat import example_inputs
 from .modules import cpu_has_vnni
-from .ovgraph import GROUP_INPUT, quantized_models
+from .ovgraph import GROUP_INPUT, GroupPlan, quantized_models
 
 OV_CONFIG = "openvino_config.json"
 GRAPHS = {"int": "denoiser.xml", "float": "denoiser_float.xml"}
@@ -157,10 +157,16 @@ class OVDenoiser(nn.Module):
     def from_denoiser(cls, model: Any, *, inputs: dict[str, torch.Tensor] | None = None, **options: Any) -> OVDenoiser:
         """Trace a quantized denoiser (or the pipeline's) into OpenVINO in memory and compile it (``options``: graph,
         precision, threads)."""
-        denoiser = get_denoiser(model)
         graph = options.pop("graph", "auto")
         graph = ("int" if cpu_has_vnni() else "float") if graph == "auto" else graph
-        models, plan = quantized_models(denoiser, inputs or pipeline_inputs(model), graphs=(graph,))
+        models, plan = quantized_models(get_denoiser(model), inputs or pipeline_inputs(model), graphs=(graph,))
+        return cls.from_traced(model, models, plan, graph=graph, **options)
+
+    @classmethod
+    def from_traced(cls, model: Any, models: dict[str, Any], plan: GroupPlan, *, graph: str, **options: Any) -> OVDenoiser:
+        """Compile graphs ``quantized_models`` traced from ``model``'s denoiser (``from_denoiser``'s second half, for
+        callers that also need the ``ov.Model``, e.g. to size its weights)."""
+        denoiser = get_denoiser(model)
         record = quant_record(denoiser)
         source = fingerprint({"class": type(denoiser).__name__, "repr": repr(denoiser)}, denoiser.state_dict())
         return cls(models, dict(denoiser.config), type(denoiser).__name__, groups=record.groups, report=record.report,
