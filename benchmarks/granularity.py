@@ -32,20 +32,19 @@ from pathlib import Path
 
 GRANULARITIES = ("per_tensor", "per_channel_smooth", "per_token", "per_group")
 TARGETS_DB = {"mini-sd": 50.0, "mini-sd3": 45.0}  # W8A8, best granularity, full coverage, PSNR to FP
-# A peer's coverage and bits in diffquant's --layers terms: torchao quantizes Linear layers only, quanto every Linear
+# A peer's coverage and bits in diffquant's --layers terms: torchao quantizes Linear layers only; quanto every Linear
 # and Conv2d (attention matmuls float; diffquant's "all" adds them); quanto W4 is weight-only, met by diffquant's
-# weight-only rows (`--bits w4`, label w4af). A diffquant row at a coverage that includes the peer's (COVERS) counts too:
-# quantizing more is a harder setting, not an easier one.
-# SDNQ quantizes the large Linear layers' weights only (coverage "sdnq": diffquant rows run with `--layers` set to the
-# names SDNQ replaced, whose labels carry a digest of that list, named with --coverage-name DIGEST=sdnq), bitsandbytes every Linear's: NF4 weight-only, and LLM.int8
+# weight-only rows (`--bits w4`, label w4af). SDNQ quantizes the large Linear layers' weights only (coverage "sdnq":
+# diffquant rows run with `--layers` set to the names SDNQ replaced; their labels carry a digest of that list, named
+# with --coverage-name DIGEST=sdnq). bitsandbytes quantizes every Linear's weights: NF4 weight-only, and LLM.int8
 # weight-only too on the CPU (its images equal diffquant's RTN W8 weight-only Linear rows to the last digit on both
-# mini models, 2026-12-02: its int8 activation path does not run here). diffquant's Linear-only rows include them.
+# mini models, 2026-12-02: its int8 activation path does not run here).
 PEER_COVERAGE = {"torchao-w8a8": ("linear", "w8a8"), "quanto-w8a8": ("linear+conv", "w8a8"), "quanto-w4": ("all", "w4af"),
                  "bnb-int8": ("linear", "w8af"), "bnb-nf4": ("linear", "w4af"), "sdnq-int8": ("sdnq", "w8af"),
                  "sdnq-uint4": ("sdnq", "w4af")}
+# A diffquant row at a coverage that includes the peer's counts too: quantizing more is a harder setting, not an easier one.
 COVERS = {"sdnq": ("sdnq", "linear", "linear+conv", "all"), "linear": ("linear", "linear+conv", "all"),
           "linear+conv": ("linear+conv", "all"), "all": ("all",)}
-# (for a weight-only peer a row with more weight coverage is still the harder setting)
 TIE_DB = 0.05  # PSNR differences below this are read as a tie, not a win (no paired interval here)
 ROW_KEYS = ("psnr", "fd_fp", "calibration_s", "weight_coverage", "mac_coverage", "avg_wbits", "avg_abits", "denoiser_mib")
 LABEL = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<bits>w\d+a(?:\d+|f))(?:-(?P<gran>" + "|".join(GRANULARITIES[1:])
@@ -65,7 +64,8 @@ def parse_label(label: str, spec: str) -> dict:
 
 def collect(folders: list[Path], names: dict[str, str] | None = None) -> dict:
     """Every row of every run: ``{"rows": [{model, label, kind, method, bits, granularity, layers, metrics...}], "runs"}``."""
-    rows, runs = [], []
+    rows: dict[tuple[str, str], dict] = {}  # (model, label) -> row: a later run's row replaces an earlier one
+    runs = []
     for folder in folders:
         results = json.loads((folder / "results.json").read_text())
         settings = results["settings"]
@@ -77,8 +77,9 @@ def collect(folders: list[Path], names: dict[str, str] | None = None) -> dict:
             kind["layers"] = (names or {}).get(kind["layers"], kind["layers"])
             entry = {"model": model, "label": row["label"], **kind,
                      **{k: summary.get(k) for k in ROW_KEYS}, "prompts": settings.get("n_images"), "run": str(folder)}
-            rows = [r for r in rows if (r["model"], r["label"]) != (model, row["label"])] + [entry]
-    return {"rows": rows, "runs": runs}
+            rows.pop((model, row["label"]), None)
+            rows[model, row["label"]] = entry
+    return {"rows": list(rows.values()), "runs": runs}
 
 
 def _best(rows: list[dict], bits: str, layers: tuple[str, ...]) -> dict | None:
@@ -101,7 +102,8 @@ def targets(rows: list[dict]) -> dict:
             if ours is None:
                 continue
             entry[f"vs_{peer['label']}"] = {
-                "coverage": peer["layers"], "bits": peer["bits"], "diffquant": ours["label"], "diffquant_coverage": ours["layers"], "psnr": ours["psnr"], "fd_fp": ours["fd_fp"],
+                "coverage": peer["layers"], "bits": peer["bits"], "diffquant": ours["label"],
+                "diffquant_coverage": ours["layers"], "psnr": ours["psnr"], "fd_fp": ours["fd_fp"],
                 "peer_psnr": peer["psnr"], "peer_fd_fp": peer["fd_fp"],
                 "tie": abs(ours["psnr"] - peer["psnr"]) < TIE_DB,
                 "met": ours["psnr"] > peer["psnr"] + TIE_DB and None not in (ours["fd_fp"], peer["fd_fp"])
@@ -116,7 +118,8 @@ def _cell(value, fmt: str) -> str:
 
 def _order(row: dict) -> tuple:
     gran = GRANULARITIES.index(row["granularity"]) if row["granularity"] in GRANULARITIES else len(GRANULARITIES)
-    wbits = int(re.match(r"w(\d+)", row["bits"])[1]) if re.match(r"w\d+", row["bits"]) else 0
+    weights = re.match(r"w(\d+)", row["bits"])
+    wbits = int(weights[1]) if weights else 0
     return (row["model"], row["kind"] != "diffquant", -wbits, row["bits"].endswith("af"), row["layers"] != "all", row["method"], gran,
             row["label"])
 
