@@ -20,7 +20,9 @@ from .architectures import build_ddim_pipeline
 from .checkpoint import EMA, load_checkpoint, save_checkpoint
 from .train import MIN_SNR_GAMMA, _images, _wall, export_pipeline, lr_at
 
-DDIM_DEFAULTS = dict(steps=1100, batch_size=32, lr=1e-3, width=32, warmup=100, ema_decay=0.995)
+# 3600 steps (~80 min on one core); EMA 0.999 averages the last ~1000 steps, where 0.995 (200 steps) left
+# grain that the evaluator's faithfulness check rejected (89.1 % valid scenes at 3600 steps).
+DDIM_DEFAULTS = dict(steps=3600, batch_size=32, lr=1e-3, width=32, warmup=100, ema_decay=0.999)
 
 
 def train_ddim(out: Path, steps: int | None = None, seed: int = 0, batch_size: int | None = None, lr: float | None = None,
