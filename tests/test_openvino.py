@@ -102,6 +102,19 @@ def test_relaxed_groups_go_to_the_float_graph(two_groups):
     assert (plan.int_groups, plan.float_groups, plan.ref) == ([0], [1], 0)
 
 
+def test_tracing_leaves_the_model_whole(two_groups):
+    """The graphs are traced from a copy that shares the model's float tensors (a full-size UNet is not held twice):
+    the model keeps its fake-quant layers and every tensor's values."""
+    from diffquant.runtime.modules import IntLayer
+    from diffquant.runtime.ovgraph import quantized_models
+
+    before = {k: v.clone() for k, v in two_groups.unet.state_dict().items()}
+    quantized_models(two_groups.unet, sd_inputs(two_groups.unet, 500.0), graphs=("float",))
+    after = two_groups.unet.state_dict()
+    assert not any(isinstance(m, IntLayer) for m in two_groups.unet.modules())
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.fixture(scope="module")
 def exported(two_groups, tmp_path_factory):
     from diffquant.deployment.openvino import export_openvino

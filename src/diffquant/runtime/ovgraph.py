@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -263,19 +264,27 @@ def float_model(denoiser: nn.Module, inputs: dict[str, torch.Tensor] | None = No
     return trace(FlatCall(denoiser, names).eval(), names, tuple(inputs.values()))
 
 
+def _shared_copy(denoiser: nn.Module) -> nn.Module:
+    """A float32 copy of ``denoiser`` to convert and trace that shares its float32 parameters and buffers instead of
+    duplicating them (nothing here writes to them): a full-size UNet is otherwise held twice while it is traced."""
+    shared = {id(t): t for t in itertools.chain(denoiser.parameters(), denoiser.buffers()) if t.dtype == torch.float32}
+    return copy.deepcopy(denoiser, shared).float()
+
+
 def quantized_models(
     model: Any, inputs: dict[str, torch.Tensor] | None = None, graphs: tuple[str, ...] = ("int", "float")
 ) -> tuple[dict[str, Any], GroupPlan]:
     """``{"int": ov.Model, "float": ov.Model}`` (those of ``graphs``) of a quantized (frozen or converted)
     denoiser, and the group plan. The float graph is always traced when some group is wider than 8 bits.
 
-    A frozen model is converted on a float32 copy first (no kernel timing: the graph ignores kernels).
+    A frozen model is converted on a float32 copy that shares its float32 tensors (no kernel timing: the graph
+    ignores kernels).
     The graphs take the adapter's inputs, plus ``timestep_group`` (int64 [1]) when the model has
     several timestep groups.
     """
     denoiser = get_denoiser(model)
     quant_record(denoiser)
-    work = copy.deepcopy(denoiser).float()
+    work = _shared_copy(denoiser)
     if not is_converted(work):
         convert(work, backend="float", progress=False)
     plan = plan_groups(work)
