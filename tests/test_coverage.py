@@ -72,6 +72,22 @@ def test_same_function_on_peer_quantized_models():
     assert got["weight_coverage"] == pytest.approx(2 / 3) and got["mac_coverage"] == 0 and got["avg_abits"] == 32
 
 
+def test_bitsandbytes_int8_on_cpu_counts_as_weight_only():
+    """bnb LLM.int8 runs the input in float through the dequantized weight on a CPU: its MACs are not quantized."""
+    pytest.importorskip("bitsandbytes")
+    from diffquant.evaluation.peers import _bitsandbytes
+
+    x = torch.randn(3, 16) * 3
+    model = _toy()
+    table = count_table(model, lambda: model(x))
+    _bitsandbytes(model, four_bit=False)
+    y, w = model[0](x), model[0].weight
+    scales = w.SCB if w.SCB is not None else model[0].state.SCB  # where it lives depends on the bitsandbytes version
+    assert torch.allclose(y, x @ (w.float() * scales.view(-1, 1) / 127).t(), atol=1e-5)
+    got = coverage(table, model)
+    assert got["weight_coverage"] == 1 and got["mac_coverage"] == 0 and got["avg_wbits"] == 8 and got["avg_abits"] == 32
+
+
 def test_average_bits_counts_the_float_models_table_on_fake_quant_and_converted_models():
     """A quantized denoiser (wrapped, frozen or converted) has the float one's parameters and MACs, and
     ``average_bits`` is :func:`coverage` with that table: W8A8 with every MAC quantized at 8 bits."""

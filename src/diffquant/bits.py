@@ -227,8 +227,11 @@ def layer_bits(denoiser: nn.Module) -> dict[str, Bits]:
             d = m.sdnq_dequantizer
             out[name] = (float(d.num_bits), float(d.num_bits_matmul) if d.use_quantized_matmul else None)
         elif _tensor_bits(getattr(m, "weight", None)) is not None:
-            w = m.weight  # bnb LLM.int8 (Linear8bitLt) and torchao's dynamic configs quantize inputs per row at run time
-            dynamic = type(m).__name__ == "Linear8bitLt" or getattr(w, "act_quant_kwargs", None) is not None
+            # torchao's dynamic configs quantize inputs per row at run time; so does bnb LLM.int8 (Linear8bitLt), but on
+            # CUDA only: its CPU backend multiplies the input in float by the dequantized weight (tested), weight-only
+            w = m.weight
+            bnb_int8 = type(m).__name__ == "Linear8bitLt" and w.device.type == "cuda"
+            dynamic = bnb_int8 or getattr(w, "act_quant_kwargs", None) is not None
             out[name] = (_tensor_bits(w), 8.0 if dynamic else None)
     return {k: v for k, v in out.items() if v != (None, None)}
 
