@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,6 +272,14 @@ def float_model(denoiser: nn.Module, inputs: dict[str, torch.Tensor] | None = No
     return trace(FlatCall(denoiser, names).eval(), names, tuple(inputs.values()))
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc; a no-op elsewhere). A trace dequantizes every weight in
+    pieces small enough for the heap, and glibc keeps them resident once freed: SD 1.5 (16x16 latents) held 5.4 GB
+    after one trace, 1.8 GB once trimmed, and each further trace in the process grew it."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _shared_copy(denoiser: nn.Module) -> nn.Module:
     """A float32 copy of ``denoiser`` to convert and trace that shares its float32 parameters and buffers instead of
     duplicating them (nothing here writes to them): a full-size UNet is otherwise held twice while it is traced."""
@@ -305,6 +314,7 @@ def quantized_models(
         with graph_mode(work, st):
             models[graph] = trace(FlatCall(work, names, st).eval(), names + [GROUP_INPUT] * bool(extra),
                                   tuple(inputs.values()) + extra)
+        _return_freed_memory()
     return models, plan
 
 
