@@ -251,7 +251,8 @@ def trace(module: nn.Module, names: list[str], inputs: tuple) -> Any:
 
     The trace is not re-run to check it (``check_trace=False``, otherwise OpenVINO's default): the check holds about
     two float copies of every weight the graph dequantizes until the process ends (SD 1.5: 7 GB) and doubles the
-    tracing time; the graphs are verified against the fake-quant model by the tests instead.
+    tracing time; the graphs are verified against the fake-quant model by the tests instead. What the trace freed
+    goes back to the OS before returning (``_return_freed_memory``).
     """
     import openvino as ov
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
@@ -259,9 +260,11 @@ def trace(module: nn.Module, names: list[str], inputs: tuple) -> Any:
     with torch.no_grad():
         decoder = TorchScriptPythonDecoder(module, example_input=inputs, trace_kwargs={"check_trace": False})
         model = ov.convert_model(decoder, example_input=inputs)
+    del decoder  # its TorchScript module: freed before the trim below
     for port, name in zip(model.inputs, names, strict=True):
         port.get_tensor().set_names({name})
     model.outputs[0].get_tensor().set_names({OUTPUT})
+    _return_freed_memory()
     return model
 
 
@@ -314,7 +317,6 @@ def quantized_models(
         with graph_mode(work, st):
             models[graph] = trace(FlatCall(work, names, st).eval(), names + [GROUP_INPUT] * bool(extra),
                                   tuple(inputs.values()) + extra)
-        _return_freed_memory()
     return models, plan
 
 
