@@ -263,3 +263,28 @@ def test_sdxl_and_sd3_export_to_onnx_qdq(rtn_results, family, tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_out = torch.from_numpy(session.run(None, {k: v[:1].numpy() for k, v in inputs.items()})[0])
     assert rel_err(onnx_out, ref[:1]) < 0.75 * gap
+
+
+def test_four_bit_codes_are_stored_in_four_bits(rtn_results, monkeypatch):
+    """A W4A8 graph keeps every weight's codes as i4 constants (half their int8 bytes off the IR) and computes the
+    same outputs to the bit once compiled; 8-bit codes do not fit and stay int8."""
+    from diffquant.runtime import ovgraph
+    from diffquant.runtime.flat import example_inputs
+    from diffquant.runtime.openvino import ir_bytes
+
+    monkeypatch.setattr(ovgraph, "narrow_weight_codes", lambda model: 0)  # trace as before narrowing
+    wide = {}
+    for bits in (8, 4):
+        denoiser = diffquant.get_denoiser(rtn_results[("sd3", bits)]["pipe"])
+        inputs = example_inputs(denoiser, batch=2, seq_len=16)
+        wide[bits] = ovgraph.quantized_models(denoiser, inputs, graphs=("float",))[0]["float"]
+    monkeypatch.undo()
+    codes = [op for op in wide[4].get_ordered_ops() if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8]
+    assert ovgraph.narrow_weight_codes(wide[8].clone()) == 0
+    narrow = wide[4].clone()
+    assert ovgraph.narrow_weight_codes(narrow) == len(codes) > 0
+    assert ir_bytes(wide[4]) - ir_bytes(narrow) >= 0.45 * sum(op.get_byte_size() for op in codes)
+    feed = {name: value.numpy() for name, value in inputs.items()}
+    core = ov.Core()
+    outs = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feed)[0] for m in (wide[4], narrow)]
+    assert (outs[0] == outs[1]).all()

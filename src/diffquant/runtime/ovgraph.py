@@ -264,8 +264,39 @@ def trace(module: nn.Module, names: list[str], inputs: tuple) -> Any:
     for port, name in zip(model.inputs, names, strict=True):
         port.get_tensor().set_names({name})
     model.outputs[0].get_tensor().set_names({OUTPUT})
+    narrow_weight_codes(model)
     _return_freed_memory()
     return model
+
+
+def narrow_weight_codes(model: Any) -> int:
+    """Store each int8 / uint8 weight constant whose codes fit in 4 bits as i4 / u4 (two codes per byte), widened
+    back by a ``Convert`` that OpenVINO folds when it compiles; returns how many were narrowed.
+
+    The trace holds 4-bit codes in int8 tensors, so a W4 IR was as large as a W8 one. Lossless (only constants whose
+    values all fit are narrowed), and only the ``codes -> Convert -> Multiply(scale)`` weights this module emits are
+    touched. The widening keeps the compiled model what it was (measured on mini-sd W4A8: the same kernels and
+    runtime ops); i4 weights fed straight to the layers lost the u8 convolution kernels of 12 of 39 convolutions
+    and the float graph's step took 1.7x as long."""
+    import openvino as ov
+    from openvino import opset13
+
+    narrowed = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Constant" or op.get_element_type() not in (ov.Type.i8, ov.Type.u8):
+            continue
+        if any(t.get_node().get_type_name() != "Convert" for t in op.output(0).get_target_inputs()):
+            continue
+        codes, signed = op.get_data(), op.get_element_type() == ov.Type.i8
+        low, high = (-8, 7) if signed else (0, 15)
+        if codes.size == 0 or int(codes.min()) < low or int(codes.max()) > high:
+            continue
+        packed = opset13.constant(codes, dtype=ov.Type.i4 if signed else ov.Type.u4)
+        packed.set_friendly_name(op.get_friendly_name())
+        widened = opset13.convert(packed, op.get_element_type())
+        op.output(0).replace(widened.output(0))
+        narrowed += 1
+    return narrowed
 
 
 def float_model(denoiser: nn.Module, inputs: dict[str, torch.Tensor] | None = None) -> Any:
@@ -320,4 +351,4 @@ def quantized_models(
     return models, plan
 
 
-__all__ = ["GROUP_INPUT", "OUTPUT", "GroupPlan", "float_model", "plan_groups", "quantized_models", "trace"]
+__all__ = ["GROUP_INPUT", "OUTPUT", "GroupPlan", "float_model", "narrow_weight_codes", "plan_groups", "quantized_models", "trace"]
