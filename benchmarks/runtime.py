@@ -65,10 +65,13 @@ VARIANTS = (
     "fake_quant_w4a8", "converted_w4a8", "converted_w4a8_bf16",
     "fake_quant_w8a8_attn", "converted_w8a8_attn", "converted_w8a8_attn_bf16",
     "fake_quant_w8a8_tok", "converted_w8a8_tok", "openvino_w8a8_tok", "openvino_w8a8_tok_float",
+    "fake_quant_w8a8_tokfc", "converted_w8a8_tokfc", "openvino_w8a8_tokfc", "openvino_w8a8_tokfc_float",
     "torchao_int8_dynamic", "torchao_int8_dynamic_compiled", "onnxruntime_fp32", "onnxruntime_int8_qdq",
 ) + engines.ENGINE_VARIANTS
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and "tok" not in v and v != "fake_quant_w4a8")
-QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok")  # _tok: dynamic per-token activation scales (issue 22)
+# _tok: dynamic per-token activation scales (issue 22); _tokfc: per token on Linear inputs, static per-tensor on
+# convolutions (``conv_act_granularity``), which then keep their int8 kernels
+QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc")
 
 
 class PeakRSS:
@@ -177,7 +180,8 @@ def build(model: str):
 
 def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:
     cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith("_attn"),
-                      act_granularity="per_token" if tag.endswith("_tok") else "per_tensor")
+                      act_granularity="per_token" if tag.endswith(("_tok", "_tokfc")) else "per_tensor",
+                      conv_act_granularity="per_tensor" if tag.endswith("_tokfc") else None)
     return diffquant.quantize(copy.deepcopy(unet), cfg, calibration=calib, progress=False)
 
 

@@ -128,6 +128,39 @@ def test_converted_layers_match_fake_quant(tiny_pipes, granularity):
         assert runtime["backends"]["down_blocks.0.attentions.0.proj_in"] == "int_mm"
 
 
+def test_convolutions_keep_static_scales_beside_per_token(tiny_pipes, tmp_path):
+    """``conv_act_granularity="per_tensor"`` beside per-token: Linear inputs scale per token at run time, convolution
+    inputs get calibrated static scales and so stay on integer kernels when converted; the choice is labelled,
+    saved and loaded."""
+    with pytest.raises(ValueError, match="unknown conv_act_granularity 'per_pixel'"):
+        QuantConfig(conv_act_granularity="per_pixel")
+    cfg = dict(act_granularity="per_token", conv_act_granularity="per_tensor", quantize_attention=False)
+    assert QuantConfig(**cfg).label == "rtn-w8a8-per_token-conv_per_tensor"
+    pipe = quantized(tiny_pipes, **cfg)
+    layers = quantized_layers(pipe.unet)
+    convs = [m.input_quantizer for m in layers.values() if isinstance(m, QuantConv2d)]
+    linears = [m.input_quantizer for m in layers.values() if isinstance(m, QuantLinear)]
+    assert convs and linears and all(q.dynamic for q in linears)
+    assert all(not q.dynamic and q.calibrated and float(q.scale[0, 0]) != 1.0 for q in convs)
+    inputs, seen = unet_inputs(), {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: seen.__setitem__(n, (a[0], o))) for n, m in layers.items()]
+    with torch.no_grad():
+        fake = pipe.unet(**inputs)[0]
+    for h in hooks:
+        h.remove()
+    converted = convert(copy.deepcopy(pipe), backend="int_mm", progress=False).unet
+    runtime = diffquant.quant_record(converted).report["runtime"]
+    assert not runtime["float_fallback"] and set(runtime["backends"].values()) == {"int_mm"}
+    for name, (x, ref) in seen.items():
+        with torch.no_grad():
+            assert rel_err(converted.get_submodule(name)(x), ref) < 1e-3, name
+    diffquant.save(pipe, tmp_path / "q")
+    loaded = diffquant.load(tmp_path / "q")
+    assert diffquant.quant_record(loaded.unet).config.conv_act_granularity == "per_tensor"
+    with torch.no_grad():
+        assert torch.equal(loaded.unet(**inputs)[0], fake)
+
+
 def test_per_group_converts_to_the_float_form_with_a_reason(tiny_pipes):
     pipe = quantized(tiny_pipes, act_granularity="per_group", quantize_attention=False)
     inputs = unet_inputs()

@@ -62,6 +62,9 @@ def quantize(
     act_granularity: str = field_option(QuantConfig, "act_granularity", help="Activation scales: per_tensor (static), "
                                         "per_channel_smooth (SmoothQuant migration), per_token or per_group (dynamic; "
                                         "the softmax output then per query row)."),
+    conv_act_granularity: Optional[str] = field_option(QuantConfig, "conv_act_granularity", help="Convolution inputs' "
+                                                       "granularity when it differs from --act-granularity (e.g. per_tensor "
+                                                       "beside per_token: int8 convolution kernels take no per-pixel scale)."),
     act_group_size: int = field_option(QuantConfig, "act_group_size", help="Input channels per group with --act-granularity per_group."),
     keep_float: list[str] = field_option(QuantConfig, "keep_float", help="Layer-name pattern to keep float (repeatable), e.g. 'conv_in'."),
     layers: str = field_option(QuantConfig, "layers", help="What to quantize: all, linear, conv, attention or name patterns, "
@@ -111,7 +114,7 @@ def quantize(
             cfg = QuantConfig(
                 method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
                 weight_observer=weight_observer, act_observer=act_observer, act_granularity=act_granularity,
-                act_group_size=act_group_size, timestep_groups=timestep_groups,
+                conv_act_granularity=conv_act_granularity, act_group_size=act_group_size, timestep_groups=timestep_groups,
                 keep_float=keep_float, layers=layers, seed=seed, max_memory=max_memory, lowrank_rank=lowrank_rank,
                 lowrank_layers=lowrank_layers,
                 options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},

@@ -99,6 +99,11 @@ class QuantConfig:
     weights (searched per layer on the calibration data); ``per_token`` / ``per_group`` dynamic scales per token
     (per group of ``act_group_size`` input channels), computed at run time. Attention matmul inputs follow the
     dynamic modes and stay static per-tensor under smoothing (they have no weight to migrate into).
+    ``conv_act_granularity`` overrides it for Conv2d inputs (``None``: the same). A per-token scale on a convolution's
+    input is one scale per pixel, which no int8 convolution kernel can apply (a 3x3 window mixes pixels of different
+    scales), so engines run such convolutions in float; ``act_granularity="per_token"`` with
+    ``conv_act_granularity="per_tensor"`` keeps the convolutions on static int8 kernels (the usual deployment split:
+    dynamic scales where the layer is a matmul over tokens).
     ``layers`` chooses what is quantized at all (``--layers``): a comma list of ``all``, ``linear``, ``conv``,
     ``attention`` (the Linear layers inside attention modules and their matmuls) or fnmatch patterns of layer and
     attention-module names; the union is quantized, everything else stays float with the reason "outside
@@ -119,6 +124,7 @@ class QuantConfig:
     act_observer: str = "minmax"
     act_percentile: float = 99.99
     act_granularity: str = "per_tensor"
+    conv_act_granularity: str | None = None
     act_group_size: int = 64
     quantize_attention: bool = True
     softmax_bits: int = 8
@@ -153,12 +159,14 @@ class QuantConfig:
         from .quant.spec import ACT_GRANULARITIES, WEIGHT_GRANULARITIES  # torch-free import of this module
 
         for part, value, allowed in (("weight_granularity", self.weight_granularity, WEIGHT_GRANULARITIES),
-                                     ("act_granularity", self.act_granularity, ACT_GRANULARITIES)):
+                                     ("act_granularity", self.act_granularity, ACT_GRANULARITIES),
+                                     ("conv_act_granularity", self.conv_act_granularity or "per_tensor", ACT_GRANULARITIES)):
             if value not in allowed:
                 raise ValueError(f"unknown {part} {value!r}; choose one of {', '.join(allowed)}")
         # Building the specs validates bits, granularity and observers with one-line messages.
         self.weight_spec()
         self.act_spec()
+        self.act_spec(conv=True)
         self.softmax_spec()
         if self.max_memory is not None:
             from .store import parse_bytes  # store imports torch: keep config light for --help
@@ -169,6 +177,8 @@ class QuantConfig:
     @property
     def label(self) -> str:
         granularity = "" if self.abits is None or self.act_granularity == "per_tensor" else f"-{self.act_granularity}"
+        if self.abits is not None and self.conv_act_granularity not in (None, self.act_granularity):
+            granularity += f"-conv_{self.conv_act_granularity}"
         rank = f"-r{self.lowrank_rank}" if self.lowrank_rank else ""
         coverage = "" if self.layer_selection == ["all"] else "+".join(self.layer_selection)
         if len(coverage) > 32:  # a list of layer names: a short digest keeps the label readable
@@ -189,10 +199,12 @@ class QuantConfig:
         return _spec("weights", bits=self.wbits, symmetric=self.weight_symmetric, granularity=self.weight_granularity,
                      group_size=self.group_size, observer=self.weight_observer)
 
-    def act_spec(self) -> QuantSpec | None:
+    def act_spec(self, conv: bool = False) -> QuantSpec | None:
+        """The layers' input spec; ``conv=True``: that of Conv2d inputs (``conv_act_granularity`` where set)."""
         if self.abits is None:
             return None
-        return _spec("activations", bits=self.abits, symmetric=self.act_symmetric, granularity=self.act_granularity,
+        granularity = (self.conv_act_granularity if conv else None) or self.act_granularity
+        return _spec("activations", bits=self.abits, symmetric=self.act_symmetric, granularity=granularity,
                      group_size=self.act_group_size, observer=self.act_observer, percentile=self.act_percentile)
 
     def attention_spec(self) -> QuantSpec | None:

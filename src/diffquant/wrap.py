@@ -137,13 +137,15 @@ def wrap_denoiser(
     context = TimestepContext(groups)
     reasons = float_layer_reasons(adapter, config, float_layers) if float_layers is None else dict(float_layers)
     splits = (adapter.skip_splits() if config.use_split_shortcut else {}) if skip_splits is None else skip_splits
-    weight_spec, act_spec = config.weight_spec(), config.act_spec()
+    weight_spec, act_spec, conv_act_spec = config.weight_spec(), config.act_spec(), config.act_spec(conv=True)
     num_groups = len(groups)
     for name, module in adapter.layers().items():
         if name in reasons:
             continue
-        cls = QuantLinear if isinstance(module, nn.Linear) else QuantConv2d
-        q = cls.from_float(module, weight_spec, act_spec, context, num_groups, splits.get(name), calibrate_weights)
+        linear = isinstance(module, nn.Linear)
+        cls = QuantLinear if linear else QuantConv2d
+        q = cls.from_float(module, weight_spec, act_spec if linear else conv_act_spec, context, num_groups,
+                           splits.get(name), calibrate_weights)
         if q.input_quantizer is not None:
             q.input_quantizer.name = name
         if config.lowrank_rank and (not config.lowrank_layers or matches_any(name, config.lowrank_layers)):

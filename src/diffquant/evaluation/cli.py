@@ -129,6 +129,8 @@ def bench_command(
     bits: str = typer.Option("w8a8", "--bits", help="Comma list of bit widths, e.g. w8a8,w4a8 (w4: weight-only)."),
     act_granularity: str = typer.Option("per_tensor", "--act-granularity",
                                         help="Comma list of activation granularities: per_tensor, per_channel_smooth, per_token, per_group."),
+    conv_act_granularity: Optional[str] = typer.Option(None, "--conv-act-granularity", help="Convolution inputs' granularity "
+                                                       "in every row, where it differs (e.g. per_tensor beside per_token)."),
     lowrank_rank: str = typer.Option("0", "--lowrank-rank", help="Comma list of low-rank float branch ranks (0: none), "
                                      "one row each, e.g. 0,8,16."),
     timestep_groups: int = typer.Option(1, "--timestep-groups", min=1, help="Activation parameter sets over the timestep range."),
@@ -204,7 +206,7 @@ def bench_command(
             ev = run_bench(fp_pipe, model, items, settings, options, method_list, bit_list, peer_list, calibration,
                            prompts_spec=spec, deploy=deploy, deploy_label=backend or "",
                            granularities=[g.strip() for g in act_granularity.split(",") if g.strip()], ranks=ranks,
-                           config={"timestep_groups": timestep_groups, "layers": layers}, method_options=method_options)
+                           config={"timestep_groups": timestep_groups, "layers": layers, "conv_act_granularity": conv_act_granularity}, method_options=method_options)
         _write(ev, output, reused, f"diffquant bench: {model}")
 
     run_writing(out, overwrite, body)

@@ -162,7 +162,7 @@ class PCR(Method):
                              "(not a bare denoiser) and calibration prompts")
         if job.config.abits is None:
             raise ValueError("pcr calibrates activations per step; set abits (e.g. --abits 8) or use --method rtn for weight-only")
-        if job.config.act_granularity == "per_channel_smooth":
+        if "per_channel_smooth" in (job.config.act_granularity, job.config.conv_act_granularity):
             raise ValueError("pcr fits activations step by step on already quantized weights, so it cannot migrate smoothing "
                              "factors into them; use --act-granularity per_tensor, per_token or per_group with pcr")
         if not job.prompts:
