@@ -115,6 +115,28 @@ def test_tracing_leaves_the_model_whole(two_groups):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_time_tables_are_traced_live(tiny_pipes):
+    """A model with EMF's time lookup tables (float time layers) traces those layers live: the OpenVINO output follows
+    each call's timestep (a traced lookup replays the example call's rows at every step: EMF models generated
+    nothing), and the model's own tables go on working after the trace."""
+    from diffquant.learning import TimePrecalculation
+    from diffquant.runtime.openvino import OVDenoiser
+
+    pipe = copy.deepcopy(tiny_pipes["sd"])
+    cfg = QuantConfig(method="rtn", float_time_layers=True, calibration=calibration_config(num_prompts=2))
+    diffquant.quantize(pipe, cfg, calibration=PROMPTS[:2], progress=False)
+    tables = TimePrecalculation.install(pipe.unet)
+    fake_quant_out(pipe.unet, sd_inputs(pipe.unet, 500.0), 0)  # the example call's rows are in the tables, as after sampling
+    den = OVDenoiser.from_denoiser(pipe, inputs=sd_inputs(pipe.unet, 500.0), graph="float", threads=1)
+    for t in (900.0, 100.0):
+        inputs = sd_inputs(pipe.unet, t)
+        out = den(inputs["sample"], torch.tensor(t), encoder_hidden_states=inputs["encoder_hidden_states"]).sample
+        own = fake_quant_out(pipe.unet, inputs, 0)
+        other_t = fake_quant_out(pipe.unet, {**inputs, "timestep": torch.full((2,), 500.0)}, 0)
+        assert rel_err(out, own) < 0.5 * rel_err(out, other_t), t
+    assert not tables.bypass and tables.entries() >= 3
+
+
 @pytest.fixture(scope="module")
 def exported(two_groups, tmp_path_factory):
     from diffquant.deployment.openvino import export_openvino

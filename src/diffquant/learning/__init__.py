@@ -14,9 +14,9 @@ from .dataset import SerialDataset, SerialDatasetConfig, generate_serial_dataset
 from .freezing import SelectiveFreezer
 from .qat import QATConfig, QATTrainer
 from .sensitivity import measure_layer_sensitivity, rank_layers, save_sensitivity
-from .timeprecalc import TimePrecalculation
+from .timeprecalc import TimePrecalculation, live_time_layers
 
 __all__ = [
     "QATConfig", "QATTrainer", "SelectiveFreezer", "SerialDataset", "SerialDatasetConfig", "TimePrecalculation",
-    "generate_serial_dataset", "measure_layer_sensitivity", "rank_layers", "record_features", "save_sensitivity",
+    "generate_serial_dataset", "live_time_layers", "measure_layer_sensitivity", "rank_layers", "record_features", "save_sensitivity",
 ]

@@ -109,6 +109,7 @@ class TimePrecalculation:
         self._signature = inspect.signature(denoiser.forward)
         self._lookups: dict[str, _Lookup] = {}
         self._handle = None
+        self.bypass = False  # live_time_layers: every layer computes live, the tables are neither read nor filled
 
     @classmethod
     def install(cls, denoiser: nn.Module) -> TimePrecalculation:
@@ -169,6 +170,9 @@ class TimePrecalculation:
         return self._lookups[name].table
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.bypass:
+            self.keys = None
+            return
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         first = next(v for v in bound.values() if torch.is_tensor(v))
         t = bound.get("timestep")
@@ -209,3 +213,19 @@ class TimePrecalculation:
         finally:
             self.keys = None
             self.misses = misses
+
+
+@contextmanager
+def live_time_layers(denoiser: nn.Module) -> Iterator[None]:
+    """While inside, ``denoiser``'s time layers compute live, tables kept (a no-op without tables). What a graph
+    export must trace: a table lookup is Python, so a trace would bake in the example call's rows as constants and
+    every later call would get them whatever its timestep (an EMF model on OpenVINO generated nothing)."""
+    tables = getattr(denoiser, "diffquant_time_tables", None)
+    if tables is None:
+        yield
+        return
+    tables.bypass = True
+    try:
+        yield
+    finally:
+        tables.bypass = False

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..learning import live_time_layers
 from ..quant import ActivationQuantizer
 from ..quant.affine import fake_quantize, qrange
 from ..wrap import get_denoiser, quant_record
@@ -154,7 +155,7 @@ def export_onnx(
     tensors = tuple(v.to(dtype) if v.is_floating_point() else v for v in inputs.values())
     shapes = tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in tensors) if dynamic else None
     tmp = path.with_name(f".{path.name}.partial")
-    with export_mode(denoiser, group), torch.no_grad():
+    with export_mode(denoiser, group), live_time_layers(denoiser), torch.no_grad():
         program = torch.onnx.export(
             FlatCall(denoiser, list(inputs)).eval(), tensors, input_names=list(inputs), output_names=["noise_pred"],
             opset_version=opset, dynamo=True, dynamic_shapes=(shapes,) if shapes else None,  # forward(*tensors)

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..learning import live_time_layers
 from ..quant import ActivationQuantizer
 from ..quant.affine import qrange
 from ..wrap import get_denoiser, quant_record
@@ -345,7 +346,7 @@ def quantized_models(
     for graph in sorted(wanted, reverse=True):  # int first
         st = _State(plan, graph)
         extra = (torch.tensor([st.groups[0]]),) if plan.num_groups > 1 else ()
-        with graph_mode(work, st):
+        with graph_mode(work, st), live_time_layers(work):
             models[graph] = trace(FlatCall(work, names, st).eval(), names + [GROUP_INPUT] * bool(extra),
                                   tuple(inputs.values()) + extra)
     return models, plan
