@@ -48,7 +48,7 @@ COVERS = {"sdnq": ("sdnq", "linear", "linear+conv", "all"), "linear": ("linear",
 TIE_DB = 0.05  # PSNR differences below this are read as a tie, not a win (no paired interval here)
 ROW_KEYS = ("psnr", "fd_fp", "calibration_s", "weight_coverage", "mac_coverage", "avg_wbits", "avg_abits", "denoiser_mib")
 LABEL = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<bits>w\d+a(?:\d+|f))(?:-(?P<gran>" + "|".join(GRANULARITIES[1:])
-                   + r"))?(?:-r(?P<rank>\d+))?(?:-(?P<layers>.+))?$")
+                   + r"))?(?:-conv_(?P<conv>" + "|".join(GRANULARITIES) + r"))?(?:-r(?P<rank>\d+))?(?:-(?P<layers>.+))?$")
 
 
 def parse_label(label: str, spec: str) -> dict:
@@ -58,8 +58,11 @@ def parse_label(label: str, spec: str) -> dict:
         layers, bits = PEER_COVERAGE.get(label, (None, label.split("-")[-1]))
         return {"kind": "peer", "method": label, "bits": bits, "granularity": None, "layers": layers}
     weight_only = match["bits"].endswith("af")  # no activation quantizer: no granularity
-    return {"kind": "diffquant", "method": match["method"], "bits": match["bits"],
-            "granularity": None if weight_only else match["gran"] or "per_tensor", "layers": match["layers"] or "all"}
+    granularity = None if weight_only else match["gran"] or "per_tensor"
+    if granularity is not None and match["conv"]:  # --conv-act-granularity: the convolutions' own
+        granularity += f" (conv {match['conv']})"
+    return {"kind": "diffquant", "method": match["method"], "bits": match["bits"], "granularity": granularity,
+            "layers": match["layers"] or "all"}
 
 
 def collect(folders: list[Path], names: dict[str, str] | None = None) -> dict:
@@ -130,7 +133,7 @@ def markdown(data: dict) -> str:
     for row in sorted(data["rows"], key=_order):
         coverage = row["layers"] or "own"
         cells = [coverage, row["granularity"] or ("(peer's own)" if row["kind"] == "peer" else "– (weight-only)"), _cell(row.get("prompts"), "{}"), _cell(row["psnr"], "{:.2f}"),
-                 _cell(row["fd_fp"], "{:.2f}"), _cell(row.get("weight_coverage"), "{:.1%}"),
+                 _cell(row["fd_fp"], "{:.3f}"), _cell(row.get("weight_coverage"), "{:.1%}"),
                  _cell(row.get("mac_coverage"), "{:.1%}"), _cell(row.get("avg_wbits"), "{:.2f}"),
                  _cell(row.get("avg_abits"), "{:.2f}"), _cell(row.get("denoiser_mib"), "{:.2f}")]
         lines.append(f"| {row['model']} | {row['label']} | " + " | ".join(cells) + " |")
@@ -143,7 +146,7 @@ def markdown(data: dict) -> str:
                              f"target >= {t['target_db']:.0f} dB {verdict}.")
             else:
                 lines.append(f"- {model}, at {key[3:]}'s coverage ({t['coverage']}, {t['bits']}) or more: {t['diffquant']} {t['psnr']:.2f} dB / FD "
-                             f"{_cell(t['fd_fp'], '{:.2f}')} vs {t['peer_psnr']:.2f} / {_cell(t['peer_fd_fp'], '{:.2f}')}: "
+                             f"{_cell(t['fd_fp'], '{:.3f}')} vs {t['peer_psnr']:.2f} / {_cell(t['peer_fd_fp'], '{:.3f}')}: "
                              f"beats the peer on both: {verdict}.")
     return "\n".join(lines) + "\n"
 

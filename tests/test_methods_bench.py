@@ -127,3 +127,14 @@ def test_unconditional_fd_change_claim_and_its_column(tmp_path):
     assert claim["verdict"] == "does not hold"
     assert ("fd_ref", "FD to real ↓", "{:.2f}") in report.columns(result)
     assert report.columns({"reference": {"summary": {}}}) == report.COLUMNS
+
+
+def test_granularity_table_reads_coverage_and_the_convolutions_granularity():
+    """benchmarks/granularity.py classifies a bench row by its label: a convolution override is a granularity, not
+    a coverage, and a peer keeps its own coverage."""
+    import granularity
+
+    row = granularity.parse_label("rtn-w8a8-per_token-conv_per_tensor-linear", "diffquant rtn-w8a8-per_token-conv_per_tensor-linear")
+    assert (row["granularity"], row["layers"]) == ("per_token (conv per_tensor)", "linear")
+    assert granularity.parse_label("qdiffusion-w4af-layers8d8940", "diffquant q")["layers"] == "layers8d8940"
+    assert granularity.parse_label("bnb-int8", "bitsandbytes")["layers"] == "linear"
