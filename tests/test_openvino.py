@@ -292,7 +292,7 @@ def test_four_bit_codes_are_stored_in_four_bits(rtn_results, monkeypatch):
     same outputs to the bit once compiled; 8-bit codes do not fit and stay int8."""
     from diffquant.runtime import ovgraph
     from diffquant.runtime.flat import example_inputs
-    from diffquant.runtime.openvino import ir_bytes
+    from diffquant.runtime.openvino import OVDenoiser, ir_bytes
 
     monkeypatch.setattr(ovgraph, "narrow_weight_codes", lambda model: 0)  # trace as before narrowing
     wide = {}
@@ -310,3 +310,5 @@ def test_four_bit_codes_are_stored_in_four_bits(rtn_results, monkeypatch):
     core = ov.Core()
     outs = [core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(feed)[0] for m in (wide[4], narrow)]
     assert (outs[0] == outs[1]).all()
+    deployed = OVDenoiser(narrow, dict(denoiser.config), type(denoiser).__name__, threads=1)
+    assert abs(deployed.ir_bytes - ir_bytes(narrow)) < 0.05 * ir_bytes(narrow)  # what eval reports as its size (the writer dedups)

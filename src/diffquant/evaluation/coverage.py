@@ -27,7 +27,7 @@ def layer_table(pipe, settings: SamplingSettings, prompt: str = "a red circle") 
 
 def shipped_mib(pipe, reference: bool = False) -> float:
     """MiB of the denoiser as it would ship: what ``diffquant.save`` writes for a diffquant model, the IR's weight
-    file for an OpenVINO denoiser (``ir_bytes`` set by the peer), else its state dict as safetensors. The float
+    file for an OpenVINO denoiser (``OVDenoiser.ir_bytes``), else its state dict as safetensors. The float
     ``reference`` ships as the files it was loaded from (e.g. fp16 safetensors run in float32), when on disk."""
     from .peers import saved_size_bytes
 

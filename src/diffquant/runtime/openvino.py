@@ -93,6 +93,11 @@ class OVDenoiser(nn.Module):
         self.graph = graph
         properties = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "INFERENCE_PRECISION_HINT": precision}
         core = ov.Core()
+        # What ships for the graphs that run: the weight files, or the constants an in-memory graph would write
+        # (within a few per cent: the writer stores identical constants once).
+        self.ir_bytes = sum(Path(m).with_suffix(".bin").stat().st_size if isinstance(m, (str, Path))
+                            else sum(op.get_byte_size() for op in m.get_ops() if op.get_type_name() == "Constant")
+                            for m in models.values())
         self.compiled = {k: core.compile_model(m if not isinstance(m, (str, Path)) else str(m), "CPU", properties)
                          for k, m in models.items()}
         self._inputs = {k: [next(iter(p.get_names())) for p in c.inputs] for k, c in self.compiled.items()}
