@@ -14,6 +14,8 @@ The budget counts data only (not model weights); by default it is half of the RA
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -56,6 +58,14 @@ def available_memory() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere). glibc keeps freed pieces
+    resident: an OpenVINO trace of SD 1.5 (16x16 latents) held 5.4 GB after it finished, 1.8 GB once trimmed, and a
+    memory measurement would see an earlier row's garbage as its own."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class MemoryBudget:

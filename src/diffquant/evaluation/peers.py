@@ -17,7 +17,6 @@ calibration prompts and sampling settings: the same data diffquant's methods cal
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 import tempfile
@@ -31,6 +30,7 @@ import torch
 from ..calibration import CalibrationSet, record_denoiser_calls
 from ..config import CalibrationConfig
 from ..models.adapters import get_adapter
+from ..store import return_freed_memory
 from ..wrap import get_denoiser
 from .paired import plain_tensors
 
@@ -234,14 +234,6 @@ def saved_size_bytes(module: torch.nn.Module) -> int:
         return path.stat().st_size
 
 
-def _trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc), so memory freed by an earlier row does not hide this row's growth."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class PeakMemory:
     """Peak resident memory above the starting level, sampled from /proc/self/statm in a thread.
 
@@ -266,7 +258,7 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         gc.collect()
-        _trim_heap()
+        return_freed_memory()  # memory freed by an earlier row must not hide this row's growth
         self._base = self._rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

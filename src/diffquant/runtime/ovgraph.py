@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +42,7 @@ from torch import nn
 from ..learning import live_time_layers
 from ..quant import ActivationQuantizer
 from ..quant.affine import qrange
+from ..store import return_freed_memory
 from ..wrap import get_denoiser, quant_record
 from .convert import convert, is_converted
 from .flat import FlatCall, example_inputs
@@ -253,7 +253,7 @@ def trace(module: nn.Module, names: list[str], inputs: tuple) -> Any:
     The trace is not re-run to check it (``check_trace=False``, otherwise OpenVINO's default): the check holds about
     two float copies of every weight the graph dequantizes until the process ends (SD 1.5: 7 GB) and doubles the
     tracing time; the graphs are verified against the fake-quant model by the tests instead. What the trace freed
-    goes back to the OS before returning (``_return_freed_memory``).
+    goes back to the OS before returning (``store.return_freed_memory``).
     """
     import openvino as ov
     from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
@@ -266,7 +266,7 @@ def trace(module: nn.Module, names: list[str], inputs: tuple) -> Any:
         port.get_tensor().set_names({name})
     model.outputs[0].get_tensor().set_names({OUTPUT})
     narrow_weight_codes(model)
-    _return_freed_memory()
+    return_freed_memory()
     return model
 
 
@@ -305,14 +305,6 @@ def float_model(denoiser: nn.Module, inputs: dict[str, torch.Tensor] | None = No
     inputs = inputs or example_inputs(denoiser)
     names = list(inputs)
     return trace(FlatCall(denoiser, names).eval(), names, tuple(inputs.values()))
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap's freed pages back to the OS (glibc; a no-op elsewhere). A trace dequantizes every weight in
-    pieces small enough for the heap, and glibc keeps them resident once freed: SD 1.5 (16x16 latents) held 5.4 GB
-    after one trace, 1.8 GB once trimmed, and each further trace in the process grew it."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _shared_copy(denoiser: nn.Module) -> nn.Module:
