@@ -1,0 +1,102 @@
+"""Static vs dynamic per-token W8A8 on OpenVINO, timed in alternation: issue 22's step-time target on a shared machine.
+
+    .venv/bin/python benchmarks/granularity_timing.py --model sd15 --rounds 6 --threads 1
+
+``runtime.py`` times its variants one after another, so on a shared machine a ratio between two of them mixes the
+variants with whatever else ran meanwhile (three SD 1.5 runs of the same per-token-Linear variant gave 0.98x, 1.12x
+and 1.33x static). Here every variant is quantized (RTN, the same two recorded calls as ``runtime.py``), traced
+in memory and compiled first; then each round times one denoiser call of every variant, in an order that rotates
+from round to round, so load changes hit all of them alike. Reported: each variant's median step time, and the
+median (and range) over rounds of its ratio to the static graph **of the same round**. Variants (``runtime.py``'s
+tags): ``w8a8`` static per-tensor; ``w8a8_tok`` dynamic per-token everywhere; ``w8a8_tokfc`` per-token on Linear
+inputs, static per-tensor on convolutions. Int graph, bf16 hint (what ``runtime.py``'s ``openvino_*`` rows compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from diffquant.io import atomic_write_json
+from runtime import ROOT, build, quantize  # sibling scripts (benchmarks/ is not a package)
+from runtime_engines import openvino_export
+
+TAGS = ("w8a8", "w8a8_tok", "w8a8_tokfc")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="sd15", choices=("sd15", "mini-sd"))
+    p.add_argument("--tags", default=",".join(TAGS), help=f"comma-separated, from {', '.join(TAGS)}; the first is the baseline")
+    p.add_argument("--rounds", type=int, default=6, help="timed calls per variant, one per round")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "granularity-timing-sd15.json")
+    args = p.parse_args()
+    tags = [t for t in args.tags.split(",") if t]
+    if not set(tags) <= set(TAGS):
+        raise SystemExit(f"--tags: unknown {sorted(set(tags) - set(TAGS))}; choose from {', '.join(TAGS)}")
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    unet, inputs, calib, label = build(args.model)
+    out = {"model": label, "threads": args.threads, "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
+           "graph": "int, bf16 hint", "variants": {}, "order": []}
+    calls = {}
+    for tag in tags:
+        start = time.perf_counter()
+        model = quantize(unet, calib, tag)
+        fn, weights, note = openvino_export(model, Path("unused"), inputs, "int", "bf16", in_memory=True)
+        del model
+        gc.collect()
+        fn()  # warm-up: first inference allocates and packs
+        calls[tag] = fn
+        out["variants"][tag] = {"build_s": time.perf_counter() - start, "ir_mb": weights, "kernels": note.get("kernels"), "times_s": []}
+        print(f"{tag}: ready in {out['variants'][tag]['build_s']:.0f} s", flush=True)
+    del unet
+    gc.collect()
+
+    with torch.no_grad():
+        for r in range(args.rounds):
+            order = tags[r % len(tags):] + tags[:r % len(tags)]
+            out["order"].append(order)
+            for tag in order:
+                start = time.perf_counter()
+                calls[tag]()
+                out["variants"][tag]["times_s"].append(time.perf_counter() - start)
+            line = ", ".join(f"{t} {out['variants'][t]['times_s'][-1]:.2f} s" for t in tags)
+            print(f"round {r + 1}/{args.rounds} (load {os.getloadavg()[0]:.1f}): {line}", flush=True)
+            out["load_avg_1m"] = out.get("load_avg_1m", []) + [os.getloadavg()[0]]
+            summarize(out, tags)
+            atomic_write_json(args.json, out)
+    print_table(out, tags)
+
+
+def summarize(out: dict, tags: list[str]) -> None:
+    """Median step time per variant and its per-round ratio to the first tag (the same round's static call)."""
+    base = out["variants"][tags[0]]["times_s"]
+    for tag in tags:
+        row = out["variants"][tag]
+        ratios = [t / b for t, b in zip(row["times_s"], base)]
+        row.update(median_s=statistics.median(row["times_s"]), ratio_median=statistics.median(ratios),
+                   ratio_min=min(ratios), ratio_max=max(ratios))
+
+
+def print_table(out: dict, tags: list[str]) -> None:
+    print(f"\n{out['model']}, {out['threads']} thread(s), {out['rounds']} alternating rounds, {out['graph']}")
+    print(f"| variant | median step (s) | ratio to {tags[0]}, same round: median (range) | IR MiB |")
+    print("|---|---|---|---|")
+    for tag in tags:
+        row = out["variants"][tag]
+        print(f"| {tag} | {row["median_s"]:.3f} | {row["ratio_median']:.2f}x ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) "
+              f"| {row['ir_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
