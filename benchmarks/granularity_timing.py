@@ -94,7 +94,7 @@ def print_table(out: dict, tags: list[str]) -> None:
     print("|---|---|---|---|")
     for tag in tags:
         row = out["variants"][tag]
-        print(f"| {tag} | {row["median_s"]:.3f} | {row["ratio_median']:.2f}x ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) "
+        print(f"| {tag} | {row['median_s']:.3f} | {row['ratio_median']:.2f}x ({row['ratio_min']:.2f}–{row['ratio_max']:.2f}) "
               f"| {row['ir_mb']:.0f} |")
 
 
