@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--emf-ablation", action="store_true", help="add the emf-serial row (seed 000's serial-vs-parallel ablation)")
     p.add_argument("--prompts", type=int, default=256, help="held-out prompts, one image each, seed = prompt index")
     p.add_argument("--calib-prompts", type=int, default=8, help="calibration prompts (zoo calibration split), the same for every method")
+    p.add_argument("--calib-draw", type=int, default=0, help="which disjoint calibration set (0, 1, ...): repeat a table over draws "
+                   "to see how much of it the calibration draw decides (unconditional: seeds 1000000+100000*K..)")
     p.add_argument("--calib-eval", type=int, default=0, help="also score every row on this many calibration prompts (0: off)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps for generation and calibration (default: the model's)")
     p.add_argument("--qdiffusion-options", default=None, help=f"JSON, replaces the budget options {json.dumps(BUDGET_OPTIONS['qdiffusion'])}")

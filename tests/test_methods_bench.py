@@ -138,3 +138,19 @@ def test_granularity_table_reads_coverage_and_the_convolutions_granularity():
     assert (row["granularity"], row["layers"]) == ("per_token (conv per_tensor)", "linear")
     assert granularity.parse_label("qdiffusion-w4af-layers8d8940", "diffquant q")["layers"] == "layers8d8940"
     assert granularity.parse_label("bnb-int8", "bitsandbytes")["layers"] == "linear"
+
+
+def test_calibration_draws_are_disjoint_and_reach_the_row_config():
+    from methodbench.runner import make_config
+
+    from diffquant.evaluation.prompts import calibration_seeds
+    from diffquant.sampling import SamplingSettings
+
+    first, second = calibration_seeds(16), calibration_seeds(16, draw=1)
+    assert not set(first) & set(second) and min(first) >= 1_000_000
+    settings = SamplingSettings(steps=4)
+    configs = [make_config("qdiffusion", 4, 8, settings, [""] * 16, {}, 8, unconditional=True, calib_draw=d) for d in (0, 1)]
+    assert [c.calibration.seeds for c in configs] == [first, second]
+    assert configs[0].to_dict() != configs[1].to_dict()  # so the row keys differ and neither draw reuses the other's row
+    with pytest.raises(ValueError, match="numbered from 0"):
+        calibration_seeds(4, draw=-1)

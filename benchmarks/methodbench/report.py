@@ -112,12 +112,13 @@ def markdown(all_results: dict, analysis: str) -> str:
              "Written by `benchmarks/methods.py` (JSON: `benchmarks/results/methods.json`); the hand-written analysis is at the end.", ""]
     for name, res in all_results["models"].items():
         s, cols = res["settings"], columns(res)
-        pairs = (f"{s['n_images']} unconditional samples (seed = sample index), {s['steps']} steps; {res['calib_prompts']} "
-                 "calibration samples (seeds 1000000..) for every method; FD to real: against as many real scenes "
-                 "(`zoo.data.real_scenes`)" if res.get("unconditional") else
+        draw, n_calib = res.get("calib_draw", 0), res["calib_prompts"]
+        pairs = (f"{s['n_images']} unconditional samples (seed = sample index), {s['steps']} steps; {n_calib} "
+                 f"calibration samples (seeds {1_000_000 + 100_000 * draw}..) for every method; FD to real: against as many real "
+                 "scenes (`zoo.data.real_scenes`)" if res.get("unconditional") else
                  f"{s['n_images']} held-out prompts (`zoo.heldout_prompts`, seed = prompt index), {s['steps']} steps, guidance "
-                 f"{s['guidance']}, {s['height']}x{s['width']}; {res['calib_prompts']} calibration prompts (`zoo.calibration_prompts`) "
-                 "for every method")
+                 f"{s['guidance']}, {s['height']}x{s['width']}; {n_calib} calibration prompts (`zoo.calibration_prompts`"
+                 f"{f', numbers {n_calib * draw}..' if draw else ''}) for every method")
         lines += [f"## {name}", "",
                   f"Reproduce: `.venv/bin/python {_main_command(res)}`", "",
                   (f"Weights: {res['source']} (FP fingerprint `{res['reference']['fingerprint']}`). {pairs}. Fréchet distances: "

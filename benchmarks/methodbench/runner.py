@@ -91,16 +91,16 @@ def load_fp(name: str, folder: str | None):
 
 
 def make_config(variant: str, wbits: int, abits: int, settings, calib_prompts: list[str], method_options: dict, batch_size: int,
-                unconditional: bool = False):
+                unconditional: bool = False, calib_draw: int = 0):
     """The row's QuantConfig: the variant's method and overrides, calibrating with the benchmark's sampling settings
-    (an unconditional model: on ``calibration_seeds``, never on the evaluation's)."""
+    (an unconditional model: on ``calibration_seeds`` of draw ``calib_draw``, never on the evaluation's)."""
     from diffquant import CalibrationConfig, QuantConfig
     from diffquant.evaluation.prompts import calibration_seeds
 
     method, overrides, extra = VARIANTS[variant]
     overrides = {k: (settings.steps if v == "steps" else v) for k, v in overrides.items()}
     calib = CalibrationConfig.from_sampling(settings, num_prompts=len(calib_prompts), batch_size=batch_size,
-                                            seeds=calibration_seeds(len(calib_prompts)) if unconditional else None)
+                                            seeds=calibration_seeds(len(calib_prompts), calib_draw) if unconditional else None)
     return QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib,
                        options={**method_options.get(method, {}), **extra}, **overrides)
 
@@ -224,7 +224,8 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
     options = EvalOptions(metrics=metrics, cache_dir=Path(args.cache_dir) / name, batch_size=args.batch_size,
                           curve_items=min(8, len(items)), sensitivity_items=2, sensitivity_steps=3,
                           reference_images=ZOO_SCENES if unconditional else None)
-    calib_prompts = unconditional_prompts(args.calib_prompts) if unconditional else zoo.calibration_prompts(args.calib_prompts)
+    n_calib, draw = args.calib_prompts, args.calib_draw  # draw K: the K-th disjoint calibration set (seeds or prompts)
+    calib_prompts = unconditional_prompts(n_calib) if unconditional else zoo.calibration_prompts(n_calib * (draw + 1))[n_calib * draw:]
     print(f"[{name}] FP: {len(items)} images", flush=True)
     t0 = time.perf_counter()
     spec = f"{args.prompts} unconditional samples, seeds 0..{args.prompts - 1}" if unconditional else f"zoo:heldout:{args.prompts}"
@@ -257,7 +258,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
     result = {
         "command": f".venv/bin/python benchmarks/methods.py {args.line}".strip(),
         "source": source, "settings": ev.settings_record, "feature_space": ev.feature_space,
-        "calib_prompts": len(calib_prompts), "unconditional": unconditional, "method_options": method_options, "bits": bits_list,
+        "calib_prompts": len(calib_prompts), "calib_draw": draw, "unconditional": unconditional, "method_options": method_options, "bits": bits_list,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "load_start": load_start,
         "reference": {"fingerprint": fp_fingerprint, "summary": ref_summary,
@@ -279,7 +280,7 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
             if (method == "emf" or variant == "rtn-float-time") and bits not in emf_bits:
                 continue
             label = f"{variant}-{bits}"
-            cfg = make_config(variant, wbits, abits, settings, calib_prompts, method_options, args.calib_batch_size, unconditional)
+            cfg = make_config(variant, wbits, abits, settings, calib_prompts, method_options, args.calib_batch_size, unconditional, draw)
             key = row_key(fp_fingerprint, variant, cfg, settings, args.prompts, args.calib_eval, calib_prompts)
             if key in previous and "summary" in previous[key] and variant not in args.redo:
                 print(f"[{name}] {label}: finished in an earlier run, reused", flush=True)

@@ -57,10 +57,14 @@ def load_prompts(spec: str | Path, seeds: list[int] | None = None, limit: int | 
 CALIBRATION_SEED_BASE = 1_000_000
 
 
-def calibration_seeds(n: int) -> list[int]:
-    """Seeds of ``n`` calibration samples of an unconditional model in a paired comparison: 1000000 + i, apart from
-    every evaluation seed below a million (a model calibrated on the images it is judged on would flatter itself)."""
-    return [CALIBRATION_SEED_BASE + i for i in range(n)]
+def calibration_seeds(n: int, draw: int = 0) -> list[int]:
+    """Seeds of ``n`` calibration samples of an unconditional model in a paired comparison: 1000000 + 100000 * draw + i,
+    apart from every evaluation seed below a million (a model calibrated on the images it is judged on would flatter
+    itself). ``draw`` picks another, disjoint calibration set (up to 100000 samples each): how much a result owes to
+    its calibration draw is measured by repeating it over draws."""
+    if n > 100_000 or draw < 0:
+        raise ValueError(f"calibration draws hold 1..100000 samples and are numbered from 0; got n={n}, draw={draw}")
+    return [CALIBRATION_SEED_BASE + 100_000 * draw + i for i in range(n)]
 
 
 def sample_items(pipe, prompts: str | None, seeds: str | None, num_samples: int | None) -> list[PromptItem]:
