@@ -24,7 +24,7 @@ NNCF's INT8 (the ``nncf-int8`` peer's recipe) calibrated on the same recorded ca
 bf16 hint; ``openvino_w8a8`` / ``openvino_w4a8`` = diffquant's ``export_openvino`` of the RTN model (its own
 scales), int8 graph, bf16 hint (``*_float``: its float graph, f32 hint); ``pt2e_x86_int8_compiled`` = PyTorch's static int8
 (PT2E ``X86InductorQuantizer`` calibrated on those calls, then ``torch.compile``). Their notes name the
-kernel precision OpenVINO chose per layer type. Weights MB of an OpenVINO row is its IR weight file.
+kernel precision OpenVINO chose per layer type. Weights MB of an OpenVINO row is its IR weight file (``ir_bytes``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +92,7 @@ class OVDenoiser(nn.Module):
         self.graph = graph
         properties = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "INFERENCE_PRECISION_HINT": precision}
         core = ov.Core()
-        # What ships for the graphs that run: the weight files, or the constants an in-memory graph would write
-        # (within a few per cent: the writer stores identical constants once).
-        self.ir_bytes = sum(Path(m).with_suffix(".bin").stat().st_size if isinstance(m, (str, Path))
-                            else sum(op.get_byte_size() for op in m.get_ops() if op.get_type_name() == "Constant")
-                            for m in models.values())
+        self.ir_bytes = sum(ir_bytes(m) for m in models.values())  # what ships for the graphs that run
         self.compiled = {k: core.compile_model(m if not isinstance(m, (str, Path)) else str(m), "CPU", properties)
                          for k, m in models.items()}
         self._inputs = {k: [next(iter(p.get_names())) for p in c.inputs] for k, c in self.compiled.items()}
@@ -232,13 +227,21 @@ def graph_digest(model: Any) -> str:
 
 
 def ir_bytes(model: Any) -> int:
-    """Bytes of the weight file of an ``ov.Model`` as ``ov.save_model`` writes it (fp32 constants)."""
-    import openvino as ov
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.xml"
-        ov.save_model(model, str(path), compress_to_fp16=False)
-        return path.with_suffix(".bin").stat().st_size
+    """Bytes of weights a graph ships: a saved IR's (``.xml`` path) weight file, or what ``ov.save_model`` would
+    write for an in-memory ``ov.Model`` without writing it (fp32 constants as they are; the writer stores identical
+    constants once, so those count once: content is compared only among constants of the same type and size)."""
+    if isinstance(model, (str, Path)):
+        return Path(model).with_suffix(".bin").stat().st_size
+    by_size: dict[tuple[str, int], list[Any]] = {}
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant":
+            by_size.setdefault((str(op.get_element_type()), op.get_byte_size()), []).append(op)
+    total = 0
+    for (_, size), ops in by_size.items():
+        distinct = 1 if len(ops) == 1 else len({hashlib.blake2b(np.ascontiguousarray(op.get_data()).tobytes(), digest_size=16).digest()
+                                               for op in ops})
+        total += size * distinct
+    return total
 
 
 def is_openvino_folder(folder: str | Path) -> bool:
