@@ -48,7 +48,8 @@ COVERS = {"sdnq": ("sdnq", "linear", "linear+conv", "all"), "linear": ("linear",
 TIE_DB = 0.05  # PSNR differences below this are read as a tie, not a win (no paired interval here)
 ROW_KEYS = ("psnr", "fd_fp", "calibration_s", "weight_coverage", "mac_coverage", "avg_wbits", "avg_abits", "denoiser_mib")
 LABEL = re.compile(r"^(?P<method>[a-z0-9_]+)-(?P<bits>w\d+a(?:\d+|f))(?:-(?P<gran>" + "|".join(GRANULARITIES[1:])
-                   + r"))?(?:-conv_(?P<conv>" + "|".join(GRANULARITIES) + r"))?(?:-r(?P<rank>\d+))?(?:-(?P<layers>.+))?$")
+                   + r"))?(?:-conv_(?P<conv>" + "|".join(GRANULARITIES) + r"))?(?:-r(?P<rank>\d+))?(?:-(?P<layers>[^\[]+))?"
+                   r"(?:\[(?P<options>[^\]]*)\])?$")
 
 
 def parse_label(label: str, spec: str) -> dict:
@@ -62,7 +63,7 @@ def parse_label(label: str, spec: str) -> dict:
     if granularity is not None and match["conv"]:  # --conv-act-granularity: the convolutions' own
         granularity += f" (conv {match['conv']})"
     return {"kind": "diffquant", "method": match["method"], "bits": match["bits"], "granularity": granularity,
-            "layers": match["layers"] or "all"}
+            "layers": match["layers"] or "all", "options": match["options"] or ""}
 
 
 def collect(folders: list[Path], names: dict[str, str] | None = None) -> dict:

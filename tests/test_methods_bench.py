@@ -138,6 +138,13 @@ def test_granularity_table_reads_coverage_and_the_convolutions_granularity():
     assert (row["granularity"], row["layers"]) == ("per_token (conv per_tensor)", "linear")
     assert granularity.parse_label("qdiffusion-w4af-layers8d8940", "diffquant q")["layers"] == "layers8d8940"
     assert granularity.parse_label("bnb-int8", "bitsandbytes")["layers"] == "linear"
+    # diffquant bench labels rows run with --option by their options, so they no longer share a label
+    from diffquant.evaluation.bench import options_tag
+
+    label = "qdiffusion-w4af-layers8d8940" + options_tag({"iterations": 1000, "act_iterations": 50})
+    assert label == "qdiffusion-w4af-layers8d8940[act_iterations=50,iterations=1000]" and options_tag({}) == ""
+    assert {k: granularity.parse_label(label, "diffquant q")[k] for k in ("layers", "options")} == {
+        "layers": "layers8d8940", "options": "act_iterations=50,iterations=1000"}
 
 
 def test_calibration_draws_are_disjoint_and_reach_the_row_config():

@@ -8,6 +8,7 @@ coverage, average bits over the whole denoiser and the size of the denoiser file
 from __future__ import annotations
 
 import copy
+import json
 import re
 import time
 from typing import Any, Callable
@@ -41,6 +42,11 @@ def parse_ranks(spec: str) -> list[int]:
     if not ranks or min(ranks) < 0:
         raise ValueError(f"bad --lowrank-rank {spec!r}: write ranks >= 0 separated by commas, e.g. 0,8,16")
     return ranks
+
+
+def options_tag(options: dict[str, Any]) -> str:
+    """A row label's method options, ``[iterations=1000]``: rows that differ only in ``--option`` stay apart."""
+    return "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]" if options else ""
 
 
 def _sampler(pipe, settings: SamplingSettings, batch_size: int):
@@ -97,12 +103,13 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, lowrank_rank=rank,
                               calibration=calib_cfg, options=(method_options or {}).get(method, {}), **(config or {}))
             pipe, seconds, mib = quantize_copy(fp_pipe, cfg, calibration)
-            row = ev.add(cfg.label, pipe, spec=f"diffquant {cfg.label}", extra={"calibration_s": seconds, "peak_memory_mib": mib})
+            label, tag = cfg.label + options_tag(cfg.options), f"{cfg.label} {json.dumps(cfg.options, sort_keys=True)}"
+            row = ev.add(label, pipe, spec=f"diffquant {tag}", extra={"calibration_s": seconds, "peak_memory_mib": mib})
             if deploy is not None:
-                label = f"{cfg.label}-{deploy_label}"
+                deployed = f"{cfg.label}-{deploy_label}{options_tag(cfg.options)}"
                 same = {k: row["summary"][k] for k in COVERAGE_KEYS}  # the same layers at the same bits, in the engine's graph
-                entry = ev.add(label, deploy(pipe), spec=f"diffquant {cfg.label} deployed on {deploy_label}", extra=same)
-                entry["summary"]["psnr_to_fake_quant"] = float(psnr(ev.images[label], ev.images[cfg.label]).double().mean())
+                entry = ev.add(deployed, deploy(pipe), spec=f"diffquant {tag} deployed on {deploy_label}", extra=same)
+                entry["summary"]["psnr_to_fake_quant"] = float(psnr(ev.images[deployed], ev.images[label]).double().mean())
             del pipe
     for name in peers:
         pipe = copy.deepcopy(fp_pipe)

@@ -136,7 +136,7 @@ def bench_command(
     timestep_groups: int = typer.Option(1, "--timestep-groups", min=1, help="Activation parameter sets over the timestep range."),
     layers: str = typer.Option("all", "--layers", help="What every method row quantizes: all, linear (torchao's coverage), "
                                "conv, attention or name patterns, comma separated (as for quantize)."),
-    option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable), for every method in --methods."),
+    option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable), for every method in --methods; rows carry them in their label, e.g. qdiffusion-w4a8[iterations=1000]."),
     peers: str = typer.Option("all", "--peers", help="Comma list of torchao-w8a8,torchao-w4,quanto-w8a8,quanto-w4,nncf-int8,openvino-fp32,openvino-bf16, 'all' or 'none'."),
     calib_prompts: Optional[str] = typer.Option(None, "--calib-prompts", help="Calibration prompts (same forms as --prompts; "
                                                 "default zoo:calibration:16)."),
