@@ -4,9 +4,10 @@
 
 ``runtime.py`` times its variants one after another, so on a shared machine a ratio between two of them mixes the
 variants with whatever else ran meanwhile (three SD 1.5 runs of the same per-token-Linear variant gave 0.98x, 1.12x
-and 1.33x static). Here every variant is quantized (RTN, the same two recorded calls as ``runtime.py``), traced
-in memory and compiled first; then each round times one denoiser call of every variant, in an order that rotates
-from round to round, so load changes hit all of them alike. Reported: each variant's median step time, and the
+and 1.33x static). Here every variant is quantized (RTN, the same two recorded calls as ``runtime.py``) and its int
+graph traced to disk, one at a time (three SD 1.5 traces beside compiled graphs exceed 24 GB); all are then compiled,
+and each round times one denoiser call of every variant, in an order that rotates from round to round, so load
+changes hit all of them alike. Reported: each variant's median step time, and the
 median (and range) over rounds of its ratio to the static graph **of the same round**. Variants (``runtime.py``'s
 tags): ``w8a8`` static per-tensor; ``w8a8_tok`` dynamic per-token everywhere; ``w8a8_tokfc`` per-token on Linear
 inputs, static per-tensor on convolutions. Int graph, bf16 hint (what ``runtime.py``'s ``openvino_*`` rows compile).
@@ -19,14 +20,19 @@ import gc
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+import diffquant
 from diffquant.io import atomic_write_json
+from diffquant.runtime.openvino import GRAPHS, OVDenoiser, ir_bytes, pipeline_inputs, write_graphs
+from diffquant.runtime.ovgraph import quantized_models
+from diffquant.store import return_freed_memory
 from runtime import ROOT, build, quantize  # sibling scripts (benchmarks/ is not a package)
-from runtime_engines import openvino_export
+from runtime_engines import kernel_precisions
 
 TAGS = ("w8a8", "w8a8_tok", "w8a8_tokfc")
 
@@ -37,6 +43,7 @@ def main() -> None:
     p.add_argument("--tags", default=",".join(TAGS), help=f"comma-separated, from {', '.join(TAGS)}; the first is the baseline")
     p.add_argument("--rounds", type=int, default=6, help="timed calls per variant, one per round")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ir-dir", default=None, help="where the traced graphs wait to be compiled (default: the temp dir)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "granularity-timing-sd15.json")
     args = p.parse_args()
     tags = [t for t in args.tags.split(",") if t]
@@ -48,20 +55,21 @@ def main() -> None:
     unet, inputs, calib, label = build(args.model)
     out = {"model": label, "threads": args.threads, "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
            "graph": "int, bf16 hint", "variants": {}, "order": []}
-    calls = {}
-    for tag in tags:
-        start = time.perf_counter()
-        model = quantize(unet, calib, tag)
-        fn, weights, note = openvino_export(model, Path("unused"), inputs, "int", "bf16", in_memory=True)
-        del model
+    with tempfile.TemporaryDirectory(dir=args.ir_dir) as tmp:
+        # Trace every variant to disk first, then compile all from their files: three SD 1.5 traces side by side with
+        # the compiled graphs do not fit in 24 GB (the first try was killed at the third).
+        saved = {tag: save_int_graph(unet, calib, tag, Path(tmp) / tag, out) for tag in tags}
+        del unet
         gc.collect()
-        fn()  # warm-up: first inference allocates and packs
-        calls[tag] = fn
-        out["variants"][tag] = {"build_s": time.perf_counter() - start, "ir_mb": weights, "kernels": note.get("kernels"), "times_s": []}
-        print(f"{tag}: ready in {out['variants'][tag]['build_s']:.0f} s", flush=True)
-    del unet
-    gc.collect()
-
+        return_freed_memory()
+        calls = {}
+        for tag in tags:
+            start = time.perf_counter()
+            denoiser = OVDenoiser({"int": saved[tag].pop("path")}, **saved[tag], graph="int", precision="bf16", threads=args.threads)
+            calls[tag] = lambda d=denoiser: d(**inputs)[0]
+            calls[tag]()  # warm-up: first inference allocates and packs
+            out["variants"][tag].update(compile_s=time.perf_counter() - start, kernels=kernel_precisions(denoiser))
+            print(f"{tag}: compiled in {out['variants'][tag]['compile_s']:.0f} s", flush=True)
     with torch.no_grad():
         for r in range(args.rounds):
             order = tags[r % len(tags):] + tags[:r % len(tags)]
@@ -76,6 +84,26 @@ def main() -> None:
             summarize(out, tags)
             atomic_write_json(args.json, out)
     print_table(out, tags)
+
+
+def save_int_graph(unet, calib, tag: str, folder: Path, out: dict) -> dict:
+    """Quantize ``unet`` as ``tag``, trace its int graph (``OVDenoiser.from_denoiser``'s trace) into ``folder`` and
+    free the rest; returns ``OVDenoiser``'s arguments for the saved graph."""
+    start = time.perf_counter()
+    model = quantize(unet, calib, tag)
+    models, plan = quantized_models(model, pipeline_inputs(model), graphs=("int",))
+    if plan.float_groups:
+        raise SystemExit(f"{tag}: timestep groups {plan.float_groups} need the float graph; this benchmark times the int graph")
+    write_graphs(models, folder)
+    record = diffquant.quant_record(model)
+    kwargs = {"path": folder / GRAPHS["int"], "config": dict(model.config), "class_name": type(model).__name__,
+              "groups": record.groups, "report": record.report}
+    out["variants"][tag] = {"trace_s": time.perf_counter() - start, "ir_mb": ir_bytes(models["int"]) / 2**20, "times_s": []}
+    del model, models
+    gc.collect()
+    return_freed_memory()
+    print(f"{tag}: traced in {out['variants'][tag]['trace_s']:.0f} s", flush=True)
+    return kwargs
 
 
 def summarize(out: dict, tags: list[str]) -> None:
