@@ -10,7 +10,8 @@ and each round times one denoiser call of every variant, in an order that rotate
 changes hit all of them alike. Reported: each variant's median step time, and the
 median (and range) over rounds of its ratio to the static graph **of the same round**. Variants (``runtime.py``'s
 tags): ``w8a8`` static per-tensor; ``w8a8_tok`` dynamic per-token everywhere; ``w8a8_tokfc`` per-token on Linear
-inputs, static per-tensor on convolutions. Int graph, bf16 hint (what ``runtime.py``'s ``openvino_*`` rows compile).
+inputs, static per-tensor on convolutions; ``w8a8_toksm`` the same with the convolutions' inputs smoothed per channel
+(static). Int graph, bf16 hint (what ``runtime.py``'s ``openvino_*`` rows compile).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from diffquant.store import return_freed_memory
 from runtime import ROOT, build, quantize  # sibling scripts (benchmarks/ is not a package)
 from runtime_engines import kernel_precisions
 
-TAGS = ("w8a8", "w8a8_tok", "w8a8_tokfc")
+TAGS = ("w8a8", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm")
 
 
 def main() -> None:

@@ -66,12 +66,15 @@ VARIANTS = (
     "fake_quant_w8a8_attn", "converted_w8a8_attn", "converted_w8a8_attn_bf16",
     "fake_quant_w8a8_tok", "converted_w8a8_tok", "openvino_w8a8_tok", "openvino_w8a8_tok_float",
     "fake_quant_w8a8_tokfc", "converted_w8a8_tokfc", "openvino_w8a8_tokfc", "openvino_w8a8_tokfc_float",
+    "openvino_w8a8_toksm", "openvino_w8a8_toksm_float",
     "torchao_int8_dynamic", "torchao_int8_dynamic_compiled", "onnxruntime_fp32", "onnxruntime_int8_qdq",
 ) + engines.ENGINE_VARIANTS
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and "tok" not in v and v != "fake_quant_w4a8")
 # _tok: dynamic per-token activation scales (issue 22); _tokfc: per token on Linear inputs, static per-tensor on
-# convolutions (``conv_act_granularity``), which then keep their int8 kernels
-QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc")
+# convolutions (``conv_act_granularity``), which then keep their int8 kernels; _toksm: the convolutions' inputs
+# smoothed per channel instead (static too)
+QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm")
+CONV_GRANULARITY = {"_tokfc": "per_tensor", "_toksm": "per_channel_smooth"}
 
 
 class PeakRSS:
@@ -180,8 +183,8 @@ def build(model: str):
 
 def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:
     cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith("_attn"),
-                      act_granularity="per_token" if tag.endswith(("_tok", "_tokfc")) else "per_tensor",
-                      conv_act_granularity="per_tensor" if tag.endswith("_tokfc") else None)
+                      act_granularity="per_token" if tag.endswith(("_tok", "_tokfc", "_toksm")) else "per_tensor",
+                      conv_act_granularity=CONV_GRANULARITY.get(tag[tag.rfind("_"):]))
     return diffquant.quantize(copy.deepcopy(unet), cfg, calibration=calib, progress=False)
 
 
