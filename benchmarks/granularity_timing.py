@@ -51,11 +51,10 @@ def main() -> None:
     if not set(tags) <= set(TAGS):
         raise SystemExit(f"--tags: unknown {sorted(set(tags) - set(TAGS))}; choose from {', '.join(TAGS)}")
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
     unet, inputs, calib, label = build(args.model)
     out = {"model": label, "threads": args.threads, "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
-           "graph": "int, bf16 hint", "variants": {}, "order": []}
+           "graph": "int, bf16 hint", "variants": {}, "order": [], "load_avg_1m": []}
     with tempfile.TemporaryDirectory(dir=args.ir_dir) as tmp:
         # Trace every variant to disk first, then compile all from their files: three SD 1.5 traces side by side with
         # the compiled graphs do not fit in 24 GB (the first try was killed at the third).
@@ -79,9 +78,9 @@ def main() -> None:
                 start = time.perf_counter()
                 calls[tag]()
                 out["variants"][tag]["times_s"].append(time.perf_counter() - start)
+            out["load_avg_1m"].append(os.getloadavg()[0])
             line = ", ".join(f"{t} {out['variants'][t]['times_s'][-1]:.2f} s" for t in tags)
-            print(f"round {r + 1}/{args.rounds} (load {os.getloadavg()[0]:.1f}): {line}", flush=True)
-            out["load_avg_1m"] = out.get("load_avg_1m", []) + [os.getloadavg()[0]]
+            print(f"round {r + 1}/{args.rounds} (load {out['load_avg_1m'][-1]:.1f}): {line}", flush=True)
             summarize(out, tags)
             atomic_write_json(args.json, out)
     print_table(out, tags)

@@ -74,7 +74,8 @@ DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and "tok" not in
 # convolutions (``conv_act_granularity``), which then keep their int8 kernels; _toksm: the convolutions' inputs
 # smoothed per channel instead (static too)
 QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm")
-CONV_GRANULARITY = {"_tokfc": "per_tensor", "_toksm": "per_channel_smooth"}
+# per-token tag suffix -> the convolutions' own granularity (None: per-token too)
+PER_TOKEN = {"tok": None, "tokfc": "per_tensor", "toksm": "per_channel_smooth"}
 
 
 class PeakRSS:
@@ -182,9 +183,9 @@ def build(model: str):
 
 
 def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:
+    suffix = tag.partition("_")[2]
     cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith("_attn"),
-                      act_granularity="per_token" if tag.endswith(("_tok", "_tokfc", "_toksm")) else "per_tensor",
-                      conv_act_granularity=CONV_GRANULARITY.get(tag[tag.rfind("_"):]))
+                      act_granularity="per_token" if suffix in PER_TOKEN else "per_tensor", conv_act_granularity=PER_TOKEN.get(suffix))
     return diffquant.quantize(copy.deepcopy(unet), cfg, calibration=calib, progress=False)
 
 

@@ -53,7 +53,7 @@ def openvino_float(unet: nn.Module, calib: CalibrationSet, inputs: dict, precisi
     model = float_model(unet, flat_call(unet, calib.calls[0].kwargs()))
     denoiser = OVDenoiser(model, dict(unet.config), type(unet).__name__, precision=precision)
     note = {"build_s": time.perf_counter() - start, "kernels": kernel_precisions(denoiser)}
-    return _run(denoiser, inputs), ir_bytes(model) / 2**20, note
+    return _run(denoiser, inputs), denoiser.ir_bytes / 2**20, note
 
 
 def openvino_nncf(unet: nn.Module, calib: CalibrationSet, inputs: dict, precision: str = "bf16"):
@@ -66,7 +66,7 @@ def openvino_nncf(unet: nn.Module, calib: CalibrationSet, inputs: dict, precisio
     denoiser = OVDenoiser(model, dict(unet.config), type(unet).__name__, precision=precision)
     note = {"calibration_samples": calib.num_samples(), "calibration_calls": len(calib), "quantize_s": quantize_s,
             "kernels": kernel_precisions(denoiser)}
-    return _run(denoiser, inputs), ir_bytes(model) / 2**20, note
+    return _run(denoiser, inputs), denoiser.ir_bytes / 2**20, note
 
 
 def openvino_export(model: nn.Module, folder: Path, inputs: dict, graph: str, precision: str, in_memory: bool = False):

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from diffquant.evaluation.prompts import calibration_seeds
+
 from . import peers
 
 ANALYSIS_HEADING = "## Analysis"
@@ -114,7 +116,7 @@ def markdown(all_results: dict, analysis: str) -> str:
         s, cols = res["settings"], columns(res)
         draw, n_calib = res.get("calib_draw", 0), res["calib_prompts"]
         pairs = (f"{s['n_images']} unconditional samples (seed = sample index), {s['steps']} steps; {n_calib} "
-                 f"calibration samples (seeds {1_000_000 + 100_000 * draw}..) for every method; FD to real: against as many real "
+                 f"calibration samples (seeds {calibration_seeds(1, draw)[0]}..) for every method; FD to real: against as many real "
                  "scenes (`zoo.data.real_scenes`)" if res.get("unconditional") else
                  f"{s['n_images']} held-out prompts (`zoo.heldout_prompts`, seed = prompt index), {s['steps']} steps, guidance "
                  f"{s['guidance']}, {s['height']}x{s['width']}; {n_calib} calibration prompts (`zoo.calibration_prompts`"

@@ -103,10 +103,11 @@ def run_bench(fp_pipe, model_spec: str, items: list[PromptItem], settings: Sampl
             cfg = QuantConfig(method=method, wbits=wbits, abits=abits, act_granularity=granularity, lowrank_rank=rank,
                               calibration=calib_cfg, options=(method_options or {}).get(method, {}), **(config or {}))
             pipe, seconds, mib = quantize_copy(fp_pipe, cfg, calibration)
-            label, tag = cfg.label + options_tag(cfg.options), f"{cfg.label} {json.dumps(cfg.options, sort_keys=True)}"
+            suffix = options_tag(cfg.options)
+            label, tag = cfg.label + suffix, f"{cfg.label} {json.dumps(cfg.options, sort_keys=True)}"
             row = ev.add(label, pipe, spec=f"diffquant {tag}", extra={"calibration_s": seconds, "peak_memory_mib": mib})
             if deploy is not None:
-                deployed = f"{cfg.label}-{deploy_label}{options_tag(cfg.options)}"
+                deployed = f"{cfg.label}-{deploy_label}{suffix}"
                 same = {k: row["summary"][k] for k in COVERAGE_KEYS}  # the same layers at the same bits, in the engine's graph
                 entry = ev.add(deployed, deploy(pipe), spec=f"diffquant {tag} deployed on {deploy_label}", extra=same)
                 entry["summary"]["psnr_to_fake_quant"] = float(psnr(ev.images[deployed], ev.images[label]).double().mean())

@@ -137,7 +137,7 @@ def _bitsandbytes(denoiser: torch.nn.Module, four_bit: bool) -> None:
 def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationConfig) -> dict:
     """Put the OpenVINO form of ``pipe``'s float denoiser (NNCF-quantized for ``nncf-int8``) in its place."""
     from ..registry import sampling_defaults
-    from ..runtime.openvino import OVDenoiser, ir_bytes
+    from ..runtime.openvino import OVDenoiser
     from ..runtime.ovgraph import float_model
 
     denoiser = get_denoiser(pipe)
@@ -148,11 +148,10 @@ def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationC
         costs["calibration_samples"] = len(calls)
     else:
         model = float_model(denoiser)
-    size = ir_bytes(model)
-    costs["denoiser_mib"] = size / 2**20
     deployed = OVDenoiser(model, dict(denoiser.config), type(denoiser).__name__, precision=OV_PRECISION[name])
-    # What evaluation.coverage reads from torch layers, read from the graph: its layers' bits, float width, size.
-    deployed.layer_bits, deployed.float_bits, deployed.ir_bytes = openvino_layer_bits(model), 16 if name == "openvino-bf16" else 32, size
+    costs["denoiser_mib"] = deployed.ir_bytes / 2**20
+    # What evaluation.coverage reads from torch layers, read from the graph: its layers' bits and float width.
+    deployed.layer_bits, deployed.float_bits = openvino_layer_bits(model), 16 if name == "openvino-bf16" else 32
     setattr(pipe, "unet" if getattr(pipe, "unet", None) is denoiser else "transformer", deployed)
     return costs
 
