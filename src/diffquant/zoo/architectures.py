@@ -183,7 +183,7 @@ FLUX_T5_TOKENS = MAX_TOKENS  # mini-flux's max_sequence_length (zoo.DEFAULTS pas
 
 
 def build_flux_pipeline(vae, tokenizer, width: int = 128, double: int = 2, single: int = 4, text_hidden: int = 128,
-                        t5_dim: int = 64):
+                        t5_dim: int = 128, t5_layers: int = 3):
     """mini-flux: CLIPTextModel (pooled) + a small T5EncoderModel (tokens) + FluxTransformer2DModel + flow matching.
 
     As in FLUX.1: T5's token sequence enters the joint attention, CLIP's pooled output the time
@@ -201,7 +201,7 @@ def build_flux_pipeline(vae, tokenizer, width: int = 128, double: int = 2, singl
         attention_head_dim=head, num_attention_heads=width // head, joint_attention_dim=t5_dim,
         pooled_projection_dim=text_hidden, guidance_embeds=True, axes_dims_rope=rope,
     )
-    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=t5_dim, d_kv=32, d_ff=4 * t5_dim, num_layers=2,
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=t5_dim, d_kv=32, d_ff=4 * t5_dim, num_layers=t5_layers,
                                  num_heads=t5_dim // 32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
                                  is_encoder_decoder=False, use_cache=False, pad_token_id=tokenizer.pad_token_id))
     pipe = FluxPipeline(

@@ -204,7 +204,7 @@ HIGH_NOISE_CAP = 20.0
 DENOISER_DEFAULTS = {
     "mini-sd": dict(steps=3300, batch_size=64, lr=1e-3, high_noise_from=1750),
     "mini-sd3": dict(steps=4500, batch_size=64, lr=6e-4, high_noise_from=0),
-    "mini-flux": dict(steps=1500, batch_size=64, lr=8e-4, high_noise_from=0),
+    "mini-flux": dict(steps=4000, batch_size=64, lr=6e-4, high_noise_from=0),
 }
 GUIDE_FROM = 0.5  # mini-flux: fraction of the steps after which guidance is trained into its embedding
 
