@@ -29,7 +29,7 @@ import torch
 
 import diffquant
 from diffquant.io import atomic_write_json
-from diffquant.runtime.openvino import GRAPHS, OVDenoiser, ir_bytes, pipeline_inputs, write_graphs
+from diffquant.runtime.openvino import OVDenoiser, graph_writer, ir_bytes, pipeline_inputs
 from diffquant.runtime.ovgraph import quantized_models
 from diffquant.store import return_freed_memory
 from runtime import ROOT, build, quantize  # sibling scripts (benchmarks/ is not a package)
@@ -91,12 +91,11 @@ def save_int_graph(unet, calib, tag: str, folder: Path, out: dict) -> dict:
     free the rest; returns ``OVDenoiser``'s arguments for the saved graph."""
     start = time.perf_counter()
     model = quantize(unet, calib, tag)
-    models, plan = quantized_models(model, pipeline_inputs(model), graphs=("int",))
+    models, plan = quantized_models(model, pipeline_inputs(model), graphs=("int",), sink=graph_writer(folder))
     if plan.float_groups:
         raise SystemExit(f"{tag}: timestep groups {plan.float_groups} need the float graph; this benchmark times the int graph")
-    write_graphs(models, folder)
     record = diffquant.quant_record(model)
-    kwargs = {"path": folder / GRAPHS["int"], "config": dict(model.config), "class_name": type(model).__name__,
+    kwargs = {"path": models["int"], "config": dict(model.config), "class_name": type(model).__name__,
               "groups": record.groups, "report": record.report}
     out["variants"][tag] = {"trace_s": time.perf_counter() - start, "ir_mb": ir_bytes(models["int"]) / 2**20, "times_s": []}
     del model, models

@@ -75,7 +75,7 @@ def openvino_export(model: nn.Module, folder: Path, inputs: dict, graph: str, pr
     ``graph="int"``: int8 kernels (``OVDenoiser`` picks it by itself only where the CPU has VNNI/AMX);
     ``"float"``: the exact fake-quant arithmetic with int8 weights decompressed. ``in_memory``: trace only that
     graph, in memory (``OVDenoiser.from_denoiser``'s path, the same graph), instead of exporting both to ``folder``:
-    what keeps a full-size UNet within 24 GB (the export of SD 1.5 holds both traces at once and ran out).
+    one trace instead of the export's two (the export writes both graphs, each as soon as it is traced).
     """
     from diffquant.deployment.openvino import export_openvino
     from diffquant.runtime.openvino import GRAPHS, OVDenoiser

@@ -35,7 +35,8 @@ def fake_quant_out(denoiser, inputs: dict, group: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def two_groups(tiny_pipes):
-    """Tiny SD, RTN W8A8 with two timestep groups whose scales and zero points differ on purpose."""
+    """Tiny SD, RTN W8A8 with two timestep groups whose scales and zero points differ on purpose: by 3x, so the groups'
+    outputs differ (~23 %) far more than the int graph's int8 rounding moves this random-weight model (~5 %)."""
     pipe = copy.deepcopy(tiny_pipes["sd"])
     cfg = QuantConfig(method="rtn", wbits=8, abits=8, timestep_groups=2, calibration=calibration_config(num_prompts=2))
     diffquant.quantize(pipe, cfg, calibration=PROMPTS[:2], progress=False)
@@ -43,7 +44,7 @@ def two_groups(tiny_pipes):
         for q in pipe.unet.modules():
             if isinstance(q, ActivationQuantizer) and q.mode == "quantize":
                 qmin, qmax = (float(v) for v in qrange(int(q.bits[1]), q.spec.symmetric, q.spec.unsigned))
-                q.scale[1] = q.scale[0] * 1.5
+                q.scale[1] = q.scale[0] * 3.0
                 if not q.spec.unsigned:
                     q.zero_point[1] = (q.zero_point[0] + 7).clamp(qmin, qmax)
     return pipe

@@ -17,7 +17,7 @@ from torch import nn
 from ..io import atomic_write_json, file_table, null_components
 from ..outputs import claim_output
 from ..registry import Engine, register_engine
-from ..runtime.openvino import OV_CONFIG, OVDenoiser, is_openvino_folder, pipeline_inputs, write_graphs
+from ..runtime.openvino import OV_CONFIG, OVDenoiser, graph_writer, is_openvino_folder, pipeline_inputs
 from ..runtime.ovgraph import quantized_models
 from ..serialization import MANIFEST, denoiser_attr, save_components, verify, with_denoiser
 from ..wrap import get_denoiser, quant_record
@@ -52,7 +52,7 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False, 
 
     Scales are diffquant's own (weights int8 codes with per-channel scales, activations FakeQuantize with
     the calibrated ranges); every timestep group survives (runtime/ovgraph.py). Both graphs are written (int8
-    and float; ``OVDenoiser`` picks per CPU). Inputs are dynamic: batch for every family (tested), latent size
+    and float; ``OVDenoiser`` picks per CPU), each as soon as it is traced (one trace in memory at a time). Inputs are dynamic: batch for every family (tested), latent size
     for the UNets (tested at other sizes than traced); ``batch`` is the traced one. Returns the folder; it appears
     only when complete.
     """
@@ -62,14 +62,13 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False, 
     with claim_output(folder, overwrite=overwrite) as output:  # refused at once if present or being written
         denoiser = get_denoiser(model)
         record = quant_record(denoiser)
-        models, plan = quantized_models(denoiser, pipeline_inputs(model, batch=batch))
         tmp = output.tmp
         tmp.mkdir()
         attr = "denoiser"
         if not isinstance(model, nn.Module):
             attr = denoiser_attr(model, denoiser)
             save_components(model, tmp, skip=denoiser)
-        write_graphs(models, tmp / attr)
+        models, plan = quantized_models(denoiser, pipeline_inputs(model, batch=batch), sink=graph_writer(tmp / attr))
         atomic_write_json(tmp / OV_CONFIG, {
             "format": "diffquant-openvino", "class": type(denoiser).__name__, "denoiser_folder": attr,
             "config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},

@@ -33,6 +33,7 @@ import contextlib
 import copy
 import itertools
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -315,10 +316,13 @@ def _shared_copy(denoiser: nn.Module) -> nn.Module:
 
 
 def quantized_models(
-    model: Any, inputs: dict[str, torch.Tensor] | None = None, graphs: tuple[str, ...] = ("int", "float")
+    model: Any, inputs: dict[str, torch.Tensor] | None = None, graphs: tuple[str, ...] = ("int", "float"),
+    sink: Callable[[str, Any], Any] | None = None,
 ) -> tuple[dict[str, Any], GroupPlan]:
     """``{"int": ov.Model, "float": ov.Model}`` (those of ``graphs``) of a quantized (frozen or converted)
     denoiser, and the group plan. The float graph is always traced when some group is wider than 8 bits.
+    ``sink(graph, ov_model)``, when given, receives each graph as soon as it is traced and the dict keeps what it
+    returns (e.g. the saved path) instead of the graph: a full-size UNet's two traces are then never held at once.
 
     A frozen model is converted on a float32 copy that shares its float32 tensors (no kernel timing: the graph
     ignores kernels).
@@ -339,8 +343,12 @@ def quantized_models(
         st = _State(plan, graph)
         extra = (torch.tensor([st.groups[0]]),) if plan.num_groups > 1 else ()
         with graph_mode(work, st), live_time_layers(work):
-            models[graph] = trace(FlatCall(work, names, st).eval(), names + [GROUP_INPUT] * bool(extra),
-                                  tuple(inputs.values()) + extra)
+            traced = trace(FlatCall(work, names, st).eval(), names + [GROUP_INPUT] * bool(extra),
+                           tuple(inputs.values()) + extra)
+        models[graph] = traced if sink is None else sink(graph, traced)
+        del traced
+        if sink is not None:
+            return_freed_memory()
     return models, plan
 
 
