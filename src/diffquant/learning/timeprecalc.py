@@ -23,7 +23,8 @@ Readings chosen (the paper gives only figure captions):
   every dataset row; generation with ``attach_scheduler``: every step of the schedule on the
   first call of a prompt batch). A key still missing is computed live and stored (``misses``).
 - Tables are not saved: a saved model keeps the time layers as float ``nn.Linear`` weights and
-  computes them live after ``diffquant.load`` (the same values up to float rounding);
+  computes them live after ``diffquant.load`` (the same values: generation fills a table one step at a time, each
+  call shaped as the live one, so CPU kernels chosen by row count round alike);
   ``TimePrecalculation.install(denoiser)`` rebuilds the tables on a loaded model.
 """
 
@@ -187,11 +188,12 @@ class TimePrecalculation:
                 steps = torch.as_tensor(self.scheduler.timesteps).flatten()
                 if self.adapter.timestep_range != 1000.0:  # as the pipeline computes it (Flux: float32 t / 1000)
                     steps = steps.float() / (1000.0 / self.adapter.timestep_range)
-                batch = first.shape[0]
-                rows = {k: v.repeat_interleave(len(steps), dim=0) if v.dim() > 0 and v.shape[0] == batch else v
-                        for k, v in cond.items()}
+                # One step at a time, shaped as the live call: CPU GEMM kernels are chosen by the row count (on
+                # AVX-512 a row's result differs in the last bits between 1, 2 and 16 rows), so a table filled in
+                # one call of steps x batch rows would differ from live computation by float rounding.
                 keys = self.keys
-                self.precalculate(steps.repeat(batch), rows)
+                for step in steps:
+                    self.precalculate(step.expand(first.shape[0]), cond)
                 self.keys = keys
 
     @torch.no_grad()
