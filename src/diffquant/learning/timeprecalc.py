@@ -164,6 +164,11 @@ class TimePrecalculation:
         """Precalculate every step of ``scheduler.timesteps`` when a new prompt batch first calls the denoiser."""
         self.scheduler = scheduler
 
+    def clear(self) -> None:
+        """Drop every table row (the layers stay routed): rows are computed again as calls need them."""
+        for lookup in self._lookups.values():
+            lookup.table.clear()
+
     def entries(self) -> int:
         return sum(len(lookup.table) for lookup in self._lookups.values())
 

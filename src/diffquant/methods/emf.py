@@ -210,6 +210,10 @@ class EMF(Method):
             "memory": job.memory().stats(),
             "seconds": time.perf_counter() - start,
         }
+        # Training's rows were computed many at a time; generation refills them one step at a time, shaped as its live
+        # calls, so the model gives the same images as after save/load (live layers) on CPUs whose GEMM rounding
+        # depends on the row count.
+        tables.clear()
 
     def _sensitivity(self, denoiser: nn.Module, dataset: SerialDataset, opts: EMFOptions, config, workdir: Path | None,
                      progress: bool) -> dict[str, float]:
