@@ -22,6 +22,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def carried(out: torch.Tensor, own: torch.Tensor, other: torch.Tensor) -> float:
+    """Cosine between ``out - other`` and ``own - other``: near 1 when ``out`` differs from ``other`` the way ``own`` does."""
+    a, b = (out - other).flatten().float(), (own - other).flatten().float()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
 def fake_quant_out(denoiser, inputs: dict, group: int) -> torch.Tensor:
     """The torch fake-quant prediction with timestep group ``group`` forced."""
     context = diffquant.quant_record(denoiser).context
@@ -148,8 +154,10 @@ def exported(two_groups, tmp_path_factory):
 
 def test_openvino_denoiser_uses_each_steps_group(two_groups, exported):
     """Loaded from the exported IR, the denoiser picks the group from the timestep and gives that group's
-    fake-quant output, not the other's. (The tiny model has random weights: one rounding flip moves its output
-    by ~1%, so "near" is relative; layer-level exactness is the test above, image PSNR is in docs/runtime.md.)"""
+    fake-quant output, not the other's: the output differs from the other group's as this group's does (cosine of the
+    two differences; 0.87-1.0 measured, 0.02-0.28 for the wrong group). The tiny model has random weights, so the
+    rounding flips of int8 kernels and of thread-split GEMMs move its output up to ~12 % (AVX-512, 2 threads): a plain
+    distance says little; layer-level exactness is the test above, image PSNR is in docs/runtime.md."""
     from diffquant.runtime.openvino import OVDenoiser, cpu_has_vnni
 
     assert (exported / "unet" / "denoiser.xml").is_file() and (exported / "model_index.json").is_file()
@@ -163,7 +171,8 @@ def test_openvino_denoiser_uses_each_steps_group(two_groups, exported):
             own = fake_quant_out(two_groups.unet, inputs, group)
             other = fake_quant_out(two_groups.unet, inputs, 1 - group)
             assert den.calls[-1] == group
-            assert rel_err(out, own) < 0.4 * rel_err(out, other), (graph, t)
+            assert rel_err(out, own) < rel_err(out, other), (graph, t)
+            assert carried(out, own, other) > 0.75, (graph, t)
 
 
 def test_openvino_refuses_a_batch_mixing_groups(exported):
