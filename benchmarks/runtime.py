@@ -66,14 +66,14 @@ VARIANTS = (
     "fake_quant_w8a8_attn", "converted_w8a8_attn", "converted_w8a8_attn_bf16",
     "fake_quant_w8a8_tok", "converted_w8a8_tok", "openvino_w8a8_tok", "openvino_w8a8_tok_float",
     "fake_quant_w8a8_tokfc", "converted_w8a8_tokfc", "openvino_w8a8_tokfc", "openvino_w8a8_tokfc_float",
-    "openvino_w8a8_toksm", "openvino_w8a8_toksm_float",
+    "openvino_w8a8_toksm", "openvino_w8a8_toksm_float", "openvino_w8a8_sym",
     "torchao_int8_dynamic", "torchao_int8_dynamic_compiled", "onnxruntime_fp32", "onnxruntime_int8_qdq",
 ) + engines.ENGINE_VARIANTS
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and "tok" not in v and v != "fake_quant_w4a8")
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and "tok" not in v and "sym" not in v and v != "fake_quant_w4a8")
 # _tok: dynamic per-token activation scales (issue 22); _tokfc: per token on Linear inputs, static per-tensor on
 # convolutions (``conv_act_granularity``), which then keep their int8 kernels; _toksm: the convolutions' inputs
 # smoothed per channel instead (static too)
-QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm")
+QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm", "w8a8_sym")  # _sym: symmetric activations
 # per-token tag suffix -> the convolutions' own granularity (None: per-token too)
 PER_TOKEN = {"tok": None, "tokfc": "per_tensor", "toksm": "per_channel_smooth"}
 
@@ -184,7 +184,7 @@ def build(model: str):
 
 def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:
     suffix = tag.partition("_")[2]
-    cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith("_attn"),
+    cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith("_attn"), act_symmetric=suffix == "sym",
                       act_granularity="per_token" if suffix in PER_TOKEN else "per_tensor", conv_act_granularity=PER_TOKEN.get(suffix))
     return diffquant.quantize(copy.deepcopy(unet), cfg, calibration=calib, progress=False)
 
