@@ -122,6 +122,20 @@ def test_tracing_leaves_the_model_whole(two_groups):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_attention_output_quantizers_sit_on_the_attention(rtn_results):
+    """The int graph quantizes each attention output where OpenVINO fuses the quantizer (on the attention op, before the
+    head transpose and reshape), not behind them, where it ran standalone in f32 (one timestep group: with several, the
+    group's shift sits between them and stays)."""
+    from diffquant.runtime.ovgraph import quantized_models
+
+    unet = rtn_results[("sd", 8)]["pipe"].unet
+    models, _ = quantized_models(unet, sd_inputs(unet, 100.0), graphs=("int",))
+    source = {op.get_friendly_name(): op.input(0).get_source_output().get_node().get_type_name()
+              for op in models["int"].get_ordered_ops() if op.get_type_name() == "FakeQuantize"}
+    to_out = {name: kind for name, kind in source.items() if ".to_out.0/" in name}
+    assert to_out and set(to_out.values()) <= {"ScaledDotProductAttention", "MatMul"}, to_out
+
+
 def test_time_tables_are_traced_live(tiny_pipes):
     """A model with EMF's time lookup tables (float time layers) traces those layers live: the OpenVINO output follows
     each call's timestep (a traced lookup replays the example call's rows at every step: EMF models generated
