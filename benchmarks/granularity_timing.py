@@ -11,7 +11,13 @@ changes hit all of them alike. Reported: each variant's median step time, and th
 median (and range) over rounds of its ratio to the static graph **of the same round**. Variants (``runtime.py``'s
 tags): ``w8a8`` static per-tensor; ``w8a8_tok`` dynamic per-token everywhere; ``w8a8_tokfc`` per-token on Linear
 inputs, static per-tensor on convolutions; ``w8a8_toksm`` the same with the convolutions' inputs smoothed per channel
-(static). Int graph, bf16 hint (what ``runtime.py``'s ``openvino_*`` rows compile).
+(static); ``w4a8``, ``w8a8_sym`` (symmetric activations) and ``nncf_int8`` (NNCF's INT8 of the float UNet on the same
+calls, ``runtime_engines.nncf_int8``) for issue 14's engine targets:
+
+    .venv/bin/python benchmarks/granularity_timing.py --model sd15 --tags w8a8,nncf_int8,w4a8 --rounds 8 --threads 2 \
+        --json benchmarks/results/openvino-vs-nncf-timing-sd15.json
+
+Int graph, bf16 hint (what ``runtime.py``'s ``openvino_*`` rows compile).
 """
 
 from __future__ import annotations
@@ -33,9 +39,9 @@ from diffquant.runtime.openvino import OVDenoiser, graph_writer, ir_bytes, pipel
 from diffquant.runtime.ovgraph import quantized_models
 from diffquant.store import return_freed_memory
 from runtime import ROOT, build, quantize  # sibling scripts (benchmarks/ is not a package)
-from runtime_engines import kernel_precisions
+from runtime_engines import kernel_precisions, nncf_int8
 
-TAGS = ("w8a8", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm")
+TAGS = ("w8a8", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm", "w4a8", "w8a8_sym", "nncf_int8")
 
 
 def main() -> None:
@@ -58,7 +64,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.ir_dir) as tmp:
         # Trace every variant to disk first, then compile all from their files: three SD 1.5 traces side by side with
         # the compiled graphs do not fit in 24 GB (the first try was killed at the third).
-        saved = {tag: save_int_graph(unet, calib, tag, Path(tmp) / tag, out) for tag in tags}
+        saved = {tag: (save_nncf_graph if tag == "nncf_int8" else save_int_graph)(unet, calib, tag, Path(tmp) / tag, out)
+                 for tag in tags}
         del unet
         gc.collect()
         return_freed_memory()
@@ -103,6 +110,19 @@ def save_int_graph(unet, calib, tag: str, folder: Path, out: dict) -> dict:
     return_freed_memory()
     print(f"{tag}: traced in {out['variants'][tag]['trace_s']:.0f} s", flush=True)
     return kwargs
+
+
+def save_nncf_graph(unet, calib, tag: str, folder: Path, out: dict) -> dict:
+    """NNCF's INT8 of ``unet`` on ``calib`` (the ``openvino_nncf_int8`` row's recipe), saved to ``folder``; returns
+    ``OVDenoiser``'s arguments for it."""
+
+    start = time.perf_counter()
+    path = graph_writer(folder)("int", nncf_int8(unet, calib))
+    out["variants"][tag] = {"trace_s": time.perf_counter() - start, "ir_mb": ir_bytes(path) / 2**20, "times_s": []}
+    gc.collect()
+    return_freed_memory()
+    print(f"{tag}: quantized in {out['variants'][tag]['trace_s']:.0f} s", flush=True)
+    return {"path": path, "config": dict(unet.config), "class_name": type(unet).__name__}
 
 
 def summarize(out: dict, tags: list[str]) -> None:
