@@ -33,8 +33,8 @@ import contextlib
 import copy
 import itertools
 import math
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
