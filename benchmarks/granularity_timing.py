@@ -64,8 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.ir_dir) as tmp:
         # Trace every variant to disk first, then compile all from their files: three SD 1.5 traces side by side with
         # the compiled graphs do not fit in 24 GB (the first try was killed at the third).
-        saved = {tag: (save_nncf_graph if tag == "nncf_int8" else save_int_graph)(unet, calib, tag, Path(tmp) / tag, out)
-                 for tag in tags}
+        saved = {tag: save_graph(unet, calib, tag, Path(tmp) / tag, out) for tag in tags}
         del unet
         gc.collect()
         return_freed_memory()
@@ -93,36 +92,28 @@ def main() -> None:
     print_table(out, tags)
 
 
-def save_int_graph(unet, calib, tag: str, folder: Path, out: dict) -> dict:
-    """Quantize ``unet`` as ``tag``, trace its int graph (``OVDenoiser.from_denoiser``'s trace) into ``folder`` and
-    free the rest; returns ``OVDenoiser``'s arguments for the saved graph."""
+def save_graph(unet, calib, tag: str, folder: Path, out: dict) -> dict:
+    """Quantize ``unet`` as ``tag`` (diffquant RTN, or NNCF's INT8 for ``nncf_int8``: the ``openvino_nncf_int8`` row's
+    recipe), write its int graph into ``folder`` (diffquant: ``OVDenoiser.from_denoiser``'s trace) and free the rest;
+    returns ``OVDenoiser``'s arguments for the saved graph."""
     start = time.perf_counter()
-    model = quantize(unet, calib, tag)
-    models, plan = quantized_models(model, pipeline_inputs(model), graphs=("int",), sink=graph_writer(folder))
-    if plan.float_groups:
-        raise SystemExit(f"{tag}: timestep groups {plan.float_groups} need the float graph; this benchmark times the int graph")
-    record = diffquant.quant_record(model)
-    kwargs = {"path": models["int"], "config": dict(model.config), "class_name": type(model).__name__,
-              "groups": record.groups, "report": record.report}
-    out["variants"][tag] = {"trace_s": time.perf_counter() - start, "ir_mb": ir_bytes(models["int"]) / 2**20, "times_s": []}
-    del model, models
+    if tag == "nncf_int8":
+        kwargs = {"path": graph_writer(folder)("int", nncf_int8(unet, calib)), "config": dict(unet.config),
+                  "class_name": type(unet).__name__}
+    else:
+        model = quantize(unet, calib, tag)
+        models, plan = quantized_models(model, pipeline_inputs(model), graphs=("int",), sink=graph_writer(folder))
+        if plan.float_groups:
+            raise SystemExit(f"{tag}: timestep groups {plan.float_groups} need the float graph; this benchmark times the int graph")
+        record = diffquant.quant_record(model)
+        kwargs = {"path": models["int"], "config": dict(model.config), "class_name": type(model).__name__,
+                  "groups": record.groups, "report": record.report}
+        del model, models
+    out["variants"][tag] = {"trace_s": time.perf_counter() - start, "ir_mb": ir_bytes(kwargs["path"]) / 2**20, "times_s": []}
     gc.collect()
     return_freed_memory()
-    print(f"{tag}: traced in {out['variants'][tag]['trace_s']:.0f} s", flush=True)
+    print(f"{tag}: written in {out['variants'][tag]['trace_s']:.0f} s", flush=True)
     return kwargs
-
-
-def save_nncf_graph(unet, calib, tag: str, folder: Path, out: dict) -> dict:
-    """NNCF's INT8 of ``unet`` on ``calib`` (the ``openvino_nncf_int8`` row's recipe), saved to ``folder``; returns
-    ``OVDenoiser``'s arguments for it."""
-
-    start = time.perf_counter()
-    path = graph_writer(folder)("int", nncf_int8(unet, calib))
-    out["variants"][tag] = {"trace_s": time.perf_counter() - start, "ir_mb": ir_bytes(path) / 2**20, "times_s": []}
-    gc.collect()
-    return_freed_memory()
-    print(f"{tag}: quantized in {out['variants'][tag]['trace_s']:.0f} s", flush=True)
-    return {"path": path, "config": dict(unet.config), "class_name": type(unet).__name__}
 
 
 def summarize(out: dict, tags: list[str]) -> None:

@@ -52,9 +52,9 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False, 
 
     Scales are diffquant's own (weights int8 codes with per-channel scales, activations FakeQuantize with
     the calibrated ranges); every timestep group survives (runtime/ovgraph.py). Both graphs are written (int8
-    and float; ``OVDenoiser`` picks per CPU), each as soon as it is traced (one trace in memory at a time). Inputs are dynamic: batch for every family (tested), latent size
-    for the UNets (tested at other sizes than traced); ``batch`` is the traced one. Returns the folder; it appears
-    only when complete.
+    and float; ``OVDenoiser`` picks per CPU), each as soon as it is traced (one trace in memory at a time). Inputs
+    are dynamic: batch for every family (tested), latent size for the UNets (tested at other sizes than traced);
+    ``batch`` is the traced one. Returns the folder; it appears only when complete.
     """
     if group is not None:
         raise ValueError("an OpenVINO export serves every timestep group from one graph; drop --group")
