@@ -13,6 +13,7 @@ from diffquant import QuantConfig
 from diffquant.calibration import replay
 from diffquant.learning.dataset import SerialDatasetConfig, generate_serial_dataset
 from diffquant.learning.reconstruction import ReconstructionOptions, reconstruct_blocks
+from diffquant.methods.base import QuantJob
 from diffquant.sampling import SamplingSettings
 from diffquant.store import MemoryBudget, TensorStore, parse_bytes
 from diffquant.wrap import wrap_denoiser
@@ -105,3 +106,31 @@ def test_calibration_set_under_a_small_budget_holds_the_same_calls(tiny_pipes, t
     for a, b in zip(bounded, whole):
         assert list(a.inputs) == list(b.inputs) and a.step == b.step
         assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in b.inputs)
+
+
+def _mapping_of(tensor: torch.Tensor) -> str:
+    """The /proc/self/maps line whose address range holds ``tensor``'s data ('' for anonymous memory)."""
+    pointer = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            low, high = (int(v, 16) for v in fields[0].split("-"))
+            if low <= pointer < high:
+                return fields[5].strip() if len(fields) > 5 else ""
+    return ""
+
+
+def test_float_reference_is_file_mapped_equal_tied_and_leaves_no_file(tiny_pipes, tmp_path):
+    denoiser = copy.deepcopy(tiny_pipes["sd"].unet)
+    denoiser.register_buffer("tied", denoiser.conv_in.weight, persistent=False)  # one tensor under two names
+    job = QuantJob(denoiser, QuantConfig(), workdir=tmp_path)
+    reference = job.float_reference()
+    original, mapped = dict(denoiser.named_parameters()), dict(reference.named_parameters())
+    assert original.keys() == mapped.keys() and all(torch.equal(original[k], mapped[k]) for k in original)
+    weight = reference.conv_in.weight
+    assert "diffquant-spill-" in _mapping_of(weight) and "(deleted)" in _mapping_of(weight)  # page cache, not heap
+    assert reference.tied is weight
+    assert not any(tmp_path.rglob("*.safetensors"))
+    with torch.no_grad():
+        weight.add_(1.0)  # private mapping: the original and the file's other readers never see it
+    assert not torch.equal(weight, denoiser.conv_in.weight)

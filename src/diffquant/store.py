@@ -15,7 +15,9 @@ The budget counts data only (not model weights); by default it is half of the RA
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
+import itertools
 import os
 import re
 import shutil
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from .io import atomic_save_tensors
 
@@ -249,3 +252,28 @@ class Column:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+
+
+def mapped_copy(module: nn.Module, path: str | Path) -> nn.Module:
+    """A copy of a CPU ``module`` whose parameters and buffers are memory-mapped from a safetensors file written at
+    ``path`` and unlinked at once (the mapping keeps its pages; nothing is left behind on a crash). The copy costs
+    disk and page cache, which the kernel drops and re-reads under memory pressure, instead of process memory: the
+    float reference that reconstruction reads block by block. Writing to the copy is copy-on-write (private)."""
+    tensors: dict[str, torch.Tensor] = {}
+    originals: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, tensor in itertools.chain(module.named_parameters(remove_duplicate=False),
+                                        module.named_buffers(remove_duplicate=False)):
+        if tensor.device.type != "cpu":
+            raise ValueError(f"mapped_copy maps CPU tensors only; {name} is on {tensor.device}")
+        if id(tensor) not in originals:
+            originals[id(tensor)] = (name, tensor)
+            tensors[name] = tensor.detach().contiguous()
+    atomic_save_tensors(tensors, path)
+    del tensors
+    handle = safe_open(str(path), framework="pt")
+    memo: dict[int, torch.Tensor] = {}
+    for key, (name, tensor) in originals.items():
+        mapped = handle.get_tensor(name)
+        memo[key] = nn.Parameter(mapped, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else mapped
+    Path(path).unlink()
+    return copy.deepcopy(module, memo)

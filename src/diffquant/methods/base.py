@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..store import MemoryBudget
+from ..store import MemoryBudget, mapped_copy
 from ..typed import conforms, field_types, type_name
 
 if TYPE_CHECKING:
@@ -42,6 +43,13 @@ class QuantJob:
         if self._memory is None:
             self._memory = MemoryBudget(self.config.max_memory, spill_root=self.workdir / "spill" if self.workdir else None)
         return self._memory
+
+    def float_reference(self) -> nn.Module:
+        """An untouched float copy of the denoiser (reconstruction's targets). On CPU it is memory-mapped from a
+        file in the budget's spill folder (``mapped_copy``): page cache, not a second copy in process memory."""
+        if any(p.device.type != "cpu" for p in self.denoiser.parameters()):
+            return copy.deepcopy(self.denoiser)
+        return mapped_copy(self.denoiser, self.memory().spill_path())
 
     def sampling(self) -> SamplingSettings:
         """The calibration sampling settings, resolved: the config's, else the registered defaults, else the pipeline's."""

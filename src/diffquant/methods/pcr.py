@@ -41,7 +41,6 @@ step (DDIM, Euler, flow-matching Euler, DPM-Solver multistep). ``calibration.eve
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +172,7 @@ class PCR(Method):
         steps = len(timesteps)
         if options.relax_steps and options.relax_steps[-1] >= steps:
             raise ValueError(f"pcr relax_steps {options.relax_steps} out of range: calibration has {steps} steps (0..{steps - 1})")
-        fp_denoiser = copy.deepcopy(job.denoiser) if options.reconstruct_weights else None
+        fp_denoiser = job.float_reference() if options.reconstruct_weights else None
         record = wrap_denoiser(job.denoiser, job.config, groups=TimestepGroups.per_step(timesteps))
         group_of_step = [int(record.groups.index(t)) for t in timesteps]
         report: dict = {"calibration_timesteps": timesteps, "group_of_step": group_of_step}

@@ -22,7 +22,6 @@ Any option given explicitly overrides the preset.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -162,7 +161,7 @@ class QDiffusion(Method):
         config = job.config
         if options.softmax_bits_for(config) != config.softmax_bits:
             config = dataclasses.replace(config, softmax_bits=options.softmax_bits_for(config))
-        fp_denoiser = copy.deepcopy(job.denoiser)
+        fp_denoiser = job.float_reference()
         workdir = job.workdir
         start = time.perf_counter()
         calibration = record_calibration(job, options.calibration_overrides(config.calibration), workdir / "calibration" if workdir else None)
