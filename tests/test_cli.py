@@ -33,9 +33,13 @@ def invoke(*args: str):
 def test_quantize_info_generate(fp_folder, prompt_file, tmp_path):
     out = tmp_path / "q"
     result = invoke("quantize", "--model", fp_folder, "--prompts", prompt_file, "--out", out, "--wbits", 4, "--abits", 8,
-                    "--num-prompts", 2, "--steps", 3, "--guidance", 5.0)
+                    "--num-prompts", 2, "--steps", 3, "--guidance", 5.0, "--height", 16, "--width", 24)
     assert result.exit_code == 0, result.output
     assert (out / "diffquant_manifest.json").is_file()
+    import diffquant
+
+    calibration = diffquant.quant_record(diffquant.load(out).unet).config.calibration  # recorded at 16x24 pixels
+    assert (calibration.height, calibration.width) == (16, 24)
 
     result = invoke("info", "--model", out, "--json")
     assert result.exit_code == 0, result.output
@@ -159,7 +163,7 @@ def test_quantize_and_demo_defaults_are_the_config_fields():
               "group_size": q.group_size, "weight_observer": q.weight_observer, "act_observer": q.act_observer,
               "timestep_groups": q.timestep_groups, "keep_float": q.keep_float, "seed": q.seed,
               "num_prompts": c.num_prompts, "batch_size": c.batch_size, "steps": c.num_inference_steps,
-              "guidance": c.guidance_scale}
+              "guidance": c.guidance_scale, "height": c.height, "width": c.width}
     assert {k: defaults[k] for k in fields} == fields
     demo = {p.name: p.default for p in commands["demo"].params}
     assert (demo["wbits"], demo["abits"]) == (q.wbits, q.abits)

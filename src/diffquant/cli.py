@@ -51,6 +51,9 @@ def quantize(
     guidance: Optional[float] = field_option(CalibrationConfig, "guidance_scale", "--guidance",
                                              help="Guidance scale while recording (default: the model's)."),
     batch_size: int = field_option(CalibrationConfig, "batch_size", help="Prompts per calibration sampling batch."),
+    height: Optional[int] = field_option(CalibrationConfig, "height", help="Image height while recording, in pixels "
+                                         "(default: the model's native size; smaller is cheaper on full-size models)."),
+    width: Optional[int] = field_option(CalibrationConfig, "width", help="Image width while recording, in pixels."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="An unconditional model's calibration samples by seed: "
                                         "'0,1,2' or '100-163' (instead of --num-samples; keep them apart from eval seeds)."),
     timestep_groups: int = field_option(QuantConfig, "timestep_groups", help="Activation parameter sets over the timestep range."),
@@ -96,7 +99,7 @@ def quantize(
         from diffquant.sampling import check_prompts, is_unconditional
 
         check_writable(out)
-        check_positive(steps=steps, num_prompts=num_prompts, batch_size=batch_size)
+        check_positive(steps=steps, num_prompts=num_prompts, batch_size=batch_size, height=height, width=width)
         check_device(device)
         torch_dtype = diffquant.api.check_dtype(dtype)
         seed_list = None
@@ -119,8 +122,8 @@ def quantize(
                 lowrank_layers=lowrank_layers,
                 options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},
                 calibration=CalibrationConfig(num_prompts=len(seed_list) if seed_list else num_prompts,
-                                              num_inference_steps=steps, guidance_scale=guidance,
-                                              batch_size=batch_size, seed=seed, seeds=seed_list),
+                                              num_inference_steps=steps, guidance_scale=guidance, height=height,
+                                              width=width, batch_size=batch_size, seed=seed, seeds=seed_list),
             )
         calib = prompt_list(prompts) if prompts else None
         state = launch_state(device)  # under `accelerate launch`: EMF trains data-parallel (docs/scale-out.md)
