@@ -21,6 +21,10 @@ and VAE (``--model tiny``: the tiny test pipeline, for smoke runs). Entries:
   ``--dtype``, torchao's int8 dynamic quantization (``--torchao``: eager or compiled), and diffquant's RTN W8A8
   converted with the ``int_mm`` backend (median of ``--repeats`` after a warm-up; CUDA synchronised).
 
+Peak memory is reported twice: VmRSS, and RssAnon (process memory without file-backed pages: Q-Diffusion's and
+PCR's float reference is memory-mapped from disk, page cache the kernel drops under pressure). ``--save-pipeline
+FOLDER`` only saves the built pipeline, for trying the CLI on it (``diffquant quantize --model FOLDER``).
+
 Results are written after every entry (atomically), so a run stopped early keeps what finished.
 """
 
@@ -67,7 +71,7 @@ class Monitor:
         last = 0.0
         while self.running:
             now = time.perf_counter() - self.t0
-            self.timeline.append((now, _status("VmRSS")))
+            self.timeline.append((now, _status("VmRSS"), _status("RssAnon")))
             if self.dump is not None and now - last > 20:
                 last = now
                 _write(self.dump, self.partial())
@@ -76,15 +80,18 @@ class Monitor:
     def partial(self) -> dict:
         now = time.perf_counter() - self.t0
         out = {"partial": True, "stages": {k: {kk: vv for kk, vv in v.items() if kk != "start"} for k, v in self.stages.items()},
-               "peak_rss_gib": round(_status("VmHWM") / GIB, 3), **self.extra}
+               "peak_rss_gib": round(_status("VmHWM") / GIB, 3), "peak_anon_gib": round(self.peak(0, now, anon=True), 3),
+               **self.extra}
         if self.current is not None:
             out["running_stage"] = {"name": self.current[0], "seconds": round(now - self.current[1], 1),
                                     "peak_rss_gib": round(self.peak(self.current[1], now), 3)}
         return out
 
-    def peak(self, start: float, end: float) -> float:
-        window = [rss for t, rss in self.timeline if start <= t <= end]
-        return max(window, default=_status("VmRSS")) / GIB
+    def peak(self, start: float, end: float, anon: bool = False) -> float:
+        """Peak VmRSS (or, with ``anon``, RssAnon: process memory without file pages such as a memory-mapped float
+        reference, which the kernel can drop) between two times."""
+        window = [sample[2 if anon else 1] for sample in self.timeline if start <= sample[0] <= end]
+        return max(window, default=_status("RssAnon" if anon else "VmRSS")) / GIB
 
     @contextmanager
     def stage(self, name: str):
@@ -99,9 +106,10 @@ class Monitor:
         if cuda:
             torch.cuda.synchronize()
         end = time.perf_counter() - self.t0
-        self.timeline.append((end, _status("VmRSS")))
+        self.timeline.append((end, _status("VmRSS"), _status("RssAnon")))
         self.stages[name] = {"seconds": round(end - start, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
-                             "peak_rss_gib": round(self.peak(start, end), 3), "start": start}
+                             "peak_rss_gib": round(self.peak(start, end), 3),
+                             "peak_anon_gib": round(self.peak(start, end, anon=True), 3), "start": start}
         if cuda:
             self.stages[name]["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
 
@@ -110,7 +118,8 @@ class Monitor:
         start = self.stages[parent]["start"]
         for name, seconds in parts:
             self.stages[f"{parent}/{name}"] = {"seconds": round(seconds, 2),
-                                               "peak_rss_gib": round(self.peak(start, start + seconds), 3)}
+                                               "peak_rss_gib": round(self.peak(start, start + seconds), 3),
+                                               "peak_anon_gib": round(self.peak(start, start + seconds, anon=True), 3)}
             start += seconds
 
 
@@ -413,7 +422,8 @@ def worker(args) -> None:
     body = profile(args, monitor) if entry == "profile" else speed(args, monitor) if entry == "speed" else method(args, entry, monitor)
     monitor.running = False
     result = {"stages": {k: {kk: vv for kk, vv in v.items() if kk != "start"} for k, v in monitor.stages.items()},
-              "peak_rss_gib": round(_status("VmHWM") / GIB, 3), "device": args.device, **body}
+              "peak_rss_gib": round(_status("VmHWM") / GIB, 3), "peak_anon_gib": round(monitor.peak(0, float("inf"), anon=True), 3),
+              "device": args.device, **body}
     if args.device.startswith("cuda"):
         result["cuda_peak_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
     _write(Path(args.worker_out), result)
@@ -441,12 +451,18 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where work folders (and spilled data) go; default: the temp folder")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fullsize.json"))
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--save-pipeline", type=Path, help="only build the --model pipeline in --dtype and save it to this "
+                        "folder (for `diffquant quantize --model FOLDER`), then exit")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.latents = [int(s) for s in str(args.latents).split(",")]
     if args.worker:
         return worker(args)
+    if args.save_pipeline:
+        build(args).save_pretrained(args.save_pipeline)
+        print(f"saved the {args.model} pipeline ({args.dtype}, random weights) to {args.save_pipeline}")
+        return
     from diffquant.io import atomic_write_json
 
     results = {"command": " ".join(sys.argv), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
