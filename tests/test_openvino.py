@@ -122,18 +122,21 @@ def test_tracing_leaves_the_model_whole(two_groups):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_attention_output_quantizers_sit_on_the_attention(rtn_results):
-    """The int graph quantizes each attention output where OpenVINO fuses the quantizer (on the attention op, before the
-    head transpose and reshape), not behind them, where it ran standalone in f32 (one timestep group: with several, the
-    group's shift sits between them and stays)."""
-    from diffquant.runtime.ovgraph import quantized_models
+def test_quantizers_sit_on_the_op_that_computes_their_input(rtn_results):
+    """The int graph quantizes each attention output and each transformer output where OpenVINO fuses the quantizer
+    (on the attention op, the residual Add), not behind the head transpose / reshape, where it ran standalone in f32
+    (one timestep group: with several, the group's shift sits between them and stays)."""
+    from diffquant.runtime.ovgraph import LAYOUT_OPS, quantized_models
 
     unet = rtn_results[("sd", 8)]["pipe"].unet
     models, _ = quantized_models(unet, sd_inputs(unet, 100.0), graphs=("int",))
-    source = {op.get_friendly_name(): op.input(0).get_source_output().get_node().get_type_name()
+    source = {op.get_friendly_name(): op.input(0).get_source_output().get_node()
               for op in models["int"].get_ordered_ops() if op.get_type_name() == "FakeQuantize"}
-    to_out = {name: kind for name, kind in source.items() if ".to_out.0/" in name}
+    to_out = {name: node.get_type_name() for name, node in source.items() if ".to_out.0/" in name}
     assert to_out and set(to_out.values()) <= {"ScaledDotProductAttention", "MatMul"}, to_out
+    behind_layout = [name for name, node in source.items()
+                     if node.get_type_name() in LAYOUT_OPS and len(node.output(0).get_target_inputs()) == 1]
+    assert not behind_layout, behind_layout
 
 
 def test_time_tables_are_traced_live(tiny_pipes):
