@@ -253,3 +253,22 @@ def test_serial_dataset_refuses_batches_whose_shared_inputs_differ():
     assert merged.inputs["sample"].shape[0] == 2 and torch.equal(merged.shared["img_ids"], torch.zeros(4, 3))
     with pytest.raises(ValueError, match="differ between batches; sample every batch at the same size"):
         SerialDataset.concat([part(torch.zeros(4, 3)), part(torch.ones(4, 3))])
+
+
+def test_full_weight_training_that_cannot_fit_is_refused_before_any_work(tiny_pipes, monkeypatch):
+    """On a machine without room for the gradients and Adam moments of every weight, EMF says so and names the fix
+    before the serial dataset is generated (an SDXL-sized UNet needs ~33 GiB for them: OOM-killed minutes in)."""
+    import diffquant.learning.qat as qat
+    import diffquant.methods.emf as emf_method
+
+    pipe = copy.deepcopy(tiny_pipes["sd"])
+    weights = sum(m.weight.numel() for m in pipe.unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    monkeypatch.setattr(qat, "available_memory", lambda: weights * 12 - 1)  # one byte short
+    generated = []
+    monkeypatch.setattr(emf_method, "generate_serial_dataset", lambda *a, **k: generated.append(1))
+    cfg = QuantConfig(method="emf", calibration=calibration_config(num_prompts=2, **SMALL))
+    with pytest.raises(ValueError, match="weight_training=lowrank"):
+        diffquant.quantize(pipe, cfg, calibration=PROMPTS[:2], progress=False)
+    assert not generated
+    monkeypatch.setattr(qat, "available_memory", lambda: weights * 12)  # enough: the check passes
+    qat.check_training_memory(pipe.unet, QATConfig())

@@ -12,11 +12,11 @@
 
 from .dataset import SerialDataset, SerialDatasetConfig, generate_serial_dataset, record_features
 from .freezing import SelectiveFreezer
-from .qat import QATConfig, QATTrainer
+from .qat import QATConfig, QATTrainer, check_training_memory
 from .sensitivity import measure_layer_sensitivity, rank_layers, save_sensitivity
 from .timeprecalc import TimePrecalculation, live_time_layers
 
 __all__ = [
     "QATConfig", "QATTrainer", "SelectiveFreezer", "SerialDataset", "SerialDatasetConfig", "TimePrecalculation",
-    "generate_serial_dataset", "live_time_layers", "measure_layer_sensitivity", "rank_layers", "record_features", "save_sensitivity",
+    "check_training_memory", "generate_serial_dataset", "live_time_layers", "measure_layer_sensitivity", "rank_layers", "record_features", "save_sensitivity",
 ]

@@ -44,6 +44,7 @@ from ..learning import (
     SerialDataset,
     SerialDatasetConfig,
     TimePrecalculation,
+    check_training_memory,
     generate_serial_dataset,
     measure_layer_sensitivity,
     rank_layers,
@@ -132,6 +133,7 @@ class EMF(Method):
     def run(self, job: QuantJob) -> None:
         opts, config, denoiser = self.options(job.config), job.config, job.denoiser
         opts.check_batch_split(rank_and_size()[1])  # before the serial dataset and sensitivity passes
+        check_training_memory(denoiser, opts)
         workdir = job.workdir / "emf" if job.workdir else None
         start = time.perf_counter()
         dataset = self._dataset(job, opts, workdir / "dataset" if workdir else None)
