@@ -272,3 +272,25 @@ def test_full_weight_training_that_cannot_fit_is_refused_before_any_work(tiny_pi
     assert not generated
     monkeypatch.setattr(qat, "available_memory", lambda: weights * 12)  # enough: the check passes
     qat.check_training_memory(pipe.unet, QATConfig())
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tiny_pipes, monkeypatch):
+    """gradient_checkpointing recomputes each block in the backward (diffusers' checkpointing turned on for training
+    only): the trained model equals the one trained keeping every activation."""
+    results, used = [], []
+    unet_class = type(tiny_pipes["sd"].unet)
+    enable = unet_class.enable_gradient_checkpointing
+    monkeypatch.setattr(unet_class, "enable_gradient_checkpointing", lambda self: (used.append(1), enable(self)))
+    for checkpointing in (False, True):
+        pipe = copy.deepcopy(tiny_pipes["sd"])
+        used.clear()
+        cfg = QuantConfig(method="emf", wbits=4, abits=8, calibration=calibration_config(num_prompts=2, **SMALL),
+                          options=dict(steps_per_prompt=2, iterations=3, batch_size=4, distill_layers=2, sensitivity_rows=2,
+                                       gradient_checkpointing=checkpointing))
+        diffquant.quantize(pipe, cfg, calibration=PROMPTS[:2], progress=False)
+        assert bool(used) == checkpointing and not pipe.unet.is_gradient_checkpointing
+        results.append(pipe.unet.state_dict())
+    plain, recomputed = results
+    assert plain.keys() == recomputed.keys()
+    for key in plain:
+        torch.testing.assert_close(recomputed[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
