@@ -258,7 +258,7 @@ def method(args, name: str, monitor: Monitor) -> dict:
     elif name == "emf":
         options = {"iterations": args.iterations, "batch_size": args.batch_size, "steps_per_prompt": 1,
                    "sensitive_layers": [args.emf_layer], "init_rows": args.batch_size, "weight_training": args.emf_weights,
-                   "gradient_checkpointing": args.emf_checkpointing}
+                   "gradient_checkpointing": args.emf_checkpointing, **({"freeze_at": []} if args.emf_no_freezing else {})}
     elif name == "pcr":
         options = {"relax_steps": [0], "sensitivity_prompts": 0}
     size = _latent_size(args, pipe)
@@ -449,6 +449,7 @@ def main() -> None:
     parser.add_argument("--emf-weights", default="full", choices=["full", "lowrank", "none"],
                         help="EMF's weight training (full: float32 masters, gradients and Adam moments of every weight)")
     parser.add_argument("--emf-checkpointing", action="store_true", help="EMF with gradient checkpointing (recompute blocks)")
+    parser.add_argument("--emf-no-freezing", action="store_true", help="EMF without selective freezing (no per-weight flip statistics)")
     parser.add_argument("--torchao", default="none", choices=["none", "eager", "compiled"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS") or 1))

@@ -255,23 +255,39 @@ def test_serial_dataset_refuses_batches_whose_shared_inputs_differ():
         SerialDataset.concat([part(torch.zeros(4, 3)), part(torch.ones(4, 3))])
 
 
-def test_full_weight_training_that_cannot_fit_is_refused_before_any_work(tiny_pipes, monkeypatch):
-    """On a machine without room for the gradients and Adam moments of every weight, EMF says so and names the fix
-    before the serial dataset is generated (an SDXL-sized UNet needs ~33 GiB for them: OOM-killed minutes in)."""
+def test_training_state_that_cannot_fit_is_refused_before_any_work(tiny_pipes, monkeypatch):
+    """On a machine without room for the gradients and Adam moments of every weight plus selective freezing's flip
+    statistics, EMF says so and names the fixes before the serial dataset is generated (an SDXL-sized UNet needs
+    ~60 GiB for them: it was OOM-killed minutes in); without freezing rounds no statistics are kept at all."""
     import diffquant.learning.qat as qat
     import diffquant.methods.emf as emf_method
+    from diffquant.learning.freezing import BYTES_PER_WEIGHT
 
     pipe = copy.deepcopy(tiny_pipes["sd"])
     weights = sum(m.weight.numel() for m in pipe.unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
-    monkeypatch.setattr(qat, "available_memory", lambda: weights * 12 - 1)  # one byte short
+    full = weights * (12 + BYTES_PER_WEIGHT)  # float32 weights: gradient + two moments, then the freezer's state
+    monkeypatch.setattr(qat, "available_memory", lambda: full - 1)  # one byte short
     generated = []
     monkeypatch.setattr(emf_method, "generate_serial_dataset", lambda *a, **k: generated.append(1))
     cfg = QuantConfig(method="emf", calibration=calibration_config(num_prompts=2, **SMALL))
-    with pytest.raises(ValueError, match="weight_training=lowrank"):
+    with pytest.raises(ValueError, match=r"weight_training=lowrank.*freeze_at=\[\]"):
         diffquant.quantize(pipe, cfg, calibration=PROMPTS[:2], progress=False)
     assert not generated
-    monkeypatch.setattr(qat, "available_memory", lambda: weights * 12)  # enough: the check passes
+    monkeypatch.setattr(qat, "available_memory", lambda: full)  # enough: the check passes
     qat.check_training_memory(pipe.unet, QATConfig())
+    monkeypatch.setattr(qat, "available_memory", lambda: weights * 12)  # room for full training without freezing
+    qat.check_training_memory(pipe.unet, QATConfig(freeze_at=[]))
+    monkeypatch.setattr(qat, "available_memory", lambda: weights * BYTES_PER_WEIGHT - 1)
+    with pytest.raises(ValueError, match="flip statistics"):
+        qat.check_training_memory(pipe.unet, QATConfig(weight_training="none"))
+
+
+def test_no_freezing_rounds_keep_no_flip_statistics(tiny_pipes, datasets):
+    denoiser, _ = _learning_model(tiny_pipes["sd"], datasets["sd"])
+    trainer = QATTrainer(denoiser, datasets["sd"], QATConfig(iterations=2, batch_size=4, freeze_at=[], feature_weight=0.0,
+                                                             checkpoint_every=0), [], progress=False)
+    history = trainer.train()
+    assert trainer.freezer.state == {} and history["flip_rate"] == [] and len(history["loss"]) == 2
 
 
 def test_gradient_checkpointing_trains_the_same_weights(tiny_pipes, monkeypatch):

@@ -19,9 +19,13 @@ from .lowrank import base_weight
 
 
 def _codes(module: QuantModule) -> torch.Tensor:
+    """The weight's integer codes, rows x inputs, in the grid's smallest dtype (int8 / uint8 up to 8 bits)."""
     with torch.no_grad():
         q = module.weight_quantizer.integer_codes(module.weight.detach())
-    return q.reshape(q.shape[0], -1).to(torch.int16)
+    return q.reshape(q.shape[0], -1)
+
+
+BYTES_PER_WEIGHT = 11  # the state below for codes of up to 8 bits: 2.57 G weights (SDXL's UNet) hold 26 GiB
 
 
 class SelectiveFreezer:
@@ -36,7 +40,7 @@ class SelectiveFreezer:
         for name, module in layers.items():
             codes = _codes(module)
             self.state[name] = {
-                "prev": codes, "flips": torch.zeros_like(codes), "code_sum": torch.zeros_like(codes, dtype=torch.float32),
+                "prev": codes, "flips": torch.zeros_like(codes, dtype=torch.int16), "code_sum": torch.zeros_like(codes, dtype=torch.float32),
                 "code_min": codes.clone(), "code_max": codes.clone(), "frozen": torch.zeros_like(codes, dtype=torch.bool),
                 "frozen_codes": torch.zeros_like(codes),
             }
@@ -106,4 +110,4 @@ class SelectiveFreezer:
         self.steps = steps
         for name, s in self.state.items():
             for key in self.STATE:
-                s[key] = tensors[f"{name}/{key}"].to(s[key].device)
+                s[key] = tensors[f"{name}/{key}"].to(s[key].device, s[key].dtype)  # earlier checkpoints held int16 codes

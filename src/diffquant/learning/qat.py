@@ -41,7 +41,7 @@ from ..nn import QuantModule, quantized_layers
 from ..store import available_memory
 from ..quant.lsq import StepSizes, step_size_parameters
 from .dataset import SerialDataset
-from .freezing import SelectiveFreezer
+from .freezing import BYTES_PER_WEIGHT as FREEZER_BYTES, SelectiveFreezer
 from .loop import FloatMasters, optimizer_step
 from .lowrank import add_low_rank, base_weight, merge_low_rank
 
@@ -106,25 +106,31 @@ FULL_TRAINING_BYTES = 4 + 8  # per trained weight: its float32 gradient and Adam
 
 
 def check_training_memory(denoiser: nn.Module, config: QATConfig) -> None:
-    """Refuse full weight training that cannot fit before any data is generated, with the fix in one line.
+    """Refuse QAT whose per-weight state cannot fit, before any data is generated, naming the fixes in one line.
 
-    Counts only what full training certainly adds (float32 gradient, Adam moments and the float32 master of a
-    half-precision weight) for the weights of every Linear and convolution, against the free memory of the device
-    the denoiser is on; activations come on top, so passing is no promise. On an SDXL-sized UNet in bf16 that is
-    2.57 G weights x 14 bytes = 33 GiB, beyond a 24 GiB machine, where ``lowrank`` adapters take a few MB."""
-    if config.weight_training != "full":
-        return
+    Counts only what training certainly adds for the weights of every Linear and convolution: with full weight
+    training their float32 gradients, Adam moments and the float32 master of a half-precision weight (14 bytes a
+    bf16 weight); with freezing rounds (``freeze_at``) selective freezing's flip statistics (11 bytes a weight).
+    Activations come on top, so passing is no promise. On an SDXL-sized UNet (2.57 G weights) in bf16 that is
+    33.5 + 26.3 GiB, beyond a 24 GiB machine, where ``lowrank`` adapters without freezing add a few MB."""
     weights = [m.weight for m in denoiser.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
-    if not weights:
+    count = sum(w.numel() for w in weights)
+    parts, fixes = {}, []
+    if config.weight_training == "full":
+        parts["gradients and Adam moments"] = sum(w.numel() * (FULL_TRAINING_BYTES + max(0, 4 - w.element_size())) for w in weights)
+        fixes.append("train low-rank adapters (--option weight_training=lowrank) or step sizes only (weight_training=none)")
+    if config.freeze_at:
+        parts["selective freezing's flip statistics"] = count * FREEZER_BYTES
+        fixes.append("turn selective freezing off (--option freeze_at=[])")
+    if not weights or not parts:
         return
-    needed = sum(w.numel() * (FULL_TRAINING_BYTES + max(0, 4 - w.element_size())) for w in weights)
     device = weights[0].device
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
+    needed = sum(parts.values())
     if needed > free:
         raise ValueError(
-            f"full weight training needs about {needed / 2**30:.1f} GiB for the gradients and Adam moments of "
-            f"{sum(w.numel() for w in weights) / 1e6:.0f}M weights, more than the {free / 2**30:.1f} GiB free on {device.type}; "
-            "train low-rank adapters (--option weight_training=lowrank) or step sizes only (weight_training=none)")
+            f"QAT needs about {needed / 2**30:.1f} GiB for {' and '.join(parts)} of {count / 1e6:.0f}M weights, more than "
+            f"the {free / 2**30:.1f} GiB free on {device.type}; {'; '.join(fixes)}")
 
 
 class QATTrainer:
@@ -160,7 +166,8 @@ class QATTrainer:
         self.compute_dtype = next(denoiser.parameters()).dtype  # inputs stay in it while masters are float32
         self.masters = FloatMasters(list(self.params.values()))
         self.optimizer = torch.optim.Adam(groups)
-        self.freezer = SelectiveFreezer(self.layers)
+        # No freezing rounds, no per-weight flip statistics (freezing.BYTES_PER_WEIGHT: the largest state at full size).
+        self.freezer = SelectiveFreezer(self.layers if config.freeze_at else {})
         self.batches = dataset.batches(config.order, config.batch_size, config.iterations, config.seed)
         self.freeze_steps = {max(1, round(f * config.iterations)): r for r, f in enumerate(sorted(config.freeze_at))}
         self.history: dict = {"loss": [], "output_loss": [], "flip_rate": [], "freeze_events": [], "seconds": 0.0}
@@ -273,7 +280,8 @@ class QATTrainer:
             self.iteration += 1
             self.history["loss"].append(loss)
             self.history["output_loss"].append(output_loss)
-            self.history["flip_rate"].append(flip_rate)
+            if self.freezer.layers:
+                self.history["flip_rate"].append(flip_rate)
             round_index = self.freeze_steps.get(self.iteration)
             if round_index is not None:
                 sensitive_only = round_index == 0 and any(n in self.layers for n in self.sensitive)
