@@ -52,6 +52,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ir-dir", default=None, help="where the traced graphs wait to be compiled (default: the temp dir)")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "granularity-timing-sd15.json")
+    p.add_argument("--op-profile", action="store_true", help="compile with OpenVINO's PERF_COUNT and, after the rounds, "
+                   "add each variant's time per (op type, kernel) over one call")
     args = p.parse_args()
     tags = [t for t in args.tags.split(",") if t]
     if not set(tags) <= set(TAGS):
@@ -68,10 +70,12 @@ def main() -> None:
         del unet
         gc.collect()
         return_freed_memory()
-        calls = {}
+        calls, denoisers = {}, {}
         for tag in tags:
             start = time.perf_counter()
-            denoiser = OVDenoiser({"int": saved[tag].pop("path")}, **saved[tag], graph="int", precision="bf16", threads=args.threads)
+            denoiser = OVDenoiser({"int": saved[tag].pop("path")}, **saved[tag], graph="int", precision="bf16", threads=args.threads,
+                                  properties={"PERF_COUNT": True} if args.op_profile else None)
+            denoisers[tag] = denoiser
             calls[tag] = lambda d=denoiser: d(**inputs)[0]
             calls[tag]()  # warm-up: first inference allocates and packs
             out["variants"][tag].update(compile_s=time.perf_counter() - start, kernels=kernel_precisions(denoiser))
@@ -90,6 +94,30 @@ def main() -> None:
             summarize(out, tags)
             atomic_write_json(args.json, out)
     print_table(out, tags)
+    if args.op_profile:
+        op_profile(out, denoisers, inputs, tags)
+        atomic_write_json(args.json, out)
+
+
+def op_profile(out: dict, denoisers: dict, inputs: dict, tags: list[str], top: int = 12) -> None:
+    """Each variant's milliseconds per (op type, kernel) over one call, from OpenVINO's own counters; prints the ops
+    that take the most time in any variant."""
+    for tag in tags:
+        denoiser = denoisers[tag]
+        request = denoiser.compiled["int"].create_infer_request()
+        request.infer(denoiser.feeds(**inputs))
+        times: dict[str, float] = {}
+        for info in request.profiling_info:
+            key = f"{info.node_type} [{info.exec_type}]"
+            times[key] = times.get(key, 0.0) + info.real_time.total_seconds() * 1e3
+        out["variants"][tag]["op_ms"] = dict(sorted(times.items(), key=lambda kv: -kv[1]))
+    keys = sorted({k for t in tags for k in list(out["variants"][t]["op_ms"])[:top]},
+                  key=lambda k: -max(out["variants"][t]["op_ms"].get(k, 0.0) for t in tags))
+    print("\n| op [kernel] | " + " | ".join(f"{t} ms" for t in tags) + " |")
+    print("|---|" + "---|" * len(tags))
+    for key in keys:
+        print(f"| {key} | " + " | ".join(f"{out['variants'][t]['op_ms'].get(key, 0.0):.0f}" for t in tags) + " |")
+    print("| total | " + " | ".join(f"{sum(out['variants'][t]['op_ms'].values()):.0f}" for t in tags) + " |")
 
 
 def save_graph(unet, calib, tag: str, folder: Path, out: dict) -> dict:

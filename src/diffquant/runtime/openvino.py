@@ -55,7 +55,7 @@ class OVDenoiser(nn.Module):
     kernels sum u8 x s8 pairs in int16 and saturate on full-range weights: 8% error measured, and no faster).
     ``timestep_group`` is fed when a graph takes it. ``precision``: OpenVINO's inference precision hint
     (``f32`` keeps the float parts exact; ``bf16`` is faster where the CPU has it). ``threads``: default
-    torch's thread count.
+    torch's thread count. ``properties``: further OpenVINO compile properties (e.g. ``{"PERF_COUNT": True}``).
 
     It has no weights of its own, so it carries its identity as the buffer ``identity`` (what the evaluation's
     image cache fingerprints: two different deployed models never share images): a digest of ``identity``
@@ -76,6 +76,7 @@ class OVDenoiser(nn.Module):
         threads: int | None = None,
         report: dict | None = None,
         identity: str | None = None,
+        properties: dict | None = None,
     ) -> None:
         super().__init__()
         import openvino as ov
@@ -91,7 +92,8 @@ class OVDenoiser(nn.Module):
             keep = {graph} | ({"float"} if graph == "int" and float_groups else set())
             models = {k: m for k, m in models.items() if k in keep}
         self.graph = graph
-        properties = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "INFERENCE_PRECISION_HINT": precision}
+        properties = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "INFERENCE_PRECISION_HINT": precision,
+                      **(properties or {})}
         # The float graph is exact fake quantization: OpenVINO must not quantize its FullyConnected inputs again
         # (its dynamic quantization of int8-weight layers, on by default where the CPU has VNNI/AMX, moved a
         # two-group tiny UNet's group-1 output 20 % from fake quant; off: 0.0000).
