@@ -17,7 +17,9 @@ calls, ``runtime_engines.nncf_int8``) for issue 14's engine targets:
     .venv/bin/python benchmarks/granularity_timing.py --model sd15 --tags w8a8,nncf_int8,w4a8 --rounds 8 --threads 2 \
         --json benchmarks/results/openvino-vs-nncf-timing-sd15.json
 
-Int graph, bf16 hint (what ``runtime.py``'s ``openvino_*`` rows compile).
+Int graph, bf16 hint (what ``runtime.py``'s ``openvino_*`` rows compile). ``--op-profile`` compiles with OpenVINO's
+``PERF_COUNT`` and, after the rounds, adds each variant's milliseconds per (op type, kernel) over one call: where a
+gap between two graphs comes from.
 """
 
 from __future__ import annotations
