@@ -11,7 +11,8 @@ changes hit all of them alike. Reported: each variant's median step time, and th
 median (and range) over rounds of its ratio to the static graph **of the same round**. Variants (``runtime.py``'s
 tags): ``w8a8`` static per-tensor; ``w8a8_tok`` dynamic per-token everywhere; ``w8a8_tokfc`` per-token on Linear
 inputs, static per-tensor on convolutions; ``w8a8_toksm`` the same with the convolutions' inputs smoothed per channel
-(static); ``w4a8``, ``w8a8_sym`` (symmetric activations) and ``nncf_int8`` (NNCF's INT8 of the float UNet on the same
+(static); ``w4a8``, ``w8a8_sym`` (symmetric activations), ``w8a8_qk`` / ``w8a8_symqk`` (the attention's q and k
+quantized too, symmetric, its fused op kept) and ``nncf_int8`` (NNCF's INT8 of the float UNet on the same
 calls, ``runtime_engines.nncf_int8``) for issue 14's engine targets:
 
     .venv/bin/python benchmarks/granularity_timing.py --model sd15 --tags w8a8,nncf_int8,w4a8 --rounds 8 --threads 2 \
@@ -43,7 +44,7 @@ from diffquant.store import return_freed_memory
 from runtime import ROOT, build, quantize  # sibling scripts (benchmarks/ is not a package)
 from runtime_engines import kernel_precisions, nncf_int8
 
-TAGS = ("w8a8", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm", "w4a8", "w8a8_sym", "nncf_int8")
+TAGS = ("w8a8", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm", "w4a8", "w8a8_sym", "w8a8_qk", "w8a8_symqk", "nncf_int8")
 
 
 def main() -> None:

@@ -73,7 +73,8 @@ DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and "tok" not in
 # _tok: dynamic per-token activation scales (issue 22); _tokfc: per token on Linear inputs, static per-tensor on
 # convolutions (``conv_act_granularity``), which then keep their int8 kernels; _toksm: the convolutions' inputs
 # smoothed per channel instead (static too)
-QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm", "w8a8_sym")  # _sym: symmetric activations
+# _sym: symmetric activations; _qk: q and k of the attention quantized too (symmetric), its fused op kept
+QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm", "w8a8_sym", "w8a8_qk", "w8a8_symqk")
 # per-token tag suffix -> the convolutions' own granularity (None: per-token too)
 PER_TOKEN = {"tok": None, "tokfc": "per_tensor", "toksm": "per_channel_smooth"}
 
@@ -184,7 +185,8 @@ def build(model: str):
 
 def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:
     suffix = tag.partition("_")[2]
-    cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith("_attn"), act_symmetric=suffix == "sym",
+    cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith(("_attn", "qk")),
+                      attention_quantizers="qk" if suffix.endswith("qk") else "qkv_softmax", act_symmetric=suffix.startswith("sym"),
                       act_granularity="per_token" if suffix in PER_TOKEN else "per_tensor", conv_act_granularity=PER_TOKEN.get(suffix))
     return diffquant.quantize(copy.deepcopy(unet), cfg, calibration=calib, progress=False)
 

@@ -217,9 +217,11 @@ def layer_bits(denoiser: nn.Module) -> dict[str, Bits]:
             abits = sum(acts) / len(acts) if acts else None
             if m.is_layer:
                 out[name] = (float(wq.bits) + branch_bits(m) if wq is not None else None, abits)
-            else:  # an attention processor quantizes both matmuls' operands (q, k, v, softmax output)
+            else:  # an attention processor quantizes both matmuls' operands (q, k, v, softmax output) or QK^T's only
                 attention = name.rsplit(".", 1)[0]
-                out[f"{attention}:qk"] = out[f"{attention}:pv"] = (None, abits)
+                out[f"{attention}:qk"] = (None, abits)
+                if getattr(m, "v_quantizer", None) is not None:
+                    out[f"{attention}:pv"] = (None, abits)
         elif hasattr(m, "weight_qtype"):  # optimum-quanto QModule (frozen or not): activations quantized at its inputs
             act, wq = getattr(m, "activation_qtype", None), m.weight_qtype
             out[name] = (float(wq.bits) if wq is not None else None, float(act.bits) if act is not None else None)

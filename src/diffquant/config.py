@@ -83,6 +83,12 @@ def _spec(part: str, **fields: Any) -> QuantSpec:
         raise ValueError(f"{part}: {e}") from None
 
 
+# Which attention matmul inputs are quantized (``quantize_attention``): the papers' q, k, v and softmax output (the
+# attention then runs as explicit matmuls), or only q and k, signed symmetric per-tensor, with the fused attention op
+# kept (``scaled_dot_product_attention``): OpenVINO runs that as its int8 MHA kernel, as it does NNCF's INT8.
+ATTENTION_QUANTIZERS = ("qkv_softmax", "qk")
+
+
 @dataclass
 class QuantConfig:
     """What to quantize and how: plain data. ``method`` names a recipe in ``diffquant.registry``, which
@@ -99,6 +105,8 @@ class QuantConfig:
     weights (searched per layer on the calibration data); ``per_token`` / ``per_group`` dynamic scales per token
     (per group of ``act_group_size`` input channels), computed at run time. Attention matmul inputs follow the
     dynamic modes and stay static per-tensor under smoothing (they have no weight to migrate into).
+    ``attention_quantizers`` (``ATTENTION_QUANTIZERS``): ``qkv_softmax`` (the papers') or ``qk`` (q and k only,
+    static symmetric, the fused attention op kept: OpenVINO's int8 attention kernel).
     ``conv_act_granularity`` overrides it for Conv2d inputs (``None``: the same). A per-token scale on a convolution's
     input is one scale per pixel, which no int8 convolution kernel can apply (a 3x3 window mixes pixels of different
     scales), so engines run such convolutions in float; ``act_granularity="per_token"`` with
@@ -127,6 +135,7 @@ class QuantConfig:
     conv_act_granularity: str | None = None
     act_group_size: int = 64
     quantize_attention: bool = True
+    attention_quantizers: str = "qkv_softmax"
     softmax_bits: int = 8
     timestep_groups: int = 1
     split_shortcut: bool | None = None
@@ -154,6 +163,8 @@ class QuantConfig:
             raise ValueError(f"lowrank_rank must be >= 0 (0: no low-rank branch), got {self.lowrank_rank}")
         if not self.layer_selection:
             raise ValueError("layers is empty; pass --layers all, linear, conv, attention or name patterns (comma separated)")
+        if self.attention_quantizers not in ATTENTION_QUANTIZERS:
+            raise ValueError(f"unknown attention_quantizers {self.attention_quantizers!r}; choose one of {', '.join(ATTENTION_QUANTIZERS)}")
         if self.timestep_groups < 1:
             raise ValueError(f"timestep_groups must be >= 1, got {self.timestep_groups}")
         from .quant.spec import ACT_GRANULARITIES, WEIGHT_GRANULARITIES  # torch-free import of this module
@@ -179,6 +190,8 @@ class QuantConfig:
         granularity = "" if self.abits is None or self.act_granularity == "per_tensor" else f"-{self.act_granularity}"
         if self.abits is not None and self.conv_act_granularity not in (None, self.act_granularity):
             granularity += f"-conv_{self.conv_act_granularity}"
+        if self.abits is not None and self.quantize_attention and self.attention_quantizers != "qkv_softmax":
+            granularity += f"-attn_{self.attention_quantizers}"
         rank = f"-r{self.lowrank_rank}" if self.lowrank_rank else ""
         coverage = "" if self.layer_selection == ["all"] else "+".join(self.layer_selection)
         if len(coverage) > 32:  # a list of layer names: a short digest keeps the label readable
@@ -208,9 +221,15 @@ class QuantConfig:
                      group_size=self.act_group_size, observer=self.act_observer, percentile=self.act_percentile)
 
     def attention_spec(self) -> QuantSpec | None:
-        """The q/k/v matmul inputs' spec: the layers' one, static per-tensor under smoothing (no weight to migrate into)."""
+        """The q/k/v matmul inputs' spec: the layers' one, static per-tensor under smoothing (no weight to migrate into);
+        with ``attention_quantizers="qk"`` static per-tensor symmetric (the signed int8 q and k an int8 attention
+        kernel takes)."""
         spec = self.act_spec()
-        if spec is None or spec.granularity != "per_channel_smooth":
+        if spec is None:
+            return spec
+        if self.attention_quantizers == "qk":
+            return dataclasses.replace(spec, granularity="per_tensor", symmetric=True)
+        if spec.granularity != "per_channel_smooth":
             return spec
         return dataclasses.replace(spec, granularity="per_tensor")
 
@@ -231,6 +250,8 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        if data["attention_quantizers"] == "qkv_softmax":  # configs with the papers' attention keep their earlier JSON
+            del data["attention_quantizers"]
         if data["calibration"].get("seeds") is None:  # configs without calibration seeds keep their earlier JSON
             del data["calibration"]["seeds"]
         return data

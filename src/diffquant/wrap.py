@@ -157,7 +157,9 @@ def wrap_denoiser(
                 continue
             cls = PROCESSORS[kind]
             attention = denoiser.get_submodule(name)
-            processor = cls(config.attention_spec(), config.softmax_spec(), context, num_groups).to(next(attention.parameters()).device)
+            qk_only = config.attention_quantizers == "qk"
+            processor = cls(config.attention_spec(), None if qk_only else config.softmax_spec(), context, num_groups,
+                            quantize_v=not qk_only).to(next(attention.parameters()).device)
             for q in processor.activation_quantizers():
                 q.name = f"{name}.processor"
             attention.set_processor(processor)

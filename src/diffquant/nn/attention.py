@@ -5,7 +5,8 @@ The processors mirror diffusers' ``AttnProcessor2_0`` (UNet and PixArt self/cros
 (Flux double- and single-stream attention, RoPE applied to q and k before they are quantized, so the
 quantized q/k are the ones the matmul sees) and ``SanaLinearAttnProcessor2_0`` (SANA's ReLU linear attention:
 q, k, v only, no softmax) and quantize the inputs of the two matmuls:
-q, k, v, and the softmax output (unsigned grid). With quantization off they call
+q, k, v, and the softmax output (unsigned grid), or with ``attention_quantizers="qk"`` q and k only, the attention
+itself then staying ``scaled_dot_product_attention`` (what OpenVINO runs as its int8 MHA). With quantization off they call
 ``scaled_dot_product_attention`` exactly like the originals, so a wrapped model is bit-identical
 to the float one. The q/k/v/out projections are ordinary Linear layers, wrapped separately.
 """
@@ -22,13 +23,14 @@ from .state import QuantState
 
 
 class _QuantAttentionCore(QuantModule):
-    def __init__(self, act_spec: QuantSpec, softmax_spec: QuantSpec | None, context: TimestepContext | None, num_groups: int):
+    def __init__(self, act_spec: QuantSpec, softmax_spec: QuantSpec | None, context: TimestepContext | None, num_groups: int,
+                 quantize_v: bool = True):
         super().__init__()
         self._init_quant()
         self.weight_quantizer = None
         self.q_quantizer = ActivationQuantizer(act_spec, context, num_groups)
         self.k_quantizer = ActivationQuantizer(act_spec, context, num_groups)
-        self.v_quantizer = ActivationQuantizer(act_spec, context, num_groups)
+        self.v_quantizer = ActivationQuantizer(act_spec, context, num_groups) if quantize_v else None
         self.softmax_quantizer = None if softmax_spec is None else ActivationQuantizer(softmax_spec, context, num_groups)
 
     def _active(self) -> bool:
@@ -41,6 +43,8 @@ class _QuantAttentionCore(QuantModule):
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
         q = self._quantize_activation(self.q_quantizer, query)
         k = self._quantize_activation(self.k_quantizer, key)
+        if self.v_quantizer is None and self.softmax_quantizer is None:  # q/k only: the fused op stays (engines' int8 MHA)
+            return F.scaled_dot_product_attention(q, k, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
         v = self._quantize_activation(self.v_quantizer, value)
         scores = (q @ k.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
         if mask is not None:
@@ -170,8 +174,9 @@ class QuantSanaLinearAttnProcessor(_QuantAttentionCore):
     """Quantized counterpart of diffusers ``SanaLinearAttnProcessor2_0`` (SANA's ReLU linear attention): the matmul
     inputs q and k (after the ReLU) and v are quantized; there is no softmax, so no softmax quantizer."""
 
-    def __init__(self, act_spec: QuantSpec, softmax_spec: QuantSpec | None, context: TimestepContext | None, num_groups: int):
-        super().__init__(act_spec, None, context, num_groups)
+    def __init__(self, act_spec: QuantSpec, softmax_spec: QuantSpec | None, context: TimestepContext | None, num_groups: int,
+                 quantize_v: bool = True):
+        super().__init__(act_spec, None, context, num_groups, quantize_v)
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         dtype = hidden_states.dtype

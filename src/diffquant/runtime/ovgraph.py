@@ -268,41 +268,43 @@ def trace(module: nn.Module, names: list[str], inputs: tuple) -> Any:
         port.get_tensor().set_names({name})
     model.outputs[0].get_tensor().set_names({OUTPUT})
     narrow_weight_codes(model)
-    hoist_quantizers_over_layout(model)
+    hoist_attention_output_quantizers(model)
     return_freed_memory()
     return model
 
 
-LAYOUT_OPS = ("Reshape", "Transpose")  # value-preserving moves that a per-tensor grid commutes with
+ATTENTION_OUTPUTS = ("ScaledDotProductAttention", "MatMul")  # float attention; diffquant's quantized one (probs @ v)
 
 
-def hoist_quantizers_over_layout(model: Any) -> int:
-    """Move each per-tensor FakeQuantize that reads a chain of single-use ``Reshape``/``Transpose`` nodes to the
-    chain's source (the op that computed the values); returns how many moved.
+def hoist_attention_output_quantizers(model: Any) -> int:
+    """Move each per-tensor FakeQuantize that reads ``attention -> Transpose -> Reshape`` (the attention output on its
+    way to ``to_out``; the attention a ``ScaledDotProductAttention`` or, quantized, a ``MatMul``) to the attention's own
+    output; returns how many moved.
 
-    A per-tensor grid commutes with reshapes and transposes, so the values are the same; but OpenVINO's CPU plugin
-    fuses a quantizer into the op that produces its input (as a post-op of the attention, the residual ``Add``, the
-    convolution), not across the layout ops: behind them it ran on its own, in f32 between two layout Reorders.
-    On mini-sd this moved 14 attention outputs (``attention -> Transpose -> Reshape -> to_out``) and 7 transformer
-    outputs (``Add -> Reshape -> proj_out``, where NNCF quantizes the ``Add`` itself): 38 standalone FakeQuantize
-    nodes became 17, NNCF's graph has 15 (``benchmarks/openvino_fq_fusion.py``)."""
+    A per-tensor grid commutes with the head transpose and reshape, so the values are the same; but OpenVINO's CPU
+    plugin fuses the quantizer only there: behind the reshape it ran on its own, in f32 between two layout Reorders
+    (14 of diffquant's 38 standalone FakeQuantize nodes on mini-sd, NNCF's graph has none there;
+    ``benchmarks/openvino_fq_fusion.py``)."""
     from openvino import opset13
 
     moved = 0
     for fq in model.get_ordered_ops():
         if fq.get_type_name() != "FakeQuantize" or any(math.prod(fq.input(i).get_shape()) != 1 for i in range(1, 5)):
-            continue  # per-channel ranges do not commute with a transpose
+            continue  # per-channel ranges do not commute with the transpose
         chain, node = [], fq.input(0).get_source_output().get_node()
-        while node.get_type_name() in LAYOUT_OPS and len(node.output(0).get_target_inputs()) == 1:
+        for kinds in (("Reshape",), ("Transpose",), ATTENTION_OUTPUTS):
+            if node.get_type_name() not in kinds or len(node.output(0).get_target_inputs()) != 1:
+                break
             chain.append(node)
             node = node.input(0).get_source_output().get_node()
-        if not chain or node.get_type_name() == "Constant":
+        if len(chain) != 3:
             continue
+        reshape, transpose, attention = chain
         ranges = [fq.input(i).get_source_output() for i in range(1, 5)]
-        hoisted = opset13.fake_quantize(chain[-1].input(0).get_source_output(), *ranges, fq.get_attributes()["levels"])
+        hoisted = opset13.fake_quantize(attention.output(0), *ranges, fq.get_attributes()["levels"])
         hoisted.set_friendly_name(fq.get_friendly_name())
-        chain[-1].input(0).replace_source_output(hoisted.output(0))
-        fq.output(0).replace(chain[0].output(0))
+        transpose.input(0).replace_source_output(hoisted.output(0))
+        fq.output(0).replace(reshape.output(0))
         moved += 1
     return moved
 
@@ -388,4 +390,4 @@ def quantized_models(
     return models, plan
 
 
-__all__ = ["GROUP_INPUT", "OUTPUT", "GroupPlan", "float_model", "hoist_quantizers_over_layout", "narrow_weight_codes", "plan_groups", "quantized_models", "trace"]
+__all__ = ["GROUP_INPUT", "OUTPUT", "GroupPlan", "float_model", "hoist_attention_output_quantizers", "narrow_weight_codes", "plan_groups", "quantized_models", "trace"]
