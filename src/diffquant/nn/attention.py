@@ -37,13 +37,28 @@ class _QuantAttentionCore(QuantModule):
         modes = {q.mode for q in self.activation_quantizers()}
         return "observe" in modes or ("quantize" in modes and self.act_quant_enabled)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + mask) v on [B, heads, L, d] with quantized matmul inputs."""
+    @property
+    def qk_only(self) -> bool:
+        """Only q and k are quantized (``attention_quantizers="qk"``): the fused attention op stays."""
+        return self.v_quantizer is None and self.softmax_quantizer is None
+
+    def quantize_projections(self, attn, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """q/k-only mode without q/k norms: quantize the projections' outputs [B, L, C] before the head split (a
+        per-tensor grid commutes with it, so the values are the same), where OpenVINO fuses the quantizer into the
+        projection and runs the attention on int8 q and k, as with NNCF's INT8; returns (q, k, whether done)."""
+        if not (self.qk_only and self._active() and attn.norm_q is None and attn.norm_k is None):
+            return query, key, False
+        return self._quantize_activation(self.q_quantizer, query), self._quantize_activation(self.k_quantizer, key), True
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               qk_quantized: bool = False) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v on [B, heads, L, d] with quantized matmul inputs (q and k already, when
+        ``qk_quantized``)."""
         if not self._active():
             return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        q = self._quantize_activation(self.q_quantizer, query)
-        k = self._quantize_activation(self.k_quantizer, key)
-        if self.v_quantizer is None and self.softmax_quantizer is None:  # q/k only: the fused op stays (engines' int8 MHA)
+        q = query if qk_quantized else self._quantize_activation(self.q_quantizer, query)
+        k = key if qk_quantized else self._quantize_activation(self.k_quantizer, key)
+        if self.qk_only:  # the fused op stays (engines' int8 MHA)
             return F.scaled_dot_product_attention(q, k, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
         v = self._quantize_activation(self.v_quantizer, value)
         scores = (q @ k.transpose(-1, -2)) * (query.shape[-1] ** -0.5)
@@ -82,6 +97,7 @@ class QuantAttnProcessor(_QuantAttentionCore):
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
+        query, key, qk_quantized = self.quantize_projections(attn, query, key)
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
@@ -90,7 +106,7 @@ class QuantAttnProcessor(_QuantAttentionCore):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        hidden_states = self.attend(query, key, value, attention_mask)
+        hidden_states = self.attend(query, key, value, attention_mask, qk_quantized)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
