@@ -163,7 +163,20 @@ def test_quantize_and_demo_defaults_are_the_config_fields():
               "group_size": q.group_size, "weight_observer": q.weight_observer, "act_observer": q.act_observer,
               "timestep_groups": q.timestep_groups, "keep_float": q.keep_float, "seed": q.seed,
               "num_prompts": c.num_prompts, "batch_size": c.batch_size, "steps": c.num_inference_steps,
-              "guidance": c.guidance_scale, "height": c.height, "width": c.width}
+              "guidance": c.guidance_scale, "height": c.height, "width": c.width,
+              "act_symmetric": q.act_symmetric, "attention_quantizers": q.attention_quantizers}
     assert {k: defaults[k] for k in fields} == fields
     demo = {p.name: p.default for p in commands["demo"].params}
     assert (demo["wbits"], demo["abits"]) == (q.wbits, q.abits)
+
+
+def test_quantize_flags_for_openvinos_int8_attention(fp_folder, prompt_file, tmp_path):
+    """--act-symmetric --attention-quantizers qk: the configuration at NNCF INT8's speed on OpenVINO (issue 14)."""
+    import diffquant
+
+    out = tmp_path / "q"
+    result = invoke("quantize", "--model", fp_folder, "--prompts", prompt_file, "--out", out, "--num-prompts", 2, "--steps", 2,
+                    "--act-symmetric", "--attention-quantizers", "qk")
+    assert result.exit_code == 0, result.output
+    config = diffquant.quant_record(diffquant.load(out).unet).config
+    assert config.act_symmetric and config.attention_quantizers == "qk" and config.label == "rtn-w8a8-attn_qk"

@@ -68,6 +68,9 @@ def quantize(
     conv_act_granularity: Optional[str] = field_option(QuantConfig, "conv_act_granularity", help="Convolution inputs' "
                                                        "granularity when it differs from --act-granularity (e.g. per_tensor "
                                                        "beside per_token: int8 convolution kernels take no per-pixel scale)."),
+    act_symmetric: bool = field_option(QuantConfig, "act_symmetric", "--act-symmetric/--act-asymmetric",
+                                       help="Activation grid: symmetric (zero point 0: OpenVINO's fastest int8 kernels) "
+                                       "or asymmetric (the default: finer for one-sided ranges)."),
     attention_quantizers: str = field_option(QuantConfig, "attention_quantizers", help="Attention inputs quantized: "
                                              "qkv_softmax (the papers') or qk (q and k, symmetric; the fused attention "
                                              "op kept: OpenVINO's int8 attention kernel)."),
@@ -121,7 +124,7 @@ def quantize(
                 method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
                 weight_observer=weight_observer, act_observer=act_observer, act_granularity=act_granularity,
                 conv_act_granularity=conv_act_granularity, act_group_size=act_group_size, timestep_groups=timestep_groups,
-                attention_quantizers=attention_quantizers,
+                attention_quantizers=attention_quantizers, act_symmetric=act_symmetric,
                 keep_float=keep_float, layers=layers, seed=seed, max_memory=max_memory, lowrank_rank=lowrank_rank,
                 lowrank_layers=lowrank_layers,
                 options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},
