@@ -66,10 +66,10 @@ VARIANTS = (
     "fake_quant_w8a8_attn", "converted_w8a8_attn", "converted_w8a8_attn_bf16",
     "fake_quant_w8a8_tok", "converted_w8a8_tok", "openvino_w8a8_tok", "openvino_w8a8_tok_float",
     "fake_quant_w8a8_tokfc", "converted_w8a8_tokfc", "openvino_w8a8_tokfc", "openvino_w8a8_tokfc_float",
-    "openvino_w8a8_toksm", "openvino_w8a8_toksm_float", "openvino_w8a8_sym",
+    "openvino_w8a8_toksm", "openvino_w8a8_toksm_float", "openvino_w8a8_sym", "openvino_w8a8_qk", "openvino_w8a8_symqk",
     "torchao_int8_dynamic", "torchao_int8_dynamic_compiled", "onnxruntime_fp32", "onnxruntime_int8_qdq",
 ) + engines.ENGINE_VARIANTS
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if "attn" not in v and "tok" not in v and "sym" not in v and v != "fake_quant_w4a8")
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not any(k in v for k in ("attn", "tok", "sym", "qk")) and v != "fake_quant_w4a8")
 # _tok: dynamic per-token activation scales (issue 22); _tokfc: per token on Linear inputs, static per-tensor on
 # convolutions (``conv_act_granularity``), which then keep their int8 kernels; _toksm: the convolutions' inputs
 # smoothed per channel instead (static too)
