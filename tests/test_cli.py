@@ -179,4 +179,4 @@ def test_quantize_flags_for_openvinos_int8_attention(fp_folder, prompt_file, tmp
                     "--act-symmetric", "--attention-quantizers", "qk")
     assert result.exit_code == 0, result.output
     config = diffquant.quant_record(diffquant.load(out).unet).config
-    assert config.act_symmetric and config.attention_quantizers == "qk" and config.label == "rtn-w8a8-attn_qk"
+    assert config.act_symmetric and config.attention_quantizers == "qk" and config.label == "rtn-w8a8-sym-attn_qk"

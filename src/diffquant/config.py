@@ -190,6 +190,8 @@ class QuantConfig:
         granularity = "" if self.abits is None or self.act_granularity == "per_tensor" else f"-{self.act_granularity}"
         if self.abits is not None and self.conv_act_granularity not in (None, self.act_granularity):
             granularity += f"-conv_{self.conv_act_granularity}"
+        if self.abits is not None and self.act_symmetric:
+            granularity += "-sym"
         if self.abits is not None and self.quantize_attention and self.attention_quantizers != "qkv_softmax":
             granularity += f"-attn_{self.attention_quantizers}"
         rank = f"-r{self.lowrank_rank}" if self.lowrank_rank else ""
