@@ -51,11 +51,18 @@ PAPER = {"samples": 3200, "record_calls_rows": 64 * 50 * 2, "iterations": 20000,
 ASSUMED_GPU_TFLOPS = 100.0  # sustained on small-batch block training: an assumption (~13 % of H100/H200 dense bf16)
 
 
-def _status(field: str) -> int:
+def _statuses(*fields: str) -> tuple[int, ...]:
+    """Bytes of each ``/proc/self/status`` field (0 where absent), from one read of the file."""
+    found = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
+        name, _, rest = line.partition(":")
+        if name in fields:
+            found[name] = int(rest.split()[0]) * 1024
+    return tuple(found.get(f, 0) for f in fields)
+
+
+def _status(field: str) -> int:
+    return _statuses(field)[0]
 
 
 class Monitor:
@@ -71,7 +78,7 @@ class Monitor:
         last = 0.0
         while self.running:
             now = time.perf_counter() - self.t0
-            self.timeline.append((now, _status("VmRSS"), _status("RssAnon")))
+            self.timeline.append((now, *_statuses("VmRSS", "RssAnon")))
             if self.dump is not None and now - last > 20:
                 last = now
                 _write(self.dump, self.partial())
@@ -106,7 +113,7 @@ class Monitor:
         if cuda:
             torch.cuda.synchronize()
         end = time.perf_counter() - self.t0
-        self.timeline.append((end, _status("VmRSS"), _status("RssAnon")))
+        self.timeline.append((end, *_statuses("VmRSS", "RssAnon")))
         self.stages[name] = {"seconds": round(end - start, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
                              "peak_rss_gib": round(self.peak(start, end), 3),
                              "peak_anon_gib": round(self.peak(start, end, anon=True), 3), "start": start}

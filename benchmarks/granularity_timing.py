@@ -107,10 +107,8 @@ def op_profile(out: dict, denoisers: dict, inputs: dict, tags: list[str], top: i
     that take the most time in any variant."""
     for tag in tags:
         denoiser = denoisers[tag]
-        compiled = denoiser.compiled["int"]
-        names = {name for port in compiled.inputs for name in port.get_names()}
-        request = compiled.create_infer_request()
-        request.infer({k: v for k, v in denoiser.feeds(**inputs).items() if k in names})
+        request = denoiser.compiled["int"].create_infer_request()
+        request.infer(denoiser.graph_feeds("int", denoiser.feeds(**inputs)))
         times: dict[str, float] = {}
         for info in request.profiling_info:
             key = f"{info.node_type} [{info.exec_type}]"

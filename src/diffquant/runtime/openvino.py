@@ -145,6 +145,13 @@ class OVDenoiser(nn.Module):
         feeds[GROUP_INPUT] = np.array([self.group_of(flat["timestep"])], dtype=np.int64)
         return feeds
 
+    def graph_feeds(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The part of ``feeds`` that compiled graph ``graph`` takes (the timestep group only where it is an input)."""
+        missing = [n for n in self._inputs[graph] if n not in feeds]
+        if missing:
+            raise ValueError(f"the OpenVINO denoiser needs inputs {missing}; pass them as the diffusers call does")
+        return {n: feeds[n] for n in self._inputs[graph]}
+
     def forward(self, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
@@ -153,11 +160,7 @@ class OVDenoiser(nn.Module):
         self.calls.append(group)
         graph = "float" if group in self.float_groups or self.graph == "float" else self.graph
         graph = graph if graph in self.compiled else "given"
-        compiled = self.compiled[graph]
-        missing = [n for n in self._inputs[graph] if n not in feeds]
-        if missing:
-            raise ValueError(f"the OpenVINO denoiser needs inputs {missing}; pass them as the diffusers call does")
-        out = compiled({n: feeds[n] for n in self._inputs[graph]})[0]
+        out = self.compiled[graph](self.graph_feeds(graph, feeds))[0]
         sample = next(a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor))
         out = torch.from_numpy(np.ascontiguousarray(out)).to(sample.dtype)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
