@@ -151,24 +151,27 @@ def test_init_from_starts_a_phase_from_saved_weights(tmp_path: Path):
 def test_mini_flux_trains_as_the_pipeline_samples(tmp_path: Path):
     """mini-flux's training call (T5 tokens + CLIP pooled, packed latents) equals FluxPipeline's own encoding at the
     zoo's max_sequence_length: what is trained is what the pipeline samples."""
-    from diffusers import FluxPipeline
 
     from diffquant.zoo.architectures import FLUX_T5_TOKENS, build_flux_pipeline, build_tokenizer, build_vae
     from diffquant.zoo.flux_training import FluxStep
 
     torch.manual_seed(0)
-    pipe = build_flux_pipeline(build_vae(shift_factor=0.0), build_tokenizer(tmp_path / "tok"), width=64, double=1, single=1)
+    vae = build_vae(shift_factor=0.0, levels=2)
+    pipe = build_flux_pipeline(vae, build_tokenizer(tmp_path / "tok"), width=64, double=1, single=1)
     assert zoo.DEFAULTS["mini-flux"]["max_sequence_length"] == FLUX_T5_TOKENS
     captions = zoo.heldout_prompts(2)
-    zt = FluxPipeline._pack_latents(torch.randn(2, 4, 8, 8), 2, 4, 8, 8)
+    size = zoo.DEFAULTS["mini-flux"]["height"]
+    zt, img_ids = pipe.prepare_latents(2, 4, size, size, torch.float32, "cpu", torch.Generator().manual_seed(0))
+    assert zt.shape[1] == 64  # two-level VAE: 16x16 latents, packed 2x2
     sigma, w = torch.tensor([0.3, 0.9]), torch.tensor([1.0, 3.0])
     modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
     step = FluxStep(pipe, modules, guide_from=0)
+    assert torch.equal(step.image_ids(size // 2, size // 2, "cpu"), img_ids)
     with torch.no_grad():
-        trained = step._call(step.modules, zt, sigma, w, captions, "cpu")
+        trained = step._call(step.modules, zt, sigma, w, captions, "cpu", img_ids)
         embeds, pooled, txt_ids = pipe.encode_prompt(captions, None, device="cpu", max_sequence_length=FLUX_T5_TOKENS)
         sampled = pipe.transformer(hidden_states=zt, timestep=sigma, guidance=w, pooled_projections=pooled,
-                                   encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=step.img_ids).sample
+                                   encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids).sample
     assert torch.equal(trained, sampled)
 
 

@@ -14,14 +14,20 @@ import torch.nn.functional as F
 from . import data
 
 
-def build_vae(shift_factor: float | None = None, scaling_factor: float = 1.0):
-    """AutoencoderKL 32x32x3 <-> 8x8x4 (4x down): three levels, one resnet each, attention in the mid block."""
+def build_vae(shift_factor: float | None = None, scaling_factor: float = 1.0, levels: int = 3):
+    """AutoencoderKL 32x32x3 <-> 8x8x4 (4x down, ``levels=3``) or 16x16x4 (2x down, ``levels=2``).
+
+    One resnet per level, attention in the mid block. mini-flux uses two levels: FluxPipeline packs
+    latents 2x2, so 16x16 latents give it 64 image tokens, as many as mini-sd3's MMDiT sees.
+    """
     from diffusers import AutoencoderKL
 
+    if levels not in (2, 3):
+        raise ValueError(f"levels must be 2 or 3, got {levels}")
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=data.RESOLUTION,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=(32, 64, 64)[:levels], layers_per_block=1, norm_num_groups=16,
         scaling_factor=scaling_factor, shift_factor=shift_factor,
     )
 
@@ -188,7 +194,7 @@ def build_flux_pipeline(vae, tokenizer, width: int = 128, double: int = 2, singl
 
     As in FLUX.1: T5's token sequence enters the joint attention, CLIP's pooled output the time
     embedding (every block's adaLN modulation); the transformer has a guidance embedding. The VAE's
-    8x8x4 latents pack 2x2 into 16 tokens of 16 channels. Both text encoders read the same word-level
+    latents pack 2x2 into tokens of 16 channels (16x16x4 latents of the two-level VAE: 64 tokens). Both text encoders read the same word-level
     tokenizer (a CLIPTokenizer serves as the T5 tokenizer).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel

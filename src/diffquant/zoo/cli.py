@@ -47,6 +47,8 @@ def train(
     vae: Optional[Path] = typer.Option(None, help="a trained AutoencoderKL folder to reuse (default: train one)"),
     vae_steps: int = typer.Option(1500, help="VAE steps when it is trained here"),
     decoder_steps: int = typer.Option(1500, help="VAE decoder-only steps after that (encoder frozen)"),
+    vae_levels: Optional[int] = typer.Option(None, help="VAE levels when it is trained here: 3 (8x8 latents) or 2 "
+                                             "(16x16; default: the recipe's, 2 for mini-flux, else 3)"),
     threads: int = typer.Option(0, help="torch CPU threads (0: leave torch's default)"),
     time_budget: Optional[float] = typer.Option(None, help="stop after this many seconds (at a checkpoint) and export"),
     latent_cache: Optional[Path] = typer.Option(None, help="safetensors cache of the encoded latent pool"),
@@ -71,6 +73,8 @@ def train(
         _fail(f"unknown model {name!r}; choose one of {', '.join(TRAINABLE)}")
     if steps is not None and steps < 1:
         _fail(f"--steps must be >= 1, got {steps}")
+    if vae_levels not in (None, 2, 3):
+        _fail(f"--vae-levels must be 2 or 3, got {vae_levels}")
     if vae is not None and not (vae / "config.json").exists():
         _fail(f"--vae {vae} holds no AutoencoderKL (config.json missing); pass a folder written by `zoo train vae`")
     device = pick_device(device if device == "auto" else check_device(device))
@@ -96,13 +100,13 @@ def train(
                             checkpoint_every=checkpoint_every, time_budget_s=time_budget)
     elif name == "vae":
         stage1 = train_vae(out, steps=steps or vae_steps, seed=seed, resume=resume, device=device,
-                           batch_size=batch_size or 32, checkpoint_every=checkpoint_every)
+                           batch_size=batch_size or 32, checkpoint_every=checkpoint_every, levels=vae_levels or 3)
         result = finetune_decoder(stage1, out, steps=decoder_steps, seed=seed, resume=resume, device=device,
                                   checkpoint_every=checkpoint_every) if decoder_steps > 0 else stage1
     else:
         result = train_denoiser(name, out, steps=steps, seed=seed, batch_size=batch_size, resume=resume, device=device,
                                 checkpoint_every=checkpoint_every, vae_dir=vae, vae_steps=vae_steps,
-                                decoder_steps=decoder_steps,
+                                decoder_steps=decoder_steps, vae_levels=vae_levels,
                                 time_budget_s=time_budget, latent_cache=latent_cache, init_from=init_from, lr=lr, pool_size=pool_size,
                                 high_noise_from=high_noise_from)
     typer.echo(f"{name}: wrote {result} ({time.time() - t0:.0f} s this session)")

@@ -40,14 +40,20 @@ class FluxStep:
 
         self.pipe, self.modules, self.guide_from, self.w_max = pipe, modules, guide_from, w_max
         self.pack = FluxPipeline._pack_latents
-        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
         self.teacher: dict[str, nn.Module] | None = None
 
-    def _call(self, modules, zt, sigma, w, captions, device) -> torch.Tensor:
+    @staticmethod
+    def image_ids(h: int, w: int, device) -> torch.Tensor:
+        """RoPE positions of h x w latents packed 2x2, as ``FluxPipeline.prepare_latents`` gives them."""
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, device, torch.float32)
+
+    def _call(self, modules, zt, sigma, w, captions, device, img_ids) -> torch.Tensor:
         tokens, pooled = encode_text(modules, self.pipe.tokenizer, captions, device)
         return modules["transformer"](hidden_states=zt, timestep=sigma, guidance=w, pooled_projections=pooled,
                                       encoder_hidden_states=tokens, txt_ids=torch.zeros(tokens.shape[1], 3, device=device),
-                                      img_ids=self.img_ids.to(device)).sample
+                                      img_ids=img_ids).sample
 
     def _refresh_teacher(self, ema) -> None:
         """The EMA weights of this step (copied every guided step, so a resumed run sees the same teacher)."""
@@ -61,6 +67,7 @@ class FluxStep:
         b, c, h, w_ = z.shape
         sigma = torch.sigmoid(torch.randn(b, generator=gen)).to(device)  # logit-normal, as SD3
         x0, eps = self.pack(z, b, c, h, w_), self.pack(noise, b, c, h, w_)
+        img_ids = self.image_ids(h, w_, device)
         s = sigma.view(-1, 1, 1)
         zt = (1 - s) * x0 + s * eps
         target = eps - x0
@@ -74,9 +81,9 @@ class FluxStep:
                 with torch.no_grad():
                     sub = [captions[i] for i in idx] + [""] * len(idx)
                     v = self._call(self.teacher, zt[idx].repeat(2, 1, 1), sigma[idx].repeat(2), torch.ones(2 * len(idx),
-                                   device=device), sub, device)
+                                   device=device), sub, device, img_ids)
                     v_c, v_u = v.chunk(2)
                 target = target.clone()
                 target[idx] += (w[idx] - 1).to(device).view(-1, 1, 1) * (v_c - v_u)
-        pred = self._call(self.modules, zt, sigma, w.to(device), captions, device)
+        pred = self._call(self.modules, zt, sigma, w.to(device), captions, device, img_ids)
         return pred, target

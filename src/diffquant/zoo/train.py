@@ -64,14 +64,18 @@ def _images(seed: int, step: int, batch_size: int, device: str) -> tuple[torch.T
 
 
 def train_vae(out: Path, steps: int = 2500, seed: int = 0, batch_size: int = 64, lr: float = 1e-3,
-              resume: bool = True, device: str = "cpu", checkpoint_every: int = 250, kl_weight: float = 1e-4) -> Path:
-    """Train the autoencoder (L1 + MSE + small KL); writes ``out/vae`` with the latent scaling factor set."""
+              resume: bool = True, device: str = "cpu", checkpoint_every: int = 250, kl_weight: float = 1e-4,
+              levels: int = 3) -> Path:
+    """Train the autoencoder (L1 + MSE + small KL); writes ``out/vae`` with the latent scaling factor set.
+
+    ``levels``: 3 (8x8 latents, mini-sd and mini-sd3) or 2 (16x16 latents, mini-flux); see ``build_vae``.
+    """
     out = Path(out)
     final = out / "vae"
     if resume and (final / "config.json").exists():
         return final
     torch.manual_seed(seed)
-    vae = build_vae().to(device)
+    vae = build_vae(levels=levels).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     ema = EMA({"vae": vae}, 0.995)
     step = load_checkpoint(out / "vae_checkpoint", {"vae": vae}, opt, ema) if resume else 0
@@ -204,14 +208,14 @@ HIGH_NOISE_CAP = 20.0
 DENOISER_DEFAULTS = {
     "mini-sd": dict(steps=3300, batch_size=64, lr=1e-3, high_noise_from=1750),
     "mini-sd3": dict(steps=4500, batch_size=64, lr=6e-4, high_noise_from=0),
-    "mini-flux": dict(steps=4000, batch_size=64, lr=6e-4, high_noise_from=0),
+    "mini-flux": dict(steps=4000, batch_size=64, lr=6e-4, high_noise_from=0, vae_levels=2),
 }
 GUIDE_FROM = 0.5  # mini-flux: fraction of the steps after which guidance is trained into its embedding
 
 
 def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0, batch_size: int | None = None,
                    lr: float | None = None, resume: bool = True, device: str = "cpu", checkpoint_every: int = 250,
-                   vae_dir: Path | None = None, vae_steps: int = 1500, decoder_steps: int = 1500,
+                   vae_dir: Path | None = None, vae_steps: int = 1500, decoder_steps: int = 1500, vae_levels: int | None = None,
                    text_dropout: float = 0.1,
                    ema_decay: float = 0.995, time_budget_s: float | None = None, pool_size: int = 48000,
                    latent_cache: Path | None = None, export: bool = True, high_noise_from: int | None = None,
@@ -235,7 +239,8 @@ def train_denoiser(name: str, out: Path, steps: int | None = None, seed: int = 0
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if vae_dir is None:
-        stage1 = train_vae(out / "vae_run", steps=vae_steps, seed=seed, resume=resume, device=device, batch_size=32)
+        stage1 = train_vae(out / "vae_run", steps=vae_steps, seed=seed, resume=resume, device=device, batch_size=32,
+                           levels=vae_levels or cfg.get("vae_levels", 3))
         vae_dir = finetune_decoder(stage1, out / "vae_run", steps=decoder_steps, seed=seed, resume=resume, device=device)
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).float().eval().requires_grad_(False)
     if name != "mini-sd":
