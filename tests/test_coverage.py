@@ -47,6 +47,18 @@ def test_half_the_layers_quantized_gives_the_hand_fractions_for_diffquant():
     _check(model, table)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_per_group_scales_count_in_the_weight_bits(symmetric):
+    """A 16x8 Linear at W4 in groups of 4 inputs: 4 groups per row, each a 16-bit scale (and zero point)."""
+    from diffquant.nn import QuantLinear
+    from diffquant.quant import TimestepContext, TimestepGroups
+
+    cfg = QuantConfig(wbits=4, abits=8, weight_granularity="per_group", group_size=4, weight_symmetric=symmetric)
+    model = _toy()
+    model[0] = QuantLinear.from_float(model[0], cfg.weight_spec(), cfg.act_spec(), TimestepContext(TimestepGroups.uniform(1, 1000)), 1)
+    assert layer_bits(model)["0"][0] == 4.0 + 16 / 4 * (1 if symmetric else 2)
+
+
 def test_same_function_on_peer_quantized_models():
     """optimum-quanto W8A8 and torchao int8 dynamic on layer 0 only: the same hand answer as diffquant's."""
     pytest.importorskip("optimum.quanto")

@@ -9,8 +9,9 @@ every eval/bench row (``evaluation.harness``) compute the same function, :func:`
   whose two operands are both quantized (weight and input activation; for attention, the activations on both
   sides). Weight-only quantization dequantizes before a float matmul: 0 here;
 - ``avg_wbits``: bits per parameter element, quantized weights at their code width plus diffquant's low-rank float
-  branch (``QuantConfig.lowrank_rank``) at 16 bits per branch parameter, spread over its layer's weight (scales,
-  zero points and a peer's branches, e.g. SDNQ's SVD, not counted: the file size shows them), every float element
+  branch (``QuantConfig.lowrank_rank``) at 16 bits per branch parameter and per-group scales (``per_group`` weights)
+  at 16 bits each, spread over its layer's weight (per-tensor/per-channel scales, zero points and a peer's branches
+  or group scales, e.g. SDNQ's SVD, not counted: the file size shows them), every float element
   at the bits of the dtype it runs in (32 for float32, 16 for float16/bfloat16);
 - ``avg_abits``: bits of the input activation per MAC (MAC-weighted), float inputs at their dtype's bits; an
   attention matmul counts the mean of its quantized operands' bits (so PCR's relaxed steps, averaged over the
@@ -216,7 +217,7 @@ def layer_bits(denoiser: nn.Module) -> dict[str, Bits]:
             wq = getattr(m, "weight_quantizer", None)
             abits = sum(acts) / len(acts) if acts else None
             if m.is_layer:
-                out[name] = (float(wq.bits) + branch_bits(m) if wq is not None else None, abits)
+                out[name] = (float(wq.bits) + branch_bits(m) + wq.group_param_bits() if wq is not None else None, abits)
             else:  # an attention processor quantizes both matmuls' operands (q, k, v, softmax output) or QK^T's only
                 attention = name.rsplit(".", 1)[0]
                 out[f"{attention}:qk"] = (None, abits)

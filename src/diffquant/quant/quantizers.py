@@ -14,6 +14,7 @@ from .observers import ActivationObserver, ChannelObserver, estimate_qparams
 from .spec import ACT_GRANULARITIES, WEIGHT_GRANULARITIES, QuantSpec
 from .timestep import TimestepContext
 
+GROUP_PARAM_BITS = 16  # a per-group scale (or zero point) as group formats store it (fp16), for average-bit accounting
 OVERFLOW_FIX = "the model overflows here; run in float32 (torch_dtype=torch.float32) or lower the guidance scale"
 
 
@@ -82,6 +83,16 @@ class WeightQuantizer(nn.Module):
     @property
     def bits(self) -> int:
         return self.spec.bits
+
+    def group_param_bits(self) -> float:
+        """Bits per weight element that per-group scales (and zero points, if asymmetric) add, at 16 bits each.
+
+        Group formats quote them in their bits per weight (a scale per 64 weights: +0.25 bits); per-tensor and
+        per-channel scales are a vanishing share at full size and stay uncounted (``diffquant.bits``)."""
+        if self.spec.granularity != "per_group":
+            return 0.0
+        params = self.scale.numel() * (1 if self.spec.symmetric else 2)
+        return GROUP_PARAM_BITS * params / math.prod(self.weight_shape)
 
     @torch.no_grad()
     def calibrate(self, weight: torch.Tensor) -> None:
