@@ -180,3 +180,20 @@ def test_quantize_flags_for_openvinos_int8_attention(fp_folder, prompt_file, tmp
     assert result.exit_code == 0, result.output
     config = diffquant.quant_record(diffquant.load(out).unet).config
     assert config.act_symmetric and config.attention_quantizers == "qk" and config.label == "rtn-w8a8-sym-attn_qk"
+
+
+def test_recipe_fills_the_flags_not_given(fp_folder, prompt_file, tmp_path):
+    """--recipe faithful: Q-Diffusion, MSE weight ranges, per-group activations; a flag given on the command line wins,
+    even at its default value, and --option values are typed for the recipe's method."""
+    import diffquant
+
+    out = tmp_path / "q"
+    result = invoke("quantize", "--model", fp_folder, "--prompts", prompt_file, "--out", out, "--num-prompts", 2, "--steps", 2,
+                    "--recipe", "faithful", "--wbits", 4, "--act-granularity", "per_tensor", "--option", "iterations=2",
+                    "--option", "act_iterations=1")
+    assert result.exit_code == 0, result.output
+    config = diffquant.quant_record(diffquant.load(out).unet).config
+    assert (config.method, config.wbits, config.weight_observer, config.act_granularity) == ("qdiffusion", 4, "mse", "per_tensor")
+    assert config.options == {"preset": "faithful", "iterations": 2, "act_iterations": 1}
+    assert "unknown recipe 'fast'; choose one of faithful" in _error_line(
+        invoke("quantize", "--model", fp_folder, "--prompts", prompt_file, "--out", tmp_path / "q2", "--recipe", "fast"))

@@ -161,3 +161,22 @@ def test_calibration_draws_are_disjoint_and_reach_the_row_config():
     assert configs[0].to_dict() != configs[1].to_dict()  # so the row keys differ and neither draw reuses the other's row
     with pytest.raises(ValueError, match="numbered from 0"):
         calibration_seeds(4, draw=-1)
+
+
+def test_recipe_claims_check_the_targets_within_the_bit_budget_and_each_ablation():
+    result = copy.deepcopy(json.loads(RESULTS.read_text())["models"]["mini-sd"])
+    qd = next(r for r in result["rows"] if r["label"] == "qdiffusion-w4a8")
+    faithful = {**copy.deepcopy(qd), "label": "faithful-w4a8", "avg_wbits": 4.15}
+    faithful["summary"].update(psnr=42.0, fd_fp=1.2)
+    short = copy.deepcopy(faithful)
+    short["label"] = "faithful-short-w4a8"
+    short["summary"].update(psnr=40.0, ssim=faithful["summary"]["ssim"] - 0.01, fd_fp=2.0)
+    short["per_image"]["psnr"] = [v - 2.0 for v in faithful["per_image"]["psnr"]]
+    short["per_image"]["ssim"] = [v - 0.01 for v in faithful["per_image"]["ssim"]]
+    result["rows"] += [faithful, short]
+    out = claims.recipe_claims("mini-sd", result, claims.Comparator(result, None))
+    assert [c["verdict"] for c in out] == ["holds", "holds"]
+    assert "1000 AdaRound iterations" in out[1]["claim"]
+    faithful["avg_wbits"] = 4.6  # over the 4.5-bit budget: the fidelity alone does not make the target
+    assert claims.recipe_claims("mini-sd", result, claims.Comparator(result, None))[0]["verdict"] == "does not hold"
+    assert claims.recipe_claims("mini-ddim", result, claims.Comparator(result, None))[:1] == [out[1]]  # no targets there

@@ -139,8 +139,8 @@ def attr_gap_interval(result: dict, label: str) -> tuple[float, float] | None:
     return 100 * lo, 100 * hi
 
 
-def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict]]:
-    """Every paper claim the issues name, evaluated on this model's rows (nothing is assumed to hold)."""
+def check_claims(result: dict, features_dir: Path | None, name: str = "") -> dict[str, list[dict]]:
+    """Every paper claim the issues name, evaluated on model ``name``'s rows (nothing is assumed to hold)."""
     cmp = Comparator(result, features_dir)
     rows, fp = cmp.rows, result["reference"]["summary"]
     bits_list = result["bits"]
@@ -236,7 +236,46 @@ def check_claims(result: dict, features_dir: Path | None) -> dict[str, list[dict
                                           f"mean weight flip rate {par['flip_rate_mean']:.3g} vs {ser['flip_rate_mean']:.3g}; "
                                           + "; ".join(_fmt_cmp(c, "parallel", "serial") for c in comps),
                                   "detail": {"parallel": par, "serial": ser, "fidelity": comps}})
+    claims["recipe"] = recipe_claims(name, result, cmp)
     return claims
+
+
+# Issue 19's targets for the faithful recipe, by model: (bits, minimum PSNR to FP, maximum FD to FP or None, maximum
+# average weight bits over the whole denoiser).
+RECIPE_TARGETS = {"mini-sd": [("w4a8", 41.7, 1.5, 4.5)], "mini-sd3": [("w4a8", 38.0, None, 4.5), ("w8a8", 42.0, None, 8.5)]}
+ABLATIONS = {"faithful-minmax": "MSE weight ranges", "faithful-static": "per-group dynamic activations",
+             "faithful-short": "1000 AdaRound iterations at batch 16"}
+
+
+def recipe_claims(name: str, result: dict, cmp: Comparator) -> list[dict]:
+    """Issue 19 on the faithful recipe's rows: its fidelity targets, W4A4 against RTN W4A8, and each ablation row
+    (one ingredient removed) against the whole recipe."""
+    rows, out = cmp.rows, []
+    for bits, psnr, fd, max_wbits in RECIPE_TARGETS.get(name, []):
+        row = rows.get(f"faithful-{bits}")
+        if row is None:
+            continue
+        s, wbits = row["summary"], row["avg_wbits"]
+        ok = s["psnr"] >= psnr and (fd is None or s["fd_fp"] <= fd) and wbits <= max_wbits
+        out.append({"claim": f"{bits}: faithful reaches PSNR >= {psnr} dB" + (f" with FD to FP <= {fd}" if fd else "")
+                    + f" at <= {max_wbits} average weight bits",
+                    "verdict": "holds" if ok else "does not hold",
+                    "text": f"PSNR {s['psnr']:.2f} dB, FD to FP {s['fd_fp']:.2f}, {wbits:.2f} average weight bits",
+                    "detail": {"psnr": s["psnr"], "fd_fp": s["fd_fp"], "avg_wbits": wbits}})
+    if "faithful-w4a4" in rows and "rtn-w4a8" in rows:
+        comps = [c for m, sg in FIDELITY if m in ("psnr", "fd_fp") and (c := cmp.compare("faithful-w4a4", "rtn-w4a8", m, sg))]
+        out.append({"claim": "W4A4: faithful clearly closer to FP than RTN W4A8 on PSNR and FD", "verdict": _verdict(
+                    [c.get("clearly", c["better"]) for c in comps]), "text": "; ".join(_fmt_cmp(c, "faithful W4A4", "RTN W4A8") for c in comps),
+                    "detail": comps})
+    for bits in result["bits"]:
+        for variant, ingredient in ABLATIONS.items():
+            a, b = f"faithful-{bits}", f"{variant}-{bits}"
+            comps = [c for m, sg in FIDELITY if (c := cmp.compare(a, b, m, sg))]
+            if comps:
+                out.append({"claim": f"{bits}: removing {ingredient} costs fidelity (ablation)",
+                            "verdict": _verdict([c.get("clearly", c["better"]) for c in comps]),
+                            "text": "; ".join(_fmt_cmp(c, "faithful", variant) for c in comps), "detail": comps})
+    return out
 
 
 def curve_stats(curves: dict) -> dict:

@@ -156,7 +156,8 @@ def markdown(all_results: dict, analysis: str) -> str:
         resumed = [r["label"] for r in res["rows"] if r.get("resumed_from_workdir")]
         if resumed:
             lines += [f"Rows resumed from a checkpoint of an interrupted run (their times are partial): {', '.join(resumed)}.", ""]
-        for key, title in (("qdiffusion", "Issue 5 — Q-Diffusion (seed 001)"), ("pcr", "Issue 6 — PCR (seed 002)"), ("emf", "Issue 7 — EMF (seed 000)")):
+        for key, title in (("qdiffusion", "Issue 5 — Q-Diffusion (seed 001)"), ("pcr", "Issue 6 — PCR (seed 002)"), ("emf", "Issue 7 — EMF (seed 000)"),
+                           ("recipe", "Issue 19 — the faithful recipe (diffquant.recipes)")):
             claims = res.get("claims", {}).get(key, [])
             if claims:
                 lines += [f"### {title}: claims", ""]

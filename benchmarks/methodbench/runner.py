@@ -22,12 +22,23 @@ import time
 from pathlib import Path
 
 import torch
+from diffquant.recipes import RECIPES, recipe_fields
 
 from . import claims, report
 from .probes import activation_clipping, error_dynamics
 from .store import Store, put_row, short
 
-# Row name -> (method, QuantConfig overrides, options added on top of the method's options).
+
+
+def _recipe(name: str, options: dict | None = None, **changes) -> tuple[str, dict, dict]:
+    """A recipe's row: its method, its fields with ``changes``, its options with ``options`` on top."""
+    fields = recipe_fields(name)
+    method, recipe_options = fields.pop("method"), fields.pop("options")
+    return method, {**fields, **changes}, {**recipe_options, **(options or {})}
+
+
+# Row name -> (method, QuantConfig overrides, options added on top of the method's options). Recipe rows (names
+# starting with a recipe's) take their recipe's options alone: the budget options below would replace its preset.
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "rtn": ("rtn", {}, {}),
     "qdiffusion": ("qdiffusion", {}, {}),
@@ -47,6 +58,12 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "rtn-float-time": ("rtn", {"float_time_layers": True}, {}),
     # Q-Diffusion without LSQ activation step-size learning (calibrated min/max ranges kept): isolates LSQ.
     "qdiffusion-nolsq": ("qdiffusion", {}, {"learn_act_scales": False}),
+    # The faithful recipe (diffquant.recipes) and its ablation, each ingredient removed once: min/max weight ranges,
+    # static per-tensor activations, the default preset's 200 AdaRound iterations at batch 8.
+    "faithful": _recipe("faithful"),
+    "faithful-minmax": _recipe("faithful", weight_observer="minmax"),
+    "faithful-static": _recipe("faithful", act_granularity="per_tensor"),
+    "faithful-short": _recipe("faithful", options={"preset": "default"}),
 }
 
 # Method options for the mini models on one CPU thread, sized so one model's whole run (FP, 7 rows x 256
@@ -101,8 +118,8 @@ def make_config(variant: str, wbits: int, abits: int, settings, calib_prompts: l
     overrides = {k: (settings.steps if v == "steps" else v) for k, v in overrides.items()}
     calib = CalibrationConfig.from_sampling(settings, num_prompts=len(calib_prompts), batch_size=batch_size,
                                             seeds=calibration_seeds(len(calib_prompts), calib_draw) if unconditional else None)
-    return QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib,
-                       options={**method_options.get(method, {}), **extra}, **overrides)
+    budget = {} if variant.split("-")[0] in RECIPES else method_options.get(method, {})
+    return QuantConfig(method=method, wbits=wbits, abits=abits, calibration=calib, options={**budget, **extra}, **overrides)
 
 
 def row_key(fp_fingerprint: str, variant: str, cfg, settings, n_prompts: int, calib_eval: int, calib_prompts: list[str]) -> str:
@@ -324,13 +341,13 @@ def run_model(name: str, args, store: Store, method_options: dict) -> None:
             print(f"[{name}] {label}: " + json.dumps(short(row["summary"], 4)) + f" (eval {row['eval_s']:.0f} s)", flush=True)
             put_row(result, row, order)
             ran.append(label)
-            result["claims"] = claims.check_claims(result, features_dir)
+            result["claims"] = claims.check_claims(result, features_dir, name)
             store.save()
             if variant != "emf":
                 shutil.rmtree(workdir, ignore_errors=True)
     for path in emf_workdirs.values():
         shutil.rmtree(path, ignore_errors=True)
-    result["claims"] = claims.check_claims(result, features_dir)
+    result["claims"] = claims.check_claims(result, features_dir, name)
     result["figures"] = report.figures(name, result, store.md_path.parent / "img", store.md_path.parent)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M UTC")
     result["wall_s"] = time.time() - started

@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from . import cli_common
-from .cli_common import check_device, check_positive, check_writable, field_option, parse_method_options
+from .cli_common import check_device, check_positive, check_writable, field_option, given_fields, parse_method_options
 from .cli_common import run as _run
 from .cli_common import run_writing as _run_writing
 from .config import CalibrationConfig, QuantConfig
@@ -38,6 +38,7 @@ def _options(
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", "-m", help="Diffusers pipeline folder or bundled model name (mini-sd, mini-sd3)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the quantized pipeline to."),
     method: str = field_option(QuantConfig, "method", help="Quantization method: rtn, qdiffusion, pcr, emf (those installed)."),
@@ -84,6 +85,8 @@ def quantize(
                                              "(repeatable; default: every quantized layer)."),
     option: list[str] = typer.Option([], "--option", help="Method option key=value (repeatable)."),
     preset: Optional[str] = typer.Option(None, help="Method preset, e.g. 'paper' (Q-Diffusion's paper-sized calibration)."),
+    recipe: Optional[str] = typer.Option(None, help="Named recipe: its method and settings for every flag not given, e.g. "
+                                         "'faithful' (4-bit weights near 8-bit fidelity; docs/recipes.md)."),
     config: Optional[Path] = typer.Option(None, help="A QuantConfig JSON file; other flags are ignored when given."),
     device: str = cli_common.DEVICE,
     dtype: str = typer.Option("float32", "--dtype", help="Calibrate in float32, bfloat16 or float16 (the saved model keeps it)."),
@@ -120,18 +123,30 @@ def quantize(
                 raise FileNotFoundError(f"config file {config} not found")
             cfg = QuantConfig.from_json(config.read_text())
         else:
-            cfg = QuantConfig(
-                method=method, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
+            explicit = given_fields(ctx, {"granularity": "weight_granularity"})
+            if recipe is not None and "method" not in explicit:
+                from diffquant.recipes import recipe_fields
+
+                method_name = recipe_fields(recipe)["method"]
+            else:
+                method_name = method
+            fields = dict(
+                method=method_name, wbits=wbits, abits=abits or None, weight_granularity=granularity, group_size=group_size,
                 weight_observer=weight_observer, act_observer=act_observer, act_granularity=act_granularity,
                 conv_act_granularity=conv_act_granularity, act_group_size=act_group_size, timestep_groups=timestep_groups,
                 attention_quantizers=attention_quantizers, act_symmetric=act_symmetric,
                 keep_float=keep_float, layers=layers, seed=seed, max_memory=max_memory, lowrank_rank=lowrank_rank,
                 lowrank_layers=lowrank_layers,
-                options={**({"preset": preset} if preset else {}), **parse_method_options(method, option)},
+                options={**({"preset": preset} if preset else {}), **parse_method_options(method_name, option)},
                 calibration=CalibrationConfig(num_prompts=len(seed_list) if seed_list else num_prompts,
                                               num_inference_steps=steps, guidance_scale=guidance, height=height,
                                               width=width, batch_size=batch_size, seed=seed, seeds=seed_list),
             )
+            if recipe is not None:
+                from diffquant.recipes import apply_recipe
+
+                fields = apply_recipe(recipe, fields, explicit)
+            cfg = QuantConfig(**fields)
         calib = prompt_list(prompts) if prompts else None
         state = launch_state(device)  # under `accelerate launch`: EMF trains data-parallel (docs/scale-out.md)
         if state is not None and cfg.method != "emf":

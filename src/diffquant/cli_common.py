@@ -164,6 +164,14 @@ def check_positive(**values: int | None) -> None:
 
 # --- typed --option values --------------------------------------------------------------------------
 
+def given_fields(ctx: typer.Context, renames: dict[str, str] | None = None) -> set[str]:
+    """The command's parameters given on the command line (not defaulted), named as the config's fields via ``renames``."""
+    source = _click.core.ParameterSource
+    renames = renames or {}
+    defaulted = (source.DEFAULT, source.DEFAULT_MAP, None)
+    return {renames.get(n, n) for n in ctx.params if ctx.get_parameter_source(n) not in defaulted}
+
+
 def parse_method_options(method: str, pairs: list[str]) -> dict[str, Any]:
     """``--option key=value`` strings parsed by the field types of the registered method's ``Options``.
 
@@ -218,5 +226,5 @@ def field_option(cls: type, name: str, *param_decls: str, help: str, **kwargs: A
 __all__ = [
     "BACKEND", "DEVICE", "EXPORT_FORMAT", "GUIDANCE", "HEIGHT", "STEPS", "USER_ERRORS", "WIDTH", "CommandGroup", "check_device",
     "check_positive", "check_writable", "fail", "field_option", "handled",
-    "parse_method_options", "run",
+    "given_fields", "parse_method_options", "run",
 ]
