@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"nn"},
     {"models"},
     {"sampling"},
-    {"config"},
+    {"config", "recipes"},
     {"wrap", "guard", "bits"},
     {"calibration"},
     {"learning"},

@@ -28,7 +28,7 @@ _registry.provided_by(f"{__name__}.methods", f"{__name__}.zoo", f"{__name__}.run
 _API: dict[str, str] = {
     "quantize": "api",
     "CalibrationSet": "calibration", "record_denoiser_calls": "calibration",
-    "CalibrationConfig": "config", "QuantConfig": "config",
+    "CalibrationConfig": "config", "QuantConfig": "config", "recipe_config": "recipes",
     "QuantState": "nn", "quantized_layers": "nn", "set_quant_enabled": "nn", "set_state": "nn",
     "QuantSpec": "quant", "TimestepGroups": "quant",
     "load": "deployment",
@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .api import quantize
     from .calibration import CalibrationSet, record_denoiser_calls
     from .config import CalibrationConfig, QuantConfig
+    from .recipes import recipe_config
     from .deployment import load
     from .nn import QuantState, quantized_layers, set_quant_enabled, set_state
     from .quant import QuantSpec, TimestepGroups
@@ -71,6 +72,7 @@ __all__ = [
     "quant_record",
     "quantize",
     "quantized_layers",
+    "recipe_config",
     "record_denoiser_calls",
     "save",
     "set_quant_enabled",
