@@ -241,7 +241,41 @@ def figures(name: str, res: dict, img_dir: Path, page_dir: Path) -> list[str]:
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
+    path = bits_figure(name, res, img_dir, plt)
+    if path is not None:
+        paths.append(path)
     return [os.path.relpath(p, page_dir) for p in paths]
+
+
+def bits_figure(name: str, res: dict, img_dir: Path, plt) -> Path | None:
+    """Average weight bits (whole denoiser) against PSNR and FD to FP: one point per row of the methods table and
+    per peer of the peer table (its prompts are the first of the table's: same images, fewer)."""
+    points = [(r["label"], r["avg_wbits"], r["summary"]["psnr"], r["summary"]["fd_fp"], "o") for r in res["rows"]
+              if r.get("avg_wbits") is not None and "summary" in r and whole_denoiser_bits(r)]
+    peers = res.get("peers") or {}
+    points += [(p["label"], p["summary"]["avg_wbits"], p["summary"]["psnr"], p["summary"]["fd_fp"], "^")
+               for p in peers.get("rows", []) if p["summary"].get("avg_wbits") is not None and not p["label"].startswith("diffquant")]
+    if not points:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for label, wbits, psnr, fd, marker in points:
+        for ax, value in zip(axes, (psnr, max(fd, 1e-3))):
+            ax.scatter(wbits, value, marker=marker)
+            ax.annotate(label, (wbits, value), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    axes[0].set_ylabel("PSNR to FP (dB)")
+    axes[1].set_ylabel("FD to FP (evaluator features)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("average weight bits, whole denoiser (o: methods table; ^: peers, "
+                      f"first {peers.get('n_images', '?')} prompts)")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{name}: fidelity against average weight bits")
+    fig.tight_layout()
+    path = img_dir / f"methods-bits-{name}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def analysis(md_path: Path, heading: str = ANALYSIS_HEADING) -> str:
