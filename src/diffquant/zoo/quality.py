@@ -182,9 +182,10 @@ _DESCRIPTIONS = {
                 "(text_encoder_3=None: the pipeline appends zero tokens), SD3Transformer2DModel (MMDiT joint attention, "
                 "patch size 1), flow matching with FlowMatchEulerDiscreteScheduler. Load with "
                 "`StableDiffusion3Pipeline.from_pretrained(folder)`.",
-    "mini-flux": "Flux-style: the same AutoencoderKL (shift_factor 0; FluxPipeline packs its 8x8x4 latents 2x2 into 16 "
-                 "tokens of 16 channels), CLIPTextModel (pooled output into the time embedding and every adaLN modulation), "
-                 "a 2-layer T5EncoderModel (token sequence into joint attention; sample with max_sequence_length=24, "
+    "mini-flux": "Flux-style: its own two-level AutoencoderKL (32x32x3 <-> 16x16x4, shift_factor 0; FluxPipeline packs "
+                 "the latents 2x2 into 64 tokens of 16 channels, as many image tokens as mini-sd3's MMDiT sees), "
+                 "CLIPTextModel (pooled output into the time embedding and every adaLN modulation), "
+                 "a 3-layer T5EncoderModel (token sequence into joint attention; sample with max_sequence_length=24, "
                  "as zoo.DEFAULTS does), "
                  "FluxTransformer2DModel (double-stream and single-stream blocks, RoPE, guidance embedding learned online "
                  "as model guidance: `guidance_scale` works as in FLUX.1-dev), flow matching with "
