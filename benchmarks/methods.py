@@ -45,7 +45,7 @@ import sys
 from pathlib import Path
 
 import torch
-from methodbench import report
+from methodbench import claims
 from methodbench.peers import PEERS, run_peer_table
 from methodbench.runner import BUDGET_OPTIONS, VARIANTS, run_model, tune_allocator
 from methodbench.store import Store
@@ -98,10 +98,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead of the methods rows: the peers and diffquant RTN on --peer-prompts prompts (methodbench/peers.py)")
     p.add_argument("--peers", default=PEERS, help="peers of --peer-table (diffquant.evaluation.peers.PEERS)")
     p.add_argument("--peer-prompts", type=int, default=64, help="held-out prompts of --peer-table (the first of the methods table's)")
-    p.add_argument("--render-only", action="store_true", help="rewrite --markdown from --json and exit (no model runs)")
+    p.add_argument("--render-only", action="store_true", help="re-check the claims (FD intervals from --work-dir features where kept) and rewrite --json and --markdown; no model runs")
     args = p.parse_args(argv)
     args.model_paths = dict(spec.split("=", 1) for spec in args.model_path)
     return args
+
+
+def render_only(store: Store, work_dir: Path) -> None:
+    """Re-check every model's claims from its stored rows (FD intervals where ``work_dir`` still holds the row
+    features; without them a model keeps its stored claims) and rewrite the page: a claim's code fixed, no rerun."""
+    for name, result in store.data["models"].items():
+        features = work_dir / name / "features"
+        if features.is_dir():
+            result["claims"] = claims.check_claims(result, features, name)
+            store.model(name, result)
+    store.save()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     args.line = " ".join(sys.argv[1:] if argv is None else argv)
     store = Store(Path(args.json), Path(args.markdown))
     if args.render_only:
-        report.write_page(store.md_path, store.data)
+        render_only(store, Path(args.work_dir))
         return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

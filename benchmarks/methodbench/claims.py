@@ -149,7 +149,7 @@ def check_claims(result: dict, features_dir: Path | None, name: str = "") -> dic
     # Issue 5 (Q-Diffusion, seed 001); the LSQ-off ablation row, when run, gets the same checks marked as such
     for bits in bits_list:
         r = f"rtn-{bits}"
-        for variant, name, tag in (("qdiffusion", "Q-Diffusion", "QD"), ("qdiffusion-nolsq", "Q-Diffusion without LSQ (ablation)", "QD-noLSQ")):
+        for variant, title, tag in (("qdiffusion", "Q-Diffusion", "QD"), ("qdiffusion-nolsq", "Q-Diffusion without LSQ (ablation)", "QD-noLSQ")):
             q = f"{variant}-{bits}"
             if bits == "w4a8" and q in rows and r in rows:
                 comps = [c for m, s in FIDELITY if (c := cmp.compare(q, r, m, s))]
@@ -158,7 +158,7 @@ def check_claims(result: dict, features_dir: Path | None, name: str = "") -> dic
                 text = "; ".join(_fmt_cmp(c, tag, "RTN") for c in comps)
                 if attr:
                     text += f"; attributes (for reference) {tag} {attr['a']:.3f} vs RTN {attr['b']:.3f}"
-                claims["qdiffusion"].append({"claim": f"W4A8: {name} clearly closer to FP than RTN on every fidelity metric (PSNR, SSIM, FD to FP)",
+                claims["qdiffusion"].append({"claim": f"W4A8: {title} clearly closer to FP than RTN on every fidelity metric (PSNR, SSIM, FD to FP)",
                                              "verdict": _verdict(clear), "text": text, "detail": comps})
             if bits == "w8a8" and q in rows and fp.get("attr_all") is not None and rows[q]["summary"].get("attr_all") is not None:
                 gap = 100 * (rows[q]["summary"]["attr_all"] - fp["attr_all"])
@@ -171,7 +171,7 @@ def check_claims(result: dict, features_dir: Path | None, name: str = "") -> dic
                 if unsettled:
                     text += "; the interval reaches both sides of a 2-point gap: these prompts cannot settle the claim"
                 claims["qdiffusion"].append({
-                    "claim": f"W8A8: {name} attribute accuracy within 2 points of FP",
+                    "claim": f"W8A8: {title} attribute accuracy within 2 points of FP",
                     "verdict": "not settled" if unsettled else "holds" if abs(gap) <= 2.0 else "does not hold",
                     "text": text,
                     "detail": {"fp": fp["attr_all"], variant: rows[q]["summary"]["attr_all"], "gap_points": gap, "interval_points": interval}})
@@ -188,7 +188,7 @@ def check_claims(result: dict, features_dir: Path | None, name: str = "") -> dic
             continue
         act = rows[p].get("avg_abits")
         over = "whole denoiser" if "weight_coverage" in rows[p].get("summary", {}) else "over its quantized layers"
-        for other, name, short in ((f"qdiffusion-{bits}", "Q-Diffusion", "QD"), (f"rtn-{bits}", "RTN", "RTN")):
+        for other, title, short in ((f"qdiffusion-{bits}", "Q-Diffusion", "QD"), (f"rtn-{bits}", "RTN", "RTN")):
             c = cmp.compare(p, other, "fd_fp", -1)
             if c is None:
                 continue
@@ -196,7 +196,7 @@ def check_claims(result: dict, features_dir: Path | None, name: str = "") -> dic
             if rows[p].get("summary_calib") and rows[other].get("summary_calib"):
                 a, b = rows[p]["summary_calib"]["fd_fp"], rows[other]["summary_calib"]["fd_fp"]
                 extra = f"; on the calibration prompts {a:.2f} vs {b:.2f}"
-            claims["pcr"].append({"claim": f"{bits}: PCR beats {name} in FD to FP", "verdict": "holds" if c.get("clearly", c["better"]) else
+            claims["pcr"].append({"claim": f"{bits}: PCR beats {title} in FD to FP", "verdict": "holds" if c.get("clearly", c["better"]) else
                                   ("not settled" if c["better"] else "does not hold"),
                                   "text": _fmt_cmp(c, "PCR", short) + f" (PCR at {act:.2f} average activation bits, {over}){extra}",
                                   "detail": c})
