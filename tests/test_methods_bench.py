@@ -181,3 +181,20 @@ def test_recipe_claims_check_the_targets_within_the_bit_budget_and_each_ablation
     faithful["avg_wbits"] = 4.6  # over the 4.5-bit budget: the fidelity alone does not make the target
     assert claims.recipe_claims("mini-sd", result, claims.Comparator(result, None))[0]["verdict"] == "does not hold"
     assert claims.recipe_claims("mini-ddim", result, claims.Comparator(result, None))[:1] == [out[1]]  # no targets there
+
+
+def test_pcr_robust_must_be_no_worse_than_rtn_at_w4a8_and_emf_gets_an_equal_bit_row():
+    result = copy.deepcopy(json.loads(RESULTS.read_text())["models"]["mini-sd"])
+    result["rows"] = [r for r in result["rows"] if not r["label"].startswith(("pcr-robust", "emf-quantized-time"))]
+    rtn = next(r for r in result["rows"] if r["label"] == "rtn-w4a8")
+    robust = {**copy.deepcopy(rtn), "label": "pcr-robust-w4a8", "key": "robust"}  # RTN's own images: no worse
+    equal = {**copy.deepcopy(rtn), "label": "emf-quantized-time-w4a8", "key": "equal", "avg_wbits": 4.15}
+    result["rows"] += [robust, equal]
+    (claim,) = [c for c in claims.check_claims(result, None, "mini-sd")["pcr"] if "robust ranges) no worse than RTN" in c["claim"]]
+    assert claim["verdict"] == "holds" and claim["claim"].startswith("w4a8: PCR (robust ranges)")
+    robust["per_image"]["psnr"] = [v - 1.0 for v in rtn["per_image"]["psnr"]]
+    robust["summary"]["psnr"] = rtn["summary"]["psnr"] - 1.0
+    (claim,) = [c for c in claims.check_claims(result, None, "mini-sd")["pcr"] if "robust ranges) no worse than RTN" in c["claim"]]
+    assert claim["verdict"] == "does not hold" and "clearly closer on psnr" in claim["text"]
+    equal_claims = [c for c in claims.check_claims(result, None, "mini-sd")["emf"] if "equal bits (4.15" in c["claim"]]
+    assert [c["claim"].rsplit(" ", 1)[-1] for c in equal_claims] == ["rtn", "qdiffusion", "pcr", "emf"]

@@ -181,29 +181,50 @@ def check_claims(result: dict, features_dir: Path | None, name: str = "") -> dic
         if change is not None:
             claims["qdiffusion"].append(change)
 
-    # Issue 6 (PCR, seed 002): FID to FP, PCR vs Q-Diffusion (and RTN) at the same bits
+    # Issue 6 (PCR, seed 002): FID to FP, PCR vs Q-Diffusion (and RTN) at the same bits; the same claims for PCR with
+    # issue 19's robust per-step ranges, which also has to be no worse than RTN at W4A8 on any fidelity metric
     for bits in bits_list:
-        p = f"pcr-{bits}"
-        if p not in rows:
-            continue
-        act = rows[p].get("avg_abits")
-        over = "whole denoiser" if "weight_coverage" in rows[p].get("summary", {}) else "over its quantized layers"
-        for other, title, short in ((f"qdiffusion-{bits}", "Q-Diffusion", "QD"), (f"rtn-{bits}", "RTN", "RTN")):
-            c = cmp.compare(p, other, "fd_fp", -1)
-            if c is None:
+        for variant, tag in (("pcr", "PCR"), ("pcr-robust", "PCR (robust ranges)")):
+            p = f"{variant}-{bits}"
+            if p not in rows:
                 continue
-            extra = ""
-            if rows[p].get("summary_calib") and rows[other].get("summary_calib"):
-                a, b = rows[p]["summary_calib"]["fd_fp"], rows[other]["summary_calib"]["fd_fp"]
-                extra = f"; on the calibration prompts {a:.2f} vs {b:.2f}"
-            claims["pcr"].append({"claim": f"{bits}: PCR beats {title} in FD to FP", "verdict": "holds" if c.get("clearly", c["better"]) else
-                                  ("not settled" if c["better"] else "does not hold"),
-                                  "text": _fmt_cmp(c, "PCR", short) + f" (PCR at {act:.2f} average activation bits, {over}){extra}",
-                                  "detail": c})
+            act = rows[p].get("avg_abits")
+            over = "whole denoiser" if "weight_coverage" in rows[p].get("summary", {}) else "over its quantized layers"
+            for other, title, short in ((f"qdiffusion-{bits}", "Q-Diffusion", "QD"), (f"rtn-{bits}", "RTN", "RTN")):
+                c = cmp.compare(p, other, "fd_fp", -1)
+                if c is None:
+                    continue
+                extra = ""
+                if rows[p].get("summary_calib") and rows[other].get("summary_calib"):
+                    a, b = rows[p]["summary_calib"]["fd_fp"], rows[other]["summary_calib"]["fd_fp"]
+                    extra = f"; on the calibration prompts {a:.2f} vs {b:.2f}"
+                claims["pcr"].append({"claim": f"{bits}: {tag} beats {title} in FD to FP", "verdict": "holds" if c.get("clearly", c["better"]) else
+                                      ("not settled" if c["better"] else "does not hold"),
+                                      "text": _fmt_cmp(c, tag, short) + f" ({tag} at {act:.2f} average activation bits, {over}){extra}",
+                                      "detail": c})
+            r = f"rtn-{bits}"
+            if bits == "w4a8" and r in rows:
+                comps = [c for m, sg in FIDELITY if (c := cmp.compare(r, p, m, sg))]
+                worse = [c["metric"] for c in comps if c.get("clearly", c["better"])]
+                claims["pcr"].append({"claim": f"{bits}: {tag} no worse than RTN on any fidelity metric (issue 19)",
+                                      "verdict": "does not hold" if worse else "holds",
+                                      "text": "; ".join(_fmt_cmp(c, "RTN", tag) for c in comps)
+                                              + (f"; RTN clearly closer on {', '.join(worse)}" if worse else ""),
+                                      "detail": comps})
 
     # Issue 7 (EMF, seed 000)
     for bits in bits_list:
         e = f"emf-{bits}"
+        # EMF at equal bits (issue 19): its time-dependent layers quantized like everyone's
+        eq = f"emf-quantized-time-{bits}"
+        if eq in rows:
+            for other in ("rtn", "qdiffusion", "pcr", "emf"):
+                o = f"{other}-{bits}"
+                comps = [c for m, s in FIDELITY if (c := cmp.compare(eq, o, m, s))]
+                if comps:
+                    claims["emf"].append({"claim": f"{bits}: EMF at equal bits ({rows[eq]['avg_wbits']:.2f} average weight bits) closer to FP than {other}",
+                                          "verdict": _verdict([c.get("clearly", c["better"]) for c in comps]),
+                                          "text": "; ".join(_fmt_cmp(c, "EMF equal-bit", other) for c in comps), "detail": comps})
         if e not in rows:
             continue
         for other in ("rtn", "qdiffusion", "pcr", "rtn-float-time"):
