@@ -187,3 +187,23 @@ def test_quantize_cli_runs_on_mini_flux(tmp_path: Path):
                                       "--num-prompts", "2", "--steps", "2"])
     assert result.exit_code == 0, result.output
     assert (out / "diffquant_manifest.json").is_file()
+
+
+def test_init_weights_accepts_a_t5_saved_with_its_tied_embedding_once(tmp_path: Path):
+    from transformers import T5Config, T5EncoderModel
+
+    from diffquant.zoo.train import init_weights
+
+    cfg = T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2)
+    torch.manual_seed(0)
+    T5EncoderModel(cfg).save_pretrained(tmp_path / "pipe" / "text_encoder_2")  # embed_tokens saved as `shared` only
+    saved = T5EncoderModel.from_pretrained(tmp_path / "pipe" / "text_encoder_2")
+    torch.manual_seed(1)
+    fresh = T5EncoderModel(cfg)
+    init_weights({"text_encoder_2": fresh}, tmp_path / "pipe")
+    for (name, a), b in zip(fresh.state_dict().items(), saved.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    other = tmp_path / "other" / "text_encoder_2"
+    T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2)).save_pretrained(other)
+    with pytest.raises(ValueError, match="does not match"):
+        init_weights({"text_encoder_2": fresh}, tmp_path / "other")

@@ -369,9 +369,16 @@ def init_weights(modules: dict[str, nn.Module], folder: Path, fresh_if_other: tu
                                     f"pipeline folder of the same model")
         tensors = {k: v.float() for f in files for k, v in load_file(str(f)).items()}
         missing, unexpected = module.load_state_dict(tensors, strict=False)
-        if unexpected or [k for k in missing if not k.endswith("position_ids")]:
+        if unexpected or [k for k in missing if not k.endswith("position_ids") and not _tied(module, k, tensors)]:
             raise ValueError(f"{folder / name} does not match this model: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")
+
+
+def _tied(module: nn.Module, key: str, loaded: dict[str, torch.Tensor]) -> bool:
+    """Whether parameter ``key`` shares its storage with a loaded one (T5's ``encoder.embed_tokens`` is
+    ``shared``: saved once, under the other name)."""
+    state = module.state_dict(keep_vars=True)
+    return any(k != key and k in loaded and state[k].data_ptr() == state[key].data_ptr() for k in state)
 
 
 def _config_differs(module: nn.Module, folder: Path) -> bool:
