@@ -198,3 +198,16 @@ def test_pcr_robust_must_be_no_worse_than_rtn_at_w4a8_and_emf_gets_an_equal_bit_
     assert claim["verdict"] == "does not hold" and "clearly closer on psnr" in claim["text"]
     equal_claims = [c for c in claims.check_claims(result, None, "mini-sd")["emf"] if "equal bits (4.15" in c["claim"]]
     assert [c["claim"].rsplit(" ", 1)[-1] for c in equal_claims] == ["rtn", "qdiffusion", "pcr", "emf"]
+
+
+def test_w4a4_rows_of_the_recipe_and_its_low_rank_form_are_each_checked_against_rtn_w4a8():
+    result = copy.deepcopy(json.loads(RESULTS.read_text())["models"]["mini-sd"])
+    result["rows"] = [r for r in result["rows"] if not r["label"].startswith("faithful")]
+    rtn = next(r for r in result["rows"] if r["label"] == "rtn-w4a8")
+    lowrank = {**copy.deepcopy(rtn), "label": "faithful-lowrank2-w4a4", "key": "lr2", "avg_wbits": 4.5}
+    lowrank["per_image"]["psnr"] = [v + 1.0 for v in rtn["per_image"]["psnr"]]
+    lowrank["summary"].update(psnr=rtn["summary"]["psnr"] + 1.0, fd_fp=rtn["summary"]["fd_fp"] + 1.0)
+    result["rows"].append(lowrank)
+    (claim,) = [c for c in claims.check_claims(result, None, "mini-sd")["recipe"] if c["claim"].startswith("W4A4")]
+    assert claim["claim"].startswith("W4A4: faithful-lowrank2 (4.50 average weight bits)")
+    assert claim["verdict"] == "holds partly"  # clearly closer on PSNR, farther on FD

@@ -283,11 +283,13 @@ def recipe_claims(name: str, result: dict, cmp: Comparator) -> list[dict]:
                     "verdict": "holds" if ok else "does not hold",
                     "text": f"PSNR {s['psnr']:.2f} dB, FD to FP {s['fd_fp']:.2f}, {wbits:.2f} average weight bits",
                     "detail": {"psnr": s["psnr"], "fd_fp": s["fd_fp"], "avg_wbits": wbits}})
-    if "faithful-w4a4" in rows and "rtn-w4a8" in rows:
-        comps = [c for m, sg in FIDELITY if m in ("psnr", "fd_fp") and (c := cmp.compare("faithful-w4a4", "rtn-w4a8", m, sg))]
-        out.append({"claim": "W4A4: faithful clearly closer to FP than RTN W4A8 on PSNR and FD", "verdict": _verdict(
-                    [c.get("clearly", c["better"]) for c in comps]), "text": "; ".join(_fmt_cmp(c, "faithful W4A4", "RTN W4A8") for c in comps),
-                    "detail": comps})
+    for variant in ("faithful", "faithful-lowrank2"):
+        row = f"{variant}-w4a4"
+        if row in rows and "rtn-w4a8" in rows:
+            comps = [c for m, sg in FIDELITY if m in ("psnr", "fd_fp") and (c := cmp.compare(row, "rtn-w4a8", m, sg))]
+            out.append({"claim": f"W4A4: {variant} ({rows[row]['avg_wbits']:.2f} average weight bits) clearly closer to FP than "
+                                 "RTN W4A8 on PSNR and FD", "verdict": _verdict([c.get("clearly", c["better"]) for c in comps]),
+                        "text": "; ".join(_fmt_cmp(c, f"{variant} W4A4", "RTN W4A8") for c in comps), "detail": comps})
     for bits in result["bits"]:
         for variant, ingredient in ABLATIONS.items():
             a, b = f"faithful-{bits}", f"{variant}-{bits}"

@@ -112,10 +112,10 @@ def run_peer_table(name: str, args, store) -> None:
 
 
 def _save(name: str, model: dict, table: dict, n: int, features: Path, store) -> None:
-    """Store ``table`` (this run's rows) with the methods table's Q-Diffusion/PCR/EMF rows joined on the same prompts,
+    """Store ``table`` (this run's rows) with the methods table's Q-Diffusion/PCR/EMF/faithful rows joined on the same prompts,
     and the fresh RTN rows checked against the stored ones (do the two runs agree?)."""
     rows = [r for r in table["rows"] if r.get("source") == "this run" or r.get("unavailable")]
-    stored = [subset_row(r, n, features) for r in model["rows"] if r["variant"] in ("qdiffusion", "pcr", "emf")]
+    stored = [subset_row(r, n, features) for r in model["rows"] if r["variant"] in ("qdiffusion", "pcr", "emf", "faithful")]
     fresh_rtn = {r["label"]: r["summary"]["psnr"] for r in rows if r["label"].startswith("diffquant rtn") and "summary" in r}
     stored_rtn = {f"diffquant {r['label']}": subset_row(r, n)["summary"]["psnr"] for r in model["rows"] if r["variant"] == "rtn"}
     table.update(rows=rows + [r for r in stored if r is not None],

@@ -64,6 +64,9 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "faithful-minmax": _recipe("faithful", weight_observer="minmax"),
     "faithful-static": _recipe("faithful", act_granularity="per_tensor"),
     "faithful-short": _recipe("faithful", options={"preset": "default"}),
+    # 4-bit activations: the recipe with SVDQuant's low-rank float branch (rank 2: +0.36-0.39 weight bits on the mini
+    # zoo's 64-128-channel layers, docs/lowrank.md)
+    "faithful-lowrank2": _recipe("faithful", lowrank_rank=2),
 }
 
 # Method options for the mini models on one CPU thread, sized so one model's whole run (FP, 7 rows x 256
