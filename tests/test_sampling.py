@@ -108,3 +108,17 @@ def test_calibration_config_reads_as_sampling_settings_and_old_json_loads():
     cfg = QuantConfig.from_dict(json.loads(json.dumps(saved)))
     assert cfg.calibration.sampling == SamplingSettings(25, 5.0, 32, 32)
     assert json.loads(cfg.to_json())["calibration"] == saved["calibration"]
+
+
+def test_initial_noise_of_a_flux_pipeline_is_packed_as_its_own_per_prompt_generators_draw_it():
+    from diffquant.models.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    settings = SamplingSettings(2, 3.5, 32, 32).resolve(pipe)
+    noise = initial_noise(pipe, [5, 6], settings)
+    assert noise.dim() == 3  # [B, tokens, 4C]: FluxPipeline's packed latents
+    assert torch.equal(noise[1:], initial_noise(pipe, [6], settings))
+    own = pipe(PROMPTS[:2], num_inference_steps=2, guidance_scale=3.5, height=32, width=32, output_type="pt",
+               generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
+    assert torch.equal(sample(pipe, PROMPTS[:2], settings, latents=noise, output_type="pt"), own)

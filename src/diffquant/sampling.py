@@ -226,12 +226,10 @@ def initial_noise(pipe: Any, seeds: list[int], settings: SamplingSettings) -> to
     if settings.height is None or settings.width is None:
         raise ValueError("initial noise needs the image size; resolve the sampling settings first (settings.resolve(pipe))")
     denoiser = get_denoiser(pipe)
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    shape = (1, denoiser.config.in_channels, settings.height // scale, settings.width // scale)
+    noise = get_adapter(denoiser, warn=False).initial_noise(pipe, list(seeds), settings.height, settings.width)
     dtype = next(p.dtype for p in pipe.vae.parameters() if p.is_floating_point())
-    rows = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
     device = next((p.device for p in denoiser.parameters()), getattr(denoiser, "device", torch.device("cpu")))  # OpenVINO: none
-    return torch.cat(rows).to(dtype).to(device)
+    return noise.to(dtype).to(device)
 
 
 @dataclass

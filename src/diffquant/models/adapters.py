@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 from fnmatch import fnmatch
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,12 @@ class DenoiserAdapter:
         top = [b for b in blocks if not any(b.startswith(o + ".") for o in blocks if o != b)]
         singles = [n for n in self.layers() if not any(n.startswith(b + ".") for b in top)]
         return top + singles
+
+    def initial_noise(self, pipe: Any, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        """Float32 initial latents in the form the pipeline's ``latents`` argument takes, row i drawn from ``seeds[i]``
+        alone with the shape the pipeline would draw it in, so a row equals the pipeline's own per-prompt generator."""
+        scale = getattr(pipe, "vae_scale_factor", 8)
+        return _seeded_rows((self.model.config.in_channels, height // scale, width // scale), seeds)
 
     def skip_splits(self) -> dict[str, list[int]]:
         """Layer name -> [deep channels, skip channels] for layers fed by a raw skip concatenation."""
@@ -155,6 +162,11 @@ def register_adapter(cls: type[DenoiserAdapter]) -> type[DenoiserAdapter]:
     if cls not in ADAPTERS:
         ADAPTERS.append(cls)
     return cls
+
+
+def _seeded_rows(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """[len(seeds), *shape] standard normal, row i from a CPU generator seeded with ``seeds[i]``."""
+    return torch.cat([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(s)) for s in seeds])
 
 
 def get_adapter(model: nn.Module, warn: bool = True) -> DenoiserAdapter:

@@ -14,10 +14,11 @@ timestep argument spans 0..1: ``timestep_range`` puts timestep groups and EMF's 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 
-from .adapters import DenoiserAdapter, _batched_timestep, _gen, run_ada_norms, register_adapter
+from .adapters import DenoiserAdapter, _batched_timestep, _gen, _seeded_rows, run_ada_norms, register_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,13 @@ class FluxTransformerAdapter(DenoiserAdapter):
     block_types = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     timestep_range = 1.0
     time_condition = ("pooled_projections", "guidance")
+
+    def initial_noise(self, pipe: Any, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        """FluxPipeline's latents are packed: 2x2 latent patches as tokens [B, (h/2)(w/2), 4C]; each row drawn unpacked
+        [C, h, w] as ``FluxPipeline.prepare_latents`` draws it, then packed the same way."""
+        scale, channels = pipe.vae_scale_factor, self.model.config.in_channels // 4
+        h, w = 2 * (height // (scale * 2)), 2 * (width // (scale * 2))
+        return pipe._pack_latents(_seeded_rows((channels, h, w), seeds), len(seeds), channels, h, w)
 
     def time_layers(self) -> list[str]:
         ada = {n for n, m in self.model.named_modules() if hasattr(m, "linear") and type(m).__name__.startswith("AdaLayerNorm")}
