@@ -95,3 +95,17 @@ def test_two_process_recording_equals_one_process(tiny_pipes, tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     a, b = CalibrationSet.load(tmp_path / "one"), CalibrationSet.load(tmp_path / "two")
     assert len(a) == 8 and _same(a, b)
+
+
+def test_calibration_carries_the_sampling_extras_and_keeps_older_json_without_them():
+    from diffquant import CalibrationConfig, QuantConfig
+    from diffquant.models.tiny import tiny_flux_pipeline
+    from diffquant.sampling import SamplingSettings
+
+    assert "extras" not in QuantConfig().to_dict()["calibration"]  # configs saved before extras existed keep their JSON
+    cfg = CalibrationConfig.from_sampling(SamplingSettings(2, 3.5, 32, 32, extras={"max_sequence_length": 7}), num_prompts=1)
+    config = QuantConfig(calibration=cfg)
+    assert QuantConfig.from_json(config.to_json()).calibration.sampling.extras == {"max_sequence_length": 7}
+    pipe = tiny_flux_pipeline()
+    calls = diffquant.record_denoiser_calls(pipe, PROMPTS[:1], cfg, progress=False)
+    assert next(iter(calls)).inputs["encoder_hidden_states"].shape[1] == 7  # the T5 sequence length the extras asked for

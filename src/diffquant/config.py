@@ -29,7 +29,9 @@ class CalibrationConfig:
     ``None`` means the defaults policy of ``diffquant.sampling`` (the mini zoo's, else the pipeline's).
     ``seeds``: one seed per calibration sample, whose initial noise it draws alone (as ``generate --seeds``),
     so an unconditional model's calibration samples can be named and kept apart from evaluation seeds;
-    ``None``: each batch ``b`` draws from one generator seeded ``seed + b``.
+    ``None``: each batch ``b`` draws from one generator seeded ``seed + b``. ``extras``: family-specific pipeline
+    arguments of the sampling (``SamplingSettings.extras``, e.g. Flux's ``max_sequence_length``), on top of the
+    registered defaults.
     """
 
     num_prompts: int = 8
@@ -42,6 +44,7 @@ class CalibrationConfig:
     width: int | None = None
     seed: int = 0
     seeds: list[int] | None = None
+    extras: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "every_k", "batch_size"):
@@ -62,15 +65,14 @@ class CalibrationConfig:
     def sampling(self) -> SamplingSettings:
         from .sampling import SamplingSettings  # torch-free import of this module: the CLI reads its defaults
 
-        return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.height, self.width, self.seed)
+        return SamplingSettings(self.num_inference_steps, self.guidance_scale, self.height, self.width, self.seed,
+                                extras=dict(self.extras or {}))
 
     @classmethod
     def from_sampling(cls, settings: SamplingSettings, **calibration) -> CalibrationConfig:
         """Calibrate with the same sampling as ``settings`` (e.g. an evaluation's); ``calibration``: the other fields."""
-        if settings.extras:
-            raise ValueError(f"calibration cannot carry sampling extras yet ({sorted(settings.extras)}); drop them")
         return cls(num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=settings.height,
-                   width=settings.width, seed=settings.seed, **calibration)
+                   width=settings.width, seed=settings.seed, extras=dict(settings.extras) or None, **calibration)
 
 
 def _spec(part: str, **fields: Any) -> QuantSpec:
@@ -254,8 +256,9 @@ class QuantConfig:
         data = asdict(self)
         if data["attention_quantizers"] == "qkv_softmax":  # configs with the papers' attention keep their earlier JSON
             del data["attention_quantizers"]
-        if data["calibration"].get("seeds") is None:  # configs without calibration seeds keep their earlier JSON
-            del data["calibration"]["seeds"]
+        for key in ("seeds", "extras"):  # configs without calibration seeds or sampling extras keep their earlier JSON
+            if data["calibration"].get(key) is None:
+                del data["calibration"][key]
         return data
 
     def to_json(self) -> str:
