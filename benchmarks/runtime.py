@@ -68,13 +68,17 @@ VARIANTS = (
     "fake_quant_w8a8_tokfc", "converted_w8a8_tokfc", "openvino_w8a8_tokfc", "openvino_w8a8_tokfc_float",
     "openvino_w8a8_toksm", "openvino_w8a8_toksm_float", "openvino_w8a8_sym", "openvino_w8a8_qk", "openvino_w8a8_symqk",
     "torchao_int8_dynamic", "torchao_int8_dynamic_compiled", "onnxruntime_fp32", "onnxruntime_int8_qdq",
+    "converted_w8a8_grp", "openvino_w8a8_grp", "openvino_w4a4_grp", "converted_w4a4_grplr2", "openvino_w4a4_grplr2",
 ) + engines.ENGINE_VARIANTS
-DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not any(k in v for k in ("attn", "tok", "sym", "qk")) and v != "fake_quant_w4a8")
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if not any(k in v for k in ("attn", "tok", "sym", "qk", "grp")) and v != "fake_quant_w4a8")
 # _tok: dynamic per-token activation scales (issue 22); _tokfc: per token on Linear inputs, static per-tensor on
 # convolutions (``conv_act_granularity``), which then keep their int8 kernels; _toksm: the convolutions' inputs
 # smoothed per channel instead (static too)
 # _sym: symmetric activations; _qk: q and k of the attention quantized too (symmetric), its fused op kept
-QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm", "w8a8_sym", "w8a8_qk", "w8a8_symqk")
+# _grp: dynamic per-group (64-channel) activation scales, the faithful recipe's; _grplr2: with a rank-2 low-rank float
+# branch beside every layer too (issue 19's 4-bit-activation form)
+QUANT_TAGS = ("w8a8", "w4a8", "w8a8_attn", "w8a8_tok", "w8a8_tokfc", "w8a8_toksm", "w8a8_sym", "w8a8_qk", "w8a8_symqk",
+              "w8a8_grp", "w4a4_grp", "w4a4_grplr2")
 # per-token tag suffix -> the convolutions' own granularity (None: per-token too)
 PER_TOKEN = {"tok": None, "tokfc": "per_tensor", "toksm": "per_channel_smooth"}
 
@@ -185,9 +189,11 @@ def build(model: str):
 
 def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:
     suffix = tag.partition("_")[2]
-    cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=8, quantize_attention=tag.endswith(("_attn", "qk")),
+    granularity = "per_token" if suffix in PER_TOKEN else "per_group" if suffix.startswith("grp") else "per_tensor"
+    cfg = QuantConfig(method="rtn", wbits=int(tag[1]), abits=int(tag[3]), quantize_attention=tag.endswith(("_attn", "qk")),
                       attention_quantizers="qk" if suffix.endswith("qk") else "qkv_softmax", act_symmetric=suffix.startswith("sym"),
-                      act_granularity="per_token" if suffix in PER_TOKEN else "per_tensor", conv_act_granularity=PER_TOKEN.get(suffix))
+                      act_granularity=granularity, conv_act_granularity=PER_TOKEN.get(suffix),
+                      lowrank_rank=2 if suffix.endswith("lr2") else 0)
     return diffquant.quantize(copy.deepcopy(unet), cfg, calibration=calib, progress=False)
 
 
