@@ -97,8 +97,10 @@ def test_calibration_config_reads_as_sampling_settings_and_old_json_loads():
     assert calib.sampling == SamplingSettings(6, 4.0, None, None, seed=5)
     again = CalibrationConfig.from_sampling(calib.sampling, num_prompts=2)
     assert again == calib
-    with pytest.raises(ValueError, match="extras"):
-        CalibrationConfig.from_sampling(SamplingSettings(extras={"max_sequence_length": 77}))
+    carried = CalibrationConfig.from_sampling(SamplingSettings(extras={"max_sequence_length": 77}))
+    assert carried.sampling.extras == {"max_sequence_length": 77}
+    with pytest.raises(ValueError, match="extras"):  # the settings' own fields cannot come in as extras
+        CalibrationConfig(extras={"num_inference_steps": 4})
     with pytest.raises(ValueError, match="steps"):
         CalibrationConfig(num_inference_steps=0)
     # A config saved by an earlier version (flat calibration part) loads unchanged and writes the same JSON.
