@@ -222,7 +222,8 @@ def check_claims(result: dict, features_dir: Path | None, name: str = "") -> dic
                 o = f"{other}-{bits}"
                 comps = [c for m, s in FIDELITY if (c := cmp.compare(eq, o, m, s))]
                 if comps:
-                    claims["emf"].append({"claim": f"{bits}: EMF at equal bits ({rows[eq]['avg_wbits']:.2f} average weight bits) closer to FP than {other}",
+                    than = "EMF with float time tables" if other == "emf" else other
+                    claims["emf"].append({"claim": f"{bits}: EMF at equal bits ({rows[eq]['avg_wbits']:.2f} average weight bits) closer to FP than {than}",
                                           "verdict": _verdict([c.get("clearly", c["better"]) for c in comps]),
                                           "text": "; ".join(_fmt_cmp(c, "EMF equal-bit", other) for c in comps), "detail": comps})
         if e not in rows:
