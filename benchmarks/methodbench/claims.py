@@ -129,6 +129,15 @@ def _verdict(flags: list[bool]) -> str:
     return "holds" if flags and all(flags) else "does not hold" if not any(flags) else "holds partly"
 
 
+def _closer(cmp: Comparator, claim: str, a: str, b: str, name_a: str, name_b: str,
+            metrics: tuple[str, ...] | None = None) -> dict:
+    """The claim "row ``a`` is clearly closer to FP than row ``b``" on every fidelity metric (or ``metrics``): its
+    verdict, text and the comparisons as ``detail`` (empty where neither row has the metric)."""
+    comps = [c for m, sg in FIDELITY if (metrics is None or m in metrics) and (c := cmp.compare(a, b, m, sg))]
+    return {"claim": claim, "verdict": _verdict([c.get("clearly", c["better"]) for c in comps]),
+            "text": "; ".join(_fmt_cmp(c, name_a, name_b) for c in comps), "detail": comps}
+
+
 def attr_gap_interval(result: dict, label: str) -> tuple[float, float] | None:
     """Paired 95 % interval, in points, of a row's all-attributes accuracy minus FP's (same prompts and seeds)."""
     fp = result["reference"].get("per_image", {}).get("attr_all")
@@ -219,24 +228,19 @@ def check_claims(result: dict, features_dir: Path | None, name: str = "") -> dic
         eq = f"emf-quantized-time-{bits}"
         if eq in rows:
             for other in ("rtn", "qdiffusion", "pcr", "emf"):
-                o = f"{other}-{bits}"
-                comps = [c for m, s in FIDELITY if (c := cmp.compare(eq, o, m, s))]
-                if comps:
-                    than = "EMF with float time tables" if other == "emf" else other
-                    claims["emf"].append({"claim": f"{bits}: EMF at equal bits ({rows[eq]['avg_wbits']:.2f} average weight bits) closer to FP than {than}",
-                                          "verdict": _verdict([c.get("clearly", c["better"]) for c in comps]),
-                                          "text": "; ".join(_fmt_cmp(c, "EMF equal-bit", other) for c in comps), "detail": comps})
+                than = "EMF with float time tables" if other == "emf" else other
+                claim = _closer(cmp, f"{bits}: EMF at equal bits ({rows[eq]['avg_wbits']:.2f} average weight bits) closer to FP than {than}",
+                                eq, f"{other}-{bits}", "EMF equal-bit", other)
+                if claim["detail"]:
+                    claims["emf"].append(claim)
         if e not in rows:
             continue
         for other in ("rtn", "qdiffusion", "pcr", "rtn-float-time"):
             o = f"{other}-{bits}"
             if o not in rows:
                 continue
-            comps = [c for m, s in FIDELITY if (c := cmp.compare(e, o, m, s))]
-            clear = [c.get("clearly", c["better"]) for c in comps]
             claim = f"{bits}: EMF closer to FP than {other}" + (" (control: RTN with EMF's float time layers)" if other == "rtn-float-time" else "")
-            claims["emf"].append({"claim": claim, "verdict": _verdict(clear),
-                                  "text": "; ".join(_fmt_cmp(c, "EMF", other) for c in comps), "detail": comps})
+            claims["emf"].append(_closer(cmp, claim, e, o, "EMF", other))
         q = f"qdiffusion-{bits}"
         if q in rows:
             et, qt = rows[e]["quantize_s"], rows[q]["quantize_s"]
@@ -287,18 +291,14 @@ def recipe_claims(name: str, result: dict, cmp: Comparator) -> list[dict]:
     for variant in ("faithful", "faithful-lowrank2"):
         row = f"{variant}-w4a4"
         if row in rows and "rtn-w4a8" in rows:
-            comps = [c for m, sg in FIDELITY if m in ("psnr", "fd_fp") and (c := cmp.compare(row, "rtn-w4a8", m, sg))]
-            out.append({"claim": f"W4A4: {variant} ({rows[row]['avg_wbits']:.2f} average weight bits) clearly closer to FP than "
-                                 "RTN W4A8 on PSNR and FD", "verdict": _verdict([c.get("clearly", c["better"]) for c in comps]),
-                        "text": "; ".join(_fmt_cmp(c, f"{variant} W4A4", "RTN W4A8") for c in comps), "detail": comps})
+            out.append(_closer(cmp, f"W4A4: {variant} ({rows[row]['avg_wbits']:.2f} average weight bits) clearly closer to FP "
+                                    "than RTN W4A8 on PSNR and FD", row, "rtn-w4a8", f"{variant} W4A4", "RTN W4A8", ("psnr", "fd_fp")))
     for bits in result["bits"]:
         for variant, ingredient in ABLATIONS.items():
-            a, b = f"faithful-{bits}", f"{variant}-{bits}"
-            comps = [c for m, sg in FIDELITY if (c := cmp.compare(a, b, m, sg))]
-            if comps:
-                out.append({"claim": f"{bits}: removing {ingredient} costs fidelity (ablation)",
-                            "verdict": _verdict([c.get("clearly", c["better"]) for c in comps]),
-                            "text": "; ".join(_fmt_cmp(c, "faithful", variant) for c in comps), "detail": comps})
+            claim = _closer(cmp, f"{bits}: removing {ingredient} costs fidelity (ablation)", f"faithful-{bits}", f"{variant}-{bits}",
+                            "faithful", variant)
+            if claim["detail"]:
+                out.append(claim)
     return out
 
 
