@@ -241,7 +241,8 @@ def test_generate_backend_openvino_writes_an_image(exported, tmp_path):
 
 def test_eval_backend_openvino_scores_the_deployed_images(two_groups, exported, tiny_pipes, tmp_path):
     """``eval --backend openvino`` evaluates the deployed model like any other: paired with FP on the same noise, its
-    images near the fake-quant model's (same score within 1 dB), cached under its own fingerprint."""
+    images near the fake-quant model's (same score within 1 dB), cached under its own fingerprint, reported at the
+    quantized model's coverage and bits (the exported folder carries them; the graph has no torch layers to count)."""
     import json
 
     from typer.testing import CliRunner
@@ -261,6 +262,9 @@ def test_eval_backend_openvino_scores_the_deployed_images(two_groups, exported, 
     assert rows["ov"]["label"] == "q-ov-openvino" and rows["ov"]["generation"]["generated"] == 2
     assert rows["ov"]["fingerprint"] != rows["fq"]["fingerprint"]
     assert abs(rows["ov"]["summary"]["psnr"] - rows["fq"]["summary"]["psnr"]) < 1.0
+    for key in ("weight_coverage", "mac_coverage", "avg_wbits", "avg_abits"):
+        assert rows["ov"]["summary"][key] == pytest.approx(rows["fq"]["summary"][key]), key
+    assert rows["ov"]["summary"]["weight_coverage"] > 0.9
 
 
 def test_deployed_models_have_their_own_fingerprint(tiny_pipes):

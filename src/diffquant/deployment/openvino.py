@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from ..bits import layer_bits
 from ..io import atomic_write_json, file_table, null_components
 from ..outputs import claim_output
 from ..registry import Engine, register_engine
@@ -74,6 +75,7 @@ def export_openvino(model: Any, folder: str | Path, *, overwrite: bool = False, 
             "config": {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")},
             "groups": record.groups.to_dict(), "graphs": sorted(models), "int_groups": plan.int_groups,
             "float_groups": plan.float_groups, "quant_config": record.config.to_dict(), "report": record.report,
+            "layer_bits": layer_bits(denoiser),  # what eval/bench report as coverage and average bits
         })
         atomic_write_json(tmp / MANIFEST, {"format_version": 1, "files": file_table(tmp), "backend": "openvino"})
         output.publish()

@@ -148,10 +148,10 @@ def _openvino_peer(name: str, pipe, calibration: list[str], config: CalibrationC
         costs["calibration_samples"] = len(calls)
     else:
         model = float_model(denoiser)
-    deployed = OVDenoiser(model, dict(denoiser.config), type(denoiser).__name__, precision=OV_PRECISION[name])
+    # What evaluation.coverage reads from torch layers, read from the graph: its layers' bits (float width: precision).
+    deployed = OVDenoiser(model, dict(denoiser.config), type(denoiser).__name__, precision=OV_PRECISION[name],
+                          layer_bits=openvino_layer_bits(model))
     costs["denoiser_mib"] = deployed.ir_bytes / 2**20
-    # What evaluation.coverage reads from torch layers, read from the graph: its layers' bits and float width.
-    deployed.layer_bits, deployed.float_bits = openvino_layer_bits(model), 16 if name == "openvino-bf16" else 32
     setattr(pipe, "unet" if getattr(pipe, "unet", None) is denoiser else "transformer", deployed)
     return costs
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..bits import layer_bits
 from ..checkpoint import fingerprint
 from ..models.adapters import adapter_class
 from ..quant import TimestepGroups
@@ -77,6 +78,7 @@ class OVDenoiser(nn.Module):
         report: dict | None = None,
         identity: str | None = None,
         properties: dict | None = None,
+        layer_bits: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         import openvino as ov
@@ -109,6 +111,9 @@ class OVDenoiser(nn.Module):
         self.groups = groups
         self.float_groups = set(float_groups)
         self.precision = precision
+        if layer_bits is not None:  # the source model's bits per layer: coverage and average bits (diffquant.bits)
+            self.layer_bits = {name: tuple(bits) for name, bits in layer_bits.items()}
+        self.float_bits = 16 if precision == "bf16" else 32
         self.config = _frozen_config(config)
         if "projection_class_embeddings_input_dim" in self.config:
             self.add_embedding = _Stub(linear_1=_Stub(in_features=self.config["projection_class_embeddings_input_dim"]))
@@ -182,7 +187,8 @@ class OVDenoiser(nn.Module):
         record = quant_record(denoiser)
         source = fingerprint({"class": type(denoiser).__name__, "repr": repr(denoiser)}, denoiser.state_dict())
         return cls(models, dict(denoiser.config), type(denoiser).__name__, groups=record.groups, report=record.report,
-                   float_groups=plan.float_groups, graph=graph if graph in models else "float", identity=source, **options)
+                   float_groups=plan.float_groups, graph=graph if graph in models else "float", identity=source,
+                   layer_bits=layer_bits(denoiser), **options)
 
     @classmethod
     def from_folder(cls, folder: str | Path, **options: Any) -> OVDenoiser:
@@ -192,7 +198,7 @@ class OVDenoiser(nn.Module):
         sub = folder / meta["denoiser_folder"]
         models = {k: sub / GRAPHS[k] for k in meta["graphs"]}
         return cls(models, meta["config"], meta["class"], groups=TimestepGroups.from_dict(meta["groups"]),
-                   float_groups=meta["float_groups"], report=meta.get("report"), **options)
+                   float_groups=meta["float_groups"], report=meta.get("report"), layer_bits=meta.get("layer_bits"), **options)
 
 
 def pipeline_inputs(model: Any, batch: int = 2) -> dict[str, torch.Tensor]:
