@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -155,6 +156,46 @@ def test_adapter_names_the_denoiser_inputs(pipes, family):
         flat = adapter.flat_inputs((), {**inputs, "timestep": inputs["timestep"][0]})
         again = adapter.call(flat)
     assert out.shape[0] == 2 and out.shape[-2:] == inputs["hidden_states"].shape[-2:] and torch.equal(out, again)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_family_generates_on_openvino_like_its_fake_quant_model(pipes, family, caplog):
+    """RTN W8A8 deployed on OpenVINO (the int graph where the CPU has VNNI, else the exact float graph) through the
+    family's own pipeline call (Flux enters the denoiser's ``cache_context``): latents within 1 % of fake quant's."""
+    pytest.importorskip("openvino")
+    from diffquant.deployment.openvino import deploy_openvino
+    from diffquant.runtime.openvino import OVDenoiser
+
+    pipe = copy.deepcopy(pipes[family])
+    quantize(pipe, family, "rtn", caplog)
+    fake = latents(pipe, family)
+    deployed = deploy_openvino(pipe)
+    assert isinstance(diffquant.get_denoiser(deployed), OVDenoiser)
+    out = latents(deployed, family)
+    assert float((out - fake).norm() / fake.norm()) < 0.01
+
+
+@pytest.mark.parametrize("family", ["flux", "pixart", "sana"])
+def test_family_exports_to_onnx_and_runs_in_onnx_runtime(pipes, family, caplog, tmp_path):
+    """Converted RTN W8A8 as an ONNX Q/DQ file that ONNX Runtime loads (PixArt's no-op token-axis Squeeze dropped),
+    within 1 % of the converted torch model; the batch stays symbolic where the family allows it."""
+    ort = pytest.importorskip("onnxruntime")
+    from diffquant.runtime.flat import example_inputs
+    from diffquant.runtime.onnx import export_onnx
+
+    pipe = copy.deepcopy(pipes[family])
+    quantize(pipe, family, "rtn", caplog)
+    diffquant.convert(pipe, progress=False)
+    denoiser = diffquant.get_denoiser(pipe)
+    adapter = get_adapter(denoiser)
+    path = export_onnx(pipe, tmp_path / "d.onnx", inputs=example_inputs(denoiser, batch=2, seq_len=8))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (2, 1) if adapter.dynamic_batch_export else (2,):
+        inputs = example_inputs(denoiser, batch=batch, seq_len=8)
+        out = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        with torch.no_grad():
+            ref = adapter.call(inputs).numpy()
+        assert out.shape == ref.shape and float(np.linalg.norm(out - ref) / np.linalg.norm(ref)) < 0.01
 
 
 def test_time_precalculation_refuses_a_family_without_a_time_path():

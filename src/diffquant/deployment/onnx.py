@@ -16,7 +16,7 @@ from ..runtime.onnx import export_onnx
 
 def export_onnx_file(model: Any, out: str | Path, *, overwrite: bool = False, group: int | None = None, batch: int = 2) -> Path:
     """The converted denoiser of ``model`` as one ONNX file (timestep group ``group``), traced at ``batch`` with the
-    pipeline tokenizer's sequence length (at most 77); the batch stays dynamic."""
+    pipeline tokenizer's sequence length (at most 77); the batch stays dynamic where the family allows it (not PixArt, SANA)."""
     tokenizer = getattr(model, "tokenizer", None)
     seq_len = getattr(tokenizer, "model_max_length", 77) if tokenizer is not None else 77
     with claim_output(out, overwrite=overwrite):  # refused if present; export_onnx writes atomically itself

@@ -110,6 +110,8 @@ class DenoiserAdapter:
 
     # -- the denoiser call, flattened to named tensors (export and deployed runtimes) -------------
     input_names: tuple[str, ...] = ()
+    unbatched_inputs: tuple[str, ...] = ()  # inputs without a batch axis (Flux's position ids)
+    dynamic_batch_export = True  # False: torch.export pins the batch (a reshape of the family's own code needs it)
 
     def example_inputs(self, batch: int = 2, size: int | None = None, seq_len: int = 77) -> dict[str, torch.Tensor]:
         """Named example tensors of one denoiser call (``input_names`` order); ``size`` is the latent side."""

@@ -66,6 +66,8 @@ class FluxTransformerAdapter(DenoiserAdapter):
         return found
 
     # -- the denoiser call as named tensors (export); img_ids/txt_ids are [tokens, 3], shared by the batch
+    unbatched_inputs = ("img_ids", "txt_ids")
+
     @property
     def input_names(self) -> tuple[str, ...]:  # type: ignore[override]
         base = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids")

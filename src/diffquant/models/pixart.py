@@ -35,6 +35,8 @@ class _AdaLNSingleAdapter(DenoiserAdapter):
         return {} if self.model.config.sample_size in self.binned_sizes else {"use_resolution_binning": False}
 
     # -- the denoiser call as named tensors (export): latents, t, caption features and their padding mask
+    # torch.export (torch 2.13) fails on a symbolic batch here: "Runtime assertion failed for Eq((s42//s95), 16)"
+    dynamic_batch_export = False
     _names = ("hidden_states", "timestep", "encoder_hidden_states", "encoder_attention_mask")
 
     @property

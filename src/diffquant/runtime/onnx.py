@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..learning import live_time_layers
+from ..models.adapters import get_adapter
 from ..quant import ActivationQuantizer
 from ..quant.affine import fake_quantize, qrange
 from ..wrap import get_denoiser, quant_record
@@ -131,11 +132,12 @@ def export_onnx(
 ) -> Path:
     """Write the (converted) denoiser of ``model`` to ``path`` as ONNX with Q/DQ nodes; returns the path.
 
-    Any family an adapter knows exports (SD 1.x/2.x and SDXL UNets, SD3 MMDiT): the graph's inputs are
-    the adapter's named tensors (``inputs``; default: its example inputs at ``batch`` and ``seq_len``
-    tokens), output ``noise_pred``. With ``dynamic`` the batch dimension is symbolic (every input's
-    first axis); latent size and sequence length stay as traced (the UNet's and MMDiT's shape-dependent
-    Python branches pin them). Attention matmul inputs of <= 8 bits are Q/DQ pairs too.
+    Any family an adapter knows exports (UNets, SD3/3.5, Flux, PixArt, SANA; tests/test_families.py): the graph's
+    inputs are the adapter's named tensors (``inputs``; default: its example inputs at ``batch`` and ``seq_len``
+    tokens), output ``noise_pred``. With ``dynamic`` the batch dimension is symbolic (the first axis of every input
+    but the adapter's ``unbatched_inputs``) where the family allows it (``dynamic_batch_export``: not PixArt and
+    SANA, which keep the traced batch); latent size and sequence length stay as traced (shape-dependent Python
+    branches pin them). Attention matmul inputs of <= 8 bits are Q/DQ pairs too.
     """
     denoiser = get_denoiser(model)
     record = quant_record(denoiser)
@@ -153,18 +155,46 @@ def export_onnx(
     inputs = inputs or example_inputs(denoiser, batch=batch, seq_len=seq_len)
     dtype = next(denoiser.parameters()).dtype
     tensors = tuple(v.to(dtype) if v.is_floating_point() else v for v in inputs.values())
-    shapes = tuple({0: torch.export.Dim("batch", min=1, max=1024)} for _ in tensors) if dynamic else None
+    adapter = get_adapter(denoiser, warn=False)
+    batch_dim = torch.export.Dim("batch", min=1, max=1024)
+    shapes = tuple({} if name in adapter.unbatched_inputs else {0: batch_dim} for name in inputs) \
+        if dynamic and adapter.dynamic_batch_export else None
     tmp = path.with_name(f".{path.name}.partial")
     with export_mode(denoiser, group), live_time_layers(denoiser), torch.no_grad():
         program = torch.onnx.export(
             FlatCall(denoiser, list(inputs)).eval(), tensors, input_names=list(inputs), output_names=["noise_pred"],
             opset_version=opset, dynamo=True, dynamic_shapes=(shapes,) if shapes else None,  # forward(*tensors)
         )
+    _drop_noop_squeezes(program.model.graph)
     program.save(str(tmp), external_data=_needs_external_data(denoiser))
     for extra in tmp.parent.glob(f"{tmp.name}.data"):
         extra.replace(path.with_name(f"{path.name}.data"))
     tmp.replace(path)
     return path
+
+
+def _drop_noop_squeezes(graph: Any) -> int:
+    """Remove ``Squeeze`` nodes whose axis is not of size 1 in the traced shapes; returns how many.
+
+    torch's ``squeeze(dim)`` is a no-op when that axis is not 1 (diffusers' ``BasicTransformerBlock`` squeezes the token
+    axis after adaLN-single: PixArt, 16+ tokens), but the exporter writes an ONNX ``Squeeze``, which ONNX Runtime
+    refuses to load ("Dimension of input 1 must be 1"). Axes of unknown size are left alone."""
+    import onnx_ir as ir
+
+    dropped = 0
+    for node in list(graph):
+        if node.op_type != "Squeeze" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        data, axes = node.inputs[0], node.inputs[1]
+        shape, value = data.shape if data is not None else None, axes.const_value if axes is not None else None
+        if shape is None or value is None or node.outputs[0].is_graph_output():
+            continue
+        dims = [shape[int(a) % len(shape)] for a in value.numpy().reshape(-1)]
+        if dims and all(isinstance(d, int) and d != 1 for d in dims):
+            ir.convenience.replace_all_uses_with(node.outputs[0], data)
+            graph.remove(node, safe=True)
+            dropped += 1
+    return dropped
 
 
 def _needs_external_data(denoiser: nn.Module) -> bool:

@@ -10,9 +10,10 @@ way the torch model does (nearest group centre). Text encoders and the VAE stay 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,12 @@ class OVDenoiser(nn.Module):
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        """What diffusers' CacheMixin offers the pipelines that call it around each denoiser call (Flux, Wan, ...):
+        nothing to do here, the compiled graph runs no caching hooks."""
+        yield
 
     def group_of(self, timestep: torch.Tensor) -> int:
         """The timestep group of a call (one per call: pipelines give every sample the same t)."""
