@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--methods", default="rtn,qdiffusion,pcr,emf")
     parser.add_argument("--bits", default="w8a8,w4a8")
     parser.add_argument("--peers", default="nncf-int8")
+    parser.add_argument("--act-granularity", default="per_tensor",
+                        help="activation granularities, comma-separated (per_tensor, per_token, per_group): a row each")
     parser.add_argument("--prompts", default="zoo:heldout:64")
     parser.add_argument("--calib-prompts", default="zoo:calibration:16", help="the same prompts for every method and NNCF")
     parser.add_argument("--metrics", default="psnr,ssim,fd_fp")
@@ -99,7 +101,7 @@ def main() -> None:
         items = load_prompts(args.prompts)
         ev = run_bench(fp_pipe, name, items, settings, options, [m for m in args.methods.split(",") if m and m != "none"],
                        parse_bits(args.bits), parse_peers(args.peers), calibration, prompts_spec=args.prompts,
-                       deploy=deploy_openvino(args.graph))
+                       deploy=deploy_openvino(args.graph), granularities=args.act_granularity.split(","))
         paths = ev.write(args.out / name, f"deployed fidelity: {name}")
         results = ev.results()
         lines += [f"## {name}", "", f"{len(items)} prompts from `{args.prompts}`, {settings.steps} steps, guidance "
