@@ -175,7 +175,7 @@ def test_family_generates_on_openvino_like_its_fake_quant_model(pipes, family, c
     assert float((out - fake).norm() / fake.norm()) < 0.01
 
 
-@pytest.mark.parametrize("family", ["flux", "pixart", "sana"])
+@pytest.mark.parametrize("family", list(BUILDERS))
 def test_family_exports_to_onnx_and_runs_in_onnx_runtime(pipes, family, caplog, tmp_path):
     """Converted RTN W8A8 as an ONNX Q/DQ file that ONNX Runtime loads (PixArt's no-op token-axis Squeeze dropped),
     within 1 % of the converted torch model; the batch stays symbolic where the family allows it."""
