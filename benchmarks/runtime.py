@@ -172,8 +172,20 @@ def build(model: str):
             unet, label = tiny_unet(32), "tiny SD UNet (mini-sd weights not installed)"
         size, seq = unet.config.sample_size, 16
         label += f", {size}x{size} latents, batch 2"
+    elif model == "mini-flux":  # the bundled Flux transformer: 16x16 latents -> 64 packed tokens, 24 T5 tokens
+        from diffquant import zoo
+        from diffquant.models.adapters import get_adapter
+
+        flux = zoo.load_pipeline("mini-flux").transformer.eval()
+        adapter = get_adapter(flux)
+
+        def flux_call(t: float) -> dict:  # FluxPipeline passes t / 1000
+            return {**adapter.example_inputs(batch=2, size=16, seq_len=24), "timestep": torch.full((2,), t / 1000)}
+
+        calib = CalibrationSet([DenoiserCall(flux_call(900.0), 0, 2), DenoiserCall(flux_call(300.0), 1, 2)])
+        return flux, {**flux_call(500.0), "return_dict": False}, calib, "mini-flux, 64 image + 24 text tokens, batch 2"
     else:
-        raise SystemExit(f"unknown model {model!r}; choose mini-sd or sd15")
+        raise SystemExit(f"unknown model {model!r}; choose mini-sd, mini-flux or sd15")
     unet.eval()
     g = torch.Generator().manual_seed(0)
 
@@ -421,7 +433,7 @@ def note_lines(notes: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mini-sd,sd15", help="comma-separated: mini-sd, sd15")
+    parser.add_argument("--models", default="mini-sd,sd15", help="comma-separated: mini-sd, mini-flux, sd15")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="intra-op threads (PyTorch and ONNX Runtime)")
