@@ -184,8 +184,24 @@ def build(model: str):
 
         calib = CalibrationSet([DenoiserCall(flux_call(900.0), 0, 2), DenoiserCall(flux_call(300.0), 1, 2)])
         return flux, {**flux_call(500.0), "return_dict": False}, calib, "mini-flux, 64 image + 24 text tokens, batch 2"
+    elif model == "flux-slice":  # FLUX.1's widths, 1 double- + 2 single-stream blocks: 256x256 px, 128 T5 tokens
+        from diffusers import FluxTransformer2DModel
+
+        from diffquant.models.adapters import get_adapter
+        from diffquant.models.fullsize import FLUX1_TRANSFORMER
+
+        flux = FluxTransformer2DModel(**{**FLUX1_TRANSFORMER, "num_layers": 1, "num_single_layers": 2}).eval()
+        adapter = get_adapter(flux)
+
+        def slice_call(t: float) -> dict:
+            return {**adapter.example_inputs(batch=1, size=32, seq_len=128), "timestep": torch.full((1,), t / 1000)}
+
+        calib = CalibrationSet([DenoiserCall(slice_call(900.0), 0, 1), DenoiserCall(slice_call(300.0), 1, 1)])
+        params = sum(p.numel() for p in flux.parameters()) / 1e6
+        return flux, {**slice_call(500.0), "return_dict": False}, calib, \
+            f"FLUX.1 slice ({params:.0f}M parameters, random weights): 256 image + 128 text tokens, batch 1"
     else:
-        raise SystemExit(f"unknown model {model!r}; choose mini-sd, mini-flux or sd15")
+        raise SystemExit(f"unknown model {model!r}; choose mini-sd, mini-flux, flux-slice or sd15")
     unet.eval()
     g = torch.Generator().manual_seed(0)
 
@@ -433,7 +449,7 @@ def note_lines(notes: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="mini-sd,sd15", help="comma-separated: mini-sd, mini-flux, sd15")
+    parser.add_argument("--models", default="mini-sd,sd15", help="comma-separated: mini-sd, mini-flux, flux-slice, sd15")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="intra-op threads (PyTorch and ONNX Runtime)")

@@ -34,6 +34,12 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816,
 )
 UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
+# black-forest-labs/FLUX.1-dev transformer/config.json: 19 double- and 38 single-stream blocks of width 3072 (11.9B);
+# benchmarks/runtime.py builds a slice of it (its widths, fewer blocks): the whole model does not fit a 24 GiB CPU in fp32
+FLUX1_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
 TOKENS = 77
 
 
