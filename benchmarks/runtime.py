@@ -174,32 +174,16 @@ def build(model: str):
         label += f", {size}x{size} latents, batch 2"
     elif model == "mini-flux":  # the bundled Flux transformer: 16x16 latents -> 64 packed tokens, 24 T5 tokens
         from diffquant import zoo
-        from diffquant.models.adapters import get_adapter
 
-        flux = zoo.load_pipeline("mini-flux").transformer.eval()
-        adapter = get_adapter(flux)
-
-        def flux_call(t: float) -> dict:  # FluxPipeline passes t / 1000
-            return {**adapter.example_inputs(batch=2, size=16, seq_len=24), "timestep": torch.full((2,), t / 1000)}
-
-        calib = CalibrationSet([DenoiserCall(flux_call(900.0), 0, 2), DenoiserCall(flux_call(300.0), 1, 2)])
-        return flux, {**flux_call(500.0), "return_dict": False}, calib, "mini-flux, 64 image + 24 text tokens, batch 2"
+        return flux_case(zoo.load_pipeline("mini-flux").transformer, 2, 16, 24, "mini-flux, 64 image + 24 text tokens, batch 2")
     elif model == "flux-slice":  # FLUX.1's widths, 1 double- + 2 single-stream blocks: 256x256 px, 128 T5 tokens
         from diffusers import FluxTransformer2DModel
 
-        from diffquant.models.adapters import get_adapter
         from diffquant.models.fullsize import FLUX1_TRANSFORMER
 
-        flux = FluxTransformer2DModel(**{**FLUX1_TRANSFORMER, "num_layers": 1, "num_single_layers": 2}).eval()
-        adapter = get_adapter(flux)
-
-        def slice_call(t: float) -> dict:
-            return {**adapter.example_inputs(batch=1, size=32, seq_len=128), "timestep": torch.full((1,), t / 1000)}
-
-        calib = CalibrationSet([DenoiserCall(slice_call(900.0), 0, 1), DenoiserCall(slice_call(300.0), 1, 1)])
+        flux = FluxTransformer2DModel(**{**FLUX1_TRANSFORMER, "num_layers": 1, "num_single_layers": 2})
         params = sum(p.numel() for p in flux.parameters()) / 1e6
-        return flux, {**slice_call(500.0), "return_dict": False}, calib, \
-            f"FLUX.1 slice ({params:.0f}M parameters, random weights): 256 image + 128 text tokens, batch 1"
+        return flux_case(flux, 1, 32, 128, f"FLUX.1 slice ({params:.0f}M parameters, random weights): 256 image + 128 text tokens, batch 1")
     else:
         raise SystemExit(f"unknown model {model!r}; choose mini-sd, mini-flux, flux-slice or sd15")
     unet.eval()
@@ -213,6 +197,20 @@ def build(model: str):
 
     calib = CalibrationSet([DenoiserCall(call(900.0), 0, 2), DenoiserCall(call(300.0), 1, 2)])
     return unet, {**call(500.0), "return_dict": False}, calib, label
+
+
+def flux_case(flux: nn.Module, batch: int, size: int, seq_len: int, label: str):
+    """``build``'s tuple for a Flux transformer: the adapter's example call at ``size`` latents and ``seq_len`` T5 tokens,
+    calibrated at t = 900 and 300, timed at 500 (FluxPipeline passes t / 1000)."""
+    from diffquant.models.adapters import get_adapter
+
+    adapter = get_adapter(flux.eval())
+
+    def call(t: float) -> dict:
+        return {**adapter.example_inputs(batch=batch, size=size, seq_len=seq_len), "timestep": torch.full((batch,), t / 1000)}
+
+    calib = CalibrationSet([DenoiserCall(call(900.0), 0, batch), DenoiserCall(call(300.0), 1, batch)])
+    return flux, {**call(500.0), "return_dict": False}, calib, label
 
 
 def quantize(unet: nn.Module, calib: CalibrationSet, tag: str) -> nn.Module:

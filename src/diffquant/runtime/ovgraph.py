@@ -237,7 +237,7 @@ def graph_mode(denoiser: nn.Module, st: _State):
     patched: list[nn.Module] = []
     # OpenVINO's CPU plugin does not compile a FakeQuantize feeding SANA's linear attention (its low-precision
     # transformations carry the dequantization into the pad/transpose that follow and break a Transpose's rank;
-    # openvino 2025/2026, tests/test_families.py): those quantizers take the float form.
+    # openvino 2026.4, tests/test_families.py): those quantizers take the float form.
     float_form = {id(q) for m in denoiser.modules() if isinstance(m, QuantSanaLinearAttnProcessor)
                   for q in m.activation_quantizers()}
     for q in _quantizers(denoiser):
